@@ -1,0 +1,82 @@
+"""Every error gpucoin raises on purpose, in one hierarchy.
+
+    GpucoinError                      base; the CLI prints it as one line and exits non-zero
+    ├── SpecError                     a job spec that does not load or validate
+    ├── PolicyError                   an incentive policy that does not load or validate
+    ├── AmountError                   a malformed, negative, fractional or overflowing amount
+    ├── SignatureError                a signed message that does not verify
+    ├── WalletError                   a keystore that cannot be read, created or unlocked
+    ├── LedgerError                   a ledger write refused; nothing was changed
+    │   ├── InsufficientFunds         a debit would take a user account below zero
+    │   ├── ConflictError             an operation id reused with different content
+    │   └── UnknownAccount            an account the ledger has never seen
+    ├── MarketError                   the market cannot place a job
+    │   └── NoPlacement               not enough admissible nodes for an all-or-nothing job
+    ├── ClusterError                  the Ray cluster could not be started, reached or stopped
+    ├── TrainingError                 a training run failed on the workers
+    └── VerificationError             a replay could not be carried out (not a failed check)
+
+A failed spot check is not an exception: it is a verdict the ledger settles.
+"""
+
+from __future__ import annotations
+
+
+class GpucoinError(Exception):
+    """Base of every error gpucoin raises on purpose (a user mistake or a refused action)."""
+
+
+class SpecError(GpucoinError):
+    """A job spec that cannot be read or does not fit the closed schema."""
+
+
+class PolicyError(GpucoinError):
+    """An incentive policy that cannot be read or fails validation."""
+
+
+class AmountError(GpucoinError, ValueError):
+    """An amount that is not a non-negative whole number of µGPC within int64."""
+
+
+class SignatureError(GpucoinError):
+    """A signed message whose signature, signer or domain does not check."""
+
+
+class WalletError(GpucoinError):
+    """A wallet keystore that cannot be created, read or unlocked."""
+
+
+class LedgerError(GpucoinError):
+    """A ledger write that was refused; the ledger is unchanged."""
+
+
+class InsufficientFunds(LedgerError):
+    """A transfer would take a user account below zero."""
+
+
+class ConflictError(LedgerError):
+    """An operation id was reused with different content (a retry must repeat the same content)."""
+
+
+class UnknownAccount(LedgerError):
+    """An account name the ledger does not know or cannot parse."""
+
+
+class MarketError(GpucoinError):
+    """The market cannot clear a job."""
+
+
+class NoPlacement(MarketError):
+    """Too few admissible nodes (ask <= bid, bond >= minimum) for an all-or-nothing job."""
+
+
+class ClusterError(GpucoinError):
+    """The Ray cluster could not be started, reached or stopped."""
+
+
+class TrainingError(GpucoinError):
+    """Training failed on the workers."""
+
+
+class VerificationError(GpucoinError):
+    """A replay could not be carried out (missing checkpoint, bad hash); not a failed check."""

@@ -1,0 +1,267 @@
+"""Re-check a whole ledger from genesis (``gpucoin ledger audit``; SPEC.md, Money and Signed messages).
+
+``run_audit`` reads every stored message and every transfer row in one read transaction and
+reports, as text naming the row or account, everything that does not hold:
+
+- every message's digest recomputes from its stored typed data and its signature recovers to
+  its stored signer (``gpucoin.wallet.messages``);
+- transfer ids run 1, 2, 3, ... and each row chains to the one before (the first row that does
+  not is named), and the chain head names the last row;
+- every operation's stored content hash matches its transfer rows and memo;
+- every transfer's digest names a stored message, and every MINT_* transfer's digest is a
+  Settlement whose ``subject`` is a stored WorkReceipt;
+- the balances recomputed from the transfers equal the stored balances, sum to zero, leave no
+  account but issuance below zero, and supply = minted - burned (<= the hard cap if given).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from eth_utils import to_checksum_address
+from sqlmodel import Session, select
+
+from gpucoin.ledger.accounts import BURNED, ISSUANCE, is_valid_account
+from gpucoin.ledger.models import AccountRow, ChainHead, MessageRow, OperationRow, TransferRow
+from gpucoin.ledger.rules import (
+    GENESIS_HASH,
+    INT64_MAX,
+    MINT_CODES,
+    chain_hash,
+    check_balances,
+    operation_hash_of_fields,
+    supply_of,
+)
+from gpucoin.ledger.transfer import Code
+
+SETTLEMENT = "Settlement"
+"""EIP-712 primary type of the coordinator's attestation that authorizes a mint."""
+
+WORK_RECEIPT = "WorkReceipt"
+"""EIP-712 primary type of a worker's signed receipt for one interval."""
+
+_BATCH = 5000
+"""Rows fetched from the database at a time while streaming a table."""
+
+
+def _hex_text(value: Any) -> str:
+    """Lower-case 0x-hex of bytes or hex text (as canonical JSON stores bytes)."""
+    if isinstance(value, (bytes, bytearray)):
+        return "0x" + bytes(value).hex()
+    s = str(value).lower()
+    return s if s.startswith("0x") else "0x" + s
+
+
+def verify_message(row: MessageRow) -> str | None:
+    """Check one stored message against its own typed data; None if it holds, else the problem.
+
+    Checks, on the stored canonical JSON: the digest recomputes (``digest_of_typed_data``); the
+    signature recovers to ``signer`` (``recover_signer``, which also refuses high-s signatures);
+    the message's own signer field (``SIGNER_FIELD``, e.g. ``JobOrder.consumer``) is that signer;
+    ``primary_type`` and ``nonce`` match the typed data.
+    """
+    from gpucoin.wallet.messages import SIGNER_FIELD, digest_of_typed_data, recover_signer
+
+    try:
+        typed = json.loads(row.typed_data)
+    except (TypeError, ValueError) as exc:
+        return f"typed data is not JSON ({exc})"
+    if not isinstance(typed, dict):
+        return "typed data is not a JSON object"
+    if typed.get("primaryType") != row.primary_type:
+        return f"primary type {row.primary_type!r} but the typed data says {typed.get('primaryType')!r}"
+    body = typed.get("message")
+    if isinstance(body, dict) and "nonce" in body:
+        raw = body["nonce"]
+        try:
+            nonce = str(int(raw, 0) if isinstance(raw, str) else int(raw))
+        except (TypeError, ValueError):
+            return f"nonce {raw!r} is not an integer"
+        if nonce != row.nonce:
+            return f"stored nonce {row.nonce!r} but the typed data says {nonce}"
+    elif row.nonce is not None:
+        return f"stored nonce {row.nonce!r} but the typed data has none"
+    try:
+        digest = _hex_text(digest_of_typed_data(typed))
+    except Exception as exc:  # any malformed typed data is a finding, not a crash
+        return f"digest does not recompute ({type(exc).__name__}: {exc})"
+    if digest != row.digest.lower():
+        return f"digest recomputes to {digest}, stored {row.digest}"
+    try:
+        signer = to_checksum_address(recover_signer(typed, row.signature))
+    except Exception as exc:
+        return f"signature does not recover ({type(exc).__name__}: {exc})"
+    if signer != row.signer:
+        return f"signature recovers to {signer}, stored signer {row.signer}"
+    field = SIGNER_FIELD.get(row.primary_type)
+    if field is not None and (not isinstance(body, dict) or body.get(field) != signer):
+        claimed = body.get(field) if isinstance(body, dict) else None
+        return f"{row.primary_type}.{field} is {claimed} but the message was signed by {signer}"
+    return None
+
+
+def _operation_problem(op: OperationRow, rows: list[list[Any]]) -> str | None:
+    """None if ``rows`` ([seq, debit, credit, amount, code, digest] each) are still exactly what
+    operation ``op`` was posted with (seq 0..n-1 and its content hash), else the problem."""
+    rows = sorted(rows, key=lambda r: r[0])
+    last = op.first_transfer_id + op.n_transfers - 1
+    where = f"operation {op.op_id!r} (transfers #{op.first_transfer_id}-#{last})"
+    if [r[0] for r in rows] != list(range(op.n_transfers)):
+        return f"{where}: its rows have seq {[r[0] for r in rows]}, expected 0-{op.n_transfers - 1}"
+    try:
+        recomputed = operation_hash_of_fields([r[1:] for r in rows], op.memo)
+    except TypeError as exc:
+        return f"{where}: content hash not computable ({exc})"
+    if recomputed != op.content_hash:
+        return f"{where}: rows no longer match the posted content hash"
+    return None
+
+
+def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
+    """Re-check the ledger behind ``session`` from genesis (see the module docstring).
+
+    Args:
+        session: a session whose transaction gives one consistent view of the ledger.
+        hard_cap_ugpc: the policy's hard cap on supply in µGPC, or None to skip that check.
+
+    Returns:
+        One line per problem, each naming the message, transfer row, operation or account;
+        an empty list means the ledger is sound. Reading stops at nothing: every row is read.
+    """
+    problems: list[str] = []
+
+    # Messages: authenticity, and what MINT_* transfers need to find.
+    message_types: dict[str, str] = {}
+    receipts: set[str] = set()
+    settlement_subjects: dict[str, str | None] = {}
+    for m in session.exec(select(MessageRow).order_by(MessageRow.id).execution_options(yield_per=_BATCH)):
+        problem = verify_message(m)
+        if problem is not None:
+            problems.append(f"message #{m.id} ({m.primary_type} {m.digest}): {problem}")
+        message_types[m.digest] = m.primary_type
+        if m.primary_type == WORK_RECEIPT:
+            receipts.add(m.digest.lower())
+        elif m.primary_type == SETTLEMENT:
+            try:
+                subject = json.loads(m.typed_data)["message"]["subject"]
+                settlement_subjects[m.digest] = _hex_text(subject)
+            except (TypeError, ValueError, KeyError):
+                settlement_subjects[m.digest] = None
+
+    operations = {
+        op.op_id: op for op in session.exec(select(OperationRow).execution_options(yield_per=_BATCH))
+    }
+    # An operation's rows are consecutive, so each is checked (and forgotten) once all its rows
+    # are in: memory stays O(operations), not O(transfers).
+    op_rows: dict[str, list[list[Any]]] = defaultdict(list)
+    ops_checked: set[str] = set()
+
+    # Transfers: ids, chain, per-row rules, recomputed balances.
+    balances: dict[str, int] = defaultdict(int)
+    minted = 0
+    prev_hash = GENESIS_HASH
+    last_id = 0
+    chain_ok = True
+    for t in session.exec(select(TransferRow).order_by(TransferRow.id).execution_options(yield_per=_BATCH)):
+        where = f"transfer #{t.id} (op {t.op_id!r} seq {t.seq})"
+        if t.id != last_id + 1:
+            problems.append(f"{where}: follows transfer #{last_id}; ids must run without gaps")
+        last_id = t.id
+        amount_ok = isinstance(t.amount, int) and not isinstance(t.amount, bool) and 1 <= t.amount <= INT64_MAX
+        if not amount_ok:
+            problems.append(f"{where}: amount {t.amount!r} is not an integer of µGPC in [1, {INT64_MAX}]")
+        if chain_ok:
+            try:
+                expected = chain_hash(
+                    prev_hash,
+                    id=t.id,
+                    op_id=t.op_id,
+                    seq=t.seq,
+                    debit=t.debit,
+                    credit=t.credit,
+                    amount=t.amount,
+                    code=t.code,
+                    digest=t.digest,
+                    created_at=t.created_at,
+                )
+            except (TypeError, ValueError) as exc:
+                expected = f"<not computable: {exc}>"
+            if t.prev_hash != prev_hash or t.row_hash != expected:
+                problems.append(
+                    f"{where}: first row that does not chain (prev_hash {t.prev_hash[:16]}..., "
+                    f"expected {prev_hash[:16]}...; row_hash {t.row_hash[:16]}..., recomputed {expected[:16]}...)"
+                )
+                chain_ok = False
+        prev_hash = t.row_hash
+        for acct in (t.debit, t.credit):
+            if not is_valid_account(acct):
+                problems.append(f"{where}: {acct!r} is not a ledger account")
+        try:
+            code = Code(t.code)
+        except ValueError:
+            problems.append(f"{where}: unknown code {t.code!r}")
+            code = None
+        if t.digest not in message_types:
+            problems.append(f"{where}: digest {t.digest} names no stored message")
+        elif code in MINT_CODES:
+            if message_types[t.digest] != SETTLEMENT:
+                problems.append(f"{where}: {code.value} authorized by a {message_types[t.digest]}, not a Settlement")
+            else:
+                subject = settlement_subjects.get(t.digest)
+                if subject is None or subject not in receipts:
+                    problems.append(
+                        f"{where}: {code.value} Settlement {t.digest} has subject {subject}, no stored WorkReceipt"
+                    )
+        if t.op_id not in operations:
+            problems.append(f"{where}: operation {t.op_id!r} is not stored")
+        elif t.op_id in ops_checked:
+            problems.append(f"{where}: operation {t.op_id!r} already has its {operations[t.op_id].n_transfers} rows")
+        else:
+            op_rows[t.op_id].append([t.seq, t.debit, t.credit, t.amount, t.code, t.digest])
+            if len(op_rows[t.op_id]) == operations[t.op_id].n_transfers:
+                problem = _operation_problem(operations[t.op_id], op_rows.pop(t.op_id))
+                if problem is not None:
+                    problems.append(problem)
+                ops_checked.add(t.op_id)
+        if amount_ok:
+            balances[t.debit] -= t.amount
+            balances[t.credit] += t.amount
+            if t.debit == ISSUANCE:
+                minted += t.amount
+
+    head = session.get(ChainHead, 1)
+    if head is None:
+        problems.append("chain head: missing")
+    elif head.last_transfer_id != last_id or head.last_hash != prev_hash:
+        problems.append(
+            f"chain head: names transfer #{head.last_transfer_id} ({head.last_hash[:16]}...), "
+            f"but the last row is #{last_id} ({prev_hash[:16]}...)"
+        )
+
+    for op_id in sorted(set(operations) - ops_checked):
+        op = operations[op_id]
+        problems.append(
+            f"operation {op_id!r}: has {len(op_rows.get(op_id, []))} transfer rows, posted with {op.n_transfers}"
+        )
+
+    # Balances: recomputed vs stored, and the invariants.
+    stored = {a.name: a.balance for a in session.exec(select(AccountRow).execution_options(yield_per=_BATCH))}
+    for acct in sorted(set(stored) | set(balances)):
+        if stored.get(acct, 0) != balances.get(acct, 0):
+            problems.append(
+                f"account {acct}: stored balance {stored.get(acct, 0)} µGPC, "
+                f"recomputed from transfers {balances.get(acct, 0)} µGPC"
+            )
+    problems.extend(f"recomputed {p}" for p in check_balances(dict(balances)))
+    supply = supply_of(balances)
+    burned = balances.get(BURNED, 0)
+    if supply != minted - burned:
+        problems.append(
+            f"supply {supply} µGPC != minted {minted} - burned {burned} = {minted - burned} µGPC "
+            f"(something was credited back to {ISSUANCE})"
+        )
+    if hard_cap_ugpc is not None and supply > hard_cap_ugpc:
+        problems.append(f"supply {supply} µGPC is above the hard cap {hard_cap_ugpc} µGPC")
+    return problems

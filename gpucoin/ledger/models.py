@@ -1,0 +1,152 @@
+"""The ledger's SQL tables (sqlmodel), portable between SQLite and PostgreSQL.
+
+Money columns are BIGINT (µGPC); on SQLite every table is STRICT, because a plain SQLite
+INTEGER column silently stores an overflowing value as REAL (SPEC.md, Money). STRICT tables
+accept only the type names INTEGER/TEXT/..., so BIGINT renders as INTEGER on SQLite (the same
+64-bit storage) and every string is TEXT. CHECK constraints repeat the rules the code enforces,
+so a write that bypasses the code is refused by the database too.
+
+    message      every signed EIP-712 message, unique by digest and by (signer, nonce)
+    operation    one client-chosen operation id per post(), with the hash of its content
+    transfer     the append-only, hash-chained double-entry transfers
+    account      the running balance of every account the transfers touched
+    chain_head   one row: the last transfer id and hash (locking it serializes posts)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from sqlalchemy import BigInteger, CheckConstraint, Column, ForeignKey, Integer, Text, UniqueConstraint
+from sqlalchemy.dialects import sqlite
+from sqlmodel import Field, SQLModel
+
+from gpucoin.ledger.accounts import ISSUANCE
+
+BIGINT = BigInteger().with_variant(sqlite.INTEGER(), "sqlite")
+"""A signed 64-bit integer column: BIGINT on PostgreSQL, INTEGER (also 64-bit) in a STRICT SQLite table."""
+
+_STRICT = {"sqlite_strict": True}
+
+
+class MessageRow(SQLModel, table=True):
+    """A signed EIP-712 message as stored.
+
+    Attributes:
+        id: row number, in order of recording.
+        digest: 0x + 64 lower-case hex digits, the EIP-712 digest (unique).
+        primary_type: the EIP-712 primary type (JobOrder, WorkReceipt, Settlement, ...).
+        signer: checksum address the signature recovers to.
+        nonce: the message's ``nonce`` field as decimal text (a uint256 may exceed BIGINT),
+            or None if the type has no nonce; (signer, nonce) is unique.
+        signature: 0x-hex of the 65-byte signature (r, s, v).
+        typed_data: the full typed data (types, primaryType, domain, message) as canonical JSON.
+        recorded_at: µs since the Unix epoch.
+    """
+
+    __tablename__ = "message"
+    __table_args__ = (UniqueConstraint("signer", "nonce", name="uq_message_signer_nonce"), _STRICT)
+
+    id: Optional[int] = Field(default=None, sa_column=Column(BIGINT, primary_key=True, autoincrement=True))
+    digest: str = Field(sa_column=Column(Text, nullable=False, unique=True))
+    primary_type: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    signer: str = Field(sa_column=Column(Text, nullable=False))
+    nonce: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
+    signature: str = Field(sa_column=Column(Text, nullable=False))
+    typed_data: str = Field(sa_column=Column(Text, nullable=False))
+    recorded_at: int = Field(sa_column=Column(BIGINT, nullable=False))
+
+
+class OperationRow(SQLModel, table=True):
+    """One ``Ledger.post`` call, keyed by its client-chosen operation id.
+
+    Attributes:
+        op_id: the operation id (unique); a retry with the same content returns the same rows.
+        content_hash: ``rules.operation_hash`` of its transfers and memo (64 hex digits).
+        memo: free text given by the poster.
+        first_transfer_id: id of its first transfer row; its rows are consecutive.
+        n_transfers: how many transfer rows it wrote (>= 1).
+        created_at: µs since the Unix epoch.
+    """
+
+    __tablename__ = "operation"
+    __table_args__ = (CheckConstraint("n_transfers >= 1", name="ck_operation_n_transfers"), _STRICT)
+
+    op_id: str = Field(sa_column=Column(Text, primary_key=True))
+    content_hash: str = Field(sa_column=Column(Text, nullable=False))
+    memo: str = Field(default="", sa_column=Column(Text, nullable=False))
+    first_transfer_id: int = Field(sa_column=Column(BIGINT, nullable=False))
+    n_transfers: int = Field(sa_column=Column(Integer, nullable=False))
+    created_at: int = Field(sa_column=Column(BIGINT, nullable=False))
+
+
+class TransferRow(SQLModel, table=True):
+    """One double-entry transfer as stored (append-only; a correction is a reversing transfer).
+
+    Attributes:
+        id: position in the ledger, 1, 2, 3, ... with no gaps.
+        op_id: the operation that wrote it; seq: its index inside that operation (0-based).
+        debit, credit: account names; amount: µGPC in [1, 2**63 - 1].
+        code: ``Code`` value (why); digest: the authorizing signed message (0x-hex, lower case).
+        created_at: µs since the Unix epoch.
+        prev_hash: ``row_hash`` of the row before (``rules.GENESIS_HASH`` for id 1).
+        row_hash: ``rules.chain_hash(prev_hash, ...)`` of this row.
+    """
+
+    __tablename__ = "transfer"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="ck_transfer_amount_positive"),
+        CheckConstraint("debit <> credit", name="ck_transfer_two_accounts"),
+        UniqueConstraint("op_id", "seq", name="uq_transfer_op_seq"),
+        _STRICT,
+    )
+
+    id: int = Field(sa_column=Column(BIGINT, primary_key=True, autoincrement=False))
+    op_id: str = Field(sa_column=Column(Text, ForeignKey("operation.op_id"), nullable=False))
+    seq: int = Field(sa_column=Column(Integer, nullable=False))
+    debit: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    credit: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    amount: int = Field(sa_column=Column(BIGINT, nullable=False))
+    code: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    digest: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), nullable=False, index=True))
+    created_at: int = Field(sa_column=Column(BIGINT, nullable=False))
+    prev_hash: str = Field(sa_column=Column(Text, nullable=False))
+    row_hash: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class AccountRow(SQLModel, table=True):
+    """The running balance of one account (µGPC), updated in the same transaction as its transfers.
+
+    Always recomputable from the transfer rows; ``audit`` compares the two.
+    """
+
+    __tablename__ = "account"
+    __table_args__ = (
+        CheckConstraint(f"balance >= 0 OR name = '{ISSUANCE}'", name="ck_account_not_negative"),
+        _STRICT,
+    )
+
+    name: str = Field(sa_column=Column(Text, primary_key=True))
+    balance: int = Field(default=0, sa_column=Column(BIGINT, nullable=False))
+
+
+class ChainHead(SQLModel, table=True):
+    """The single row (id 1) naming the last transfer: locking it serializes writers on any engine.
+
+    Attributes:
+        last_transfer_id: id of the newest transfer row, 0 when there is none.
+        last_hash: its ``row_hash``, ``rules.GENESIS_HASH`` when there is none.
+    """
+
+    __tablename__ = "chain_head"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_chain_head_single_row"), _STRICT)
+
+    id: int = Field(default=1, sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    last_transfer_id: int = Field(default=0, sa_column=Column(BIGINT, nullable=False))
+    last_hash: str = Field(sa_column=Column(Text, nullable=False))
+
+
+LEDGER_TABLES = [
+    SQLModel.metadata.tables[name] for name in ("message", "operation", "transfer", "account", "chain_head")
+]
+"""The ledger's tables, in creation order (``create_all(tables=LEDGER_TABLES)`` creates only these)."""

@@ -1,0 +1,62 @@
+"""The unit of every money movement: one double-entry transfer of µGPC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from gpucoin.exceptions import UnknownAccount
+from gpucoin.ledger.accounts import is_valid_account
+from gpucoin.money import check_amount
+
+
+class Code(str, Enum):
+    """Why a transfer happened; stored with it."""
+
+    FAUCET = "faucet"  # issuance -> wallet available (embedded local mode only)
+    BOND = "bond"  # available -> bonded
+    UNBOND = "unbond"  # bonded -> unbonding
+    WITHDRAW = "withdraw"  # unbonding -> available, after the unbonding period
+    ESCROW = "escrow"  # consumer available -> job escrow
+    BURN = "burn"  # job escrow -> burned: the burn share of a settled interval's payment
+    TREASURY = "treasury"  # job escrow -> treasury: the treasury share of that payment
+    PAY = "pay"  # job escrow -> worker available: `direct` mode payment
+    MINT_WORKER = "mint_worker"  # issuance -> worker available: epoch emission
+    MINT_VERIFIER = "mint_verifier"  # issuance -> verifier available: epoch emission
+    SLASH = "slash"  # cheater bonded -> burned
+    WHISTLEBLOWER = "whistleblower"  # cheater bonded -> verifier available
+    REFUND = "refund"  # job escrow -> consumer available, at the end of the job
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Move ``amount`` µGPC from ``debit`` to ``credit``, authorized by the signed message ``digest``.
+
+    Attributes:
+        debit: account that loses ``amount`` (see ``gpucoin.ledger.accounts``).
+        credit: account that gains ``amount``.
+        amount: µGPC, an int in [1, 2**63 - 1].
+        code: why (``Code``).
+        digest: 0x-prefixed hex EIP-712 digest of the signed message that authorized it.
+
+    Raises:
+        AmountError: for an amount that is not a positive int64.
+        UnknownAccount: for an account name of no known form, or debit == credit.
+    """
+
+    debit: str
+    credit: str
+    amount: int
+    code: Code
+    digest: str
+
+    def __post_init__(self) -> None:
+        check_amount(self.amount, allow_zero=False)
+        for acct in (self.debit, self.credit):
+            if not is_valid_account(acct):
+                raise UnknownAccount(f"not a ledger account: {acct!r}")
+        if self.debit == self.credit:
+            raise UnknownAccount(f"a transfer needs two different accounts, got {self.debit!r} twice")
+        if not (isinstance(self.digest, str) and self.digest.startswith("0x") and len(self.digest) == 66):
+            raise ValueError(f"digest must be 0x + 64 hex digits, got {self.digest!r}")
+        object.__setattr__(self, "code", Code(self.code))

@@ -1,0 +1,89 @@
+"""A count-sketch of a model's gradient: a few hundred numbers that commit to it.
+
+Each gradient element i of parameter p lands in bucket h_p(i) with sign s_p(i), both drawn
+from a generator seeded by the job seed and p's index, so every rank and every verifier
+hashes identically. The sketch is linear: the sketch of a sum of gradients (micro-steps,
+tied weights) is the sum of their sketches (Charikar, Chen, Farach-Colton 2002).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from eth_utils import keccak
+
+
+class CountSketch:
+    """Count-sketch of the gradients of ``params`` into ``buckets`` float64 numbers.
+
+    Args:
+        params: the model's parameters in a fixed order (``model.parameters()``).
+        buckets: sketch width B.
+        seed: the job seed.
+
+    Use ``attach`` to sketch every gradient that reaches a parameter during backward (a
+    tensor hook sees the rank's local gradient before DeepSpeed reduces it), then ``take``.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], buckets: int, seed: int):
+        if buckets < 1:
+            raise ValueError(f"buckets must be >= 1, got {buckets}")
+        self.buckets = buckets
+        self.params = [p for p in params if p.requires_grad]
+        self._index: list[torch.Tensor] = []
+        self._sign: list[torch.Tensor] = []
+        for i, p in enumerate(self.params):
+            g = torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**63)
+            self._index.append(torch.randint(0, buckets, (p.numel(),), generator=g))
+            self._sign.append(torch.randint(0, 2, (p.numel(),), generator=g).double() * 2 - 1)
+        self._acc = torch.zeros(buckets, dtype=torch.float64)
+        self._handles: list = []
+
+    def sketch(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """Sketch of one gradient of parameter ``i``: (B,) float64."""
+        out = torch.zeros(self.buckets, dtype=torch.float64)
+        out.index_add_(0, self._index[i], grad.detach().reshape(-1).to(torch.float64).cpu() * self._sign[i])
+        return out
+
+    def add(self, i: int, grad: torch.Tensor) -> None:
+        """Accumulate the sketch of ``grad`` (same shape as parameter ``i``)."""
+        self._acc += self.sketch(i, grad)
+
+    def attach(self) -> None:
+        """Register a gradient hook on every parameter that accumulates into this sketch."""
+        for i, p in enumerate(self.params):
+            self._handles.append(p.register_hook(lambda g, i=i: self.add(i, g)))
+
+    def detach(self) -> None:
+        """Remove the hooks ``attach`` registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def take(self) -> np.ndarray:
+        """Return the accumulated sketch as a (B,) float64 array and reset it to zero."""
+        out = self._acc.numpy().copy()
+        self._acc.zero_()
+        return out
+
+    def sketch_params_grad(self) -> np.ndarray:
+        """Sketch of the ``.grad`` currently held by the parameters: (B,) float64 (for replay)."""
+        acc = torch.zeros(self.buckets, dtype=torch.float64)
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                acc += self.sketch(i, p.grad)
+        return acc.numpy()
+
+
+def sketch_root(step_start: int, sketches: np.ndarray) -> str:
+    """Commitment to an interval's sketches: 0x keccak256 of the start step and the (K, B) float64 bytes.
+
+    Raises:
+        ValueError: if ``sketches`` is not a 2-D float64 array.
+    """
+    if sketches.ndim != 2 or sketches.dtype != np.float64:
+        raise ValueError(f"sketches must be (K, B) float64, got {sketches.shape} {sketches.dtype}")
+    header = step_start.to_bytes(8, "big") + sketches.shape[0].to_bytes(4, "big") + sketches.shape[1].to_bytes(4, "big")
+    return "0x" + keccak(header + np.ascontiguousarray(sketches, dtype="<f8").tobytes()).hex()

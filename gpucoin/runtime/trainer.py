@@ -1,0 +1,105 @@
+"""Launch a job's ranks with Ray Train, gang-placed on exactly the Ray nodes the market chose."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpucoin.exceptions import TrainingError
+from gpucoin.runtime.worker import train_loop_per_worker
+from gpucoin.spec import LoadedSpec
+
+
+@dataclass
+class TrainingRun:
+    """A Ray Train run going on in a background thread; ``join`` waits and re-raises its failure."""
+
+    thread: threading.Thread
+    error: list[BaseException] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        """True while the run is going on."""
+        return self.thread.is_alive()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait up to ``timeout_s`` seconds; raise ``TrainingError`` if the run failed."""
+        self.thread.join(timeout_s)
+        if self.error:
+            e = self.error[0]
+            raise TrainingError(f"training failed on the workers: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+
+
+def launch(
+    loaded: LoadedSpec,
+    *,
+    job_id: str,
+    node_ids: list[str],
+    inbox,
+    ckpt_dir: Path,
+    storage_dir: Path,
+    domain: dict,
+    buckets: int,
+    data_source: str,
+    start_step: int = 0,
+    previous: list[str] | None = None,
+    threads_per_worker: int = 1,
+) -> TrainingRun:
+    """Start the job's ``len(node_ids)`` ranks, rank r on Ray node ``node_ids[r]``.
+
+    Placement uses Ray Train's ``ScalingConfig(label_selector=[{"ray.io/node-id": id}, ...])``:
+    one selector per rank, so Ray places every rank on exactly the node the market chose, or
+    not at all. Gloo on CPU, NCCL when the nodes have GPUs (Ray Train picks the backend).
+
+    The job's package (``loaded.module_dir``) must be in the driver's job-level runtime env
+    (``py_modules``), which is the only level where Ray uploads a local directory.
+
+    Returns:
+        A ``TrainingRun``; progress and receipts arrive in ``inbox``.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = loaded.spec
+    if len(node_ids) != spec.workers:
+        raise TrainingError(f"{len(node_ids)} nodes placed for a job of {spec.workers} workers")
+    zero = "0x" + "00" * 32
+    config = {
+        "spec": spec.model_dump(mode="json"),
+        "job_id": job_id,
+        "ckpt_dir": str(ckpt_dir),
+        "start_step": start_step,
+        "domain": domain,
+        "inbox": inbox,
+        "buckets": buckets,
+        "threads": threads_per_worker,
+        "data_source": data_source,
+        "previous": previous or [zero] * spec.workers,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=spec.workers,
+            use_gpu=False,
+            resources_per_worker={"CPU": 1},
+            label_selector=[{"ray.io/node-id": nid} for nid in node_ids],
+        ),
+        run_config=RunConfig(
+            name=job_id,
+            storage_path=str(storage_dir),
+            failure_config=FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads_per_worker)}},
+        ),
+    )
+    run = TrainingRun(thread=threading.Thread(target=lambda: None))
+
+    def _fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through join()
+            run.error.append(e)
+
+    run.thread = threading.Thread(target=_fit, name=f"train-{job_id}", daemon=True)
+    run.thread.start()
+    return run

@@ -1,0 +1,134 @@
+"""The training loop each rank runs inside a Ray Train worker on a volunteer node.
+
+Top to bottom: load the corpus, build the model, wrap it in DeepSpeed, then per interval of
+K steps: per step read the micro-batches fixed by (seed, step, rank), forward/backward (a
+hook sketches the local gradient before DeepSpeed reduces it), optimizer step; at the end of
+the interval save a DeepSpeed checkpoint, hash it, sign a WorkReceipt with this node's own
+key and hand it with the sketches to the job's inbox actor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+
+import numpy as np
+
+KEYSTORE_ENV = "GPUCOIN_NODE_KEYSTORE"
+"""Environment variable (set on the volunteer's ``ray start``) with the path of its keystore."""
+PASSWORD_ENV = "GPUCOIN_NODE_KEYSTORE_PASSWORD"
+"""Environment variable with that keystore's password."""
+
+PROGRESS_EVERY_STEPS = 5
+
+
+def load_node_account():
+    """The volunteer's signing key, from the keystore its node was started with.
+
+    Raises:
+        WalletError: if the node was started without ``GPUCOIN_NODE_KEYSTORE`` or it does not unlock.
+    """
+    from gpucoin.exceptions import WalletError
+    from gpucoin.wallet.keystore import load_keystore
+
+    path = os.environ.get(KEYSTORE_ENV)
+    if not path:
+        raise WalletError(f"this node was started without {KEYSTORE_ENV}; it cannot sign receipts")
+    return load_keystore(path, os.environ.get(PASSWORD_ENV, ""))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. ``config`` keys: spec (JobSpec dict), job_id, ckpt_dir, start_step,
+    domain (dict for ``Domain``), inbox (actor handle), buckets, threads, previous (per-rank digest
+    of the last receipt, for resumes)."""
+    import deepspeed
+    import ray.train
+    import torch
+
+    from gpucoin.runtime.checkpoint import content_hash, tag_for
+    from gpucoin.runtime.data_order import micro_batch, window_offsets
+    from gpucoin.runtime.dsconfig import deepspeed_config
+    from gpucoin.runtime.schedule import lr_at
+    from gpucoin.runtime.sketch import CountSketch, sketch_root
+    from gpucoin.spec import JobSpec
+    from gpucoin.wallet.messages import Domain, sign
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config.get("threads", 1))
+    spec = JobSpec.model_validate(config["spec"])
+    ds, opt = spec.deepspeed, spec.deepspeed.optimizer
+    inbox = config["inbox"]
+    domain = Domain(**config["domain"])
+    account = load_node_account()
+
+    module = importlib.import_module(spec.module)
+    corpus = module.prepare_corpus(config["data_source"], val_fraction=spec.data.val_fraction)
+    train = corpus.train
+    T = spec.model.block_size
+
+    torch.manual_seed(spec.seed)
+    model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(spec))
+    device = engine.device
+    sketch = CountSketch(model.parameters(), config["buckets"], spec.seed)
+    sketch.attach()
+
+    ckpt_dir = config["ckpt_dir"]
+    start = config["start_step"]
+    if start == 0:
+        engine.save_checkpoint(ckpt_dir, tag=tag_for(0))
+    else:
+        engine.load_checkpoint(ckpt_dir, tag=tag_for(start))
+    previous = config["previous"][rank]
+
+    for s, e in spec.intervals():
+        if s < start:
+            continue
+        t0 = time.monotonic()
+        sketches, losses, samples = [], [], 0
+        for step in range(s, e):
+            lr = lr_at(step, spec.steps, opt.lr, opt.min_lr, opt.warmup_steps)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for micro in range(ds.gradient_accumulation_steps):
+                offsets = window_offsets(spec.seed, step, rank, micro, ds.micro_batch_size, len(train), T)
+                x, y = micro_batch(train, offsets, T)  # (B, T), (B, T)
+                _, loss = engine(x.to(device), y.to(device))
+                engine.backward(loss)  # divides by gradient_accumulation_steps, as replay does
+                engine.step()
+                step_loss += loss.item() / ds.gradient_accumulation_steps
+                samples += ds.micro_batch_size
+            sketches.append(sketch.take())
+            losses.append(step_loss)
+            if rank == 0 and (step % PROGRESS_EVERY_STEPS == 0 or step == e - 1):
+                inbox.progress.remote(step + 1, step_loss, lr)
+        engine.save_checkpoint(ckpt_dir, tag=tag_for(e))
+        torch.distributed.barrier()
+        ckpt_hash = content_hash(os.path.join(ckpt_dir, tag_for(e)))
+        sk = np.stack(sketches)  # (K, B) float64
+        compute_ms = int((time.monotonic() - t0) * 1000)
+        receipt = sign(
+            account,
+            "WorkReceipt",
+            domain,
+            {
+                "jobId": config["job_id"],
+                "worker": account.address,
+                "rank": rank,
+                "stepStart": s,
+                "stepEnd": e,
+                "samples": samples,
+                "computeTimeMs": compute_ms,
+                "sketchRoot": sketch_root(s, sk),
+                "checkpointHash": ckpt_hash,
+                "previousReceipt": previous,
+                "nonce": time.time_ns(),
+            },
+        )
+        previous = receipt.digest
+        # Blocking: the receipt is in the coordinator's hands before the next interval starts.
+        ray.get(inbox.submit_receipt.remote(rank, receipt.to_json(), sk, losses))
+    sketch.detach()

@@ -1,0 +1,84 @@
+"""Compare committed gradient sketches with replayed ones (pure; numpy only).
+
+Distances are relative L2, ``||committed - replayed|| / ||replayed||``: honest fp32 replays on
+CPU differ by ~1e-7, a rank that skipped 1/32 of its batch by ~0.09 (SPEC.md, Verification 3).
+Never an absolute threshold (Proof-of-Learning's absolute weight thresholds were forged
+cheaply, Fang et al. 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_EPS = 1e-30
+
+
+def rel_l2(committed: np.ndarray, replayed: np.ndarray) -> float:
+    """Relative L2 distance of two same-shaped arrays; 0.0 when both are zero, inf when only replayed is.
+
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    a, b = np.asarray(committed, dtype=np.float64), np.asarray(replayed, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"sketch shapes differ: committed {a.shape}, replayed {b.shape}")
+    num, den = float(np.linalg.norm(a - b)), float(np.linalg.norm(b))
+    if den < _EPS:
+        return 0.0 if num < _EPS else float("inf")
+    return num / den
+
+
+@dataclass(frozen=True)
+class RankVerdict:
+    """The outcome for one rank of a checked interval.
+
+    Attributes:
+        rank: data-parallel rank.
+        passed: every step's distance is within tolerance.
+        max_distance: largest per-step relative L2 distance.
+        first_bad_step: absolute step of the first mismatch, or None.
+    """
+
+    rank: int
+    passed: bool
+    max_distance: float
+    first_bad_step: int | None
+
+
+def compare_interval(step_start: int, committed: np.ndarray, replayed: np.ndarray, tolerance: float) -> list[RankVerdict]:
+    """Compare per rank and per step.
+
+    Args:
+        step_start: the interval's first step (for naming the first bad step).
+        committed: (R, K, B) sketches the ranks committed to, R ranks, K steps, B buckets.
+        replayed: (R, K, B) sketches the verifier recomputed.
+        tolerance: largest relative L2 distance that passes (the policy's ``tolerance_rel_l2``).
+
+    Returns:
+        One verdict per rank. The first step where any rank mismatches is where the weights
+        stop being shared; ranks failing there are the cheaters; later steps of honest ranks
+        are compared from already-diverged weights and are not held against them.
+
+    Raises:
+        ValueError: for mismatched shapes or a non-positive tolerance.
+    """
+    if tolerance <= 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    committed, replayed = np.asarray(committed, dtype=np.float64), np.asarray(replayed, dtype=np.float64)
+    if committed.shape != replayed.shape or committed.ndim != 3:
+        raise ValueError(f"expected two (R, K, B) arrays of one shape, got {committed.shape} and {replayed.shape}")
+    R, K, _ = committed.shape
+    dist = np.array([[rel_l2(committed[r, k], replayed[r, k]) for k in range(K)] for r in range(R)])  # (R, K)
+    bad = dist > tolerance
+    first_k = int(np.argmax(bad.any(axis=0))) if bad.any() else None
+    verdicts = []
+    for r in range(R):
+        if first_k is None:
+            verdicts.append(RankVerdict(r, True, float(dist[r].max()), None))
+        else:
+            failed = bool(bad[r, first_k])
+            # up to the first bad step every rank's weights were the replay's, so only that step judges
+            verdicts.append(RankVerdict(r, not failed, float(dist[r, : first_k + 1].max()), step_start + first_k if failed else None))
+    return verdicts

@@ -1,0 +1,82 @@
+"""Replay one checkpoint interval honestly, in one process, and recompute every rank's sketches.
+
+From the checkpoint at the interval's start: for each step, for each rank, run that rank's
+micro-batches (fixed by seed, step, rank), sketch the rank's local gradient, then average the
+ranks' gradients (the all-reduce), clip, and take torch's AdamW step, which is what DeepSpeed
+ran with ``torch_adam: true`` (SPEC.md, Verification 4).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+from gpucoin.exceptions import VerificationError
+from gpucoin.runtime.data_order import micro_batch, window_offsets
+from gpucoin.runtime.schedule import lr_at
+from gpucoin.runtime.sketch import CountSketch
+from gpucoin.spec import JobSpec
+from gpucoin.verify.consolidate import load_consolidated
+
+
+def replay_interval(spec: JobSpec, data_source: str, tag_dir: str, step_start: int, step_end: int, buckets: int, threads: int = 1) -> np.ndarray:
+    """Recompute the sketches of steps [step_start, step_end) for every rank.
+
+    Args:
+        spec: the job spec (model, optimizer, seed, workers W, micro-batch, accumulation).
+        data_source: the corpus source the job trained on.
+        tag_dir: DeepSpeed checkpoint tag directory of the state after ``step_start`` steps.
+        buckets: sketch width B (the policy's ``sketch_buckets``).
+
+    Returns:
+        (W, K, B) float64 sketches, K = step_end - step_start.
+
+    Raises:
+        VerificationError: if the checkpoint is not at ``step_start`` or cannot be read.
+    """
+    torch.set_num_threads(threads)
+    ds, opt = spec.deepspeed, spec.deepspeed.optimizer
+    module = importlib.import_module(spec.module)
+    corpus = module.prepare_corpus(data_source, val_fraction=spec.data.val_fraction)
+    train, T = corpus.train, spec.model.block_size
+    state = load_consolidated(tag_dir)
+    if state.global_steps != step_start:
+        raise VerificationError(f"{tag_dir} is at step {state.global_steps}, the interval starts at {step_start}")
+
+    model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
+    model.load_state_dict(state.weights)
+    named = dict(model.named_parameters())
+    params = list(named.values())
+    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    for name, p in named.items():
+        optimizer.state[p] = {
+            "step": torch.tensor(float(state.adam_step)),
+            "exp_avg": state.exp_avg[name].clone(),
+            "exp_avg_sq": state.exp_avg_sq[name].clone(),
+        }
+    sketch = CountSketch(model.parameters(), buckets, spec.seed)
+    W, K = spec.workers, step_end - step_start
+    out = np.zeros((W, K, buckets), dtype=np.float64)
+    for k, step in enumerate(range(step_start, step_end)):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, spec.steps, opt.lr, opt.min_lr, opt.warmup_steps)
+        total = [torch.zeros_like(p) for p in params]
+        for rank in range(W):
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(ds.gradient_accumulation_steps):
+                offsets = window_offsets(spec.seed, step, rank, micro, ds.micro_batch_size, len(train), T)
+                x, y = micro_batch(train, offsets, T)  # (B, T), (B, T)
+                _, loss = model(x, y)
+                (loss / ds.gradient_accumulation_steps).backward()
+            out[rank, k] = sketch.sketch_params_grad()
+            for t, p in zip(total, params):
+                if p.grad is not None:
+                    t.add_(p.grad)
+        for t, p in zip(total, params):
+            p.grad = t.div_(W)  # the data-parallel all-reduce (mean)
+        if opt.gradient_clipping > 0:
+            torch.nn.utils.clip_grad_norm_(params, opt.gradient_clipping)
+        optimizer.step()
+    return out

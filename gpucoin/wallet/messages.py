@@ -1,0 +1,614 @@
+"""EIP-712 typed messages that authorize every economic action in gpucoin (SPEC.md, Signed messages).
+
+Each message is a struct of one primary type in ``MESSAGE_TYPES``, signed under the domain
+``{name: "gpucoin", version: "1", chainId, verifyingContract}``; chainId comes from the policy and
+verifyingContract is the coordinator's settlement address. Any EIP-712 tool (eth-account, web3.py,
+ethers.js, a hardware wallet) computes the same digest and recovers the same signer.
+
+Units in messages: amounts are int µGPC (``gpucoin.money``), times are unix seconds, durations
+``computeTimeMs`` milliseconds, ``samples`` a count of training samples, steps are optimizer steps
+with ``stepEnd`` exclusive. ``bytes32`` fields are held as lowercase 0x-hex strings (66 chars) so a
+message is plain JSON; addresses are held checksummed.
+
+Messages are canonical: ``validate_message`` accepts each field in one form only (ints as ``int``,
+bytes32 as 32 bytes or 0x + 64 hex, addresses as 0x + 40 hex with a valid checksum when mixed-case)
+and returns the normal form, so one digest never stands for two different stored messages. Every
+uint64 field is also bounded by 2**63 - 1 because the ledger stores them as SQL BIGINT.
+
+Signatures are 65 bytes ``r || s || v`` with ``v`` in {27, 28}. A signature with ``s`` above
+secp256k1n/2 is refused (its low-s twin is the only accepted form, as Ethereum's EIP-2 rule), so a
+third party cannot mint a second valid signature for the same message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
+
+from eth_account.messages import encode_typed_data
+from eth_utils import is_checksum_address, keccak, to_checksum_address
+
+from gpucoin.exceptions import AmountError, SignatureError
+from gpucoin.money import MAX_AMOUNT_UGPC
+
+try:  # coincurve is libsecp256k1: much faster recovery than eth_keys' pure-Python backend
+    import coincurve as _coincurve
+except ImportError:  # pragma: no cover - exercised only where coincurve is absent
+    _coincurve = None
+
+__all__ = [
+    "Domain",
+    "MESSAGE_TYPES",
+    "EIP712_DOMAIN_TYPE",
+    "SIGNER_FIELD",
+    "AMOUNT_FIELDS",
+    "VERDICTS",
+    "ZERO_BYTES32",
+    "MAX_FIELD_INT",
+    "SECP256K1_N",
+    "MessageFieldError",
+    "MessageAmountError",
+    "SignedMessage",
+    "validate_message",
+    "build_typed_data",
+    "digest_of",
+    "digest_of_typed_data",
+    "sign",
+    "recover_signer",
+    "verify",
+    "distance_e9",
+]
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+"""Order of the secp256k1 group; a signature's ``s`` must be in [1, SECP256K1_N // 2]."""
+
+MAX_FIELD_INT = 2**63 - 1
+"""Largest value of any uint64 message field: the ledger stores them as SQL BIGINT."""
+
+MAX_STRING_BYTES = 4096
+"""Longest string field, in UTF-8 bytes (ids, resource descriptions, verdicts)."""
+
+ZERO_BYTES32 = "0x" + "00" * 32
+"""The ``previousReceipt`` of a rank's first receipt."""
+
+VERDICTS = ("pass", "fail")
+"""The values of ``VerificationReport.verdict``."""
+
+
+def _fields(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"name": n, "type": t} for t, n in pairs]
+
+
+EIP712_DOMAIN_TYPE: list[dict[str, str]] = _fields(
+    ("string", "name"), ("string", "version"), ("uint256", "chainId"), ("address", "verifyingContract")
+)
+"""The ``EIP712Domain`` type of every gpucoin message, in EIP-712's canonical field order."""
+
+MESSAGE_TYPES: dict[str, list[dict[str, str]]] = {
+    "JobOrder": _fields(
+        ("address", "consumer"), ("string", "jobId"), ("bytes32", "specHash"), ("uint32", "workers"),
+        ("uint64", "bidPerWorkerHour"), ("uint64", "budget"), ("uint64", "nonce"), ("uint64", "deadline"),
+    ),
+    "NodeRegistration": _fields(
+        ("address", "provider"), ("string", "nodeId"), ("string", "resources"),
+        ("uint64", "askPerWorkerHour"), ("uint64", "stake"), ("uint64", "nonce"), ("uint64", "deadline"),
+    ),
+    "WorkReceipt": _fields(
+        ("string", "jobId"), ("address", "worker"), ("uint32", "rank"), ("uint64", "stepStart"),
+        ("uint64", "stepEnd"), ("uint64", "samples"), ("uint64", "computeTimeMs"), ("bytes32", "sketchRoot"),
+        ("bytes32", "checkpointHash"), ("bytes32", "previousReceipt"), ("uint64", "nonce"),
+    ),
+    "VerificationReport": _fields(
+        ("address", "verifier"), ("bytes32", "receiptDigest"), ("string", "verdict"),
+        ("uint64", "distanceE9"), ("uint64", "nonce"),
+    ),
+    "Settlement": _fields(
+        ("address", "coordinator"), ("string", "jobId"), ("bytes32", "subject"), ("uint64", "epoch"),
+        ("uint64", "paid"), ("uint64", "burned"), ("uint64", "treasury"), ("uint64", "minted"),
+        ("uint64", "slashed"), ("uint64", "refunded"), ("bytes32", "policyHash"), ("uint64", "nonce"),
+    ),
+    "PolicyChange": _fields(
+        ("address", "admin"), ("bytes32", "policyHash"), ("uint64", "effectiveEpoch"), ("uint64", "nonce"),
+    ),
+    "Faucet": _fields(("address", "recipient"), ("uint64", "amount"), ("uint64", "nonce")),
+}
+"""EIP-712 field lists per primary type (the ``types[primaryType]`` entry of the typed data).
+
+Amounts are µGPC, ``deadline`` unix seconds, ``computeTimeMs`` milliseconds, ``stepEnd`` exclusive,
+``distanceE9`` the relative L2 distance x 1e9 (see ``distance_e9``). ``Faucet`` exists only in the
+embedded local dev mode.
+"""
+
+SIGNER_FIELD: dict[str, str | None] = {
+    "JobOrder": "consumer",
+    "NodeRegistration": "provider",
+    "WorkReceipt": "worker",
+    "VerificationReport": "verifier",
+    "Settlement": "coordinator",
+    "PolicyChange": "admin",
+    "Faucet": None,  # signed by the dev faucet key, for the recipient
+}
+"""The address field that must equal the signer, per primary type (None: no such field)."""
+
+AMOUNT_FIELDS: dict[str, frozenset[str]] = {
+    "JobOrder": frozenset({"bidPerWorkerHour", "budget"}),
+    "NodeRegistration": frozenset({"askPerWorkerHour", "stake"}),
+    "WorkReceipt": frozenset(),
+    "VerificationReport": frozenset(),
+    "Settlement": frozenset({"paid", "burned", "treasury", "minted", "slashed", "refunded"}),
+    "PolicyChange": frozenset(),
+    "Faucet": frozenset({"amount"}),
+}
+"""The µGPC fields per primary type; out of range they raise ``MessageAmountError``."""
+
+
+class MessageFieldError(SignatureError, ValueError):
+    """A message, domain or signature that is malformed: unknown or missing field, wrong type,
+    int out of its range, bad address or bytes32, unknown primary type."""
+
+
+class MessageAmountError(AmountError, SignatureError):
+    """A µGPC field of a message that is not an int in [0, 2**63 - 1] (``gpucoin.money``)."""
+
+
+_HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_HEX_BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_HEX_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+_UINT_TYPE = re.compile(r"^uint(\d+)$")
+
+
+def _address(value: Any, what: str) -> str:
+    """Checksum form of a 0x-hex address; mixed case must be a valid EIP-55 checksum."""
+    if not isinstance(value, str) or not _HEX_ADDRESS.match(value):
+        raise MessageFieldError(f"{what} must be a 0x-prefixed 20-byte hex address, got {value!r}")
+    body = value[2:]
+    if body != body.lower() and body != body.upper() and not is_checksum_address(value):
+        raise MessageFieldError(f"{what} {value} has a wrong EIP-55 checksum (mixed case)")
+    return to_checksum_address(value)
+
+
+def _bytes32(value: Any, what: str) -> str:
+    """Lowercase 0x-hex form of 32 bytes given as ``bytes`` or 0x + 64 hex digits."""
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) != 32:
+            raise MessageFieldError(f"{what} must be 32 bytes, got {len(value)} bytes")
+        return "0x" + bytes(value).hex()
+    if not isinstance(value, str) or not _HEX_BYTES32.match(value):
+        raise MessageFieldError(f"{what} must be 32 bytes as 0x + 64 hex digits, got {value!r}")
+    return value.lower()
+
+
+def _uint(value: Any, bits: int, what: str, *, amount: bool) -> int:
+    """``value`` if it is an int within uintN (and within BIGINT for N = 64)."""
+    if amount:
+        try:
+            return _check_amount_field(value, what)
+        except AmountError as e:
+            raise MessageAmountError(str(e)) from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageFieldError(f"{what} must be an int, got {value!r}")
+    hi = min(2**bits - 1, MAX_FIELD_INT)
+    if not 0 <= value <= hi:
+        raise MessageFieldError(f"{what} = {value} is outside uint{bits} range [0, {hi}]")
+    return value
+
+
+def _check_amount_field(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AmountError(f"{what} must be an int of µGPC, got {value!r}")
+    if not 0 <= value <= MAX_AMOUNT_UGPC:
+        raise AmountError(f"{what} = {value} µGPC is outside [0, {MAX_AMOUNT_UGPC}] (the ledger's BIGINT)")
+    return value
+
+
+def _string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise MessageFieldError(f"{what} must be a string, got {value!r}")
+    if not value:
+        raise MessageFieldError(f"{what} must not be empty")
+    n = len(value.encode("utf-8", errors="strict"))
+    if n > MAX_STRING_BYTES:
+        raise MessageFieldError(f"{what} is {n} bytes of UTF-8; at most {MAX_STRING_BYTES}")
+    return value
+
+
+def _known_type(primary_type: Any) -> list[dict[str, str]]:
+    if not isinstance(primary_type, str) or primary_type not in MESSAGE_TYPES:
+        raise MessageFieldError(f"unknown message type {primary_type!r}; expected one of {sorted(MESSAGE_TYPES)}")
+    return MESSAGE_TYPES[primary_type]
+
+
+def validate_message(primary_type: str, message: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``message`` against ``MESSAGE_TYPES[primary_type]`` and return its canonical form.
+
+    The result has exactly the type's fields in the type's order: ints, checksum addresses,
+    lowercase 0x-hex bytes32 and non-empty strings of at most 4096 UTF-8 bytes.
+    ``VerificationReport.verdict`` must be "pass" or "fail".
+
+    Raises:
+        MessageFieldError: unknown primary type, unknown or missing field, wrong value type,
+            uintN out of range (any uint64 above 2**63 - 1), bad address or bytes32.
+        MessageAmountError: a µGPC field that is not an int in [0, 2**63 - 1].
+    """
+    fields = _known_type(primary_type)
+    if not isinstance(message, Mapping):
+        raise MessageFieldError(f"{primary_type} message must be a mapping, got {type(message).__name__}")
+    names = [f["name"] for f in fields]
+    unknown = sorted(set(message) - set(names), key=str)
+    if unknown:
+        raise MessageFieldError(f"{primary_type} has no field(s) {unknown}; its fields are {names}")
+    missing = [n for n in names if n not in message]
+    if missing:
+        raise MessageFieldError(f"{primary_type} is missing field(s) {missing}")
+    amounts = AMOUNT_FIELDS[primary_type]
+    out: dict[str, Any] = {}
+    for f in fields:
+        name, typ, value = f["name"], f["type"], message[f["name"]]
+        what = f"{primary_type}.{name}"
+        if typ == "address":
+            out[name] = _address(value, what)
+        elif typ == "bytes32":
+            out[name] = _bytes32(value, what)
+        elif typ == "string":
+            out[name] = _string(value, what)
+        else:
+            m = _UINT_TYPE.match(typ)
+            assert m is not None, typ  # MESSAGE_TYPES holds only these four kinds
+            out[name] = _uint(value, int(m.group(1)), what, amount=name in amounts)
+    if primary_type == "VerificationReport" and out["verdict"] not in VERDICTS:
+        raise MessageFieldError(f"VerificationReport.verdict must be one of {VERDICTS}, got {out['verdict']!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The EIP-712 domain separator's fields for gpucoin messages.
+
+    Attributes:
+        chain_id: the chain id the policy names (uint256; bounded here by 2**63 - 1).
+        verifying_contract: the coordinator's settlement address (stored checksummed).
+        name: "gpucoin". version: "1".
+
+    Raises:
+        MessageFieldError: on construction, for a bad chain id, address, name or version.
+    """
+
+    chain_id: int
+    verifying_contract: str
+    name: str = "gpucoin"
+    version: str = "1"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int):
+            raise MessageFieldError(f"domain chainId must be an int, got {self.chain_id!r}")
+        if not 0 <= self.chain_id <= MAX_FIELD_INT:
+            raise MessageFieldError(f"domain chainId = {self.chain_id} is outside [0, {MAX_FIELD_INT}]")
+        object.__setattr__(self, "verifying_contract", _address(self.verifying_contract, "domain verifyingContract"))
+        _string(self.name, "domain name")
+        _string(self.version, "domain version")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``domain`` object of EIP-712 typed data: name, version, chainId, verifyingContract."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "chainId": self.chain_id,
+            "verifyingContract": self.verifying_contract,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Domain":
+        """Inverse of ``as_dict``; exactly the four keys.
+
+        Raises:
+            MessageFieldError: for missing or extra keys or bad values.
+        """
+        if not isinstance(d, Mapping):
+            raise MessageFieldError(f"domain must be a mapping, got {type(d).__name__}")
+        keys = {"name", "version", "chainId", "verifyingContract"}
+        if set(d) != keys:
+            raise MessageFieldError(f"domain must have exactly the keys {sorted(keys)}, got {sorted(d, key=str)}")
+        return cls(
+            chain_id=d["chainId"], verifying_contract=d["verifyingContract"], name=d["name"], version=d["version"]
+        )
+
+
+def _domain_dict(domain: Domain | Mapping[str, Any]) -> dict[str, Any]:
+    return (domain if isinstance(domain, Domain) else Domain.from_dict(domain)).as_dict()
+
+
+def build_typed_data(
+    primary_type: str, domain: Domain | Mapping[str, Any], message: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The full EIP-712 typed data (``eth_signTypedData_v4`` JSON) of a gpucoin message.
+
+    Returns ``{"types": {"EIP712Domain": ..., primary_type: ...}, "primaryType", "domain", "message"}``
+    with the message in canonical form (``validate_message``).
+
+    Raises:
+        MessageFieldError / MessageAmountError: as ``validate_message`` and ``Domain``.
+    """
+    canonical = validate_message(primary_type, message)
+    return {
+        "types": {
+            "EIP712Domain": [dict(f) for f in EIP712_DOMAIN_TYPE],
+            primary_type: [dict(f) for f in MESSAGE_TYPES[primary_type]],
+        },
+        "primaryType": primary_type,
+        "domain": _domain_dict(domain),
+        "message": canonical,
+    }
+
+
+def _digest_bytes(typed_data: Mapping[str, Any]) -> bytes:
+    """keccak256(0x19 0x01 || domainSeparator || hashStruct(message)) of any EIP-712 typed data."""
+    if not isinstance(typed_data, Mapping):
+        raise MessageFieldError(f"typed data must be a mapping, got {type(typed_data).__name__}")
+    for key in ("types", "domain", "message"):
+        if key not in typed_data:
+            raise MessageFieldError(f"typed data has no {key!r}")
+    types = typed_data["types"]
+    if not isinstance(types, Mapping):
+        raise MessageFieldError("typed data 'types' must be a mapping")
+    primary = typed_data.get("primaryType")
+    if primary in MESSAGE_TYPES:
+        # A gpucoin type must be ours exactly, with a canonical message: one digest, one stored message.
+        declared = {k: v for k, v in types.items() if k != "EIP712Domain"}
+        if declared != {primary: MESSAGE_TYPES[primary]}:
+            raise MessageFieldError(f"typed data declares types for {primary} that differ from gpucoin's")
+        if "EIP712Domain" in types and list(types["EIP712Domain"]) != EIP712_DOMAIN_TYPE:
+            raise MessageFieldError("typed data declares an EIP712Domain that differs from gpucoin's")
+        Domain.from_dict(typed_data["domain"])
+        # Hash the validated form: eth-account would silently pad short bytes32 or parse "0x.." as uint.
+        typed_data = {**typed_data, "message": validate_message(primary, typed_data["message"])}
+    try:
+        full = {k: typed_data[k] for k in ("types", "domain", "message", "primaryType") if k in typed_data}
+        signable = encode_typed_data(full_message=full)
+        # EIP-191 version 0x01: keccak256(0x19 || 0x01 || domainSeparator || hashStruct(message))
+        return bytes(keccak(b"\x19" + signable.version + signable.header + signable.body))
+    except Exception as e:  # eth-account raises ValueError, KeyError, TypeError, eth-abi errors
+        raise MessageFieldError(f"malformed EIP-712 typed data: {type(e).__name__}: {e}") from None
+
+
+def digest_of_typed_data(typed_data: Mapping[str, Any]) -> str:
+    """EIP-712 digest (0x + 64 hex) of full typed data, as any EIP-712 tool computes it.
+
+    Works for any typed data (e.g. EIP-712's own ``Mail`` example). For a gpucoin primary type the
+    declared types must be exactly ``MESSAGE_TYPES`` and the message must pass ``validate_message``
+    (address and hex case do not change the digest).
+
+    Raises:
+        MessageFieldError / MessageAmountError: malformed typed data or an invalid gpucoin message.
+    """
+    return "0x" + _digest_bytes(typed_data).hex()
+
+
+def digest_of(primary_type: str, domain: Domain | Mapping[str, Any], message: Mapping[str, Any]) -> str:
+    """EIP-712 digest (0x + 64 hex) of a gpucoin message, after validating it.
+
+    Raises:
+        MessageFieldError / MessageAmountError: as ``validate_message`` and ``Domain``.
+    """
+    return digest_of_typed_data(build_typed_data(primary_type, domain, message))
+
+
+@dataclass(frozen=True)
+class SignedMessage:
+    """A gpucoin message with its EIP-712 digest and its signer's signature.
+
+    Attributes:
+        primary_type: a key of ``MESSAGE_TYPES``.
+        domain: the domain dict (``Domain.as_dict()``).
+        message: canonical message fields (bytes32 as 0x-hex, addresses checksummed).
+        digest: 0x + 64 hex, the EIP-712 digest that was signed.
+        signature: 0x + 130 hex, ``r || s || v`` with low s and v in {27, 28}.
+        signer: checksum address of the key that signed.
+
+    ``verify`` checks that these agree; constructing one checks nothing.
+    """
+
+    primary_type: str
+    domain: dict
+    message: dict
+    digest: str
+    signature: str
+    signer: str
+
+    def typed_data(self) -> dict[str, Any]:
+        """The full EIP-712 typed data (types incl. EIP712Domain, primaryType, domain, message).
+
+        Raises:
+            MessageFieldError / MessageAmountError: if the held message or domain is malformed.
+        """
+        return build_typed_data(self.primary_type, self.domain, self.message)
+
+    def to_json(self) -> str:
+        """Deterministic JSON text (sorted keys, no spaces) of all six attributes."""
+        return json.dumps(
+            {
+                "primaryType": self.primary_type,
+                "domain": self.domain,
+                "message": self.message,
+                "digest": self.digest,
+                "signature": self.signature,
+                "signer": self.signer,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_json(cls, s: str | bytes) -> "SignedMessage":
+        """Parse ``to_json`` output, checking the shape of every part (not the signature itself).
+
+        Raises:
+            MessageFieldError / MessageAmountError: bad JSON, unknown type, malformed domain,
+                message, digest (0x + 64 hex), signature (0x + 130 hex) or signer address.
+        """
+        try:
+            d = json.loads(s)
+        except (ValueError, TypeError) as e:
+            raise MessageFieldError(f"signed message is not JSON: {e}") from None
+        keys = {"primaryType", "domain", "message", "digest", "signature", "signer"}
+        if not isinstance(d, dict) or set(d) != keys:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise MessageFieldError(f"signed message JSON must have exactly the keys {sorted(keys)}, got {got}")
+        primary = d["primaryType"]
+        message = validate_message(primary, d["message"])
+        domain = Domain.from_dict(d["domain"]).as_dict()
+        digest = _bytes32(d["digest"], "digest")
+        if not isinstance(d["signature"], str) or not _HEX_SIGNATURE.match(d["signature"]):
+            raise MessageFieldError(f"signature must be 0x + 130 hex digits (65 bytes), got {d['signature']!r}")
+        signer = _address(d["signer"], "signer")
+        return cls(primary, domain, message, digest, d["signature"].lower(), signer)
+
+
+def _normalize_low_s(v_raw: int, r: int, s: int) -> tuple[int, int, int]:
+    """(v in {0, 1}, r, s) with s moved to the lower half of the group order (EIP-2)."""
+    if s > SECP256K1_N // 2:
+        return v_raw ^ 1, r, SECP256K1_N - s
+    return v_raw, r, s
+
+
+def sign(account: Any, primary_type: str, domain: Domain, message: Mapping[str, Any]) -> SignedMessage:
+    """Validate ``message``, hash it under ``domain`` (EIP-712) and sign the digest with ``account``.
+
+    ``account`` is an eth-account ``LocalAccount``; its already-derived key object signs the digest
+    (deterministic RFC 6979 signature, identical to ``Account.sign_typed_data``). Any other eth-account
+    ``BaseAccount`` is asked to ``unsafe_sign_hash`` the digest.
+
+    Raises:
+        MessageFieldError / MessageAmountError: as ``validate_message`` and ``Domain``.
+    """
+    typed = build_typed_data(primary_type, domain, message)
+    digest = _digest_bytes(typed)
+    key_obj = getattr(account, "_key_obj", None)
+    if key_obj is not None:
+        v_raw, r, s = key_obj.sign_msg_hash(digest).vrs
+    else:
+        signed = account.unsafe_sign_hash(digest)
+        v_raw, r, s = signed.v - 27 if signed.v >= 27 else signed.v, signed.r, signed.s
+    v_raw, r, s = _normalize_low_s(v_raw, r, s)
+    signature = "0x" + r.to_bytes(32, "big").hex() + s.to_bytes(32, "big").hex() + bytes([27 + v_raw]).hex()
+    return SignedMessage(
+        primary_type=primary_type,
+        domain=typed["domain"],
+        message=typed["message"],
+        digest="0x" + digest.hex(),
+        signature=signature,
+        signer=to_checksum_address(account.address),
+    )
+
+
+def _split_signature(signature: Any) -> tuple[int, int, int]:
+    """(recovery id in {0, 1}, r, s) of a 65-byte signature, refusing malleable or invalid forms."""
+    if isinstance(signature, (bytes, bytearray)):
+        raw = bytes(signature)
+    elif isinstance(signature, str) and _HEX_SIGNATURE.match(signature):
+        raw = bytes.fromhex(signature[2:])
+    else:
+        raise SignatureError(f"signature must be 65 bytes (0x + 130 hex digits), got {signature!r:.80}")
+    if len(raw) != 65:
+        raise SignatureError(f"signature must be 65 bytes, got {len(raw)}")
+    r, s, v = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big"), raw[64]
+    if v not in (27, 28):
+        raise SignatureError(f"signature v = {v}; must be 27 or 28")
+    if not 1 <= r < SECP256K1_N:
+        raise SignatureError("signature r is outside [1, secp256k1n)")
+    if not 1 <= s <= SECP256K1_N // 2:
+        if s > SECP256K1_N // 2 and s < SECP256K1_N:
+            raise SignatureError("signature has high s (s > secp256k1n/2): malleable form refused")
+        raise SignatureError("signature s is outside [1, secp256k1n/2]")
+    return v - 27, r, s
+
+
+def _recover_from_digest(digest: bytes, recid: int, r: int, s: int) -> str:
+    if _coincurve is not None:
+        try:
+            pub = _coincurve.PublicKey.from_signature_and_message(
+                r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([recid]), digest, hasher=None
+            )
+        except Exception as e:  # coincurve raises ValueError/Exception when no key recovers
+            raise SignatureError(f"no public key recovers from this signature: {e}") from None
+        return to_checksum_address(keccak(pub.format(compressed=False)[1:])[-20:])
+    from eth_keys import keys  # pragma: no cover - fallback without coincurve
+    from eth_keys.exceptions import BadSignature  # pragma: no cover
+
+    try:  # pragma: no cover
+        return keys.Signature(vrs=(recid, r, s)).recover_public_key_from_msg_hash(digest).to_checksum_address()
+    except (BadSignature, ValueError) as e:  # pragma: no cover
+        raise SignatureError(f"no public key recovers from this signature: {e}") from None
+
+
+def recover_signer(typed_data: Mapping[str, Any], signature: str | bytes) -> str:
+    """Checksum address of the key that signed ``typed_data``, from the typed data alone.
+
+    The digest is recomputed (``digest_of_typed_data``); ``signature`` is 65 bytes ``r || s || v``.
+
+    Raises:
+        SignatureError: v not 27/28, r or s out of range, high s (malleable twin), or no key recovers.
+        MessageFieldError / MessageAmountError: malformed typed data.
+    """
+    recid, r, s = _split_signature(signature)
+    return _recover_from_digest(_digest_bytes(typed_data), recid, r, s)
+
+
+def verify(signed: SignedMessage, *, expected_signer: str | None = None, domain: Domain | None = None) -> str:
+    """Check a signed message end to end and return its signer's checksum address.
+
+    Checks, in order: the message and domain are well-formed and canonical; the recomputed digest
+    equals ``signed.digest``; the signature has low s and v in {27, 28}; the recovered signer equals
+    ``signed.signer``, the message's own address field (``SIGNER_FIELD``) and ``expected_signer``
+    if given; the domain equals ``domain`` if given.
+
+    Raises:
+        SignatureError: naming the first check that failed (``MessageFieldError`` for malformed parts).
+    """
+    if not isinstance(signed, SignedMessage):
+        raise MessageFieldError(f"expected a SignedMessage, got {type(signed).__name__}")
+    typed = signed.typed_data()
+    if typed["message"] != signed.message:
+        raise SignatureError(f"{signed.primary_type} message is not in canonical form")
+    if typed["domain"] != signed.domain:
+        raise SignatureError("domain is not in canonical form")
+    digest = digest_of_typed_data(typed)
+    if not isinstance(signed.digest, str) or digest != signed.digest.lower():
+        raise SignatureError(f"digest mismatch: message hashes to {digest}, signed message says {signed.digest}")
+    recovered = recover_signer(typed, signed.signature)
+    claimed = _address(signed.signer, "signer")
+    if recovered != claimed:
+        raise SignatureError(f"signer mismatch: signature recovers {recovered}, signed message says {claimed}")
+    field = SIGNER_FIELD[signed.primary_type]
+    if field is not None and typed["message"][field] != recovered:
+        raise SignatureError(
+            f"{signed.primary_type}.{field} is {typed['message'][field]} but the message was signed by {recovered}"
+        )
+    if expected_signer is not None and _address(expected_signer, "expected signer") != recovered:
+        raise SignatureError(f"signed by {recovered}, expected {to_checksum_address(expected_signer)}")
+    if domain is not None and domain.as_dict() != typed["domain"]:
+        raise SignatureError(f"domain mismatch: signed under {typed['domain']}, expected {domain.as_dict()}")
+    return recovered
+
+
+def distance_e9(relative_distance: float) -> int:
+    """``VerificationReport.distanceE9`` of a relative L2 distance: round(d x 1e9), capped at 2**63 - 1.
+
+    NaN and +inf map to the cap (a replay that diverged is as far as it gets).
+
+    Raises:
+        MessageFieldError: for a negative distance.
+    """
+    d = float(relative_distance)
+    if math.isnan(d) or d == math.inf:
+        return MAX_FIELD_INT
+    if d < 0:
+        raise MessageFieldError(f"a relative distance cannot be negative, got {relative_distance!r}")
+    scaled = d * 1e9
+    if scaled >= MAX_FIELD_INT:
+        return MAX_FIELD_INT
+    return min(round(scaled), MAX_FIELD_INT)

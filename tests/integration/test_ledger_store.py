@@ -1,0 +1,431 @@
+"""The SQL ledger on a temporary SQLite file: idempotency, atomicity, STRICT tables, the audit.
+
+Messages are real EIP-712 messages signed with ``gpucoin.wallet.messages`` by fixed dev keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+from sqlalchemy import event
+
+from gpucoin.exceptions import (
+    AmountError,
+    ConflictError,
+    InsufficientFunds,
+    LedgerError,
+    SignatureError,
+    UnknownAccount,
+)
+from gpucoin.ledger import (
+    BURNED,
+    ISSUANCE,
+    TREASURY,
+    BalanceOverflow,
+    Code,
+    Ledger,
+    Transfer,
+    escrow_account,
+    wallet_account,
+)
+from gpucoin.money import MICRO_PER_GPC
+from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign
+
+GPC = MICRO_PER_GPC
+
+FAUCET = Account.from_key(b"\x01" * 32)
+COORDINATOR = Account.from_key(b"\x02" * 32)
+CONSUMER = Account.from_key(b"\x03" * 32)
+WORKER = Account.from_key(b"\x04" * 32)
+VERIFIER = Account.from_key(b"\x05" * 32)
+DOMAIN = Domain(chain_id=31337, verifying_contract=COORDINATOR.address)
+JOB = "job-1"
+ESCROW = escrow_account(JOB)
+
+
+class Signer:
+    """Signs gpucoin messages with fresh nonces per key."""
+
+    def __init__(self) -> None:
+        self._nonce = itertools.count(1)
+
+    def __call__(self, account: Any, primary_type: str, **message: Any) -> SignedMessage:
+        message.setdefault("nonce", next(self._nonce))
+        return sign(account, primary_type, DOMAIN, message)
+
+    def faucet(self, to: Any, amount: int) -> SignedMessage:
+        return self(FAUCET, "Faucet", recipient=to.address, amount=amount)
+
+    def receipt(self, step: int) -> SignedMessage:
+        return self(
+            WORKER, "WorkReceipt", jobId=JOB, worker=WORKER.address, rank=0, stepStart=step, stepEnd=step + 10,
+            samples=320, computeTimeMs=5000, sketchRoot="0x" + "aa" * 32, checkpointHash="0x" + "bb" * 32,
+            previousReceipt=ZERO_BYTES32,
+        )
+
+    def settlement(self, subject: str, **amounts: int) -> SignedMessage:
+        fields = dict(paid=0, burned=0, treasury=0, minted=0, slashed=0, refunded=0) | amounts
+        return self(
+            COORDINATOR, "Settlement", coordinator=COORDINATOR.address, jobId=JOB, subject=subject, epoch=1,
+            policyHash="0x" + "cc" * 32, **fields,
+        )
+
+
+def avail(acct: Any) -> str:
+    return wallet_account(acct.address)
+
+
+def bonded(acct: Any) -> str:
+    return wallet_account(acct.address, "bonded")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "nested" / "ledger.db"
+
+
+@pytest.fixture
+def ledger(db: Path) -> Any:
+    led = Ledger(f"sqlite:///{db}")
+    yield led
+    led.close()
+
+
+@pytest.fixture
+def s() -> Signer:
+    return Signer()
+
+
+def record(ledger: Ledger, *msgs: SignedMessage) -> None:
+    for m in msgs:
+        ledger.record_message(m)
+
+
+def fund(ledger: Ledger, s: Signer, acct: Any, amount: int, op_id: str) -> list[int]:
+    m = s.faucet(acct, amount)
+    ledger.record_message(m)
+    return ledger.post(op_id, [Transfer(ISSUANCE, avail(acct), amount, Code.FAUCET, m.digest)])
+
+
+def normal_history(ledger: Ledger, s: Signer) -> None:
+    """Faucet, bond, escrow, a settled interval with mint, a slash, a refund."""
+    fund(ledger, s, CONSUMER, 1000 * GPC, "faucet-consumer")
+    fund(ledger, s, WORKER, 600 * GPC, "faucet-worker")
+    reg = s(WORKER, "NodeRegistration", provider=WORKER.address, nodeId="n1", resources="cpu=2",
+            askPerWorkerHour=GPC, stake=500 * GPC, deadline=2**40)
+    order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
+              bidPerWorkerHour=2 * GPC, budget=200 * GPC, deadline=2**40)
+    record(ledger, reg, order)
+    ledger.post("bond-1", [Transfer(avail(WORKER), bonded(WORKER), 500 * GPC, Code.BOND, reg.digest)])
+    ledger.post("escrow-1", [Transfer(avail(CONSUMER), ESCROW, 200 * GPC, Code.ESCROW, order.digest)])
+
+    r1 = s.receipt(0)
+    st1 = s.settlement(r1.digest, paid=10 * GPC, burned=9 * GPC, treasury=GPC, minted=5 * GPC)
+    record(ledger, r1, st1)
+    ledger.post(
+        "settle-1",
+        [
+            Transfer(ESCROW, BURNED, 9 * GPC, Code.BURN, st1.digest),
+            Transfer(ESCROW, TREASURY, GPC, Code.TREASURY, st1.digest),
+            Transfer(ISSUANCE, avail(WORKER), 4 * GPC, Code.MINT_WORKER, st1.digest),
+            Transfer(ISSUANCE, avail(VERIFIER), GPC, Code.MINT_VERIFIER, st1.digest),
+        ],
+        memo="interval 0-10",
+    )
+    r2 = s.receipt(10)
+    report = s(VERIFIER, "VerificationReport", verifier=VERIFIER.address, receiptDigest=r2.digest, verdict="fail",
+               distanceE9=90_000_000)
+    st2 = s.settlement(r2.digest, slashed=50 * GPC)
+    record(ledger, r2, report, st2)
+    ledger.post(
+        "slash-1",
+        [
+            Transfer(bonded(WORKER), BURNED, 40 * GPC, Code.SLASH, st2.digest),
+            Transfer(bonded(WORKER), avail(VERIFIER), 10 * GPC, Code.WHISTLEBLOWER, st2.digest),
+        ],
+    )
+    st3 = s.settlement(order.digest, refunded=190 * GPC)
+    record(ledger, st3)
+    ledger.post("refund-1", [Transfer(ESCROW, avail(CONSUMER), 190 * GPC, Code.REFUND, st3.digest)])
+
+
+def raw(db: Path) -> sqlite3.Connection:
+    """A plain sqlite3 connection that bypasses the Ledger (autocommit)."""
+    return sqlite3.connect(db, isolation_level=None)
+
+
+# -- schema --------------------------------------------------------------------------------
+
+
+def test_schema_is_created_strict_and_in_wal_mode(ledger: Ledger, db: Path) -> None:
+    con = raw(db)
+    strict = dict(con.execute("SELECT name, strict FROM pragma_table_list WHERE schema = 'main'").fetchall())
+    for table in ("message", "operation", "transfer", "account", "chain_head"):
+        assert strict[table] == 1, table
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # opening the same file again finds the schema and keeps the data
+    led2 = Ledger(f"sqlite:///{db}")
+    assert led2.balances() == {} and led2.audit() == []
+    led2.close()
+
+
+def test_strict_tables_refuse_real_and_overflowing_values_written_with_plain_sql(ledger: Ledger, db: Path) -> None:
+    con = raw(db)
+    for value in ("1e30", str(2**63), "1.5"):
+        with pytest.raises(sqlite3.Error, match="REAL"):
+            con.execute(f"INSERT INTO account (name, balance) VALUES ('system:treasury', {value})")
+    assert con.execute("SELECT COUNT(*) FROM account").fetchone()[0] == 0
+    # the same SQL on a table without STRICT silently stores a REAL: that is what STRICT prevents
+    con.execute("CREATE TABLE loose (balance INTEGER NOT NULL)")
+    con.execute(f"INSERT INTO loose VALUES ({2**63})")
+    assert con.execute("SELECT typeof(balance) FROM loose").fetchone()[0] == "real"
+
+
+def test_writes_begin_immediate_and_reads_begin_deferred(ledger: Ledger, s: Signer) -> None:
+    seen: list[str] = []
+    event.listen(ledger.engine, "before_cursor_execute", lambda c, cur, stmt, *a: seen.append(stmt))
+    fund(ledger, s, CONSUMER, 5, "op")
+    assert "BEGIN IMMEDIATE" in seen
+    seen.clear()
+    ledger.balances()
+    assert "BEGIN" in seen and "BEGIN IMMEDIATE" not in seen
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+def test_record_message_is_idempotent_by_digest(ledger: Ledger, s: Signer) -> None:
+    m = s.faucet(CONSUMER, 5)
+    ledger.record_message(m)
+    ledger.record_message(m)
+    rows = ledger.messages()
+    assert len(rows) == 1
+    assert rows[0].digest == m.digest and rows[0].signer == FAUCET.address and rows[0].nonce == "1"
+    assert ledger.messages("Faucet") == rows and ledger.messages("JobOrder") == []
+
+
+def test_a_second_message_with_the_same_signer_and_nonce_is_a_conflict(ledger: Ledger, s: Signer) -> None:
+    ledger.record_message(s(FAUCET, "Faucet", recipient=CONSUMER.address, amount=5, nonce=7))
+    with pytest.raises(ConflictError, match="nonce 7"):
+        ledger.record_message(s(FAUCET, "Faucet", recipient=CONSUMER.address, amount=6, nonce=7))
+    # another signer may use the same nonce
+    ledger.record_message(s(COORDINATOR, "Faucet", recipient=CONSUMER.address, amount=6, nonce=7))
+    assert len(ledger.messages()) == 2
+
+
+def test_a_bad_signature_or_an_impersonation_is_refused(ledger: Ledger, s: Signer) -> None:
+    m = s.faucet(CONSUMER, 5)
+    forged = SignedMessage(m.primary_type, m.domain, m.message, m.digest, m.signature, CONSUMER.address)
+    with pytest.raises(SignatureError, match="recovers"):
+        ledger.record_message(forged)
+    # a JobOrder naming Consumer as its consumer but signed by Worker's key
+    order = sign(WORKER, "JobOrder", DOMAIN, dict(consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32,
+                                                  workers=1, bidPerWorkerHour=1, budget=1, nonce=1, deadline=1))
+    with pytest.raises(SignatureError, match="consumer"):
+        ledger.record_message(order)
+    assert ledger.messages() == []
+
+
+# -- post ----------------------------------------------------------------------------------
+
+
+def test_a_retry_with_identical_content_returns_the_original_ids(ledger: Ledger, s: Signer) -> None:
+    m = s.faucet(CONSUMER, 300)
+    ledger.record_message(m)
+    ops = [Transfer(ISSUANCE, avail(CONSUMER), 100, Code.FAUCET, m.digest),
+           Transfer(ISSUANCE, avail(CONSUMER), 200, Code.FAUCET, m.digest.upper().replace("0X", "0x"))]
+    ids = ledger.post("op-1", ops, memo="hello")
+    assert ids == [1, 2]
+    assert ledger.post("op-1", ops, memo="hello") == ids
+    assert ledger.post("op-1", tuple(ops), memo="hello") == ids
+    assert ledger.balance(avail(CONSUMER)) == 300
+    assert len(ledger.transfers()) == 2
+    assert ledger.audit() == []
+
+
+def test_the_same_op_id_with_different_content_is_a_conflict(ledger: Ledger, s: Signer) -> None:
+    m = s.faucet(CONSUMER, 300)
+    ledger.record_message(m)
+    t = Transfer(ISSUANCE, avail(CONSUMER), 100, Code.FAUCET, m.digest)
+    ledger.post("op-1", [t])
+    with pytest.raises(ConflictError, match="op-1"):
+        ledger.post("op-1", [Transfer(ISSUANCE, avail(CONSUMER), 101, Code.FAUCET, m.digest)])
+    with pytest.raises(ConflictError):
+        ledger.post("op-1", [t], memo="different memo")
+    with pytest.raises(ConflictError):
+        ledger.post("op-1", [t, t])
+    assert ledger.balance(avail(CONSUMER)) == 100 and len(ledger.transfers()) == 1
+
+
+def test_an_operation_is_all_or_nothing(ledger: Ledger, s: Signer, db: Path) -> None:
+    fund(ledger, s, CONSUMER, 100, "fund")
+    order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
+              bidPerWorkerHour=1, budget=100, deadline=1)
+    ledger.record_message(order)
+    before = (ledger.balances(), ledger.transfers(), ledger.totals())
+    with pytest.raises(InsufficientFunds, match="short by 1"):
+        ledger.post("escrow", [Transfer(avail(CONSUMER), ESCROW, 60, Code.ESCROW, order.digest),
+                               Transfer(avail(CONSUMER), ESCROW, 41, Code.ESCROW, order.digest)])
+    assert (ledger.balances(), ledger.transfers(), ledger.totals()) == before
+    assert ledger.operation("escrow") is None
+    # the refused op_id is free; the chain goes on from the last committed row
+    assert ledger.post("escrow", [Transfer(avail(CONSUMER), ESCROW, 60, Code.ESCROW, order.digest)]) == [2]
+    assert ledger.audit() == []
+
+
+def test_a_digest_that_names_no_recorded_message_is_refused(ledger: Ledger, s: Signer) -> None:
+    m = s.faucet(CONSUMER, 5)  # signed but never recorded
+    with pytest.raises(LedgerError, match=m.digest):
+        ledger.post("op", [Transfer(ISSUANCE, avail(CONSUMER), 5, Code.FAUCET, m.digest)])
+    assert ledger.balances() == {} and ledger.transfers() == []
+
+
+def test_an_overflowing_balance_is_refused(ledger: Ledger, s: Signer) -> None:
+    fund(ledger, s, CONSUMER, 2**63 - 1, "big")
+    m = s.faucet(CONSUMER, 1)
+    ledger.record_message(m)
+    with pytest.raises(BalanceOverflow) as e:
+        ledger.post("one-more", [Transfer(ISSUANCE, avail(CONSUMER), 1, Code.FAUCET, m.digest)])
+    assert isinstance(e.value, AmountError)
+    assert ledger.balance(avail(CONSUMER)) == 2**63 - 1
+    assert ledger.audit() == []
+
+
+def test_malformed_posts_are_refused(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError):
+        ledger.post("", [])
+    with pytest.raises(LedgerError):
+        ledger.post("op", [])
+    with pytest.raises(LedgerError):
+        ledger.post("op", [("a", "b", 1)])  # type: ignore[list-item]
+    with pytest.raises(UnknownAccount):
+        ledger.balance("wallet:nobody")
+    assert ledger.balance(avail(VERIFIER)) == 0
+
+
+def test_concurrent_writers_on_one_file_serialize(db: Path, s: Signer) -> None:
+    ledgers = [Ledger(f"sqlite:///{db}") for _ in range(2)]
+    msgs = [s.faucet(CONSUMER, 1) for _ in range(40)]
+    for m in msgs:
+        ledgers[0].record_message(m)
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(k, len(msgs), 2):
+                ledgers[k].post(f"op-{i}", [Transfer(ISSUANCE, avail(CONSUMER), 1, Code.FAUCET, msgs[i].digest)])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert ledgers[1].balance(avail(CONSUMER)) == 40
+    assert [t.id for t in ledgers[1].transfers()] == list(range(1, 41))
+    assert ledgers[1].audit() == []
+    for led in ledgers:
+        led.close()
+
+
+# -- reads and totals ----------------------------------------------------------------------
+
+
+def test_totals_and_reads_on_a_normal_history(ledger: Ledger, s: Signer) -> None:
+    normal_history(ledger, s)
+    assert ledger.totals() == {
+        "minted": 1605 * GPC,
+        "burned": 49 * GPC,
+        "slashed": 50 * GPC,
+        "refunded": 190 * GPC,
+        "supply": 1556 * GPC,
+        "treasury": 1 * GPC,
+    }
+    bal = ledger.balances()
+    assert sum(bal.values()) == 0
+    assert bal[avail(CONSUMER)] == 990 * GPC and bal[ESCROW] == 0
+    assert bal[bonded(WORKER)] == 450 * GPC and bal[avail(VERIFIER)] == 11 * GPC
+    assert ledger.balances(prefix=f"wallet:{WORKER.address}") == {
+        avail(WORKER): 104 * GPC,
+        bonded(WORKER): 450 * GPC,
+    }
+    assert ledger.balances(prefix="job:") == {ESCROW: 0}
+    esc = ledger.transfers(ESCROW)
+    assert [t.code for t in esc] == ["escrow", "burn", "treasury", "refund"]
+    assert [t.code for t in ledger.transfers(ESCROW, limit=2)] == ["treasury", "refund"]
+    assert ledger.transfers(limit=0) == []
+    assert ledger.operation("settle-1").memo == "interval 0-10"
+
+
+# -- audit ---------------------------------------------------------------------------------
+
+
+def test_audit_is_clean_on_a_normal_history(ledger: Ledger, s: Signer) -> None:
+    normal_history(ledger, s)
+    assert ledger.audit() == []
+    assert ledger.audit(hard_cap_ugpc=1556 * GPC) == []
+    problems = ledger.audit(hard_cap_ugpc=1000 * GPC)
+    assert len(problems) == 1 and "hard cap" in problems[0] and str(1556 * GPC) in problems[0]
+
+
+def test_audit_names_the_row_whose_amount_was_changed_with_plain_sql(ledger: Ledger, s: Signer, db: Path) -> None:
+    normal_history(ledger, s)
+    raw(db).execute("UPDATE transfer SET amount = amount + 1 WHERE id = 4")
+    problems = ledger.audit()
+    assert any(p.startswith("transfer #4 ") and "does not chain" in p for p in problems), problems
+    assert any("operation 'escrow-1'" in p for p in problems), problems
+    assert any(p.startswith(f"account {avail(CONSUMER)}: stored balance") for p in problems), problems
+    assert not any(p.startswith("transfer #5 ") for p in problems), problems
+
+
+def test_audit_notices_a_deleted_last_row(ledger: Ledger, s: Signer, db: Path) -> None:
+    normal_history(ledger, s)
+    raw(db).execute("DELETE FROM transfer WHERE id = 11")
+    problems = ledger.audit()
+    assert any(p.startswith("chain head: names transfer #11") for p in problems), problems
+    assert any(p.startswith("operation 'refund-1'") and "0 transfer rows" in p for p in problems), problems
+
+
+def test_audit_fails_on_a_negative_user_account(ledger: Ledger, s: Signer, db: Path) -> None:
+    normal_history(ledger, s)
+    digest = ledger.transfers(limit=1)[0].digest
+    # A row written behind the ledger's back that overdraws the verifier (the account table's
+    # CHECK keeps the stored balance from going negative, so only the transfers show it).
+    raw(db).execute(
+        "INSERT INTO transfer (id, op_id, seq, debit, credit, amount, code, digest, created_at, prev_hash, row_hash)"
+        f" VALUES (12, 'refund-1', 1, '{avail(VERIFIER)}', '{BURNED}', {100 * GPC}, 'burn', '{digest}', 0, '', '')"
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        raw(db).execute(f"UPDATE account SET balance = -1 WHERE name = '{avail(VERIFIER)}'")
+    problems = ledger.audit()
+    assert any(avail(VERIFIER) in p and "below zero" in p for p in problems), problems
+    assert any(p.startswith("transfer #12 ") and "does not chain" in p for p in problems), problems
+
+
+def test_audit_checks_signatures_and_what_authorizes_a_mint(ledger: Ledger, s: Signer, db: Path) -> None:
+    normal_history(ledger, s)
+    # a mint authorized by a Faucet message instead of a Settlement of a stored WorkReceipt
+    m = s.faucet(WORKER, 7)
+    order_digest = ledger.messages("JobOrder")[0].digest
+    not_a_receipt = s.settlement(order_digest, minted=7)
+    record(ledger, m, not_a_receipt)
+    ids = ledger.post("bad-mint", [Transfer(ISSUANCE, avail(WORKER), 7, Code.MINT_WORKER, m.digest),
+                                   Transfer(ISSUANCE, avail(WORKER), 7, Code.MINT_WORKER, not_a_receipt.digest)])
+    problems = ledger.audit()
+    assert any(p.startswith(f"transfer #{ids[0]} ") and "not a Settlement" in p for p in problems), problems
+    assert any(p.startswith(f"transfer #{ids[1]} ") and "no stored WorkReceipt" in p for p in problems), problems
+    assert len(problems) == 2
+    # a stored signature altered with plain SQL
+    row = ledger.messages("Faucet")[0]
+    sig = row.signature[:10] + ("0" if row.signature[10] != "0" else "1") + row.signature[11:]
+    raw(db).execute("UPDATE message SET signature = ? WHERE id = ?", (sig, row.id))
+    problems = ledger.audit()
+    assert any(p.startswith(f"message #{row.id} ") for p in problems), problems
