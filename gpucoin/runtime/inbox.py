@@ -12,12 +12,16 @@ MAX_EVENTS = 100_000
 class JobInbox:
     """Ray actor (created with ``num_cpus=0`` on the head node) that buffers a job's events.
 
-    Events are tuples: ``("progress", step, loss, lr)`` and
+    Events are tuples: ``("started", step)``, ``("progress", step, loss, lr)`` and
     ``("receipt", rank, receipt_json, sketches (K, B) float64, losses [K])``.
     """
 
     def __init__(self) -> None:
         self._events: collections.deque = collections.deque(maxlen=MAX_EVENTS)
+
+    def started(self, step: int) -> None:
+        """Rank 0 is about to run optimizer step ``step`` (0-based) for the first time in this run."""
+        self._events.append(("started", int(step)))
 
     def progress(self, step: int, loss: float, lr: float) -> None:
         """Rank 0 reports it finished optimizer step ``step`` (1-based) with this loss (nats/char)."""

@@ -40,7 +40,7 @@ def load_node_account():
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config`` keys: spec (JobSpec dict), job_id, ckpt_dir, start_step,
-    domain (dict for ``Domain``), inbox (actor handle), buckets, threads, previous (per-rank digest
+    domain (``Domain.as_dict()``), inbox (actor handle), buckets, threads, previous (per-rank digest
     of the last receipt, for resumes)."""
     import deepspeed
     import ray.train
@@ -60,7 +60,7 @@ def train_loop_per_worker(config: dict) -> None:
     spec = JobSpec.model_validate(config["spec"])
     ds, opt = spec.deepspeed, spec.deepspeed.optimizer
     inbox = config["inbox"]
-    domain = Domain(**config["domain"])
+    domain = Domain.from_dict(config["domain"])
     account = load_node_account()
 
     module = importlib.import_module(spec.module)
@@ -82,6 +82,8 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         engine.load_checkpoint(ckpt_dir, tag=tag_for(start))
     previous = config["previous"][rank]
+    if rank == 0:
+        inbox.started.remote(start)
 
     for s, e in spec.intervals():
         if s < start:

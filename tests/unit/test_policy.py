@@ -52,7 +52,7 @@ def test_default_policy_loads_with_the_documented_numbers() -> None:
     assert p.bonding.unbonding_epochs == 7
 
 
-def test_local_policy_differs_from_default_only_in_name_epoch_and_window() -> None:
+def test_local_policy_differs_from_default_only_in_name_epoch_window_and_rescaled_emission() -> None:
     d = load_policy(DEFAULT).model_dump()
     loc = load_policy(LOCAL).model_dump()
     assert loc["name"] == "local"
@@ -61,6 +61,12 @@ def test_local_policy_differs_from_default_only_in_name_epoch_and_window() -> No
     loc["name"] = "default"
     loc["tokenomics"]["epoch_length_s"] = d["tokenomics"]["epoch_length_s"]
     loc["verification"]["challenge_window_s"] = d["verification"]["challenge_window_s"]
+    epochs_per_default_epoch = d["tokenomics"]["epoch_length_s"] // 60
+    # same emission per second (to the µGPC) and the same halving time in days
+    assert loc["tokenomics"]["initial_emission_ugpc"] == d["tokenomics"]["initial_emission_ugpc"] // epochs_per_default_epoch
+    assert loc["tokenomics"]["emission_halving_epochs"] == d["tokenomics"]["emission_halving_epochs"] * epochs_per_default_epoch
+    for k in ("initial_emission_ugpc", "emission_halving_epochs"):
+        loc["tokenomics"][k] = d["tokenomics"][k]
     assert loc == d
 
 

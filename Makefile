@@ -1,0 +1,32 @@
+# Quick start: `make demo` (install + the main job) and `make test` (install + the test suite).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-fast install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: an open torch range would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: a character GPT on Shakespeare, 2 volunteer nodes, receipts, spot checks, ledger.
+demo: $(STAMP)
+	$(BIN)/gpucoin train jobs/shakespeare_char/job.yaml --summary-json out/demo-summary.json
+
+## The whole test suite (unit, integration with Ray and SQLite, the main job end to end, small).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+## Unit tests only (no Ray): seconds.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -1,0 +1,3 @@
+from gpucoin.cli.main import main
+
+main()

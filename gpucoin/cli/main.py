@@ -1,0 +1,192 @@
+"""The ``gpucoin`` command. Commands only parse, call the library and render."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from gpucoin.exceptions import AmountError, GpucoinError
+
+DEFAULT_HOME = Path(os.environ.get("GPUCOIN_HOME", Path.home() / ".gpucoin" / "local"))
+REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _gpc_option(value: str | None, flag: str) -> str | None:
+    if value is None:
+        return None
+    from gpucoin.money import parse_gpc
+
+    try:
+        parse_gpc(value)
+    except AmountError as e:
+        raise click.BadParameter(str(e), param_hint=flag) from None
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gpucoin")
+def cli() -> None:
+    """gpucoin: an open market for deep-learning training compute.
+
+    Volunteers bond GPC and lend their machines as Ray nodes; engineers submit DeepSpeed
+    training jobs with a bid; workers sign EIP-712 receipts; a sample of the work is replayed
+    and checked; receipts drive minting, burning and slashing in an SQL ledger.
+
+    Amounts on the command line are GPC with at most 6 decimals (1 GPC = 10^6 µGPC).
+    """
+
+
+@cli.command()
+@click.argument("job_spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--address", default=None, metavar="HEAD", help="Ray head of a running gpucoin cluster. Without it, an embedded local cluster is started on this host, with dev wallets funded by a dev faucet.")
+@click.option("--volunteers", default=2, show_default=True, type=click.IntRange(1, 16), help="Embedded mode: volunteer Ray nodes to start (each is one worker slot).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Data-parallel ranks; overrides `workers` in the spec.")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Optimizer steps; overrides `steps` in the spec.")
+@click.option("--interval", "interval", type=click.IntRange(1), default=None, help="Steps per checkpoint interval (one receipt per rank each); overrides `checkpoint_interval_steps`.")
+@click.option("--bid", default=None, metavar="GPC", help="Highest price you pay, GPC per worker-hour; overrides `bid_gpc_per_worker_hour`.")
+@click.option("--budget", default=None, metavar="GPC", help="Most the job may cost, GPC, escrowed up front (unused part refunded); overrides `budget_gpc`.")
+@click.option("--data", "data_source", default=None, metavar="SOURCE", help='Corpus: "pypi" or a .txt path; overrides `data.source`.')
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Incentive policy TOML (embedded default: policies/local.toml, short epochs).")
+@click.option("--stake", default="500", show_default=True, metavar="GPC", help="Embedded mode: stake each dev volunteer bonds.")
+@click.option("--ask", default="0.8", show_default=True, metavar="GPC", help="Embedded mode: each dev volunteer's ask, GPC per worker-hour.")
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOME, show_default=True, help="Embedded mode state: ledger, dev wallets, checkpoints (env GPUCOIN_HOME).")
+@click.option("--head-port", type=click.IntRange(1024, 65535), default=None, help="Embedded mode: GCS port of the local Ray head (default: a free port; 6379 is often Redis).")
+@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the summary as JSON to this file.")
+def train(job_spec, address, volunteers, workers, steps, interval, bid, budget, data_source, policy_path, stake, ask, home, head_port, summary_json):
+    """Train JOB_SPEC (a job YAML) on volunteer nodes, spot-check it and settle it in the ledger.
+
+    \b
+    With no --address: starts Ray on this host with --volunteers volunteer nodes and one
+    verifier node, funds dev wallets from a dev faucet, bonds the volunteers' stake, signs
+    your JobOrder and escrows the budget; then the market places the job, DeepSpeed trains
+    it, every rank signs a WorkReceipt per interval, drawn intervals are replayed on the
+    verifier, and the ledger burns, mints, slashes and refunds. A summary is printed.
+    Everything started is stopped at the end, also on Ctrl-C or an error.
+    """
+    from gpucoin.cli.render import RichUI, render_summary
+    from gpucoin.coordinator.job import LocalOptions, train_local
+    from gpucoin.money import parse_gpc
+    from gpucoin.policy.model import load_policy
+    from gpucoin.spec import load_spec
+
+    bid, budget = _gpc_option(bid, "--bid"), _gpc_option(budget, "--budget")
+    stake, ask = _gpc_option(stake, "--stake"), _gpc_option(ask, "--ask")
+    if address is not None:
+        _fail("joining a running cluster (--address) is not available yet; run without --address for the embedded local cluster", 2)
+    overrides = {"workers": workers, "steps": steps, "checkpoint_interval_steps": interval, "bid_gpc_per_worker_hour": bid, "budget_gpc": budget}
+    console = Console()
+    try:
+        loaded = load_spec(job_spec, overrides)
+        if data_source is not None:
+            spec = loaded.spec.model_copy(update={"data": loaded.spec.data.model_copy(update={"source": data_source})})
+            loaded = loaded.model_copy(update={"spec": spec})
+        policy = load_policy(policy_path or REPO_POLICIES / "local.toml")
+        opts = LocalOptions(policy=policy, home=home, volunteers=volunteers, stake_ugpc=parse_gpc(stake), ask_ugpc_per_worker_hour=parse_gpc(ask), head_port=head_port)
+        summary = train_local(loaded, opts, RichUI())
+    except GpucoinError as e:
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    except KeyboardInterrupt:
+        _fail("interrupted; the local cluster was stopped and unused escrow refunded", 130)
+    render_summary(console, summary)
+    if summary_json is not None:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["audit"] != "ok":
+        sys.exit(3)
+
+
+@cli.group()
+def ledger() -> None:
+    """Inspect and audit the ledger (default: the embedded mode's SQLite ledger)."""
+
+
+def _ledger_url(url: str | None, home: Path) -> str:
+    if url:
+        return url
+    db = home / "ledger.db"
+    if not db.exists():
+        _fail(f"no ledger at {db}; run `gpucoin train` first or pass --ledger-url")
+    return f"sqlite:///{db}"
+
+
+_url_opt = click.option("--ledger-url", default=None, help="SQLAlchemy URL of the ledger (default: sqlite under --home).")
+_home_opt = click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOME, show_default=True, help="Embedded mode state directory (env GPUCOIN_HOME).")
+
+
+@ledger.command()
+@_url_opt
+@_home_opt
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Policy whose hard cap the supply is checked against (default: policies/local.toml).")
+def audit(ledger_url, home, policy_path):
+    """Re-check the ledger from genesis: balances, sum zero, no negative user account,
+    supply = minted - burned <= hard cap, the hash chain, every signature and its signer,
+    every mint backed by a settled receipt. Exits non-zero naming each problem."""
+    from gpucoin.ledger import Ledger
+    from gpucoin.policy.model import load_policy
+
+    try:
+        cap = load_policy(policy_path or REPO_POLICIES / "local.toml").tokenomics.hard_cap_ugpc
+        with Ledger(_ledger_url(ledger_url, home)) as lg:
+            problems = lg.audit(hard_cap_ugpc=cap)
+            n = len(lg.transfers())
+    except GpucoinError as e:
+        _fail(str(e))
+    if problems:
+        for p in problems:
+            click.echo(f"problem: {p}", err=True)
+        _fail(f"audit failed: {len(problems)} problem(s)", 1)
+    click.echo(f"audit ok: {n} transfers re-checked from genesis")
+
+
+@ledger.command()
+@click.argument("account", required=False)
+@_url_opt
+@_home_opt
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000), help="Most recent transfers to list.")
+def show(account, ledger_url, home, limit):
+    """Balances (all accounts, or ACCOUNT) and the most recent transfers, in GPC."""
+    from rich.table import Table
+
+    from gpucoin.ledger import Ledger
+    from gpucoin.money import format_gpc
+
+    console = Console()
+    try:
+        with Ledger(_ledger_url(ledger_url, home)) as lg:
+            balances = {account: lg.balance(account)} if account else lg.balances()
+            rows = lg.transfers(account=account, limit=limit)
+            totals = lg.totals()
+    except GpucoinError as e:
+        _fail(str(e))
+    t = Table(title="balances (GPC)")
+    t.add_column("account")
+    t.add_column("balance", justify="right")
+    for a, b in sorted(balances.items()):
+        t.add_row(a, format_gpc(b))
+    console.print(t)
+    tr = Table(title=f"last {len(rows)} transfers")
+    for c in ("id", "code", "debit", "credit", "GPC"):
+        tr.add_column(c, justify="right" if c in ("id", "GPC") else "left")
+    for r in rows:
+        tr.add_row(str(r.id), r.code, r.debit, r.credit, format_gpc(r.amount))
+    console.print(tr)
+    console.print("supply {} GPC = minted {} - burned {}".format(format_gpc(totals["supply"]), format_gpc(totals["minted"]), format_gpc(totals["burned"])))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="gpucoin")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Every ledger write of the coordinator: sign the authorizing message, record it, post the transfers.
+
+Each write is one ledger operation with a client-chosen id derived from what it settles
+(``escrow:<job>``, ``settle:<receipt digest>``, ``mint:<epoch>``...), so a retry after a crash
+returns the original result instead of paying twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from gpucoin.exceptions import InsufficientFunds
+from gpucoin.ledger import Ledger
+from gpucoin.ledger.accounts import escrow_account, wallet_account
+from gpucoin.money import format_gpc
+from gpucoin.policy import settlement as plans
+from gpucoin.policy.model import Policy, policy_hash
+from gpucoin.policy.tokenomics import Reward, SettledInterval, distribute_emission, emission_ugpc, slash_amounts, split_payment
+from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign
+
+
+class NonceSource:
+    """Strictly increasing nonces per process (nanoseconds since the epoch, bumped on ties)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        """A nonce larger than every one handed out before by this source."""
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns())
+            return self._last
+
+
+@dataclass
+class Coordinator:
+    """The operator's settlement authority over one ledger.
+
+    Attributes:
+        ledger: where every message and transfer goes.
+        policy: the incentive policy in force.
+        account: the coordinator's key (signs Faucet and Settlement messages).
+        domain: the EIP-712 domain every message of this market is signed in.
+    """
+
+    ledger: Ledger
+    policy: Policy
+    account: object
+    domain: Domain
+    nonces: NonceSource = field(default_factory=NonceSource)
+
+    def __post_init__(self) -> None:
+        self.policy_hash = policy_hash(self.policy)
+
+    # -- messages -------------------------------------------------------------
+    def signed(self, account, primary_type: str, message: dict) -> SignedMessage:
+        """Sign ``message`` with ``account`` in this market's domain and record it in the ledger."""
+        msg = sign(account, primary_type, self.domain, message)
+        self.ledger.record_message(msg)
+        return msg
+
+    def record(self, msg: SignedMessage) -> SignedMessage:
+        """Record a message someone else signed (the ledger checks its signature)."""
+        self.ledger.record_message(msg)
+        return msg
+
+    def _settlement(self, job_id: str, subject: str, epoch: int = 0, **amounts: int) -> SignedMessage:
+        fields = {"paid": 0, "burned": 0, "treasury": 0, "minted": 0, "slashed": 0, "refunded": 0, **amounts}
+        return self.signed(
+            self.account,
+            "Settlement",
+            {"coordinator": self.account.address, "jobId": job_id, "subject": subject, "epoch": epoch, **fields, "policyHash": self.policy_hash, "nonce": self.nonces.next()},
+        )
+
+    # -- writes ---------------------------------------------------------------
+    def faucet(self, address: str, amount_ugpc: int, op_id: str) -> None:
+        """Dev faucet (embedded local mode only): mint ``amount_ugpc`` to ``address``; once per ``op_id``."""
+        if self.ledger.operation(op_id) is not None:
+            return
+        msg = self.signed(self.account, "Faucet", {"recipient": address, "amount": amount_ugpc, "nonce": self.nonces.next()})
+        self.ledger.post(op_id, plans.plan_faucet(address, amount_ugpc, msg.digest), memo="dev faucet")
+
+    def bond(self, registration: SignedMessage) -> None:
+        """Record a volunteer's signed NodeRegistration and bond its stake (available -> bonded)."""
+        self.record(registration)
+        m = registration.message
+        self.ledger.post(f"bond:{registration.digest}", plans.plan_bond(m["provider"], m["stake"], registration.digest), memo=f"bond {m['nodeId']}")
+
+    def escrow(self, order: SignedMessage) -> None:
+        """Record an engineer's signed JobOrder and escrow its budget.
+
+        Raises:
+            InsufficientFunds: if the consumer's available balance is below the budget (nothing changes).
+        """
+        m = order.message
+        have = self.ledger.balance(wallet_account(m["consumer"]))
+        if have < m["budget"]:
+            raise InsufficientFunds(f"budget {format_gpc(m['budget'])} GPC exceeds the {format_gpc(have)} GPC available in wallet {m['consumer']}")
+        self.record(order)
+        self.ledger.post(f"escrow:{m['jobId']}", plans.plan_escrow(m["jobId"], m["consumer"], m["budget"], order.digest), memo="escrow budget")
+
+    def settle_interval(self, job_id: str, receipts: list[SignedMessage], payment_ugpc: int, epoch: int) -> int:
+        """Charge a settled (passed or unchallenged) interval: burn and treasury shares of its payment.
+
+        ``payment_ugpc`` is capped at what is left in escrow. Returns what was charged, µGPC.
+        """
+        left = self.ledger.balance(escrow_account(job_id))
+        pay = min(payment_ugpc, left)
+        burn, treasury = split_payment(pay, self.policy.tokenomics)
+        subject = receipts[0].digest
+        msg = self._settlement(job_id, subject, epoch, paid=pay, burned=burn, treasury=treasury)
+        workers = [r.message["worker"] for r in receipts]
+        self.ledger.post(f"settle:{subject}", plans.plan_interval(job_id, pay, left, self.policy.tokenomics, msg.digest, workers), memo=f"settle steps {receipts[0].message['stepStart']}-{receipts[0].message['stepEnd']}")
+        return pay
+
+    def slash(self, job_id: str, cheater: str, verifier: str, receipt: SignedMessage) -> int:
+        """Slash ``fraud_slash_fraction`` of the cheater's bond; whistleblower share to the verifier. Returns µGPC slashed."""
+        bond = self.ledger.balance(wallet_account(cheater, "bonded"))
+        frac = bond * self.policy.slashing.fraud_slash_fraction_bps // 10_000
+        burned, whistle = slash_amounts(bond, self.policy.slashing)
+        msg = self._settlement(job_id, receipt.digest, slashed=burned + whistle)
+        self.ledger.post(f"slash:{receipt.digest}", plans.plan_slash(cheater, verifier, bond, self.policy.slashing, msg.digest), memo="slash")
+        assert burned + whistle <= bond and burned + whistle == frac, (burned, whistle, bond)
+        return burned + whistle
+
+    def mint_epoch(self, epoch: int, job_id: str, intervals: list[SettledInterval]) -> list[Reward]:
+        """Close ``epoch``: mint its emission pro rata to the payment of the intervals settled in it.
+
+        Emission comes from the schedule alone (never from what was burned in the epoch); an epoch
+        with no settled work mints nothing. Returns the rewards minted.
+        """
+        if not intervals or self.ledger.operation(f"mint:{epoch}") is not None:
+            return []
+        supply = self.ledger.totals()["supply"]
+        emission = emission_ugpc(epoch, self.policy.tokenomics, supply)
+        rewards = [r for r in distribute_emission(emission, intervals, self.policy.tokenomics) if r.amount_ugpc > 0]
+        digests = [self._settlement(job_id, r.receipt_digest, epoch, minted=r.amount_ugpc).digest for r in rewards]
+        if rewards:
+            self.ledger.post(f"mint:{epoch}", plans.plan_mint(rewards, digests), memo=f"epoch {epoch} emission")
+        return rewards
+
+    def refund(self, job_id: str, order: SignedMessage) -> int:
+        """Return what is left in the job's escrow to the consumer. Returns µGPC refunded."""
+        left = self.ledger.balance(escrow_account(job_id))
+        if left == 0:
+            return 0
+        msg = self._settlement(job_id, order.digest, refunded=left)
+        self.ledger.post(f"refund:{job_id}", plans.plan_refund(job_id, order.message["consumer"], left, msg.digest), memo="refund unused escrow")
+        return left
+
+
+__all__ = ["Coordinator", "NonceSource", "ZERO_BYTES32", "InsufficientFunds"]
