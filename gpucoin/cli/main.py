@@ -29,7 +29,7 @@ def _gpc_option(value: str | None, flag: str) -> str | None:
     try:
         parse_gpc(value)
     except AmountError as e:
-        raise click.BadParameter(str(e), param_hint=flag) from None
+        _fail(f"{flag}: {e}", 2)
     return value
 
 

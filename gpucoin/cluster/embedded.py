@@ -22,6 +22,7 @@ from gpucoin.exceptions import ClusterError
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
+NODE_START_ATTEMPTS = 3
 NODE_MARKER_PREFIX = "gpucoin_node_"
 """Custom resource each embedded node carries (``gpucoin_node_<name>: 1``) so its Ray node id can be found."""
 
@@ -150,8 +151,17 @@ class EmbeddedCluster:
         ray.init(address=self.address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
         # One node at a time: nodes started together on one host race in the shared session dir.
         for spec in self.node_specs[1:]:
-            self.nodes[spec.name] = self._launch(spec, head=False)
-            self._wait_for_nodes(deadline)
+            for attempt in range(1, NODE_START_ATTEMPTS + 1):
+                self.nodes[spec.name] = self._launch(spec, head=False)
+                try:
+                    self._wait_for_nodes(deadline)
+                    break
+                except ClusterError:
+                    # `ray start` gives a raylet a fixed 30 s to register; on a loaded host it may
+                    # miss that and exit. Start it again, a bounded number of times.
+                    if self.nodes[spec.name].process.poll() is None or attempt == NODE_START_ATTEMPTS:
+                        raise
+                    del self.nodes[spec.name]
 
     def _wait_for_nodes(self, deadline: float) -> None:
         import ray

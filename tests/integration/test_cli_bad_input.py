@@ -1,0 +1,88 @@
+"""Bad input to `gpucoin train`: a one-line error, a non-zero exit, and no ledger change.
+
+Each case is refused before any Ray node starts; the ledger already holds history from a
+previous (simulated) run, and it must be byte-for-byte the same afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpucoin.cluster.local import fund_engineer, participant
+from gpucoin.coordinator.settle import Coordinator
+from gpucoin.ledger import Ledger
+from gpucoin.policy.model import load_policy
+from gpucoin.wallet.messages import Domain
+
+REPO = Path(__file__).resolve().parents[2]
+JOB = REPO / "jobs" / "shakespeare_char" / "job.yaml"
+EXCERPT = REPO / "tests" / "data" / "shakespeare_excerpt.txt"
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A local home whose ledger already has the engineer's faucet grant."""
+    policy = load_policy(REPO / "policies" / "local.toml")
+    coordinator, engineer = participant("coordinator", tmp_path), participant("engineer", tmp_path)
+    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as lg:
+        fund_engineer(Coordinator(lg, policy, coordinator.account, Domain(policy.chain_id, coordinator.address)), engineer)
+    return tmp_path
+
+
+def _snapshot(home: Path):
+    with Ledger(f"sqlite:///{home / 'ledger.db'}") as lg:
+        return lg.balances(), [(t.id, t.row_hash) for t in lg.transfers()], [m.digest for m in lg.messages()]
+
+
+def _train(home: Path, *args: str, spec: Path = JOB):
+    return subprocess.run(
+        [sys.executable, "-m", "gpucoin", "train", str(spec), "--home", str(home), "--data", str(EXCERPT), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--workers", "3"], "cannot be placed on 2 local volunteers"),
+        (["--budget", "5000"], "exceeds the 1000.000000 GPC available"),
+        (["--bid", "-1"], "--bid"),
+        (["--bid", "0.5"], "ask above the bid"),
+        (["--budget", "1.0000001"], "7 decimals"),
+    ],
+)
+def test_refused_with_one_line_and_no_ledger_change(home, args, expect):
+    before = _snapshot(home)
+    p = _train(home, *args)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    assert _snapshot(home) == before
+
+
+def test_unknown_key_in_spec_is_refused(home):
+    bad = JOB.parent / ".test-unknown-key.yaml"
+    bad.write_text(JOB.read_text() + "learning_rate: 0.1\n")
+    try:
+        before = _snapshot(home)
+        p = _train(home, spec=bad)
+    finally:
+        bad.unlink()
+    assert p.returncode != 0
+    assert p.stderr.strip().count("\n") == 0 and "learning_rate: unknown key" in p.stderr
+    assert _snapshot(home) == before
+
+
+def test_help_explains_every_option():
+    top = subprocess.run([sys.executable, "-m", "gpucoin", "--help"], capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0 and "train" in top.stdout and "ledger" in top.stdout
+    tr = subprocess.run([sys.executable, "-m", "gpucoin", "train", "--help"], capture_output=True, text=True, timeout=60)
+    assert tr.returncode == 0
+    for flag in ("--address", "--volunteers", "--workers", "--steps", "--bid", "--budget", "--policy", "--summary-json", "--home"):
+        assert flag in tr.stdout
+    assert "overrides" in tr.stdout
