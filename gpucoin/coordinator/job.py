@@ -85,6 +85,7 @@ class LocalOptions:
         ask_ugpc_per_worker_hour: ask of each dev volunteer, µGPC per worker-hour.
         head_port: GCS port of the local head (None: a free one).
         seed_secret: sampling secret (None: fresh random bytes; tests may fix it).
+        node_env: extra environment per node name (``vol0``...), e.g. test fault injection.
     """
 
     policy: Policy
@@ -94,6 +95,7 @@ class LocalOptions:
     ask_ugpc_per_worker_hour: int = 800_000
     head_port: int | None = None
     seed_secret: bytes | None = None
+    node_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,7 +110,7 @@ class Interval:
     checked: bool = False
     pending: object = None
     verifier: str | None = None
-    outcome: str = "open"  # open -> pending -> passed | failed | unchecked
+    outcome: str = "open"  # open -> pending -> passed | failed | unchecked; void after a proven fraud
 
 
 def new_job_id(name: str) -> str:
@@ -232,7 +234,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
 
     spec, policy = loaded.spec, opts.policy
     ledger = coord.ledger
-    nodes = [NodeSpec(v.name, 1, v.node_env()) for v in volunteers] + [NodeSpec(verifier.name, 1, verifier.node_env())]
+    nodes = [NodeSpec(p.name, 1, {**p.node_env(), **opts.node_env.get(p.name, {})}) for p in [*volunteers, verifier]]
     ui.status(f"starting a local Ray cluster: head + {len(volunteers)} volunteers + 1 verifier")
     t_cluster = time.monotonic()
     with EmbeddedCluster(job_dir / "logs", nodes, head_port=opts.head_port, runtime_env={"py_modules": [str(loaded.module_dir)]}) as cluster:
@@ -274,8 +276,12 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
         last_minted = _last_minted_epoch(ledger)
         by_epoch: dict[int, list[SettledInterval]] = {}
         counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "rejected": 0}
+        distances: list[float] = []
         money = {"escrowed": spec.budget_ugpc, "paid": 0, "burned": 0, "treasury": 0, "minted": 0, "slashed": 0}
         clock = {"t": None, "step": 0, "t_step": None}
+        fraud: dict[str, object] = {"at": None, "reason": None}
+        sketch_dir = job_dir / "sketches"
+        sketch_dir.mkdir(parents=True, exist_ok=True)
         tokens_per_step = spec.global_batch_size * spec.model.block_size
         start_wall = time.monotonic()
         train_s = 0.0
@@ -325,6 +331,8 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             coord.record(receipt)
             counts["signed"] += 1
             iv.receipts[rank], iv.sketches[rank] = receipt, sk
+            # kept beside the checkpoints: the receipt commits to them, a verifier may ask for them later
+            np.save(sketch_dir / f"rank{rank}-step{iv.start:08d}.npy", sk)
             if len(iv.receipts) == spec.workers:
                 interval_done(iv)
 
@@ -332,6 +340,9 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             now = time.monotonic()
             iv.wall_ms = int((now - (clock["t"] or now)) * 1000)
             clock["t"] = now
+            if fraud["at"] is not None and iv.start > fraud["at"]:
+                iv.outcome = "void"  # trained with a proven cheater: not charged, not rewarded
+                return
             digests = [iv.receipts[r].digest for r in range(spec.workers)]
             p = max(check_probability(policy.verification, passed_by_node[w], w in failed_nodes) for w in rank_worker)
             if is_checked(secret, digests, p):
@@ -352,12 +363,16 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
 
         def on_replay(iv: Interval, result: dict) -> None:
             iv.verifier = result["verifier"]
+            if fraud["at"] is not None and iv.start > fraud["at"]:
+                iv.outcome = "void"
+                return
             reports = [SignedMessage.from_json(r) for r in result["reports"]]
             for rep in reports:
                 verify(rep, expected_signer=verifier.address, domain=coord.domain)
                 coord.record(rep)
             bad = [(rank, dist) for rank, ok, dist, _ in result["verdicts"] if not ok]
             worst = max(d for _, _, d, _ in result["verdicts"])
+            distances.append(worst)
             if not bad:
                 iv.outcome = "passed"
                 counts["passed"] += 1
@@ -373,6 +388,15 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
                     failed_nodes.add(cheater)
                     money["slashed"] += coord.slash(job_id, cheater, iv.verifier, iv.receipts[rank])
                     ui.note(f"steps {iv.start}-{iv.end}: rank {rank} FAILED replay (relative L2 {dist:.2e}); its bond was slashed")
+                fraud["at"] = iv.start if fraud["at"] is None else min(fraud["at"], iv.start)
+                fraud["reason"] = f"rank(s) {[r for r, _ in bad]} failed the replay of steps {iv.start}-{iv.end}"
+                # intervals after the fraud that are not settled yet earn nothing (SPEC.md, Money);
+                # ones already settled unchecked stay settled
+                for later in intervals.values():
+                    if later.start > iv.start and later.outcome in ("open", "pending"):
+                        later.outcome = "void"
+                inbox.stop.remote(fraud["reason"])
+                ui.note(f"stopping the job: {fraud['reason']}")
 
         deadline = time.monotonic() + MAX_RUN_S
         started = False
@@ -395,7 +419,10 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
                 elif ev[0] == "receipt":
                     on_receipt(ev[1], ev[2], ev[3])
             for iv in intervals.values():
-                if iv.pending is not None:
+                if iv.pending is not None and iv.outcome == "void":
+                    ray.cancel(iv.pending)
+                    iv.pending = None
+                elif iv.pending is not None:
                     ready, _ = ray.wait([iv.pending], timeout=0)
                     if ready:
                         ref, iv.pending = iv.pending, None
@@ -414,18 +441,22 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
         close_epochs(force=True)
 
     ui.status("evaluating the trained model")
-    val_loss, sample = _evaluate(loaded, module, corpus, ckpt_dir)
-    unsettled = [f"{iv.start}-{iv.end}" for iv in intervals.values() if iv.outcome in ("open", "pending")]
+    done = [iv.end for iv in intervals.values() if len(iv.receipts) == spec.workers]
+    last_step = max(done, default=0)
+    val_loss, sample = _evaluate(loaded, module, corpus, ckpt_dir, last_step)
+    unsettled = [f"{iv.start}-{iv.end}" for iv in intervals.values() if iv.outcome == "pending" or (iv.outcome == "open" and fraud["at"] is None)]
     return {
         "job_id": job_id,
         "val_loss": val_loss,
         "uniform_loss": math.log(corpus.vocab_size),
-        "steps": spec.steps,
+        "steps": last_step,
+        "stopped": fraud["reason"],
         "workers": spec.workers,
         "sample": sample,
         "receipts": {k: counts[k] for k in ("signed", "checked", "passed", "failed")},
         "intervals": [{"steps": [iv.start, iv.end], "outcome": iv.outcome, "wall_ms": iv.wall_ms} for iv in intervals.values()],
         "unsettled_intervals": unsettled,
+        "max_replay_distance": max(distances, default=None),
         "price_ugpc_per_worker_hour": placement.price_ugpc_per_worker_hour,
         "ledger": {k: money[k] for k in ("escrowed", "paid", "burned", "treasury", "minted", "slashed")},
         "timings_s": {"cluster_start": round(cluster_s, 1), "training": round(train_s, 1)},
@@ -441,7 +472,7 @@ def _last_minted_epoch(ledger: Ledger) -> int:
     return last
 
 
-def _evaluate(loaded: LoadedSpec, module, corpus, ckpt_dir: Path) -> tuple[float, str]:
+def _evaluate(loaded: LoadedSpec, module, corpus, ckpt_dir: Path, step: int) -> tuple[float, str]:
     """Validation loss (nats/char, mean over ``eval_batches``) and ~300 generated characters."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -449,8 +480,11 @@ def _evaluate(loaded: LoadedSpec, module, corpus, ckpt_dir: Path) -> tuple[float
     from gpucoin.runtime.data_order import eval_offsets, micro_batch
 
     spec = loaded.spec
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed prints per shard
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag_for(spec.steps))
+    if spec.deepspeed.zero_stage == 0:  # not a ZeRO checkpoint: the module's state dict is whole
+        state = torch.load(ckpt_dir / tag_for(step) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed prints per shard
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag_for(step))
     model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
     model.load_state_dict(state, strict=False)
     model.eval()

@@ -18,6 +18,15 @@ class JobInbox:
 
     def __init__(self) -> None:
         self._events: collections.deque = collections.deque(maxlen=MAX_EVENTS)
+        self._stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        """Ask the ranks to stop at their next interval boundary (e.g. after a proven fraud)."""
+        self._stop_reason = reason
+
+    def stop_reason(self) -> str | None:
+        """Why the ranks should stop, or None to go on."""
+        return self._stop_reason
 
     def started(self, step: int) -> None:
         """Rank 0 is about to run optimizer step ``step`` (0-based) for the first time in this run."""

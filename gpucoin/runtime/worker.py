@@ -20,6 +20,10 @@ KEYSTORE_ENV = "GPUCOIN_NODE_KEYSTORE"
 PASSWORD_ENV = "GPUCOIN_NODE_KEYSTORE_PASSWORD"
 """Environment variable with that keystore's password."""
 
+FAULT_SKIP_ENV = "GPUCOIN_TEST_FAULT_SKIP_SEQUENCES"
+"""Fault injection for tests: a node started with ``N`` here drops the last N sequences of every
+micro-batch it trains on (a volunteer that does less work than it is paid for)."""
+
 PROGRESS_EVERY_STEPS = 5
 
 
@@ -85,9 +89,15 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         inbox.started.remote(start)
 
+    skip = int(os.environ.get(FAULT_SKIP_ENV, "0") or 0)
     for s, e in spec.intervals():
         if s < start:
             continue
+        # every rank must agree, or a rank left alone would hang in the next collective
+        stop = torch.tensor([int(ray.get(inbox.stop_reason.remote()) is not None)], device=device)
+        torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        if stop.item():
+            break
         t0 = time.monotonic()
         sketches, losses, samples = [], [], 0
         for step in range(s, e):
@@ -98,6 +108,8 @@ def train_loop_per_worker(config: dict) -> None:
             for micro in range(ds.gradient_accumulation_steps):
                 offsets = window_offsets(spec.seed, step, rank, micro, ds.micro_batch_size, len(train), T)
                 x, y = micro_batch(train, offsets, T)  # (B, T), (B, T)
+                if skip:
+                    x, y = x[:-skip], y[:-skip]
                 _, loss = engine(x.to(device), y.to(device))
                 engine.backward(loss)  # divides by gradient_accumulation_steps, as replay does
                 engine.step()

@@ -26,6 +26,8 @@ class ConsolidatedState:
         exp_avg / exp_avg_sq: parameter name -> Adam first / second moment, shaped as the parameter.
         adam_step: optimizer steps taken so far (Adam's bias-correction count).
         global_steps: DeepSpeed's step counter at the checkpoint.
+        partitions: ZeRO 1/2: per rank, the (parameter name, numel) fragments of its partition in
+            partition order (what DeepSpeed's gradient clipping iterates); None for ZeRO 0.
     """
 
     weights: dict[str, torch.Tensor]
@@ -33,6 +35,7 @@ class ConsolidatedState:
     exp_avg_sq: dict[str, torch.Tensor]
     adam_step: int
     global_steps: int
+    partitions: list[list[tuple[str, int]]] | None = None
 
 
 def _load(path: str) -> dict:
@@ -41,8 +44,12 @@ def _load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_consolidated(tag_dir: str) -> ConsolidatedState:
+def load_consolidated(tag_dir: str, param_names: list[str]) -> ConsolidatedState:
     """Consolidate the checkpoint in ``tag_dir`` (one DeepSpeed tag) into full tensors.
+
+    Args:
+        param_names: the model's ``named_parameters()`` names in order (tied weights once); ZeRO 0
+            checkpoints index Adam's state by this order and record no names of their own.
 
     Raises:
         VerificationError: if files are missing or the fragments do not add up to the shapes.
@@ -53,8 +60,10 @@ def load_consolidated(tag_dir: str) -> ConsolidatedState:
     ms = _load(model_files[0])
     weights = {k: v.float().clone() for k, v in ms["module"].items()}
     shapes: dict[str, torch.Size] = {}
-    for group in ms["param_shapes"]:
+    for group in ms["param_shapes"] or []:
         shapes.update(group)
+    if not shapes:  # ZeRO 0 records no param_shapes
+        shapes = {n: weights[n].shape for n in param_names}
     optim_files = sorted(
         glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")),
         key=lambda p: int(os.path.basename(p).split("zero_pp_rank_")[1].split("_")[0]),
@@ -63,9 +72,11 @@ def load_consolidated(tag_dir: str) -> ConsolidatedState:
         return _from_unpartitioned(ms, weights, shapes)
     frags: dict[str, dict[str, list[torch.Tensor]]] = {name: {"exp_avg": [], "exp_avg_sq": []} for name in shapes}
     adam_step = None
+    partitions: list[list[tuple[str, int]]] = []
     for f in optim_files:
         osd = _load(f)["optimizer_state_dict"]
         base = osd["base_optimizer_state"]
+        partitions.append([(name, frag.numel) for mapping in osd["param_slice_mappings"] for name, frag in mapping.items()])
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             st = base["state"].get(g)
             for name, frag in mapping.items():
@@ -82,7 +93,7 @@ def load_consolidated(tag_dir: str) -> ConsolidatedState:
             if flat.numel() != shape.numel():
                 raise VerificationError(f"{tag_dir}: {name} {key} fragments hold {flat.numel()} numbers, shape {tuple(shape)} needs {shape.numel()}")
             out[name] = flat.view(shape).clone()
-    return ConsolidatedState(weights, exp_avg, exp_avg_sq, adam_step or 0, int(ms["global_steps"]))
+    return ConsolidatedState(weights, exp_avg, exp_avg_sq, adam_step or 0, int(ms["global_steps"]), partitions)
 
 
 def _from_unpartitioned(ms: dict, weights: dict, shapes: dict) -> ConsolidatedState:

@@ -2,7 +2,7 @@
 
 From the checkpoint at the interval's start: for each step, for each rank, run that rank's
 micro-batches (fixed by seed, step, rank), sketch the rank's local gradient, then average the
-ranks' gradients (the all-reduce), clip, and take torch's AdamW step, which is what DeepSpeed
+ranks' gradients (the all-reduce), clip exactly as DeepSpeed does, and take torch's AdamW step, which is what DeepSpeed
 ran with ``torch_adam: true`` (SPEC.md, Verification 4).
 """
 
@@ -18,6 +18,7 @@ from gpucoin.runtime.data_order import micro_batch, window_offsets
 from gpucoin.runtime.schedule import lr_at
 from gpucoin.runtime.sketch import CountSketch
 from gpucoin.spec import JobSpec
+from gpucoin.verify.clipping import clip_zero0_, clip_zero12_
 from gpucoin.verify.consolidate import load_consolidated
 
 
@@ -41,13 +42,12 @@ def replay_interval(spec: JobSpec, data_source: str, tag_dir: str, step_start: i
     module = importlib.import_module(spec.module)
     corpus = module.prepare_corpus(data_source, val_fraction=spec.data.val_fraction)
     train, T = corpus.train, spec.model.block_size
-    state = load_consolidated(tag_dir)
+    model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
+    named = dict(model.named_parameters())
+    state = load_consolidated(tag_dir, list(named))
     if state.global_steps != step_start:
         raise VerificationError(f"{tag_dir} is at step {state.global_steps}, the interval starts at {step_start}")
-
-    model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
     model.load_state_dict(state.weights)
-    named = dict(model.named_parameters())
     params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
     for name, p in named.items():
@@ -77,6 +77,9 @@ def replay_interval(spec: JobSpec, data_source: str, tag_dir: str, step_start: i
         for t, p in zip(total, params):
             p.grad = t.div_(W)  # the data-parallel all-reduce (mean)
         if opt.gradient_clipping > 0:
-            torch.nn.utils.clip_grad_norm_(params, opt.gradient_clipping)
+            if state.partitions is not None:
+                clip_zero12_({n: p.grad for n, p in named.items()}, state.partitions, opt.gradient_clipping)
+            else:
+                clip_zero0_([p.grad for p in params], opt.gradient_clipping, W)
         optimizer.step()
     return out
