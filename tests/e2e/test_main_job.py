@@ -68,6 +68,8 @@ def test_ledger_audit_ok_and_money_adds_up(run):
     # and the CLI agrees
     p = subprocess.run([sys.executable, "-m", "gpucoin", "ledger", "audit", "--home", str(home)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "audit ok" in p.stdout
+    show = subprocess.run([sys.executable, "-m", "gpucoin", "ledger", "show", "--home", str(home)], capture_output=True, text=True, timeout=120)
+    assert show.returncode == 0 and "supply" in show.stdout and "escrow" in show.stdout
 
 
 def test_receipt_signers_recover_from_stored_typed_data_alone(run):
