@@ -46,11 +46,13 @@ class NodeSpec:
         name: short name (``head``, ``vol0``, ``verifier0``), also its marker resource.
         num_cpus: logical CPUs Ray may schedule on it.
         env: extra environment for the node's processes (e.g. the volunteer's keystore path).
+        gpu: index of the host GPU this node owns (``CUDA_VISIBLE_DEVICES``), or None for none.
     """
 
     name: str
     num_cpus: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    gpu: int | None = None
 
 
 @dataclass
@@ -103,7 +105,7 @@ class EmbeddedCluster:
         return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
     def _launch(self, spec: NodeSpec, head: bool) -> RunningNode:
-        args = [self._ray_bin(), "start", "--block", "--disable-usage-stats", f"--num-cpus={spec.num_cpus}", "--num-gpus=0"]
+        args = [self._ray_bin(), "start", "--block", "--disable-usage-stats", f"--num-cpus={spec.num_cpus}", f"--num-gpus={0 if spec.gpu is None else 1}"]
         args += [
             f"--resources={json.dumps({NODE_MARKER_PREFIX + spec.name: 1})}",
             f"--node-manager-port={free_port()}",
@@ -122,6 +124,8 @@ class EmbeddedCluster:
         log_path = self.workdir / f"ray-{spec.name}.log"
         # Nothing is left to drain when we stop a node: skip Ray's 30 s graceful drain.
         env = {**os.environ, **spec.env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        # nodes share one host: each sees only its own GPU, or none
+        env["CUDA_VISIBLE_DEVICES"] = "" if spec.gpu is None else str(spec.gpu)
         log = log_path.open("wb")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()

@@ -234,7 +234,11 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
 
     spec, policy = loaded.spec, opts.policy
     ledger = coord.ledger
-    nodes = [NodeSpec(p.name, 1, {**p.node_env(), **opts.node_env.get(p.name, {})}) for p in [*volunteers, verifier]]
+    host_gpus = _host_gpu_count()
+    nodes = [
+        NodeSpec(p.name, 1, {**p.node_env(), **opts.node_env.get(p.name, {})}, gpu=i if i < host_gpus and p in volunteers else None)
+        for i, p in enumerate([*volunteers, verifier])
+    ]
     ui.status(f"starting a local Ray cluster: head + {len(volunteers)} volunteers + 1 verifier")
     t_cluster = time.monotonic()
     with EmbeddedCluster(job_dir / "logs", nodes, head_port=opts.head_port, runtime_env={"py_modules": [str(loaded.module_dir)]}) as cluster:
@@ -461,6 +465,16 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
         "ledger": {k: money[k] for k in ("escrowed", "paid", "burned", "treasury", "minted", "slashed")},
         "timings_s": {"cluster_start": round(cluster_s, 1), "training": round(train_s, 1)},
     }
+
+
+def _host_gpu_count() -> int:
+    """CUDA GPUs on this host (0 without CUDA); each local volunteer node gets one while they last."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA install means no GPU for us, not a failed job
+        return 0
 
 
 def _last_minted_epoch(ledger: Ledger) -> int:

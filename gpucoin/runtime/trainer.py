@@ -60,6 +60,8 @@ def launch(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import ray
+
     spec = loaded.spec
     if len(node_ids) != spec.workers:
         raise TrainingError(f"{len(node_ids)} nodes placed for a job of {spec.workers} workers")
@@ -76,13 +78,16 @@ def launch(
         "data_source": data_source,
         "previous": previous or [zero] * spec.workers,
     }
+    # GPUs only if every chosen node has one: then Ray Train sets up NCCL, otherwise gloo on CPU
+    gpus = {n["NodeID"]: n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")}
+    use_gpu = all(gpus.get(nid, 0) >= 1 for nid in node_ids)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=spec.workers,
-            use_gpu=False,
-            resources_per_worker={"CPU": 1},
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1},
             label_selector=[{"ray.io/node-id": nid} for nid in node_ids],
         ),
         run_config=RunConfig(
