@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -109,6 +108,8 @@ class JobSpec(_Closed):
             raise ValueError(f"checkpoint_interval_steps {self.checkpoint_interval_steps} exceeds steps {self.steps}")
         if self.bid_ugpc_per_worker_hour == 0:
             raise ValueError("bid_gpc_per_worker_hour must be > 0")
+        if self.budget_ugpc == 0:
+            raise ValueError("budget_gpc must be > 0")
         return self
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,31 @@ REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _terminate_as_interrupt() -> None:
+    """Make SIGTERM and SIGHUP stop a run the way Ctrl-C does (cluster stopped, escrow refunded)."""
+
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def _internal_error(e: BaseException, home: Path) -> str:
+    """Write the traceback under ``home`` and return a one-line message pointing to it."""
+    import traceback
+
+    path = home / "last-error.log"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(e)))
+        where = f" (traceback in {path})"
+    except OSError:
+        where = ""
+    text = str(e).strip().splitlines()
+    return f"internal error: {type(e).__name__}: {text[-1] if text else ''}{where}"
 
 
 def _gpc_option(value: str | None, flag: str) -> str | None:
@@ -84,7 +110,10 @@ def train(job_spec, address, volunteers, workers, steps, interval, bid, budget, 
     if address is not None:
         _fail("joining a running cluster (--address) is not available yet; run without --address for the embedded local cluster", 2)
     overrides = {"workers": workers, "steps": steps, "checkpoint_interval_steps": interval, "bid_gpc_per_worker_hour": bid, "budget_gpc": budget}
+    if data_source is not None and data_source != "pypi":
+        data_source = str(Path(data_source).resolve())  # a path on the command line is relative to here
     console = Console()
+    _terminate_as_interrupt()
     try:
         loaded = load_spec(job_spec, overrides)
         if data_source is not None:
@@ -97,6 +126,8 @@ def train(job_spec, address, volunteers, workers, steps, interval, bid, budget, 
         _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     except KeyboardInterrupt:
         _fail("interrupted; the local cluster was stopped and unused escrow refunded", 130)
+    except Exception as e:  # noqa: BLE001 - anything unforeseen: one line here, the traceback in a file
+        _fail(_internal_error(e, home))
     render_summary(console, summary)
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)

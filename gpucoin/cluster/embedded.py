@@ -7,6 +7,7 @@ cluster on the host (``ray stop`` would stop them all). Every node gets its own 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,19 @@ STOP_TIMEOUT_S = 30.0
 NODE_START_ATTEMPTS = 3
 NODE_MARKER_PREFIX = "gpucoin_node_"
 """Custom resource each embedded node carries (``gpucoin_node_<name>: 1``) so its Ray node id can be found."""
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """Ignore SIGINT inside the block (main thread only; elsewhere signals are not ours to set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def free_port() -> int:
@@ -193,7 +208,14 @@ class EmbeddedCluster:
         return self.nodes[name].node_id  # type: ignore[return-value]
 
     def stop(self) -> None:
-        """Disconnect and terminate every node this cluster started (non-head first); bounded wait, then kill."""
+        """Disconnect and terminate every node this cluster started (non-head first); bounded wait, then kill.
+
+        A second Ctrl-C while this runs is ignored, so the clean-up is not cut short.
+        """
+        with sigint_ignored():
+            self._stop()
+
+    def _stop(self) -> None:
         try:
             import ray
 

@@ -67,8 +67,6 @@ def register_volunteer(coord: Coordinator, vol: Participant, node_id: str, ask_u
     """
     bonded = coord.ledger.balance(wallet_account(vol.address, "bonded"))
     stake = max(0, stake_ugpc - bonded)
-    if stake:
-        coord.faucet(vol.address, stake, f"faucet:{vol.address}:{bonded}")
     reg = sign(
         vol.account,
         "NodeRegistration",
@@ -84,6 +82,8 @@ def register_volunteer(coord: Coordinator, vol: Participant, node_id: str, ask_u
         },
     )
     if stake:
+        # the dev faucet tops the volunteer up to its stake, once per registration
+        coord.faucet(vol.address, stake, f"faucet:{reg.digest}")
         coord.bond(reg)
     else:
         coord.record(reg)

@@ -96,6 +96,8 @@ class Coordinator:
             InsufficientFunds: if the consumer's available balance is below the budget (nothing changes).
         """
         m = order.message
+        if m["budget"] <= 0:
+            raise InsufficientFunds("a job needs a budget above 0 GPC")
         have = self.ledger.balance(wallet_account(m["consumer"]))
         if have < m["budget"]:
             raise InsufficientFunds(f"budget {format_gpc(m['budget'])} GPC exceeds the {format_gpc(have)} GPC available in wallet {m['consumer']}")
@@ -105,10 +107,13 @@ class Coordinator:
     def settle_interval(self, job_id: str, receipts: list[SignedMessage], payment_ugpc: int, epoch: int) -> int:
         """Charge a settled (passed or unchallenged) interval: burn and treasury shares of its payment.
 
-        ``payment_ugpc`` is capped at what is left in escrow. Returns what was charged, µGPC.
+        ``payment_ugpc`` is capped at what is left in escrow; nothing is written when that is 0.
+        Returns what was charged, µGPC.
         """
         left = self.ledger.balance(escrow_account(job_id))
         pay = min(payment_ugpc, left)
+        if pay == 0:
+            return 0
         burn, treasury = split_payment(pay, self.policy.tokenomics)
         subject = receipts[0].digest
         msg = self._settlement(job_id, subject, epoch, paid=pay, burned=burn, treasury=treasury)
@@ -116,14 +121,19 @@ class Coordinator:
         self.ledger.post(f"settle:{subject}", plans.plan_interval(job_id, pay, left, self.policy.tokenomics, msg.digest, workers), memo=f"settle steps {receipts[0].message['stepStart']}-{receipts[0].message['stepEnd']}")
         return pay
 
-    def slash(self, job_id: str, cheater: str, verifier: str, receipt: SignedMessage) -> int:
-        """Slash ``fraud_slash_fraction`` of the cheater's bond; whistleblower share to the verifier. Returns µGPC slashed."""
+    def slash(self, job_id: str, cheater: str, verifier: str, report: SignedMessage) -> int:
+        """Slash ``fraud_slash_fraction`` of the cheater's bond, the whistleblower share to the verifier.
+
+        The transfers name the failing VerificationReport (``report``, already recorded) as what
+        authorized them; a Settlement attests the amount. Returns µGPC slashed (<= the bond).
+        """
         bond = self.ledger.balance(wallet_account(cheater, "bonded"))
-        frac = bond * self.policy.slashing.fraud_slash_fraction_bps // 10_000
         burned, whistle = slash_amounts(bond, self.policy.slashing)
-        msg = self._settlement(job_id, receipt.digest, slashed=burned + whistle)
-        self.ledger.post(f"slash:{receipt.digest}", plans.plan_slash(cheater, verifier, bond, self.policy.slashing, msg.digest), memo="slash")
-        assert burned + whistle <= bond and burned + whistle == frac, (burned, whistle, bond)
+        if burned + whistle == 0:
+            return 0
+        assert burned + whistle <= bond, (burned, whistle, bond)
+        self._settlement(job_id, report.message["receiptDigest"], slashed=burned + whistle)
+        self.ledger.post(f"slash:{report.digest}", plans.plan_slash(cheater, verifier, bond, self.policy.slashing, report.digest), memo="slash")
         return burned + whistle
 
     def mint_epoch(self, epoch: int, job_id: str, intervals: list[SettledInterval]) -> list[Reward]:

@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
     from gpucoin.wallet.messages import Domain, sign
 
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.set_num_threads(config.get("threads", 1))
     spec = JobSpec.model_validate(config["spec"])
     ds, opt = spec.deepspeed, spec.deepspeed.optimizer

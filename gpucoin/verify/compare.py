@@ -71,7 +71,7 @@ def compare_interval(step_start: int, committed: np.ndarray, replayed: np.ndarra
         raise ValueError(f"expected two (R, K, B) arrays of one shape, got {committed.shape} and {replayed.shape}")
     R, K, _ = committed.shape
     dist = np.array([[rel_l2(committed[r, k], replayed[r, k]) for k in range(K)] for r in range(R)])  # (R, K)
-    bad = dist > tolerance
+    bad = ~(dist <= tolerance)  # NaN is a mismatch, never a pass
     first_k = int(np.argmax(bad.any(axis=0))) if bad.any() else None
     verdicts = []
     for r in range(R):

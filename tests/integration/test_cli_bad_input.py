@@ -65,16 +65,21 @@ def test_refused_with_one_line_and_no_ledger_change(home, args, expect):
     assert _snapshot(home) == before
 
 
-def test_unknown_key_in_spec_is_refused(home):
-    bad = JOB.parent / ".test-unknown-key.yaml"
-    bad.write_text(JOB.read_text() + "learning_rate: 0.1\n")
-    try:
-        before = _snapshot(home)
-        p = _train(home, spec=bad)
-    finally:
-        bad.unlink()
+def test_unknown_key_in_spec_is_refused(home, tmp_path):
+    from conftest import write_spec
+
+    bad = write_spec(tmp_path / "job", extra="learning_rate: 0.1\n")
+    before = _snapshot(home)
+    p = _train(home, spec=bad)
     assert p.returncode != 0
     assert p.stderr.strip().count("\n") == 0 and "learning_rate: unknown key" in p.stderr
+    assert _snapshot(home) == before
+
+
+def test_zero_budget_is_refused_before_any_write(home):
+    before = _snapshot(home)
+    p = _train(home, "--budget", "0")
+    assert p.returncode != 0 and "budget_gpc must be > 0" in p.stderr
     assert _snapshot(home) == before
 
 
@@ -86,3 +91,18 @@ def test_help_explains_every_option():
     for flag in ("--address", "--volunteers", "--workers", "--steps", "--bid", "--budget", "--policy", "--summary-json", "--home"):
         assert flag in tr.stdout
     assert "overrides" in tr.stdout
+
+
+def test_every_option_has_a_real_help_text():
+    from gpucoin.cli.main import cli
+
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    for path, cmd in walk(cli, "gpucoin"):
+        assert cmd.help and len(cmd.help) > 20, path
+        for p in cmd.params:
+            if p.param_type_name == "option" and p.name not in ("help", "version"):
+                assert p.help and len(p.help.split()) >= 4, f"{path} {p.opts}"

@@ -19,27 +19,22 @@ from gpucoin.runtime.worker import FAULT_SKIP_ENV
 from gpucoin.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
-JOB = REPO / "jobs" / "shakespeare_char" / "job.yaml"
-EXCERPT = str(REPO / "tests" / "data" / "shakespeare_excerpt.txt")
 POLICY = load_policy(REPO / "policies" / "local.toml")
 STAKE = 500_000_000
 
 pytestmark = pytest.mark.ray
 
 
-def _spec(zero_stage: int = 2):
-    text = JOB.read_text().replace("zero_stage: 2", f"zero_stage: {zero_stage}").replace("source: pypi", f"source: {EXCERPT}")
-    path = JOB.parent / f".test-zero{zero_stage}.yaml"
-    path.write_text(text)
-    try:
-        return load_spec(path, {"steps": 8, "checkpoint_interval_steps": 4})
-    finally:
-        path.unlink()
+def _spec(directory: Path, zero_stage: int = 2):
+    from conftest import TINY_MODEL, write_spec
+
+    path = write_spec(directory, {**TINY_MODEL, "zero_stage: 2": f"zero_stage: {zero_stage}"})
+    return load_spec(path, {"steps": 8, "checkpoint_interval_steps": 4})
 
 
 def test_cheating_volunteer_is_caught_slashed_and_the_job_stopped(tmp_path):
     opts = LocalOptions(policy=POLICY, home=tmp_path, stake_ugpc=STAKE, node_env={"vol1": {FAULT_SKIP_ENV: "1"}})
-    s = train_local(_spec(), opts)
+    s = train_local(_spec(tmp_path / "job"), opts)
     cheater, honest, verifier = (participant(n, tmp_path).address for n in ("vol1", "vol0", "verifier0"))
 
     assert s["receipts"]["failed"] == 1 and s["receipts"]["passed"] == 0
@@ -64,7 +59,7 @@ def test_cheating_volunteer_is_caught_slashed_and_the_job_stopped(tmp_path):
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_honest_replay_is_exact_under_zero_stage(tmp_path, zero_stage):
-    s = train_local(_spec(zero_stage), LocalOptions(policy=POLICY, home=tmp_path))
+    s = train_local(_spec(tmp_path / "job", zero_stage), LocalOptions(policy=POLICY, home=tmp_path))
     assert s["receipts"]["checked"] >= 1 and s["receipts"]["failed"] == 0
     assert s["receipts"]["passed"] == s["receipts"]["checked"]
     assert s["max_replay_distance"] == 0.0

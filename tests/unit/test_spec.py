@@ -16,25 +16,15 @@ REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "jobs" / "shakespeare_char" / "job.yaml"
 
 
-def _spec_with(tmp_path: Path, old: str, new: str) -> Path:
-    text = JOB.read_text()
-    assert old in text
-    p = JOB.parent / f".test-{tmp_path.name}.yaml"  # beside the package, like a real spec
-    p.write_text(text.replace(old, new))
-    return p
-
-
 @pytest.fixture
 def edited(tmp_path):
-    made = []
+    """Write the main spec with one text edit into a private copy of the job package."""
+    from conftest import write_spec
 
     def make(old, new):
-        made.append(_spec_with(tmp_path, old, new))
-        return made[-1]
+        return write_spec(tmp_path, {old: new}, excerpt=False)
 
-    yield make
-    for p in made:
-        p.unlink(missing_ok=True)
+    return make
 
 
 def test_main_job_spec_loads():

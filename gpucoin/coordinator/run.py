@@ -1,0 +1,330 @@
+"""The coordinator's event loop for one running job: receipts in, draws, replays, verdicts, settlement.
+
+``JobRun.run`` polls the job's inbox until training ends and every drawn replay is back. Each
+interval moves through
+
+    open -> (all ranks' receipts admitted) -> pending (drawn for replay) -> passed | failed
+                                           -> held (not drawn; challengeable) -> unchecked (settled)
+    and, off the main path: disputed (ranks named different checkpoints), unverifiable (replay
+    could not run), void (after a proven fraud, or once the budget is spent)
+
+Only passed and unchecked intervals are charged to the escrow and earn emission.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gpucoin.coordinator.receipts import ReceiptRejected, check_receipt
+from gpucoin.coordinator.settle import Coordinator
+from gpucoin.exceptions import SignatureError, TrainingError
+from gpucoin.ledger.accounts import escrow_account
+from gpucoin.money import format_gpc
+from gpucoin.policy.tokenomics import SettledInterval, check_probability, epoch_of, interval_payment_ugpc, split_payment
+from gpucoin.spec import JobSpec
+from gpucoin.verify.sampling import is_checked
+from gpucoin.wallet.messages import SignedMessage, verify
+
+POLL_INTERVAL_S = 0.5
+MAX_RUN_S = 6 * 3600
+"""Upper bound on one run's wall time; past it the run is stopped as failed."""
+MAX_EVENTS_PER_POLL = 1000
+
+
+@dataclass
+class Interval:
+    """The coordinator's view of one checkpoint interval [start, end)."""
+
+    start: int
+    end: int
+    receipts: dict[int, SignedMessage] = field(default_factory=dict)
+    sketches: dict[int, np.ndarray] = field(default_factory=dict)
+    wall_ms: int = 0
+    pending: object = None  # ObjectRef of the replay while it runs
+    settle_at: float | None = None  # monotonic time when a held interval's challenge window ends
+    outcome: str = "open"
+
+
+@dataclass
+class JobRun:
+    """State and handlers of one running job on the coordinator.
+
+    Attributes:
+        spec: the job; coord: money and messages; inbox: the job's inbox actor;
+        rank_worker: provider address per rank (the market's placement);
+        price_ugpc_per_worker_hour: the clearing price; verifier_address: the verifier node's key;
+        replay: a Ray remote function bound to the verifier node (``verify.verifier.check_interval``);
+        ckpt_dir / sketch_dir: where checkpoints and committed sketches are; data_source: the corpus;
+        ui: progress reporting; secret: the sampling secret (drawn fresh if None).
+    """
+
+    spec: JobSpec
+    job_id: str
+    coord: Coordinator
+    inbox: object
+    rank_worker: list[str]
+    price_ugpc_per_worker_hour: int
+    verifier_address: str
+    replay: object
+    ckpt_dir: Path
+    sketch_dir: Path
+    data_source: str
+    ui: object
+    secret: bytes | None = None
+
+    def __post_init__(self) -> None:
+        self.secret = self.secret or secrets.token_bytes(32)
+        self.policy = self.coord.policy
+        self.ledger = self.coord.ledger
+        self.intervals = {s: Interval(s, e) for s, e in self.spec.intervals()}
+        self.passed_by_node = {w: 0 for w in self.rank_worker}
+        self.failed_nodes: set[str] = set()
+        self.genesis_s = self.ledger.messages()[0].recorded_at / 1e6
+        self.last_minted = _last_minted_epoch(self.ledger)
+        self.by_epoch: dict[int, list[SettledInterval]] = {}
+        self.counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "rejected": 0}
+        self.money = {"escrowed": self.spec.budget_ugpc, "paid": 0, "burned": 0, "treasury": 0, "minted": 0, "slashed": 0}
+        self.distances: list[float] = []
+        self.stopped: str | None = None
+        self.fraud_at: int | None = None
+        self.t_interval: float | None = None
+        self.t_step: float | None = None
+        self.last_progress_step = 0
+        self.sketch_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- the loop -------------------------------------------------------------
+    def run(self, training) -> None:
+        """Handle events until ``training`` (a ``TrainingRun``) ends and no replay is outstanding."""
+        import ray
+
+        deadline = time.monotonic() + MAX_RUN_S
+        while True:
+            if time.monotonic() > deadline:
+                raise TrainingError(f"job {self.job_id} did not finish within {MAX_RUN_S} s")
+            for ev in ray.get(self.inbox.poll.remote(MAX_EVENTS_PER_POLL)):
+                self.on_event(ev)
+            self.collect_replays(block=False)
+            self.settle_held(force=False)
+            self.close_epochs(force=False)
+            if not training.alive() and not self.outstanding():
+                break
+            time.sleep(POLL_INTERVAL_S)
+        training.join()
+        for ev in ray.get(self.inbox.poll.remote(MAX_EVENTS_PER_POLL)):
+            self.on_event(ev)
+
+    def finish(self) -> None:
+        """After training: settle what is still held (the local run ends its challenge window) and close epochs."""
+        self.settle_held(force=True)
+        self.close_epochs(force=True)
+
+    def outstanding(self) -> bool:
+        """True while a replay is running."""
+        return any(iv.pending is not None for iv in self.intervals.values())
+
+    def stop(self, reason: str) -> None:
+        """Ask the ranks to stop at their next interval boundary; later intervals are void."""
+        if self.stopped is None:
+            self.stopped = reason
+            self.inbox.stop.remote(reason)
+            self.ui.note(f"stopping the job: {reason}")
+
+    def on_event(self, ev: tuple) -> None:
+        """Dispatch one inbox event (see ``runtime.inbox.JobInbox``)."""
+        kind = ev[0]
+        if kind == "started":
+            self.t_interval = self.t_step = time.monotonic()
+            self.ui.training_started(self.spec.steps, ev[1])
+        elif kind == "progress":
+            _, step, loss, _lr = ev
+            now = time.monotonic()
+            dt = now - (self.t_step or now)
+            tokens = self.spec.global_batch_size * self.spec.model.block_size * (step - self.last_progress_step)
+            self.last_progress_step, self.t_step = step, now
+            self.ui.step(step, loss, tokens / dt if dt > 0 else 0.0)
+        elif kind == "receipt":
+            self.on_receipt(ev[1], ev[2], ev[3])
+
+    # -- receipts -------------------------------------------------------------
+    def on_receipt(self, rank: int, receipt_json: str, sketches) -> None:
+        """Admit a rank's receipt (``receipts.check_receipt``), record it, and close the interval when complete."""
+        try:
+            receipt = SignedMessage.from_json(receipt_json)
+            iv = self.intervals.get(receipt.message["stepStart"])
+            if iv is None or not 0 <= rank < self.spec.workers:
+                raise ReceiptRejected(f"rank {rank}: no interval starts at step {receipt.message['stepStart']}")
+            prev = self.intervals.get(iv.start - self.spec.checkpoint_interval_steps) if iv.start else None
+            check_receipt(
+                receipt, sketches, job_id=self.job_id, rank=rank, worker=self.rank_worker[rank], step_start=iv.start,
+                step_end=iv.end, buckets=self.policy.verification.sketch_buckets,
+                previous_digest=prev.receipts[rank].digest if prev and rank in prev.receipts else None,
+                already_have=rank in iv.receipts or iv.outcome != "open", domain=self.coord.domain,
+            )
+        except (SignatureError, ValueError, KeyError, TypeError) as e:
+            self.counts["rejected"] += 1
+            self.ui.note(f"receipt from rank {rank} rejected: {e}")
+            return
+        self.coord.record(receipt)
+        self.counts["signed"] += 1
+        iv.receipts[rank], iv.sketches[rank] = receipt, sketches
+        # kept beside the checkpoints: the receipt commits to them, a verifier may ask for them later
+        np.save(self.sketch_dir / f"rank{rank}-step{iv.start:08d}.npy", sketches)
+        if len(iv.receipts) == self.spec.workers:
+            self.interval_complete(iv)
+
+    def interval_complete(self, iv: Interval) -> None:
+        """Meter the interval on the coordinator's clock, then draw: replay it, or hold it for the window."""
+        now = time.monotonic()
+        iv.wall_ms = int((now - (self.t_interval or now)) * 1000)
+        self.t_interval = now
+        if self.stopped is not None:
+            iv.outcome = "void"  # trained after a proven fraud or with the budget spent
+            return
+        hashes = {iv.receipts[r].message["checkpointHash"] for r in range(self.spec.workers)}
+        if len(hashes) != 1:
+            iv.outcome = "disputed"
+            self.ui.note(f"steps {iv.start}-{iv.end}: ranks named {len(hashes)} different checkpoints; not settled")
+            return
+        digests = [iv.receipts[r].digest for r in range(self.spec.workers)]
+        p = max(check_probability(self.policy.verification, self.passed_by_node[w], w in self.failed_nodes) for w in self.rank_worker)
+        if is_checked(self.secret, digests, p):
+            iv.outcome = "pending"
+            self.counts["checked"] += 1
+            prev = self.intervals.get(iv.start - self.spec.checkpoint_interval_steps) if iv.start else None
+            start_hash = prev.receipts[0].message["checkpointHash"] if prev else None
+            committed = np.stack([iv.sketches[r] for r in range(self.spec.workers)])  # (W, K, B)
+            iv.pending = self.replay.remote(
+                self.spec.model_dump(mode="json"), self.data_source, str(self.ckpt_dir), iv.start, iv.end,
+                self.policy.verification.sketch_buckets, committed, digests, start_hash,
+                self.policy.verification.tolerance_rel_l2, self.coord.domain.as_dict(),
+            )
+            self.ui.note(f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; drawn for replay (p={p:.2f})")
+        else:
+            iv.outcome = "held"
+            iv.settle_at = now + self.policy.verification.challenge_window_s
+            self.ui.note(f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; not drawn (p={p:.2f})")
+            self.settle_held(force=False)
+
+    # -- replays --------------------------------------------------------------
+    def collect_replays(self, block: bool) -> None:
+        """Take in every finished replay (or, with ``block``, wait for all)."""
+        import ray
+
+        for iv in self.intervals.values():
+            if iv.pending is None:
+                continue
+            if iv.outcome == "void":
+                ray.cancel(iv.pending)
+                iv.pending = None
+                continue
+            ready, _ = ray.wait([iv.pending], timeout=None if block else 0)
+            if not ready:
+                continue
+            ref, iv.pending = iv.pending, None
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a replay that could not run is a fact to settle, not a crash
+                iv.outcome = "unverifiable"
+                self.ui.note(f"steps {iv.start}-{iv.end}: replay could not run ({_last_line(e)}); not settled")
+                continue
+            self.on_verdict(iv, result)
+
+    def on_verdict(self, iv: Interval, result: dict) -> None:
+        """Judge by the verifier's signed reports: settle a pass; slash the failing ranks and stop on a fail."""
+        if iv.outcome == "void":
+            return
+        reports = []
+        for rank, rep_json in enumerate(result["reports"]):
+            rep = SignedMessage.from_json(rep_json)
+            verify(rep, expected_signer=self.verifier_address, domain=self.coord.domain)
+            if rep.message["receiptDigest"] != iv.receipts[rank].digest:
+                raise SignatureError(f"verification report for rank {rank} names receipt {rep.message['receiptDigest']}")
+            self.coord.record(rep)
+            reports.append(rep)
+        worst = max(r.message["distanceE9"] for r in reports) / 1e9
+        self.distances.append(worst)
+        failing = [(rank, rep) for rank, rep in enumerate(reports) if rep.message["verdict"] != "pass"]
+        if not failing:
+            iv.outcome = "passed"
+            self.counts["passed"] += 1
+            for w in self.rank_worker:
+                self.passed_by_node[w] += 1
+            self.settle(iv, self.verifier_address)
+            self.ui.note(f"steps {iv.start}-{iv.end}: replay passed (max relative L2 {worst:.1e}), settled")
+            return
+        iv.outcome = "failed"
+        self.counts["failed"] += 1
+        for rank, rep in failing:
+            cheater = self.rank_worker[rank]
+            self.failed_nodes.add(cheater)
+            self.money["slashed"] += self.coord.slash(self.job_id, cheater, self.verifier_address, rep)
+            self.ui.note(f"steps {iv.start}-{iv.end}: rank {rank} FAILED replay (relative L2 {rep.message['distanceE9'] / 1e9:.2e}); its bond was slashed")
+        self.fraud_at = iv.start if self.fraud_at is None else min(self.fraud_at, iv.start)
+        # intervals after the fraud that are not settled yet earn nothing (SPEC.md, Money)
+        for later in self.intervals.values():
+            if later.start > iv.start and later.outcome in ("open", "pending", "held"):
+                later.outcome = "void"
+        self.stop(f"rank(s) {[r for r, _ in failing]} failed the replay of steps {iv.start}-{iv.end}")
+
+    # -- money ----------------------------------------------------------------
+    def settle_held(self, force: bool) -> None:
+        """Settle held (unchecked) intervals whose challenge window is over (all of them with ``force``)."""
+        now = time.monotonic()
+        for iv in sorted(self.intervals.values(), key=lambda i: i.start):
+            if iv.outcome == "held" and (force or (iv.settle_at is not None and now >= iv.settle_at)):
+                iv.outcome = "unchecked"
+                self.settle(iv, None)
+                self.ui.note(f"steps {iv.start}-{iv.end}: unchallenged, settled")
+
+    def settle(self, iv: Interval, verifier: str | None) -> None:
+        """Charge the interval (burn + treasury) and queue its emission share for the epoch."""
+        left = self.ledger.balance(escrow_account(self.job_id))
+        pay = interval_payment_ugpc(self.price_ugpc_per_worker_hour, self.spec.workers, iv.wall_ms)
+        if pay > left:
+            self.stop(f"the budget is spent ({format_gpc(self.spec.budget_ugpc)} GPC); raise --budget to train longer")
+        epoch = max(epoch_of(time.time(), self.genesis_s, self.policy.tokenomics), self.last_minted + 1)
+        ordered = [iv.receipts[r] for r in range(self.spec.workers)]
+        charged = self.coord.settle_interval(self.job_id, ordered, pay, epoch)
+        self.money["paid"] += charged
+        burn, treasury = split_payment(charged, self.policy.tokenomics)
+        if self.policy.tokenomics.mode == "burn_and_mint":
+            self.money["burned"] += burn
+        self.money["treasury"] += treasury
+        if charged:
+            self.by_epoch.setdefault(epoch, []).append(SettledInterval(tuple(r.digest for r in ordered), tuple(self.rank_worker), verifier, charged))
+
+    def close_epochs(self, force: bool) -> None:
+        """Mint the emission of every epoch that has ended (with ``force``, also the current one)."""
+        now_epoch = epoch_of(time.time(), self.genesis_s, self.policy.tokenomics)
+        for ep in sorted(self.by_epoch):
+            if ep < now_epoch or force:
+                rewards = self.coord.mint_epoch(ep, self.job_id, self.by_epoch.pop(ep))
+                minted = sum(r.amount_ugpc for r in rewards)
+                self.money["minted"] += minted
+                self.last_minted = max(self.last_minted, ep)
+                if rewards:
+                    self.ui.note(f"epoch {ep} closed: minted {format_gpc(minted)} GPC to {len({r.address for r in rewards})} accounts")
+
+    def last_complete_step(self) -> int:
+        """The end of the last interval every rank delivered (the newest checkpoint all ranks saved)."""
+        return max((iv.end for iv in self.intervals.values() if len(iv.receipts) == self.spec.workers), default=0)
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _last_minted_epoch(ledger) -> int:
+    last = -1
+    for row in ledger.messages("Settlement"):
+        msg = json.loads(row.typed_data)["message"]
+        if int(msg["minted"]) > 0:
+            last = max(last, int(msg["epoch"]))
+    return last
