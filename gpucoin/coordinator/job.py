@@ -133,7 +133,15 @@ def open_ledger(opts: LocalOptions) -> Ledger:
 
 
 def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) -> dict:
-    """Run ``loaded`` on an embedded local cluster and return the summary (see ``Summary keys`` in README).
+    """Run ``loaded`` on an embedded local cluster and return the summary.
+
+    The summary (also what ``--summary-json`` writes) has: job_id, val_loss and uniform_loss
+    (nats/char), steps (the last step all ranks delivered), workers, stopped (why the job stopped
+    early, or None), sample (generated text), receipts {signed, checked, passed, failed, rejected},
+    intervals [{steps, outcome, wall_ms}], unsettled_intervals, max_replay_distance,
+    price_ugpc_per_worker_hour, ledger {escrowed, paid, burned, treasury, minted, slashed, refunded,
+    supply, total_minted, total_burned} in µGPC, accounts {name: {before, after, change}} in µGPC,
+    audit ("ok" or the list of problems) and timings_s.
 
     Raises:
         GpucoinError subclasses for bad input (before any ledger change), ClusterError,
