@@ -24,9 +24,8 @@ import numpy as np
 from gpucoin.coordinator.receipts import ReceiptRejected, check_receipt
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.exceptions import SignatureError, TrainingError
-from gpucoin.ledger.accounts import escrow_account
 from gpucoin.money import format_gpc
-from gpucoin.policy.tokenomics import SettledInterval, check_probability, epoch_of, interval_payment_ugpc, split_payment
+from gpucoin.policy.tokenomics import SettledInterval, check_probability, epoch_of, interval_payment_ugpc
 from gpucoin.spec import JobSpec
 from gpucoin.verify.sampling import is_checked
 from gpucoin.wallet.messages import SignedMessage, verify
@@ -284,17 +283,14 @@ class JobRun:
 
     def settle(self, iv: Interval, verifier: str | None) -> None:
         """Charge the interval (burn + treasury) and queue its emission share for the epoch."""
-        left = self.ledger.balance(escrow_account(self.job_id))
         pay = interval_payment_ugpc(self.price_ugpc_per_worker_hour, self.spec.workers, iv.wall_ms)
-        if pay > left:
-            self.stop(f"the budget is spent ({format_gpc(self.spec.budget_ugpc)} GPC); raise --budget to train longer")
         epoch = max(epoch_of(time.time(), self.genesis_s, self.policy.tokenomics), self.last_minted + 1)
         ordered = [iv.receipts[r] for r in range(self.spec.workers)]
-        charged = self.coord.settle_interval(self.job_id, ordered, pay, epoch)
+        charged, burned, treasury = self.coord.settle_interval(self.job_id, ordered, pay, epoch)
+        if charged < pay:  # the escrow could not cover the whole interval
+            self.stop(f"the budget is spent ({format_gpc(self.spec.budget_ugpc)} GPC); raise --budget to train longer")
         self.money["paid"] += charged
-        burn, treasury = split_payment(charged, self.policy.tokenomics)
-        if self.policy.tokenomics.mode == "burn_and_mint":
-            self.money["burned"] += burn
+        self.money["burned"] += burned
         self.money["treasury"] += treasury
         if charged:
             self.by_epoch.setdefault(epoch, []).append(SettledInterval(tuple(r.digest for r in ordered), tuple(self.rank_worker), verifier, charged))

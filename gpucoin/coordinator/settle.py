@@ -7,8 +7,6 @@ returns the original result instead of paying twice.
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass, field
 
 from gpucoin.exceptions import InsufficientFunds
@@ -18,21 +16,8 @@ from gpucoin.money import format_gpc
 from gpucoin.policy import settlement as plans
 from gpucoin.policy.model import Policy, policy_hash
 from gpucoin.policy.tokenomics import Reward, SettledInterval, distribute_emission, emission_ugpc, slash_amounts, split_payment
-from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign
-
-
-class NonceSource:
-    """Strictly increasing nonces per process (nanoseconds since the epoch, bumped on ties)."""
-
-    def __init__(self) -> None:
-        self._last = 0
-        self._lock = threading.Lock()
-
-    def next(self) -> int:
-        """A nonce larger than every one handed out before by this source."""
-        with self._lock:
-            self._last = max(self._last + 1, time.time_ns())
-            return self._last
+from gpucoin.wallet.messages import Domain, SignedMessage, sign
+from gpucoin.wallet.nonces import NonceSource
 
 
 @dataclass
@@ -104,22 +89,25 @@ class Coordinator:
         self.record(order)
         self.ledger.post(f"escrow:{m['jobId']}", plans.plan_escrow(m["jobId"], m["consumer"], m["budget"], order.digest), memo="escrow budget")
 
-    def settle_interval(self, job_id: str, receipts: list[SignedMessage], payment_ugpc: int, epoch: int) -> int:
+    def settle_interval(self, job_id: str, receipts: list[SignedMessage], payment_ugpc: int, epoch: int) -> tuple[int, int, int]:
         """Charge a settled (passed or unchallenged) interval: burn and treasury shares of its payment.
 
         ``payment_ugpc`` is capped at what is left in escrow; nothing is written when that is 0.
-        Returns what was charged, µGPC.
+
+        Returns:
+            (charged, burned, treasury) in µGPC; ``burned`` is 0 in ``direct`` mode, where that
+            share is paid to the workers instead.
         """
         left = self.ledger.balance(escrow_account(job_id))
         pay = min(payment_ugpc, left)
         if pay == 0:
-            return 0
+            return 0, 0, 0
         burn, treasury = split_payment(pay, self.policy.tokenomics)
         subject = receipts[0].digest
         msg = self._settlement(job_id, subject, epoch, paid=pay, burned=burn, treasury=treasury)
         workers = [r.message["worker"] for r in receipts]
         self.ledger.post(f"settle:{subject}", plans.plan_interval(job_id, pay, left, self.policy.tokenomics, msg.digest, workers), memo=f"settle steps {receipts[0].message['stepStart']}-{receipts[0].message['stepEnd']}")
-        return pay
+        return pay, (burn if self.policy.tokenomics.mode == "burn_and_mint" else 0), treasury
 
     def slash(self, job_id: str, cheater: str, verifier: str, report: SignedMessage) -> int:
         """Slash ``fraud_slash_fraction`` of the cheater's bond, the whistleblower share to the verifier.
@@ -161,5 +149,3 @@ class Coordinator:
         self.ledger.post(f"refund:{job_id}", plans.plan_refund(job_id, order.message["consumer"], left, msg.digest), memo="refund unused escrow")
         return left
 
-
-__all__ = ["Coordinator", "NonceSource", "ZERO_BYTES32", "InsufficientFunds"]

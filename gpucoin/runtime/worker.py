@@ -57,6 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
     from gpucoin.runtime.sketch import CountSketch, sketch_root
     from gpucoin.spec import JobSpec
     from gpucoin.wallet.messages import Domain, sign
+    from gpucoin.wallet.nonces import NonceSource
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -66,6 +67,7 @@ def train_loop_per_worker(config: dict) -> None:
     inbox = config["inbox"]
     domain = Domain.from_dict(config["domain"])
     account = load_node_account()
+    nonces = NonceSource()
 
     module = importlib.import_module(spec.module)
     corpus = module.prepare_corpus(config["data_source"], val_fraction=spec.data.val_fraction)
@@ -139,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "sketchRoot": sketch_root(s, sk),
                 "checkpointHash": ckpt_hash,
                 "previousReceipt": previous,
-                "nonce": time.time_ns(),
+                "nonce": nonces.next(),
             },
         )
         previous = receipt.digest

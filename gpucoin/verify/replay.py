@@ -2,8 +2,8 @@
 
 From the checkpoint at the interval's start: for each step, for each rank, run that rank's
 micro-batches (fixed by seed, step, rank), sketch the rank's local gradient, then average the
-ranks' gradients (the all-reduce), clip exactly as DeepSpeed does, and take torch's AdamW step, which is what DeepSpeed
-ran with ``torch_adam: true`` (SPEC.md, Verification 4).
+ranks' gradients (the all-reduce), clip exactly as DeepSpeed does, and take torch's AdamW step,
+which is what DeepSpeed ran with ``torch_adam: true`` (SPEC.md, Verification 4).
 """
 
 from __future__ import annotations

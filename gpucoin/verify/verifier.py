@@ -11,6 +11,9 @@ import os
 import numpy as np
 
 from gpucoin.exceptions import VerificationError
+from gpucoin.wallet.nonces import NonceSource
+
+_NONCES = NonceSource()
 
 
 def check_interval(
@@ -36,7 +39,8 @@ def check_interval(
         tolerance: the policy's ``tolerance_rel_l2``.
 
     Returns:
-        ``{"verdicts": [(rank, passed, max_distance, first_bad_step)], "reports": [json], "verifier": address}``.
+        ``{"reports": [VerificationReport JSON, one per rank, rank order], "verifier": address}``; the
+        coordinator judges by these signed reports alone.
 
     Raises:
         VerificationError: if the start checkpoint is missing or its hash differs from the receipts.
@@ -68,22 +72,12 @@ def check_interval(
                 "receiptDigest": digest,
                 "verdict": "pass" if v.passed else "fail",
                 "distanceE9": distance_e9(v.max_distance),
-                "nonce": _nonce(),
+                "nonce": _NONCES.next(),
             },
         )
         reports.append(report.to_json())
     return {
-        "verdicts": [(v.rank, v.passed, v.max_distance, v.first_bad_step) for v in verdicts],
         "reports": reports,
         "verifier": account.address,
     }
 
-
-_last = [0]
-
-
-def _nonce() -> int:
-    import time
-
-    _last[0] = max(_last[0] + 1, time.time_ns())
-    return _last[0]
