@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast bench-ledger install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/gpucoin train jobs/shakespeare_char/job.yaml --summary-json out/demo-summary.json
 
-## The whole test suite (unit, integration with Ray and SQLite, the main job end to end, small).
+## The whole test suite (unit, ledger on SQLite and PostgreSQL, integration with Ray, the main job end to end, small).
 test: $(STAMP)
+	@[ -n "$$GPUCOIN_TEST_POSTGRES" ] || scripts/ensure-postgres
 	$(BIN)/python -m pytest -q tests
+
+## The ledger's settlement throughput on SQLite and PostgreSQL against signature recovery alone.
+bench-ledger: $(STAMP)
+	@scripts/ensure-postgres
+	$(BIN)/python -m benchmarks.ledger.run
 
 ## Unit tests only (no Ray): seconds.
 test-fast: $(STAMP)

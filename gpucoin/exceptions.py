@@ -9,7 +9,9 @@
     ├── LedgerError                   a ledger write refused; nothing was changed
     │   ├── InsufficientFunds         a debit would take a user account below zero
     │   ├── ConflictError             an operation id reused with different content
-    │   └── UnknownAccount            an account the ledger has never seen
+    │   ├── RuleViolation             a transfer the money rules forbid (wrong accounts for its
+    │   │                             code, a closed escrow, stake not yet unbonded)
+    │   └── UnknownAccount            an account name of no known form
     ├── MarketError                   the market cannot place a job
     │   └── NoPlacement               not enough admissible nodes for an all-or-nothing job
     ├── ClusterError                  the Ray cluster could not be started, reached or stopped
@@ -56,6 +58,11 @@ class InsufficientFunds(LedgerError):
 
 class ConflictError(LedgerError):
     """An operation id was reused with different content (a retry must repeat the same content)."""
+
+
+class RuleViolation(LedgerError):
+    """A transfer the money rules forbid: accounts that do not fit its code, a post to a closed
+    escrow, a refund that is not the whole remainder, a withdrawal before the unbonding period."""
 
 
 class UnknownAccount(LedgerError):

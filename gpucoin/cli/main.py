@@ -142,7 +142,10 @@ def ledger() -> None:
 
 
 def _ledger_url(url: str | None, home: Path) -> str:
+    """The ledger to open: ``url`` if given (a SQLite file must exist), else the one under ``home``."""
     if url:
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not Path(url[len("sqlite:///"):]).exists():
+            _fail(f"no ledger at {url[len('sqlite:///'):]} (a SQLite ledger is created by `gpucoin train`)")
         return url
     db = home / "ledger.db"
     if not db.exists():
@@ -150,7 +153,13 @@ def _ledger_url(url: str | None, home: Path) -> str:
     return f"sqlite:///{db}"
 
 
-_url_opt = click.option("--ledger-url", default=None, help="SQLAlchemy URL of the ledger (default: sqlite under --home).")
+_url_opt = click.option(
+    "--ledger-url",
+    envvar="GPUCOIN_LEDGER_URL",
+    default=None,
+    help="Database of the ledger: sqlite:///PATH or postgresql://USER@HOST:PORT/DB (env GPUCOIN_LEDGER_URL; "
+    "default: the SQLite file under --home).",
+)
 _home_opt = click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOME, show_default=True, help="Embedded mode state directory (env GPUCOIN_HOME).")
 
 
@@ -185,17 +194,36 @@ def audit(ledger_url, home, policy_path):
 @_home_opt
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000), help="Most recent transfers to list.")
 def show(account, ledger_url, home, limit):
-    """Balances (all accounts, or ACCOUNT) and the most recent transfers, in GPC."""
+    """Balances and the most recent transfers, in GPC, as tables.
+
+    ACCOUNT is a full account name (wallet:0x..:available, job:ID:escrow, system:burned, ...),
+    a wallet address (its available, bonded and unbonding accounts) or omitted (every account).
+    """
     from rich.table import Table
 
     from gpucoin.ledger import Ledger
+    from gpucoin.ledger.accounts import is_valid_account
     from gpucoin.money import format_gpc
 
     console = Console()
     try:
         with Ledger(_ledger_url(ledger_url, home)) as lg:
-            balances = {account: lg.balance(account)} if account else lg.balances()
-            rows = lg.transfers(account=account, limit=limit)
+            if account is None:
+                accounts, balances = None, lg.balances()
+            elif is_valid_account(account):
+                accounts, balances = [account], {account: lg.balance(account)}
+            else:
+                from gpucoin.ledger.accounts import WALLET_KINDS, wallet_account
+
+                accounts = [wallet_account(account, kind) for kind in WALLET_KINDS]
+                balances = {a: lg.balance(a) for a in accounts}
+            if accounts is None:
+                rows = lg.transfers(limit=limit)
+            else:
+                rows = sorted(
+                    {r.id: r for a in accounts for r in lg.transfers(account=a, limit=limit)}.values(),
+                    key=lambda r: r.id,
+                )[-limit:]
             totals = lg.totals()
     except GpucoinError as e:
         _fail(str(e))
@@ -206,12 +234,49 @@ def show(account, ledger_url, home, limit):
         t.add_row(a, format_gpc(b))
     console.print(t)
     tr = Table(title=f"last {len(rows)} transfers")
-    for c in ("id", "code", "debit", "credit", "GPC"):
+    for c in ("id", "op", "code", "debit", "credit", "GPC"):
         tr.add_column(c, justify="right" if c in ("id", "GPC") else "left")
     for r in rows:
-        tr.add_row(str(r.id), r.code, r.debit, r.credit, format_gpc(r.amount))
+        tr.add_row(str(r.id), r.op_id, r.code, r.debit, r.credit, format_gpc(r.amount))
     console.print(tr)
     console.print("supply {} GPC = minted {} - burned {}".format(format_gpc(totals["supply"]), format_gpc(totals["minted"]), format_gpc(totals["burned"])))
+
+
+@ledger.command()
+@_url_opt
+@_home_opt
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True, help="Output format: one JSON object per line.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to this file instead of standard output (written whole, then renamed into place).")
+def export(ledger_url, home, fmt, output):
+    """Every signed message, operation and transfer, to re-verify the ledger with your own tools.
+
+    The first line is a header; then messages (with full EIP-712 typed data, digest, signature,
+    signer), operations and transfers (with the hash chain). docs/ledger.md says how to check them.
+    """
+    from gpucoin.ledger import Ledger
+
+    def write(stream) -> int:
+        n = 0
+        with Ledger(_ledger_url(ledger_url, home)) as lg:
+            for record in lg.export():
+                stream.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+                n += 1
+        return n
+
+    try:
+        if output is None:
+            write(sys.stdout)
+            return
+        tmp = output.with_name(output.name + ".part")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as f:
+            n = write(f)
+        tmp.replace(output)
+        click.echo(f"exported {n} records to {output}", err=True)
+    except GpucoinError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {output}: {e.strerror}")
 
 
 def main() -> None:

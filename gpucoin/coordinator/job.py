@@ -127,9 +127,9 @@ def preflight(loaded: LoadedSpec, opts: LocalOptions, coord: Coordinator, engine
 
 
 def open_ledger(opts: LocalOptions) -> Ledger:
-    """The local ledger (SQLite under ``home``)."""
+    """The local ledger (SQLite under ``home``), with the policy's unbonding period."""
     opts.home.mkdir(parents=True, exist_ok=True)
-    return Ledger(f"sqlite:///{opts.home / 'ledger.db'}")
+    return Ledger(f"sqlite:///{opts.home / 'ledger.db'}", unbonding_epochs=opts.policy.bonding.unbonding_epochs)
 
 
 def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) -> dict:

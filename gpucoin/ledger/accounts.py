@@ -72,3 +72,24 @@ def is_valid_account(account: str) -> bool:
     if len(parts) == 3 and parts[0] == "job":
         return bool(_JOB_ID.match(parts[1])) and parts[2] == "escrow"
     return False
+
+
+def account_kind(account: str) -> str:
+    """The kind of a valid account name: ``available``, ``bonded``, ``unbonding``, ``escrow``,
+    ``issuance``, ``burned`` or ``treasury``.
+
+    Raises:
+        UnknownAccount: for a name of no known form.
+    """
+    if not is_valid_account(account):
+        raise UnknownAccount(f"not a ledger account: {account!r}")
+    if account in SYSTEM_ACCOUNTS:
+        return account.split(":")[1]
+    return account.split(":")[2]
+
+
+def account_owner(account: str) -> str | None:
+    """The wallet address (checksummed) or job id an account belongs to; None for a system account."""
+    if account in SYSTEM_ACCOUNTS:
+        return None
+    return account.split(":")[1]

@@ -11,7 +11,10 @@ reports, as text naming the row or account, everything that does not hold:
 - every transfer's digest names a stored message, and every MINT_* transfer's digest is a
   Settlement whose ``subject`` is a stored WorkReceipt;
 - the balances recomputed from the transfers equal the stored balances, sum to zero, leave no
-  account but issuance below zero, and supply = minted - burned (<= the hard cap if given).
+  account but issuance below zero, and supply = minted - burned (<= the hard cap if given);
+- every operation, replayed in order through ``gpucoin.ledger.state.apply_operation``, keeps the
+  money rules (shapes, escrow pending/post/void, unbonding maturity), and the escrows and
+  unbonding entries that replay ends with equal the stored ``escrow`` and ``unbonding`` rows.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from eth_utils import to_checksum_address
 from sqlmodel import Session, select
 
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, is_valid_account
-from gpucoin.ledger.models import AccountRow, ChainHead, MessageRow, OperationRow, TransferRow
+from gpucoin.ledger.models import (
+    AccountRow,
+    ChainHead,
+    EscrowRow,
+    MessageRow,
+    OperationRow,
+    TransferRow,
+    UnbondingRow,
+)
 from gpucoin.ledger.rules import (
     GENESIS_HASH,
     INT64_MAX,
@@ -34,7 +45,8 @@ from gpucoin.ledger.rules import (
     operation_hash_of_fields,
     supply_of,
 )
-from gpucoin.ledger.transfer import Code
+from gpucoin.ledger.state import Escrow, LedgerState, apply_in_place
+from gpucoin.ledger.transfer import Code, Transfer
 
 SETTLEMENT = "Settlement"
 """EIP-712 primary type of the coordinator's attestation that authorizes a mint."""
@@ -62,7 +74,7 @@ def verify_message(row: MessageRow) -> str | None:
     the message's own signer field (``SIGNER_FIELD``, e.g. ``JobOrder.consumer``) is that signer;
     ``primary_type`` and ``nonce`` match the typed data.
     """
-    from gpucoin.wallet.messages import SIGNER_FIELD, digest_of_typed_data, recover_signer
+    from gpucoin.wallet.messages import SIGNER_FIELD, recover_typed
 
     try:
         typed = json.loads(row.typed_data)
@@ -84,15 +96,11 @@ def verify_message(row: MessageRow) -> str | None:
     elif row.nonce is not None:
         return f"stored nonce {row.nonce!r} but the typed data has none"
     try:
-        digest = _hex_text(digest_of_typed_data(typed))
-    except Exception as exc:  # any malformed typed data is a finding, not a crash
-        return f"digest does not recompute ({type(exc).__name__}: {exc})"
+        digest, signer = recover_typed(typed, row.signature)
+    except Exception as exc:  # malformed typed data or signature is a finding, not a crash
+        return f"digest or signature does not check ({type(exc).__name__}: {exc})"
     if digest != row.digest.lower():
         return f"digest recomputes to {digest}, stored {row.digest}"
-    try:
-        signer = to_checksum_address(recover_signer(typed, row.signature))
-    except Exception as exc:
-        return f"signature does not recover ({type(exc).__name__}: {exc})"
     if signer != row.signer:
         return f"signature recovers to {signer}, stored signer {row.signer}"
     field = SIGNER_FIELD.get(row.primary_type)
@@ -117,6 +125,41 @@ def _operation_problem(op: OperationRow, rows: list[list[Any]]) -> str | None:
     if recomputed != op.content_hash:
         return f"{where}: rows no longer match the posted content hash"
     return None
+
+
+def _replay(state: LedgerState, op: OperationRow, rows: list[list[Any]]) -> str | None:
+    """Apply operation ``op`` (its rows: [seq, debit, credit, amount, code, digest]) to ``state``
+    under the money rules; None if it keeps them, else the problem (``state`` is then unchanged)."""
+    try:
+        transfers = [Transfer(r[1], r[2], r[3], Code(r[4]), r[5]) for r in sorted(rows, key=lambda r: r[0])]
+        apply_in_place(state, transfers, epoch=op.epoch, unbonding_epochs=op.unbonding_epochs)
+    except Exception as exc:  # any refusal is a finding: the stored rows break a rule
+        return f"operation {op.op_id!r}: replay breaks the money rules ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _compare_state(session: Session, replayed: LedgerState) -> list[str]:
+    """Stored escrow and unbonding rows against what replaying every operation produced."""
+    problems: list[str] = []
+    stored_escrows = {
+        r.account: Escrow(source=r.source, amount=r.amount, phase=r.phase) for r in session.exec(select(EscrowRow))
+    }
+    for acct in sorted(set(stored_escrows) | set(replayed.escrows)):
+        if stored_escrows.get(acct) != replayed.escrows.get(acct):
+            problems.append(
+                f"escrow {acct}: stored {stored_escrows.get(acct)}, replayed from transfers {replayed.escrows.get(acct)}"
+            )
+    stored_unbonding: dict[str, dict[int, int]] = defaultdict(dict)
+    for r in session.exec(select(UnbondingRow)):
+        stored_unbonding[r.account][r.mature_epoch] = r.amount
+    for acct in sorted(set(stored_unbonding) | set(replayed.unbonding)):
+        want = {e: v for e, v in replayed.unbonding.get(acct, {}).items() if v}
+        if stored_unbonding.get(acct, {}) != want:
+            problems.append(
+                f"unbonding {acct}: stored {dict(stored_unbonding.get(acct, {}))} by maturity epoch, "
+                f"replayed from transfers {want}"
+            )
+    return problems
 
 
 def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
@@ -160,6 +203,7 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
 
     # Transfers: ids, chain, per-row rules, recomputed balances.
     balances: dict[str, int] = defaultdict(int)
+    replayed = LedgerState()
     minted = 0
     prev_hash = GENESIS_HASH
     last_id = 0
@@ -221,7 +265,11 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
         else:
             op_rows[t.op_id].append([t.seq, t.debit, t.credit, t.amount, t.code, t.digest])
             if len(op_rows[t.op_id]) == operations[t.op_id].n_transfers:
-                problem = _operation_problem(operations[t.op_id], op_rows.pop(t.op_id))
+                rows = op_rows.pop(t.op_id)
+                problem = _operation_problem(operations[t.op_id], rows)
+                if problem is not None:
+                    problems.append(problem)
+                problem = _replay(replayed, operations[t.op_id], rows)
                 if problem is not None:
                     problems.append(problem)
                 ops_checked.add(t.op_id)
@@ -255,6 +303,7 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
                 f"recomputed from transfers {balances.get(acct, 0)} µGPC"
             )
     problems.extend(f"recomputed {p}" for p in check_balances(dict(balances)))
+    problems.extend(_compare_state(session, replayed))
     supply = supply_of(balances)
     burned = balances.get(BURNED, 0)
     if supply != minted - burned:

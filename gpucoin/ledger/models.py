@@ -10,7 +10,14 @@ so a write that bypasses the code is refused by the database too.
     operation    one client-chosen operation id per post(), with the hash of its content
     transfer     the append-only, hash-chained double-entry transfers
     account      the running balance of every account the transfers touched
+    escrow       each job's escrow: the pending hold of its budget, posted or voided
+    unbonding    stake on its way out of a bond, by the epoch it matures
     chain_head   one row: the last transfer id and hash (locking it serializes posts)
+
+The schema is created and upgraded by the Alembic migrations in ``gpucoin/ledger/migrations``
+(``gpucoin.ledger.migrate``); these classes are the ORM's view of it and must match the head
+revision (a test compares them). message, operation and transfer are append-only: triggers
+refuse UPDATE and DELETE on them.
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ class OperationRow(SQLModel, table=True):
         first_transfer_id: id of its first transfer row; its rows are consecutive.
         n_transfers: how many transfer rows it wrote (>= 1).
         created_at: µs since the Unix epoch.
+        epoch: the emission epoch it was posted in (None if the poster gave none).
+        unbonding_epochs: the unbonding period in force for its UNBOND transfers, in epochs.
     """
 
     __tablename__ = "operation"
@@ -78,6 +87,8 @@ class OperationRow(SQLModel, table=True):
     first_transfer_id: int = Field(sa_column=Column(BIGINT, nullable=False))
     n_transfers: int = Field(sa_column=Column(Integer, nullable=False))
     created_at: int = Field(sa_column=Column(BIGINT, nullable=False))
+    epoch: Optional[int] = Field(default=None, sa_column=Column(BIGINT, nullable=True))
+    unbonding_epochs: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
 
 
 class TransferRow(SQLModel, table=True):
@@ -130,6 +141,48 @@ class AccountRow(SQLModel, table=True):
     balance: int = Field(default=0, sa_column=Column(BIGINT, nullable=False))
 
 
+class EscrowRow(SQLModel, table=True):
+    """A job's escrow as a two-phase transfer (``gpucoin.ledger.state.Escrow``).
+
+    Attributes:
+        account: the escrow account, ``job:<job id>:escrow``.
+        source: the wallet ``available`` account its budget came from.
+        amount: µGPC held when it was created.
+        phase: ``pending``, ``posted`` (fully spent) or ``voided`` (remainder refunded).
+        op_id: the operation that created it.
+    """
+
+    __tablename__ = "escrow"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="ck_escrow_amount_positive"),
+        CheckConstraint("phase IN ('pending', 'posted', 'voided')", name="ck_escrow_phase"),
+        _STRICT,
+    )
+
+    account: str = Field(sa_column=Column(Text, primary_key=True))
+    source: str = Field(sa_column=Column(Text, nullable=False))
+    amount: int = Field(sa_column=Column(BIGINT, nullable=False))
+    phase: str = Field(sa_column=Column(Text, nullable=False))
+    op_id: str = Field(sa_column=Column(Text, ForeignKey("operation.op_id"), nullable=False))
+
+
+class UnbondingRow(SQLModel, table=True):
+    """Stake of one wallet still unbonding, per maturity epoch (µGPC); rows sum to the account's balance.
+
+    Attributes:
+        account: the wallet's ``unbonding`` account.
+        mature_epoch: the first epoch at which this stake may be withdrawn.
+        amount: µGPC maturing then (> 0; a row reaching 0 is deleted).
+    """
+
+    __tablename__ = "unbonding"
+    __table_args__ = (CheckConstraint("amount > 0", name="ck_unbonding_amount_positive"), _STRICT)
+
+    account: str = Field(sa_column=Column(Text, primary_key=True))
+    mature_epoch: int = Field(sa_column=Column(BIGINT, primary_key=True, autoincrement=False))
+    amount: int = Field(sa_column=Column(BIGINT, nullable=False))
+
+
 class ChainHead(SQLModel, table=True):
     """The single row (id 1) naming the last transfer: locking it serializes writers on any engine.
 
@@ -147,6 +200,10 @@ class ChainHead(SQLModel, table=True):
 
 
 LEDGER_TABLES = [
-    SQLModel.metadata.tables[name] for name in ("message", "operation", "transfer", "account", "chain_head")
+    SQLModel.metadata.tables[name]
+    for name in ("message", "operation", "transfer", "account", "escrow", "unbonding", "chain_head")
 ]
-"""The ledger's tables, in creation order (``create_all(tables=LEDGER_TABLES)`` creates only these)."""
+"""The ledger's tables, in creation order."""
+
+APPEND_ONLY_TABLES = ("message", "operation", "transfer")
+"""Tables whose rows are never updated or deleted (a trigger refuses it)."""

@@ -1,13 +1,21 @@
 """``Ledger``: the SQL ledger of signed messages and double-entry transfers (SPEC.md, Money).
 
-One ``post`` is one database transaction: every transfer of an operation is applied, with the
-running balances checked inside that transaction, or none is. On SQLite the database runs in
-WAL mode and every write transaction starts with ``BEGIN IMMEDIATE`` (taking the write lock up
-front, so two writers never both read a balance and then both write); reads use a plain
-deferred ``BEGIN``. That is SQLAlchemy's recipe for SQLite transactions: sqlite3's own implicit
-BEGIN is switched off (``isolation_level = None``) and the engine's ``begin`` event emits ours.
-On any other engine the write path is plain SQL: the ``chain_head`` row is locked with
-``SELECT ... FOR UPDATE`` first, which serializes posts the same way.
+One ``post`` (or one ``post_batch``) is one database transaction: every transfer of every
+operation is applied, with the money rules of ``gpucoin.ledger.state`` checked on the rows read
+inside that transaction, or nothing is. The schema comes from the Alembic migrations
+(``gpucoin.ledger.migrate``), applied when a ``Ledger`` is opened.
+
+SQLite (the default): WAL mode, STRICT tables, and every write transaction starts with ``BEGIN
+IMMEDIATE`` (the write lock up front, so two writers never both read a balance and then both
+write); reads use a plain deferred ``BEGIN``. That is SQLAlchemy's recipe for SQLite
+transactions: sqlite3's own implicit BEGIN is off (``isolation_level = None``) and the engine's
+``begin`` event emits ours.
+
+PostgreSQL (``postgresql+psycopg://...``; ``postgresql://`` is read as that): READ COMMITTED;
+a write first locks the ``chain_head`` row (``SELECT ... FOR UPDATE``), then the account, escrow
+and unbonding rows it touches, each set in name order, so writers serialize on the head and
+always lock in one order (no deadlock). A statement after the head lock sees every commit made
+before it was granted.
 """
 
 from __future__ import annotations
@@ -19,29 +27,39 @@ from pathlib import Path
 from typing import Any
 
 from eth_utils import is_address, to_checksum_address
-from sqlalchemy import event, func, or_
+from sqlalchemy import bindparam, delete, event, func, insert, or_, tuple_, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, SQLModel, create_engine, select
+from sqlmodel import Session, create_engine, select
 
-from gpucoin.exceptions import ConflictError, LedgerError, SignatureError, UnknownAccount
-from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, is_valid_account
+from gpucoin.exceptions import ConflictError, GpucoinError, LedgerError, SignatureError, UnknownAccount
+from gpucoin.ledger import migrate
+from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, account_kind, is_valid_account
 from gpucoin.ledger.audit import run_audit, verify_message
-from gpucoin.ledger.models import LEDGER_TABLES, AccountRow, ChainHead, MessageRow, OperationRow, TransferRow
-from gpucoin.ledger.rules import GENESIS_HASH, SLASH_CODES, apply_transfers, canonical_json, chain_hash, operation_hash
-from gpucoin.ledger.transfer import Code, Transfer
+from gpucoin.ledger.models import (
+    AccountRow,
+    ChainHead,
+    EscrowRow,
+    MessageRow,
+    OperationRow,
+    TransferRow,
+    UnbondingRow,
+)
+from gpucoin.ledger.rules import SLASH_CODES, canonical_json, chain_hash, operation_hash
+from gpucoin.ledger.state import Escrow, LedgerState, apply_operation, touched_accounts
+from gpucoin.ledger.transfer import Code, Operation, Transfer
 
 _WRITE = "gpucoin_write"
 """Connection execution option that makes the SQLite ``begin`` hook emit BEGIN IMMEDIATE."""
 
-_SQLITE_BUSY_TIMEOUT_S = 30.0
+_SQLITE_BUSY_TIMEOUT_S = 60.0
 """Seconds a SQLite connection waits for another writer's lock before giving up."""
 
-_MAX_ATTEMPTS = 2
-"""Tries of a write that lost a uniqueness race on a server database (the retry then sees the winner)."""
+_MAX_ATTEMPTS = 3
+"""Tries of a write that lost a uniqueness race on a server database (a retry sees the winner)."""
 
-MAX_OP_ID_LEN = 256
-"""Longest operation id accepted, in characters."""
+MAX_BATCH = 10_000
+"""Most operations (or messages) one batch may hold: bounds a transaction's size and lock time."""
 
 
 def _now_us() -> int:
@@ -108,20 +126,52 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
 
+def normalize_url(url: str) -> str:
+    """The SQLAlchemy URL to open: ``postgresql://`` and ``postgres://`` mean psycopg 3.
+
+    Raises:
+        LedgerError: for text that is not a database URL, or a backend other than SQLite or PostgreSQL.
+    """
+    if not isinstance(url, str) or not url:
+        raise LedgerError(f"ledger URL must be text like sqlite:///path or postgresql://host/db, got {url!r}")
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    try:
+        backend = make_url(url).get_backend_name()
+    except Exception:
+        raise LedgerError(f"not a database URL: {url!r} (expected sqlite:///path or postgresql://host/db)") from None
+    if backend not in ("sqlite", "postgresql"):
+        raise LedgerError(f"ledger backend {backend!r} is not supported; use sqlite or postgresql")
+    return url
+
+
 class Ledger:
-    """The gpucoin ledger on an SQL database (SQLite now; PostgreSQL through the same code).
+    """The gpucoin ledger on SQLite or PostgreSQL.
 
     Holds signed EIP-712 messages and the hash-chained double-entry transfers they authorize,
-    with a running balance per account. Amounts are int µGPC everywhere.
+    with a running balance per account, each job's escrow and each wallet's unbonding stake.
+    Amounts are int µGPC everywhere.
 
     Args:
-        url: an SQLAlchemy URL, e.g. ``"sqlite:////home/x/.gpucoin/local/ledger.db"``; the
-            schema (and, for a SQLite file, its directory) is created if missing.
+        url: an SQLAlchemy URL: ``"sqlite:////home/x/.gpucoin/local/ledger.db"`` (the file and
+            its directory are created if missing) or ``"postgresql://user@host/db"``. The schema
+            is created or upgraded to the newest migration.
+        unbonding_epochs: the policy's unbonding period (``bonding.unbonding_epochs``): stake an
+            UNBOND posted in epoch e may be withdrawn from epoch e + unbonding_epochs.
+
+    Raises:
+        LedgerError: for a bad URL or a database that cannot be opened or migrated.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, unbonding_epochs: int = 0) -> None:
+        if isinstance(unbonding_epochs, bool) or not isinstance(unbonding_epochs, int) or unbonding_epochs < 0:
+            raise LedgerError(f"unbonding_epochs must be a non-negative integer, got {unbonding_epochs!r}")
+        url = normalize_url(url)
         parsed = make_url(url)
         self.url = url
+        self.unbonding_epochs = unbonding_epochs
         self._is_sqlite = parsed.get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {}
         if self._is_sqlite:
@@ -129,19 +179,24 @@ class Ledger:
             db = parsed.database
             if db and db != ":memory:" and not db.startswith("file:"):
                 Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs["pool_pre_ping"] = True
         self._engine: Engine = create_engine(url, **kwargs)
         if self._is_sqlite:
             _install_sqlite_hooks(self._engine)
-        with self._engine.connect() as conn:
-            conn.execution_options(**{_WRITE: True})
-            with conn.begin():
-                SQLModel.metadata.create_all(conn, tables=LEDGER_TABLES)
         try:
-            with self._session(write=True) as s:
-                if s.get(ChainHead, 1) is None:
-                    s.add(ChainHead(id=1, last_transfer_id=0, last_hash=GENESIS_HASH))
-        except IntegrityError:
-            pass  # another process created the head row first (a server database)
+            with self._engine.connect() as conn:
+                conn.execution_options(**{_WRITE: True})
+                with conn.begin():
+                    migrate.upgrade(conn)
+        except GpucoinError:
+            self._engine.dispose()
+            raise
+        except Exception as exc:
+            self._engine.dispose()
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            where = parsed.render_as_string(hide_password=True)
+            raise LedgerError(f"cannot open the ledger at {where}: {reason[-1] if reason else type(exc).__name__}") from exc
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -149,6 +204,11 @@ class Ledger:
     def engine(self) -> Engine:
         """The SQLAlchemy engine (for tools and tests; writes should go through ``post``)."""
         return self._engine
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return "sqlite" if self._is_sqlite else "postgresql"
 
     @contextmanager
     def _session(self, *, write: bool) -> Iterator[Session]:
@@ -187,56 +247,100 @@ class Ledger:
             SignatureError: if the digest, signature or primary type does not check.
             ConflictError: if a different message of the same signer already used its ``nonce``.
         """
+        self.record_messages([signed])
+
+    def record_messages(self, signed: Sequence[Any]) -> int:
+        """Check and store many signed messages in one transaction (see ``record_message``).
+
+        All are checked before anything is written; if any is refused, none is stored.
+
+        Returns:
+            How many were new (a message already stored, or repeated in ``signed``, is skipped).
+
+        Raises:
+            SignatureError: naming the first message that does not check.
+            ConflictError: if a message reuses a (signer, nonce) of a different stored message.
+            LedgerError: for more than ``MAX_BATCH`` messages.
+        """
+        if len(signed) > MAX_BATCH:
+            raise LedgerError(f"{len(signed)} messages in one batch; at most {MAX_BATCH}")
+        rows: dict[str, dict[str, Any]] = {}
+        for m in signed:
+            fields = self._message_fields(m)
+            rows.setdefault(fields["digest"], fields)
+        if not rows:
+            return 0
+        for attempt in range(_MAX_ATTEMPTS):
+            try:
+                with self._session(write=True) as s:
+                    return self._insert_messages(s, rows)
+            except IntegrityError as exc:
+                # Another writer stored the same digest or nonce between our check and insert
+                # (PostgreSQL; SQLite's BEGIN IMMEDIATE rules it out); the retry sees it.
+                if attempt + 1 == _MAX_ATTEMPTS:
+                    raise LedgerError(f"messages could not be recorded, concurrent writes kept conflicting: {exc.orig}")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _message_fields(signed: Any) -> dict[str, Any]:
+        """The row of one signed message, after checking it on its canonical stored text."""
         typed = signed.typed_data()
-        text = canonical_json(typed)
         digest = _hex(signed.digest, 32, "digest")
-        signature = _hex(signed.signature, 65, "signature")
         if not (isinstance(signed.signer, str) and is_address(signed.signer)):
             raise SignatureError(f"signer is not an address: {signed.signer!r}")
-        signer = to_checksum_address(signed.signer)
-        primary_type = str(signed.primary_type)
-        nonce = _nonce_text(typed.get("message"))
         fields = dict(
             digest=digest,
-            primary_type=primary_type,
-            signer=signer,
-            nonce=nonce,
-            signature=signature,
-            typed_data=text,
+            primary_type=str(signed.primary_type),
+            signer=to_checksum_address(signed.signer),
+            nonce=_nonce_text(typed.get("message")),
+            signature=_hex(signed.signature, 65, "signature"),
+            typed_data=canonical_json(typed),
             recorded_at=_now_us(),
         )
         problem = verify_message(MessageRow(**fields))
         if problem is not None:
             raise SignatureError(f"message {digest} refused: {problem}")
-        for attempt in range(_MAX_ATTEMPTS):
-            try:
-                with self._session(write=True) as s:
-                    if s.exec(select(MessageRow.id).where(MessageRow.digest == digest)).first() is not None:
-                        return
-                    if nonce is not None:
-                        other = s.exec(
-                            select(MessageRow).where(MessageRow.signer == signer, MessageRow.nonce == nonce)
-                        ).first()
-                        if other is not None:
-                            raise ConflictError(
-                                f"{signer} already used nonce {nonce} in message #{other.id} "
-                                f"({other.primary_type} {other.digest}); refused {primary_type} {digest}"
-                            )
-                    s.add(MessageRow(**fields))
-                return
-            except IntegrityError:
-                # Another writer recorded the same digest or nonce between our check and insert
-                # (a server database; SQLite's BEGIN IMMEDIATE rules it out); the retry sees it.
-                if attempt + 1 == _MAX_ATTEMPTS:
-                    raise LedgerError(f"message {digest} could not be recorded: a concurrent write kept conflicting")
+        return fields
 
-    def post(self, op_id: str, transfers: Sequence[Transfer], memo: str = "") -> list[int]:
+    @staticmethod
+    def _insert_messages(s: Session, rows: dict[str, dict[str, Any]]) -> int:
+        """Insert the messages of ``rows`` (by digest) not stored yet; refuse a nonce reuse."""
+        stored = set(s.exec(select(MessageRow.digest).where(MessageRow.digest.in_(list(rows)))).all())
+        new = [r for d, r in rows.items() if d not in stored]
+        pairs = [(r["signer"], r["nonce"]) for r in new if r["nonce"] is not None]
+        seen: dict[tuple[str, str], str] = {}
+        for r in new:
+            if r["nonce"] is not None:
+                key = (r["signer"], r["nonce"])
+                if key in seen:
+                    raise ConflictError(
+                        f"{r['signer']} used nonce {r['nonce']} in two messages ({seen[key]} and {r['digest']})"
+                    )
+                seen[key] = r["digest"]
+        if pairs:
+            other = s.exec(
+                select(MessageRow).where(tuple_(MessageRow.signer, MessageRow.nonce).in_(pairs)).limit(1)
+            ).first()
+            if other is not None:
+                refused = seen[(other.signer, other.nonce)]
+                raise ConflictError(
+                    f"{other.signer} already used nonce {other.nonce} in message #{other.id} "
+                    f"({other.primary_type} {other.digest}); refused {refused}"
+                )
+        if new:
+            s.execute(insert(MessageRow.__table__), new)
+        return len(new)
+
+    def post(
+        self, op_id: str, transfers: Sequence[Transfer], memo: str = "", *, epoch: int | None = None
+    ) -> list[int]:
         """Apply the transfers of one operation in one database transaction, all or nothing.
 
         Args:
             op_id: the client-chosen operation id (1-256 characters); makes the post idempotent.
             transfers: applied in order; each debit is checked against the running balance.
             memo: free text stored with the operation (part of its content).
+            epoch: the current emission epoch; required for UNBOND and WITHDRAW transfers.
 
         Returns:
             The ids of the transfer rows, in the order of ``transfers``. A retry with the same
@@ -244,102 +348,212 @@ class Ledger:
 
         Raises:
             ConflictError: if ``op_id`` was already posted with different transfers or memo.
+            RuleViolation: a transfer the money rules forbid (``gpucoin.ledger.state``).
             LedgerError: if a transfer's digest names no recorded message, the operation is
                 empty or malformed (nothing is written).
             InsufficientFunds: if an account other than ``system:issuance`` would go below zero.
             BalanceOverflow: if a balance would leave the signed 64-bit range.
         """
-        if not isinstance(op_id, str) or not 1 <= len(op_id) <= MAX_OP_ID_LEN or not op_id.isprintable():
-            raise LedgerError(f"operation id must be 1-{MAX_OP_ID_LEN} printable characters, got {op_id!r}")
-        if not isinstance(memo, str):
-            raise LedgerError(f"memo must be text, got {type(memo).__name__}")
-        transfers = list(transfers)
-        if not transfers:
-            raise LedgerError(f"operation {op_id!r} has no transfers")
-        for i, t in enumerate(transfers):
-            if not isinstance(t, Transfer):
-                raise LedgerError(f"transfer #{i} is a {type(t).__name__}, not a Transfer")
-        content = operation_hash(transfers, memo)
+        return self.post_batch([Operation(op_id, tuple(transfers), memo, epoch)])[0]
+
+    def post_batch(self, operations: Sequence[Operation]) -> list[list[int]]:
+        """Apply many operations, in order, in one database transaction: all of them or none.
+
+        Each operation keeps its own id and idempotency (one already posted with the same content
+        returns its original ids), and each is checked against the state the ones before it left.
+
+        Returns:
+            The transfer ids of each operation, in the order given.
+
+        Raises:
+            As ``post``, naming the operation that was refused; then nothing of the batch is
+            written. LedgerError for more than ``MAX_BATCH`` operations.
+        """
+        ops = list(operations)
+        if not ops:
+            return []
+        if len(ops) > MAX_BATCH:
+            raise LedgerError(f"{len(ops)} operations in one batch; at most {MAX_BATCH}")
+        for op in ops:
+            if not isinstance(op, Operation):
+                raise LedgerError(f"expected an Operation, got {type(op).__name__}")
+        contents = [operation_hash(op.transfers, op.memo) for op in ops]
         for attempt in range(_MAX_ATTEMPTS):
             try:
-                return self._post_once(op_id, transfers, memo, content)
+                with self._session(write=True) as s:
+                    return self._apply_batch(s, ops, contents)
             except IntegrityError as exc:
                 if attempt + 1 == _MAX_ATTEMPTS:
-                    raise LedgerError(f"operation {op_id!r} refused by the database: {exc.orig}") from None
+                    raise LedgerError(f"operation batch refused by the database: {exc.orig}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _post_once(self, op_id: str, transfers: list[Transfer], memo: str, content: str) -> list[int]:
-        """One attempt of ``post`` in one write transaction (see ``post``)."""
-        with self._session(write=True) as s:
-            # Lock the chain head first, always: on a server database this serializes posts and
-            # gives every writer the same lock order (no deadlock).
-            head = s.exec(select(ChainHead).where(ChainHead.id == 1).with_for_update()).one()
-            op = s.get(OperationRow, op_id)
-            if op is not None:
-                if op.content_hash != content:
+    def _apply_batch(self, s: Session, ops: list[Operation], contents: list[str]) -> list[list[int]]:
+        """One attempt of ``post_batch`` inside the write transaction of ``s``."""
+        # The chain head first, always: this serializes writers and fixes the lock order.
+        head = s.exec(select(ChainHead).where(ChainHead.id == 1).with_for_update()).one()
+        stored = {
+            o.op_id: o
+            for o in s.exec(select(OperationRow).where(OperationRow.op_id.in_({op.op_id for op in ops}))).all()
+        }
+        results: list[list[int] | None] = [None] * len(ops)
+        fresh: dict[str, int] = {}  # op id -> index of the new operation in this batch
+        for i, (op, content) in enumerate(zip(ops, contents)):
+            prior = stored.get(op.op_id)
+            prior_content = prior.content_hash if prior is not None else None
+            if prior is None and op.op_id in fresh:
+                prior_content = contents[fresh[op.op_id]]
+            if prior_content is not None:
+                if prior_content != content:
                     raise ConflictError(
-                        f"operation {op_id!r} was posted with different content "
-                        f"({op.n_transfers} transfers, hash {op.content_hash[:16]}...; now {len(transfers)} "
-                        f"transfers, hash {content[:16]}...)"
+                        f"operation {op.op_id!r} was posted with different content "
+                        f"(hash {prior_content[:16]}...; now {len(op.transfers)} transfers, hash {content[:16]}...)"
                     )
-                return list(
-                    s.exec(select(TransferRow.id).where(TransferRow.op_id == op_id).order_by(TransferRow.seq)).all()
-                )
-            digests = sorted({t.digest.lower() for t in transfers})
-            found = set(s.exec(select(MessageRow.digest).where(MessageRow.digest.in_(digests))).all())
-            missing = [d for d in digests if d not in found]
-            if missing:
-                raise LedgerError(
-                    f"operation {op_id!r}: {len(missing)} digest(s) name no recorded message: {', '.join(missing)}"
-                )
-            names = sorted({t.debit for t in transfers} | {t.credit for t in transfers})
-            rows = {
-                r.name: r
-                for r in s.exec(select(AccountRow).where(AccountRow.name.in_(names)).with_for_update()).all()
-            }
-            new = apply_transfers({n: r.balance for n, r in rows.items()}, transfers)
-
+                continue
+            fresh[op.op_id] = i
+        for op_id, prior in stored.items():
+            ids = list(range(prior.first_transfer_id, prior.first_transfer_id + prior.n_transfers))
+            for i, op in enumerate(ops):
+                if op.op_id == op_id:
+                    results[i] = ids
+        new_ops = [ops[i] for i in sorted(fresh.values())]
+        if new_ops:
+            self._check_digests(s, new_ops)
+            state, before = self._load_state(s, new_ops)
             now = _now_us()
-            first_id = head.last_transfer_id + 1
-            s.add(
-                OperationRow(
-                    op_id=op_id,
-                    content_hash=content,
-                    memo=memo,
-                    first_transfer_id=first_id,
-                    n_transfers=len(transfers),
-                    created_at=now,
-                )
-            )
-            s.flush()  # the operation row first: the transfer rows reference it
+            next_id = head.last_transfer_id + 1
             prev = head.last_hash
-            ids: list[int] = []
-            for seq, t in enumerate(transfers):
-                fields = dict(
-                    id=first_id + seq,
-                    op_id=op_id,
-                    seq=seq,
-                    debit=t.debit,
-                    credit=t.credit,
-                    amount=t.amount,
-                    code=Code(t.code).value,
-                    digest=t.digest.lower(),
-                    created_at=now,
+            op_rows: list[dict[str, Any]] = []
+            transfer_rows: list[dict[str, Any]] = []
+            created: dict[str, str] = {}
+            for op in new_ops:
+                had = set(state.escrows)
+                try:
+                    state = apply_operation(
+                        state, op.transfers, epoch=op.epoch, unbonding_epochs=self.unbonding_epochs
+                    )
+                except LedgerError as exc:
+                    raise type(exc)(f"operation {op.op_id!r}: {exc}") from None
+                created.update({a: op.op_id for a in set(state.escrows) - had})
+                first = next_id
+                for seq, t in enumerate(op.transfers):
+                    fields = dict(
+                        id=next_id,
+                        op_id=op.op_id,
+                        seq=seq,
+                        debit=t.debit,
+                        credit=t.credit,
+                        amount=t.amount,
+                        code=Code(t.code).value,
+                        digest=t.digest.lower(),
+                        created_at=now,
+                    )
+                    row_hash = chain_hash(prev, **fields)
+                    transfer_rows.append({**fields, "prev_hash": prev, "row_hash": row_hash})
+                    prev = row_hash
+                    next_id += 1
+                op_rows.append(
+                    dict(
+                        op_id=op.op_id,
+                        content_hash=contents[fresh[op.op_id]],
+                        memo=op.memo,
+                        first_transfer_id=first,
+                        n_transfers=len(op.transfers),
+                        created_at=now,
+                        epoch=op.epoch,
+                        unbonding_epochs=self.unbonding_epochs,
+                    )
                 )
-                row_hash = chain_hash(prev, **fields)
-                s.add(TransferRow(**fields, prev_hash=prev, row_hash=row_hash))
-                ids.append(fields["id"])
-                prev = row_hash
-            for name in names:
-                if name in rows:
-                    rows[name].balance = new[name]
-                    s.add(rows[name])
-                else:
-                    s.add(AccountRow(name=name, balance=new[name]))
-            head.last_transfer_id = ids[-1]
+                results[fresh[op.op_id]] = list(range(first, next_id))
+            s.execute(insert(OperationRow.__table__), op_rows)
+            s.execute(insert(TransferRow.__table__), transfer_rows)
+            self._write_state(s, state, before, created)
+            head.last_transfer_id = next_id - 1
             head.last_hash = prev
             s.add(head)
-        return ids
+        for i, op in enumerate(ops):  # repeats of an id new in this batch
+            if results[i] is None:
+                results[i] = results[fresh[op.op_id]]
+        return [list(r) for r in results if r is not None]
+
+    @staticmethod
+    def _check_digests(s: Session, ops: list[Operation]) -> None:
+        """Refuse the batch if a transfer's digest names no recorded message."""
+        digests = sorted({t.digest.lower() for op in ops for t in op.transfers})
+        found = set(s.exec(select(MessageRow.digest).where(MessageRow.digest.in_(digests))).all())
+        for op in ops:
+            missing = sorted({t.digest.lower() for t in op.transfers} - found)
+            if missing:
+                raise LedgerError(
+                    f"operation {op.op_id!r}: {len(missing)} digest(s) name no recorded message: {', '.join(missing)}"
+                )
+
+    @staticmethod
+    def _load_state(s: Session, ops: list[Operation]) -> tuple[LedgerState, LedgerState]:
+        """Lock and read every account, escrow and unbonding row the operations touch, in name order.
+
+        Returns the state to apply the operations to and a copy of it as read (to diff on write).
+        """
+        names = sorted(set().union(*(touched_accounts(op.transfers) for op in ops)))
+        escrows = [n for n in names if account_kind(n) == "escrow"]
+        unbonding = [n for n in names if account_kind(n) == "unbonding"]
+        state = LedgerState()
+        for r in s.exec(
+            select(AccountRow).where(AccountRow.name.in_(names)).order_by(AccountRow.name).with_for_update()
+        ).all():
+            state.balances[r.name] = int(r.balance)
+        if escrows:
+            for r in s.exec(
+                select(EscrowRow).where(EscrowRow.account.in_(escrows)).order_by(EscrowRow.account).with_for_update()
+            ).all():
+                state.escrows[r.account] = Escrow(source=r.source, amount=int(r.amount), phase=r.phase)
+        if unbonding:
+            for r in s.exec(
+                select(UnbondingRow)
+                .where(UnbondingRow.account.in_(unbonding))
+                .order_by(UnbondingRow.account, UnbondingRow.mature_epoch)
+                .with_for_update()
+            ).all():
+                state.unbonding.setdefault(r.account, {})[int(r.mature_epoch)] = int(r.amount)
+        return state, state.copy()
+
+    @staticmethod
+    def _write_state(s: Session, state: LedgerState, before: LedgerState, created: dict[str, str]) -> None:
+        """Write what changed between ``before`` and ``state`` (balances, escrows, unbonding)."""
+        changed = [(n, v) for n, v in state.balances.items() if before.balances.get(n) != v]
+        updates = [{"n": n, "b": v} for n, v in changed if n in before.balances]
+        inserts = [{"name": n, "balance": v} for n, v in changed if n not in before.balances]
+        table = AccountRow.__table__
+        if updates:
+            s.execute(update(table).where(table.c.name == bindparam("n")).values(balance=bindparam("b")), updates)
+        if inserts:
+            s.execute(insert(table), inserts)
+        esc_new = [
+            dict(account=a, source=e.source, amount=e.amount, phase=e.phase, op_id=created[a])
+            for a, e in state.escrows.items()
+            if a not in before.escrows
+        ]
+        esc_changed = [
+            {"a": a, "p": e.phase}
+            for a, e in state.escrows.items()
+            if a in before.escrows and before.escrows[a] != e
+        ]
+        etable = EscrowRow.__table__
+        if esc_new:
+            s.execute(insert(etable), esc_new)
+        if esc_changed:
+            s.execute(update(etable).where(etable.c.account == bindparam("a")).values(phase=bindparam("p")), esc_changed)
+        touched = [a for a, e in state.unbonding.items() if before.unbonding.get(a) != e]
+        if touched:
+            utable = UnbondingRow.__table__
+            s.execute(delete(utable).where(utable.c.account.in_(touched)))
+            rows = [
+                dict(account=a, mature_epoch=epoch, amount=amount)
+                for a in touched
+                for epoch, amount in sorted(state.unbonding[a].items())
+                if amount > 0
+            ]
+            if rows:
+                s.execute(insert(utable), rows)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -439,6 +653,18 @@ class Ledger:
             "supply": minted - burned,
             "treasury": stored.get(TREASURY, 0),
         }
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        """Every message, operation and transfer as JSON-ready records (``gpucoin.ledger.export``).
+
+        A generator: iterate it to the end (or close it) to end its read transaction.
+        """
+        from gpucoin.ledger.export import iter_export
+
+        with self._engine.connect() as conn:
+            revision = migrate.current_revision(conn)
+        with self._session(write=False) as s:
+            yield from iter_export(s, revision)
 
     def audit(self, hard_cap_ugpc: int | None = None) -> list[str]:
         """Re-check the whole ledger from genesis; see ``gpucoin.ledger.audit.run_audit``.

@@ -60,3 +60,48 @@ class Transfer:
         if not (isinstance(self.digest, str) and self.digest.startswith("0x") and len(self.digest) == 66):
             raise ValueError(f"digest must be 0x + 64 hex digits, got {self.digest!r}")
         object.__setattr__(self, "code", Code(self.code))
+
+
+MAX_OP_ID_LEN = 256
+"""Longest operation id accepted, in characters."""
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation: linked transfers applied all or nothing under a client-chosen id.
+
+    Attributes:
+        op_id: 1-256 printable characters, chosen by the client so a retry is safe: the same id
+            with the same content returns the original result, with other content is a conflict.
+        transfers: applied in order; at least one.
+        memo: free text stored with it (part of its content).
+        epoch: the current emission epoch (required by UNBOND and WITHDRAW); not part of its
+            content, so a retry in a later epoch is still the same operation.
+
+    Raises:
+        LedgerError: for a bad id, memo or epoch, no transfers, or an item that is not a Transfer.
+    """
+
+    op_id: str
+    transfers: tuple[Transfer, ...]
+    memo: str = ""
+    epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        from gpucoin.exceptions import LedgerError
+
+        op_id = self.op_id
+        if not isinstance(op_id, str) or not 1 <= len(op_id) <= MAX_OP_ID_LEN or not op_id.isprintable():
+            raise LedgerError(f"operation id must be 1-{MAX_OP_ID_LEN} printable characters, got {op_id!r}")
+        if not isinstance(self.memo, str):
+            raise LedgerError(f"memo must be text, got {type(self.memo).__name__}")
+        epoch = self.epoch
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < 2**63):
+            raise LedgerError(f"epoch must be a non-negative integer, got {epoch!r}")
+        transfers = tuple(self.transfers)
+        if not transfers:
+            raise LedgerError(f"operation {op_id!r} has no transfers")
+        for i, t in enumerate(transfers):
+            if not isinstance(t, Transfer):
+                raise LedgerError(f"operation {op_id!r}: transfer #{i} is a {type(t).__name__}, not a Transfer")
+        object.__setattr__(self, "transfers", transfers)

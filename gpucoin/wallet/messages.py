@@ -30,7 +30,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from eth_account.messages import encode_typed_data
-from eth_utils import is_checksum_address, keccak, to_checksum_address
+from functools import lru_cache
+
+from eth_utils import keccak, to_checksum_address
 
 from gpucoin.exceptions import AmountError, SignatureError
 from gpucoin.money import MAX_AMOUNT_UGPC
@@ -59,9 +61,13 @@ __all__ = [
     "digest_of_typed_data",
     "sign",
     "recover_signer",
+    "recover_typed",
     "verify",
     "distance_e9",
 ]
+
+_checksum = lru_cache(maxsize=4096)(to_checksum_address)
+"""EIP-55 checksum of an address text, cached: eth_utils' pure-Python version dominated verification."""
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 """Order of the secp256k1 group; a signature's ``s`` must be in [1, SECP256K1_N // 2]."""
@@ -166,9 +172,9 @@ def _address(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _HEX_ADDRESS.match(value):
         raise MessageFieldError(f"{what} must be a 0x-prefixed 20-byte hex address, got {value!r}")
     body = value[2:]
-    if body != body.lower() and body != body.upper() and not is_checksum_address(value):
+    if body != body.lower() and body != body.upper() and _checksum(value) != value:
         raise MessageFieldError(f"{what} {value} has a wrong EIP-55 checksum (mixed case)")
-    return to_checksum_address(value)
+    return _checksum(value)
 
 
 def _bytes32(value: Any, what: str) -> str:
@@ -362,9 +368,10 @@ def _digest_bytes(typed_data: Mapping[str, Any]) -> bytes:
             raise MessageFieldError(f"typed data declares types for {primary} that differ from gpucoin's")
         if "EIP712Domain" in types and list(types["EIP712Domain"]) != EIP712_DOMAIN_TYPE:
             raise MessageFieldError("typed data declares an EIP712Domain that differs from gpucoin's")
-        Domain.from_dict(typed_data["domain"])
         # Hash the validated form: eth-account would silently pad short bytes32 or parse "0x.." as uint.
-        typed_data = {**typed_data, "message": validate_message(primary, typed_data["message"])}
+        message = validate_message(primary, typed_data["message"])
+        domain = Domain.from_dict(typed_data["domain"])
+        return keccak(b"\x19\x01" + _domain_separator(domain) + _hash_struct(primary, message))
     try:
         full = {k: typed_data[k] for k in ("types", "domain", "message", "primaryType") if k in typed_data}
         signable = encode_typed_data(full_message=full)
@@ -372,6 +379,56 @@ def _digest_bytes(typed_data: Mapping[str, Any]) -> bytes:
         return bytes(keccak(b"\x19" + signable.version + signable.header + signable.body))
     except Exception as e:  # eth-account raises ValueError, KeyError, TypeError, eth-abi errors
         raise MessageFieldError(f"malformed EIP-712 typed data: {type(e).__name__}: {e}") from None
+
+
+def _type_string(primary_type: str, fields: list[dict[str, str]]) -> str:
+    """EIP-712 ``encodeType`` of a struct that references no other struct: ``Name(type name,...)``."""
+    return f"{primary_type}(" + ",".join(f"{f['type']} {f['name']}" for f in fields) + ")"
+
+
+_TYPE_HASHES: dict[str, bytes] = {
+    name: keccak(_type_string(name, fields).encode()) for name, fields in {
+        **MESSAGE_TYPES, "EIP712Domain": EIP712_DOMAIN_TYPE
+    }.items()
+}
+"""keccak256 of each gpucoin type string (EIP-712 ``typeHash``)."""
+
+
+def _encode_value(kind: str, value: Any) -> bytes:
+    """EIP-712 ``encodeData`` of one atomic field of a validated message: 32 bytes.
+
+    Strings hash to keccak256 of their UTF-8 bytes; addresses are left-padded; uintN are
+    big-endian; bytes32 are as-is (EIP-712, Definition of encodeData).
+    """
+    if kind == "string":
+        return keccak(value.encode("utf-8"))
+    if kind == "address":
+        return bytes(12) + bytes.fromhex(value[2:])
+    if kind == "bytes32":
+        return bytes.fromhex(value[2:])
+    return value.to_bytes(32, "big")  # uint32 / uint64 / uint256, already range-checked
+
+
+def _hash_struct(primary_type: str, message: Mapping[str, Any]) -> bytes:
+    """EIP-712 ``hashStruct`` of a validated gpucoin message (flat: no nested structs or arrays)."""
+    fields = MESSAGE_TYPES[primary_type] if primary_type in MESSAGE_TYPES else EIP712_DOMAIN_TYPE
+    parts = [_TYPE_HASHES[primary_type]]
+    parts.extend(_encode_value(f["type"], message[f["name"]]) for f in fields)
+    return keccak(b"".join(parts))
+
+
+_SEPARATORS: dict[Domain, bytes] = {}
+"""Domain separators already computed (a process sees one or two domains)."""
+
+
+def _domain_separator(domain: Domain) -> bytes:
+    """EIP-712 ``domainSeparator`` = hashStruct(EIP712Domain) of ``domain``, cached."""
+    sep = _SEPARATORS.get(domain)
+    if sep is None:
+        sep = _hash_struct("EIP712Domain", domain.as_dict())
+        if len(_SEPARATORS) < 64:
+            _SEPARATORS[domain] = sep
+    return sep
 
 
 def digest_of_typed_data(typed_data: Mapping[str, Any]) -> str:
@@ -535,7 +592,7 @@ def _recover_from_digest(digest: bytes, recid: int, r: int, s: int) -> str:
             )
         except Exception as e:  # coincurve raises ValueError/Exception when no key recovers
             raise SignatureError(f"no public key recovers from this signature: {e}") from None
-        return to_checksum_address(keccak(pub.format(compressed=False)[1:])[-20:])
+        return _checksum("0x" + keccak(pub.format(compressed=False)[1:])[-20:].hex())
     from eth_keys import keys  # pragma: no cover - fallback without coincurve
     from eth_keys.exceptions import BadSignature  # pragma: no cover
 
@@ -554,8 +611,18 @@ def recover_signer(typed_data: Mapping[str, Any], signature: str | bytes) -> str
         SignatureError: v not 27/28, r or s out of range, high s (malleable twin), or no key recovers.
         MessageFieldError / MessageAmountError: malformed typed data.
     """
+    return recover_typed(typed_data, signature)[1]
+
+
+def recover_typed(typed_data: Mapping[str, Any], signature: str | bytes) -> tuple[str, str]:
+    """(digest as 0x + 64 hex, signer's checksum address) of signed typed data, hashing it once.
+
+    Raises:
+        SignatureError / MessageFieldError / MessageAmountError: as ``recover_signer``.
+    """
     recid, r, s = _split_signature(signature)
-    return _recover_from_digest(_digest_bytes(typed_data), recid, r, s)
+    digest = _digest_bytes(typed_data)
+    return "0x" + digest.hex(), _recover_from_digest(digest, recid, r, s)
 
 
 def verify(signed: SignedMessage, *, expected_signer: str | None = None, domain: Domain | None = None) -> str:
@@ -576,10 +643,9 @@ def verify(signed: SignedMessage, *, expected_signer: str | None = None, domain:
         raise SignatureError(f"{signed.primary_type} message is not in canonical form")
     if typed["domain"] != signed.domain:
         raise SignatureError("domain is not in canonical form")
-    digest = digest_of_typed_data(typed)
+    digest, recovered = recover_typed(typed, signed.signature)
     if not isinstance(signed.digest, str) or digest != signed.digest.lower():
         raise SignatureError(f"digest mismatch: message hashes to {digest}, signed message says {signed.digest}")
-    recovered = recover_signer(typed, signed.signature)
     claimed = _address(signed.signer, "signer")
     if recovered != claimed:
         raise SignatureError(f"signer mismatch: signature recovers {recovered}, signed message says {claimed}")

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """`gpucoin train` on a tiny model (2 layers, d=64): 12 steps in 3 intervals of 4."""
-    from conftest import TINY_MODEL, write_spec
+    from tests.conftest import TINY_MODEL, write_spec
 
     home = tmp_path_factory.mktemp("home")
     spec = write_spec(tmp_path_factory.mktemp("job"), TINY_MODEL)

@@ -66,7 +66,7 @@ def test_refused_with_one_line_and_no_ledger_change(home, args, expect):
 
 
 def test_unknown_key_in_spec_is_refused(home, tmp_path):
-    from conftest import write_spec
+    from tests.conftest import write_spec
 
     bad = write_spec(tmp_path / "job", extra="learning_rate: 0.1\n")
     before = _snapshot(home)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.ray
 
 
 def _spec(directory: Path, zero_stage: int = 2):
-    from conftest import TINY_MODEL, write_spec
+    from tests.conftest import TINY_MODEL, write_spec
 
     path = write_spec(directory, {**TINY_MODEL, "zero_stage: 2": f"zero_stage: {zero_stage}"})
     return load_spec(path, {"steps": 8, "checkpoint_interval_steps": 4})

@@ -19,7 +19,7 @@ JOB = REPO / "jobs" / "shakespeare_char" / "job.yaml"
 @pytest.fixture
 def edited(tmp_path):
     """Write the main spec with one text edit into a private copy of the job package."""
-    from conftest import write_spec
+    from tests.conftest import write_spec
 
     def make(old, new):
         return write_spec(tmp_path, {old: new}, excerpt=False)

@@ -1,19 +1,18 @@
-"""The SQL ledger on a temporary SQLite file: idempotency, atomicity, STRICT tables, the audit.
+"""The SQL ledger on SQLite and on PostgreSQL: idempotency, atomicity, the schema, the audit.
 
 Messages are real EIP-712 messages signed with ``gpucoin.wallet.messages`` by fixed dev keys.
+Every test taking ``ledger`` runs on both backends (``tests/ledger/conftest.py``).
 """
 
 from __future__ import annotations
 
-import itertools
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-from eth_account import Account
 from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
 
 from gpucoin.exceptions import (
     AmountError,
@@ -23,66 +22,27 @@ from gpucoin.exceptions import (
     SignatureError,
     UnknownAccount,
 )
-from gpucoin.ledger import (
-    BURNED,
-    ISSUANCE,
-    TREASURY,
-    BalanceOverflow,
-    Code,
-    Ledger,
-    Transfer,
-    escrow_account,
-    wallet_account,
+from gpucoin.ledger import BURNED, ISSUANCE, BalanceOverflow, Code, Ledger, Transfer
+from gpucoin.wallet.messages import SignedMessage, sign
+from tests.ledger.helpers import (
+    CONSUMER,
+    COORDINATOR,
+    DOMAIN,
+    ESCROW,
+    FAUCET,
+    GPC,
+    JOB,
+    VERIFIER,
+    WORKER,
+    Signer,
+    avail,
+    bonded,
+    fund,
+    normal_history,
+    raw_sql,
+    record,
+    tamper,
 )
-from gpucoin.money import MICRO_PER_GPC
-from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign
-
-GPC = MICRO_PER_GPC
-
-FAUCET = Account.from_key(b"\x01" * 32)
-COORDINATOR = Account.from_key(b"\x02" * 32)
-CONSUMER = Account.from_key(b"\x03" * 32)
-WORKER = Account.from_key(b"\x04" * 32)
-VERIFIER = Account.from_key(b"\x05" * 32)
-DOMAIN = Domain(chain_id=31337, verifying_contract=COORDINATOR.address)
-JOB = "job-1"
-ESCROW = escrow_account(JOB)
-
-
-class Signer:
-    """Signs gpucoin messages with fresh nonces per key."""
-
-    def __init__(self) -> None:
-        self._nonce = itertools.count(1)
-
-    def __call__(self, account: Any, primary_type: str, **message: Any) -> SignedMessage:
-        message.setdefault("nonce", next(self._nonce))
-        return sign(account, primary_type, DOMAIN, message)
-
-    def faucet(self, to: Any, amount: int) -> SignedMessage:
-        return self(FAUCET, "Faucet", recipient=to.address, amount=amount)
-
-    def receipt(self, step: int) -> SignedMessage:
-        return self(
-            WORKER, "WorkReceipt", jobId=JOB, worker=WORKER.address, rank=0, stepStart=step, stepEnd=step + 10,
-            samples=320, computeTimeMs=5000, sketchRoot="0x" + "aa" * 32, checkpointHash="0x" + "bb" * 32,
-            previousReceipt=ZERO_BYTES32,
-        )
-
-    def settlement(self, subject: str, **amounts: int) -> SignedMessage:
-        fields = dict(paid=0, burned=0, treasury=0, minted=0, slashed=0, refunded=0) | amounts
-        return self(
-            COORDINATOR, "Settlement", coordinator=COORDINATOR.address, jobId=JOB, subject=subject, epoch=1,
-            policyHash="0x" + "cc" * 32, **fields,
-        )
-
-
-def avail(acct: Any) -> str:
-    return wallet_account(acct.address)
-
-
-def bonded(acct: Any) -> str:
-    return wallet_account(acct.address, "bonded")
 
 
 @pytest.fixture
@@ -91,7 +51,7 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def ledger(db: Path) -> Any:
+def sqlite_ledger(db: Path) -> Ledger:
     led = Ledger(f"sqlite:///{db}")
     yield led
     led.close()
@@ -102,59 +62,6 @@ def s() -> Signer:
     return Signer()
 
 
-def record(ledger: Ledger, *msgs: SignedMessage) -> None:
-    for m in msgs:
-        ledger.record_message(m)
-
-
-def fund(ledger: Ledger, s: Signer, acct: Any, amount: int, op_id: str) -> list[int]:
-    m = s.faucet(acct, amount)
-    ledger.record_message(m)
-    return ledger.post(op_id, [Transfer(ISSUANCE, avail(acct), amount, Code.FAUCET, m.digest)])
-
-
-def normal_history(ledger: Ledger, s: Signer) -> None:
-    """Faucet, bond, escrow, a settled interval with mint, a slash, a refund."""
-    fund(ledger, s, CONSUMER, 1000 * GPC, "faucet-consumer")
-    fund(ledger, s, WORKER, 600 * GPC, "faucet-worker")
-    reg = s(WORKER, "NodeRegistration", provider=WORKER.address, nodeId="n1", resources="cpu=2",
-            askPerWorkerHour=GPC, stake=500 * GPC, deadline=2**40)
-    order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
-              bidPerWorkerHour=2 * GPC, budget=200 * GPC, deadline=2**40)
-    record(ledger, reg, order)
-    ledger.post("bond-1", [Transfer(avail(WORKER), bonded(WORKER), 500 * GPC, Code.BOND, reg.digest)])
-    ledger.post("escrow-1", [Transfer(avail(CONSUMER), ESCROW, 200 * GPC, Code.ESCROW, order.digest)])
-
-    r1 = s.receipt(0)
-    st1 = s.settlement(r1.digest, paid=10 * GPC, burned=9 * GPC, treasury=GPC, minted=5 * GPC)
-    record(ledger, r1, st1)
-    ledger.post(
-        "settle-1",
-        [
-            Transfer(ESCROW, BURNED, 9 * GPC, Code.BURN, st1.digest),
-            Transfer(ESCROW, TREASURY, GPC, Code.TREASURY, st1.digest),
-            Transfer(ISSUANCE, avail(WORKER), 4 * GPC, Code.MINT_WORKER, st1.digest),
-            Transfer(ISSUANCE, avail(VERIFIER), GPC, Code.MINT_VERIFIER, st1.digest),
-        ],
-        memo="interval 0-10",
-    )
-    r2 = s.receipt(10)
-    report = s(VERIFIER, "VerificationReport", verifier=VERIFIER.address, receiptDigest=r2.digest, verdict="fail",
-               distanceE9=90_000_000)
-    st2 = s.settlement(r2.digest, slashed=50 * GPC)
-    record(ledger, r2, report, st2)
-    ledger.post(
-        "slash-1",
-        [
-            Transfer(bonded(WORKER), BURNED, 40 * GPC, Code.SLASH, st2.digest),
-            Transfer(bonded(WORKER), avail(VERIFIER), 10 * GPC, Code.WHISTLEBLOWER, st2.digest),
-        ],
-    )
-    st3 = s.settlement(order.digest, refunded=190 * GPC)
-    record(ledger, st3)
-    ledger.post("refund-1", [Transfer(ESCROW, avail(CONSUMER), 190 * GPC, Code.REFUND, st3.digest)])
-
-
 def raw(db: Path) -> sqlite3.Connection:
     """A plain sqlite3 connection that bypasses the Ledger (autocommit)."""
     return sqlite3.connect(db, isolation_level=None)
@@ -163,10 +70,10 @@ def raw(db: Path) -> sqlite3.Connection:
 # -- schema --------------------------------------------------------------------------------
 
 
-def test_schema_is_created_strict_and_in_wal_mode(ledger: Ledger, db: Path) -> None:
+def test_schema_is_created_strict_and_in_wal_mode(sqlite_ledger: Ledger, db: Path) -> None:
     con = raw(db)
     strict = dict(con.execute("SELECT name, strict FROM pragma_table_list WHERE schema = 'main'").fetchall())
-    for table in ("message", "operation", "transfer", "account", "chain_head"):
+    for table in ("message", "operation", "transfer", "account", "escrow", "unbonding", "chain_head"):
         assert strict[table] == 1, table
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # opening the same file again finds the schema and keeps the data
@@ -175,7 +82,7 @@ def test_schema_is_created_strict_and_in_wal_mode(ledger: Ledger, db: Path) -> N
     led2.close()
 
 
-def test_strict_tables_refuse_real_and_overflowing_values_written_with_plain_sql(ledger: Ledger, db: Path) -> None:
+def test_strict_tables_refuse_real_and_overflowing_values_written_with_plain_sql(sqlite_ledger: Ledger, db: Path) -> None:
     con = raw(db)
     for value in ("1e30", str(2**63), "1.5"):
         with pytest.raises(sqlite3.Error, match="REAL"):
@@ -187,7 +94,8 @@ def test_strict_tables_refuse_real_and_overflowing_values_written_with_plain_sql
     assert con.execute("SELECT typeof(balance) FROM loose").fetchone()[0] == "real"
 
 
-def test_writes_begin_immediate_and_reads_begin_deferred(ledger: Ledger, s: Signer) -> None:
+def test_writes_begin_immediate_and_reads_begin_deferred(sqlite_ledger: Ledger, s: Signer) -> None:
+    ledger = sqlite_ledger
     seen: list[str] = []
     event.listen(ledger.engine, "before_cursor_execute", lambda c, cur, stmt, *a: seen.append(stmt))
     fund(ledger, s, CONSUMER, 5, "op")
@@ -263,15 +171,18 @@ def test_the_same_op_id_with_different_content_is_a_conflict(ledger: Ledger, s: 
     assert ledger.balance(avail(CONSUMER)) == 100 and len(ledger.transfers()) == 1
 
 
-def test_an_operation_is_all_or_nothing(ledger: Ledger, s: Signer, db: Path) -> None:
+def test_an_operation_is_all_or_nothing(ledger: Ledger, s: Signer) -> None:
     fund(ledger, s, CONSUMER, 100, "fund")
     order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
-              bidPerWorkerHour=1, budget=100, deadline=1)
-    ledger.record_message(order)
+              bidPerWorkerHour=1, budget=60, deadline=1)
+    other = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId="job-2", specHash="0x" + "ee" * 32,
+              workers=1, bidPerWorkerHour=1, budget=41, deadline=1)
+    ledger.record_messages([order, other])
     before = (ledger.balances(), ledger.transfers(), ledger.totals())
+    # the first transfer alone is affordable; the second is not, so neither may land
     with pytest.raises(InsufficientFunds, match="short by 1"):
         ledger.post("escrow", [Transfer(avail(CONSUMER), ESCROW, 60, Code.ESCROW, order.digest),
-                               Transfer(avail(CONSUMER), ESCROW, 41, Code.ESCROW, order.digest)])
+                               Transfer(avail(CONSUMER), "job:job-2:escrow", 41, Code.ESCROW, other.digest)])
     assert (ledger.balances(), ledger.transfers(), ledger.totals()) == before
     assert ledger.operation("escrow") is None
     # the refused op_id is free; the chain goes on from the last committed row
@@ -309,8 +220,8 @@ def test_malformed_posts_are_refused(ledger: Ledger) -> None:
     assert ledger.balance(avail(VERIFIER)) == 0
 
 
-def test_concurrent_writers_on_one_file_serialize(db: Path, s: Signer) -> None:
-    ledgers = [Ledger(f"sqlite:///{db}") for _ in range(2)]
+def test_concurrent_writers_in_threads_serialize(ledger_url: str, s: Signer) -> None:
+    ledgers = [Ledger(ledger_url) for _ in range(2)]
     msgs = [s.faucet(CONSUMER, 1) for _ in range(40)]
     for m in msgs:
         ledgers[0].record_message(m)
@@ -376,9 +287,18 @@ def test_audit_is_clean_on_a_normal_history(ledger: Ledger, s: Signer) -> None:
     assert len(problems) == 1 and "hard cap" in problems[0] and str(1556 * GPC) in problems[0]
 
 
-def test_audit_names_the_row_whose_amount_was_changed_with_plain_sql(ledger: Ledger, s: Signer, db: Path) -> None:
+def test_transfers_messages_and_operations_are_append_only(ledger: Ledger, s: Signer) -> None:
     normal_history(ledger, s)
-    raw(db).execute("UPDATE transfer SET amount = amount + 1 WHERE id = 4")
+    for sql in ("UPDATE transfer SET amount = amount + 1 WHERE id = 4", "DELETE FROM transfer WHERE id = 11",
+                "UPDATE message SET signer = 'x' WHERE id = 1", "DELETE FROM operation WHERE op_id = 'refund-1'"):
+        with pytest.raises(DBAPIError, match="append-only"):
+            raw_sql(ledger, sql)
+    assert ledger.audit() == []
+
+
+def test_audit_names_the_row_whose_amount_was_changed_with_plain_sql(ledger: Ledger, s: Signer) -> None:
+    normal_history(ledger, s)
+    tamper(ledger, "UPDATE transfer SET amount = amount + 1 WHERE id = 4")
     problems = ledger.audit()
     assert any(p.startswith("transfer #4 ") and "does not chain" in p for p in problems), problems
     assert any("operation 'escrow-1'" in p for p in problems), problems
@@ -386,31 +306,32 @@ def test_audit_names_the_row_whose_amount_was_changed_with_plain_sql(ledger: Led
     assert not any(p.startswith("transfer #5 ") for p in problems), problems
 
 
-def test_audit_notices_a_deleted_last_row(ledger: Ledger, s: Signer, db: Path) -> None:
+def test_audit_notices_a_deleted_last_row(ledger: Ledger, s: Signer) -> None:
     normal_history(ledger, s)
-    raw(db).execute("DELETE FROM transfer WHERE id = 11")
+    tamper(ledger, "DELETE FROM transfer WHERE id = 11")
     problems = ledger.audit()
     assert any(p.startswith("chain head: names transfer #11") for p in problems), problems
     assert any(p.startswith("operation 'refund-1'") and "0 transfer rows" in p for p in problems), problems
 
 
-def test_audit_fails_on_a_negative_user_account(ledger: Ledger, s: Signer, db: Path) -> None:
+def test_audit_fails_on_a_negative_user_account(ledger: Ledger, s: Signer) -> None:
     normal_history(ledger, s)
     digest = ledger.transfers(limit=1)[0].digest
     # A row written behind the ledger's back that overdraws the verifier (the account table's
     # CHECK keeps the stored balance from going negative, so only the transfers show it).
-    raw(db).execute(
+    raw_sql(
+        ledger,
         "INSERT INTO transfer (id, op_id, seq, debit, credit, amount, code, digest, created_at, prev_hash, row_hash)"
-        f" VALUES (12, 'refund-1', 1, '{avail(VERIFIER)}', '{BURNED}', {100 * GPC}, 'burn', '{digest}', 0, '', '')"
+        f" VALUES (12, 'refund-1', 1, '{avail(VERIFIER)}', '{BURNED}', {100 * GPC}, 'burn', '{digest}', 0, '', '')",
     )
-    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
-        raw(db).execute(f"UPDATE account SET balance = -1 WHERE name = '{avail(VERIFIER)}'")
+    with pytest.raises(DBAPIError, match="(?i)check"):
+        raw_sql(ledger, f"UPDATE account SET balance = -1 WHERE name = '{avail(VERIFIER)}'")
     problems = ledger.audit()
     assert any(avail(VERIFIER) in p and "below zero" in p for p in problems), problems
     assert any(p.startswith("transfer #12 ") and "does not chain" in p for p in problems), problems
 
 
-def test_audit_checks_signatures_and_what_authorizes_a_mint(ledger: Ledger, s: Signer, db: Path) -> None:
+def test_audit_checks_signatures_and_what_authorizes_a_mint(ledger: Ledger, s: Signer) -> None:
     normal_history(ledger, s)
     # a mint authorized by a Faucet message instead of a Settlement of a stored WorkReceipt
     m = s.faucet(WORKER, 7)
@@ -426,6 +347,6 @@ def test_audit_checks_signatures_and_what_authorizes_a_mint(ledger: Ledger, s: S
     # a stored signature altered with plain SQL
     row = ledger.messages("Faucet")[0]
     sig = row.signature[:10] + ("0" if row.signature[10] != "0" else "1") + row.signature[11:]
-    raw(db).execute("UPDATE message SET signature = ? WHERE id = ?", (sig, row.id))
+    tamper(ledger, "UPDATE message SET signature = :sig WHERE id = :id", {"sig": sig, "id": row.id})
     problems = ledger.audit()
     assert any(p.startswith(f"message #{row.id} ") for p in problems), problems

@@ -1,0 +1,1 @@
+"""Runnable benchmarks (not tests): see benchmarks/README.md."""

@@ -1,0 +1,1 @@
+"""Ledger settlement throughput vs plain signature recovery: ``python -m benchmarks.ledger.run``."""

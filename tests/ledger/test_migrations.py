@@ -1,0 +1,50 @@
+"""The schema comes from Alembic migrations: they match the ORM models, upgrade an old ledger,
+and downgrade cleanly. On both backends."""
+
+from __future__ import annotations
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlmodel import SQLModel
+
+from gpucoin.ledger import Ledger, migrate
+from gpucoin.ledger.models import LEDGER_TABLES
+from tests.ledger.helpers import ESCROW, Signer, normal_history, raw_sql
+
+
+def test_the_head_revision_matches_the_orm_models(ledger: Ledger) -> None:
+    with ledger.engine.connect() as conn:
+        assert migrate.current_revision(conn) == migrate.head_revision()
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    ours = {t.name for t in LEDGER_TABLES}
+    relevant = [d for d in diff if not (d[0] == "remove_table" and d[1].name not in ours)]
+    assert relevant == []
+
+
+def test_opening_a_ledger_again_does_not_migrate_twice(ledger: Ledger) -> None:
+    normal_history(ledger, Signer())
+    again = Ledger(ledger.url)
+    assert again.balances() == ledger.balances() and again.audit() == []
+    again.close()
+
+
+def test_a_ledger_from_before_the_migrations_is_stamped_upgraded_and_its_escrows_rebuilt(ledger: Ledger) -> None:
+    normal_history(ledger, Signer())
+    balances = ledger.balances()
+    with ledger.engine.connect() as conn:
+        with conn.begin():
+            command.downgrade(migrate._config(conn), "0001")
+    raw_sql(ledger, "DROP TABLE alembic_version")  # as a ledger written before Alembic was used
+    assert not any(r[0] == "escrow" for r in raw_sql(ledger, _TABLES[ledger.backend]))
+    upgraded = Ledger(ledger.url)
+    assert upgraded.balances() == balances
+    assert raw_sql(upgraded, "SELECT account, phase FROM escrow") == [(ESCROW, "voided")]
+    assert upgraded.audit() == []
+    upgraded.close()
+
+
+_TABLES = {
+    "sqlite": "SELECT name FROM sqlite_master WHERE type = 'table'",
+    "postgresql": "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()",
+}
