@@ -135,8 +135,19 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+_ATOMS = frozenset({str, int, bool, type(None)})
+"""Types ``_plain`` passes through unchanged (checked by exact type: the hot path of every hash)."""
+
+
 def _plain(obj: Any) -> Any:
     """Turn bytes into 0x-hex and tuples into lists, recursively; refuse floats."""
+    t = type(obj)
+    if t in _ATOMS:
+        return obj
+    if t is dict:
+        return {k if type(k) is str else str(k): _plain(v) for k, v in obj.items()}
+    if t is list or t is tuple:
+        return [_plain(v) for v in obj]
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return "0x" + bytes(obj).hex()
     if isinstance(obj, float):

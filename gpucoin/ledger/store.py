@@ -20,22 +20,23 @@ before it was granted.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from eth_utils import is_address, to_checksum_address
-from sqlalchemy import bindparam, delete, event, func, insert, or_, tuple_, update
+from eth_utils import is_address
+from sqlalchemy import Table, and_, bindparam, delete, event, func, insert, or_, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, create_engine, select
 
-from gpucoin.exceptions import ConflictError, GpucoinError, LedgerError, SignatureError, UnknownAccount
+from gpucoin.exceptions import ConflictError, GpucoinError, LedgerError, RuleViolation, SignatureError, UnknownAccount
 from gpucoin.ledger import migrate
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, account_kind, is_valid_account
-from gpucoin.ledger.audit import run_audit, verify_message
+from gpucoin.ledger.audit import SETTLEMENT, WORK_RECEIPT, run_audit, verify_typed_message
 from gpucoin.ledger.models import (
     AccountRow,
     ChainHead,
@@ -45,9 +46,10 @@ from gpucoin.ledger.models import (
     TransferRow,
     UnbondingRow,
 )
-from gpucoin.ledger.rules import SLASH_CODES, canonical_json, chain_hash, operation_hash
+from gpucoin.ledger.rules import MINT_CODES, SLASH_CODES, canonical_json, chain_hash, operation_hash
 from gpucoin.ledger.state import Escrow, LedgerState, apply_operation, touched_accounts
 from gpucoin.ledger.transfer import Code, Operation, Transfer
+from gpucoin.wallet.messages import checksum_address
 
 _WRITE = "gpucoin_write"
 """Connection execution option that makes the SQLite ``begin`` hook emit BEGIN IMMEDIATE."""
@@ -104,6 +106,50 @@ def _nonce_text(message: Any) -> str | None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise SignatureError(f"nonce must be a non-negative integer, got {raw!r}")
     return str(n)
+
+
+def _typed_text(typed: Any) -> str:
+    """The canonical JSON text of typed data (``rules.canonical_json``), stored and then verified.
+
+    Typed data from ``typed_data()`` is already plain JSON (dicts, lists, str, int), for which
+    ``json.dumps`` with canonical_json's settings gives the same text without canonical_json's walk
+    over every value (the hot path of recording a message). Anything else takes canonical_json's
+    conversions; a float passes here but never verifies (every EIP-712 field is int or text).
+    """
+    try:
+        return json.dumps(typed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return canonical_json(typed)
+
+
+_COPY_MIN_ROWS = 32
+"""From this many rows on, an insert on PostgreSQL goes through COPY (one statement, no per-row round trip)."""
+
+
+def _insert_rows(s: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` (dicts of column values, all with the same keys) into ``table`` in the session's transaction.
+
+    On PostgreSQL a large batch is streamed with ``COPY ... FROM STDIN`` (psycopg's copy), which
+    the server applies as one statement; otherwise (SQLite, or a few rows) an executemany INSERT.
+    """
+    if not rows:
+        return
+    conn = s.connection()
+    if conn.dialect.name != "postgresql" or len(rows) < _COPY_MIN_ROWS:
+        s.execute(insert(table), rows)
+        return
+    cols = list(rows[0])
+    statement = f"COPY {table.name} ({', '.join(cols)}) FROM STDIN"
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        with cur.copy(statement) as copy:
+            for r in rows:
+                copy.write_row([r[c] for c in cols])
+    except conn.dialect.dbapi.IntegrityError as exc:
+        # As SQLAlchemy would wrap it, so callers' retry on a lost uniqueness race sees it.
+        raise IntegrityError(statement, None, exc) from exc
+    finally:
+        cur.close()
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
@@ -181,6 +227,9 @@ class Ledger:
                 Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         else:
             kwargs["pool_pre_ping"] = True
+            # psycopg's own executemany (pipeline mode, one parsed statement) instead of SQLAlchemy
+            # rendering a fresh many-VALUES INSERT per batch that psycopg then re-parses.
+            kwargs["use_insertmanyvalues"] = False
         self._engine: Engine = create_engine(url, **kwargs)
         if self._is_sqlite:
             _install_sqlite_hooks(self._engine)
@@ -262,12 +311,7 @@ class Ledger:
             ConflictError: if a message reuses a (signer, nonce) of a different stored message.
             LedgerError: for more than ``MAX_BATCH`` messages.
         """
-        if len(signed) > MAX_BATCH:
-            raise LedgerError(f"{len(signed)} messages in one batch; at most {MAX_BATCH}")
-        rows: dict[str, dict[str, Any]] = {}
-        for m in signed:
-            fields = self._message_fields(m)
-            rows.setdefault(fields["digest"], fields)
+        rows = self._message_rows(signed)
         if not rows:
             return 0
         for attempt in range(_MAX_ATTEMPTS):
@@ -281,6 +325,21 @@ class Ledger:
                     raise LedgerError(f"messages could not be recorded, concurrent writes kept conflicting: {exc.orig}")
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _message_rows(self, signed: Sequence[Any]) -> dict[str, dict[str, Any]]:
+        """The checked rows of ``signed`` by digest (repeats dropped), before any transaction.
+
+        Raises:
+            SignatureError: naming the first message that does not check.
+            LedgerError: for more than ``MAX_BATCH`` messages.
+        """
+        if len(signed) > MAX_BATCH:
+            raise LedgerError(f"{len(signed)} messages in one batch; at most {MAX_BATCH}")
+        rows: dict[str, dict[str, Any]] = {}
+        for m in signed:
+            fields = self._message_fields(m)
+            rows.setdefault(fields["digest"], fields)
+        return rows
+
     @staticmethod
     def _message_fields(signed: Any) -> dict[str, Any]:
         """The row of one signed message, after checking it on its canonical stored text."""
@@ -291,13 +350,21 @@ class Ledger:
         fields = dict(
             digest=digest,
             primary_type=str(signed.primary_type),
-            signer=to_checksum_address(signed.signer),
+            signer=checksum_address(signed.signer),
             nonce=_nonce_text(typed.get("message")),
             signature=_hex(signed.signature, 65, "signature"),
-            typed_data=canonical_json(typed),
+            typed_data=_typed_text(typed),
             recorded_at=_now_us(),
         )
-        problem = verify_message(MessageRow(**fields))
+        # Checked on the text as stored, so what the audit later re-verifies is what passed here.
+        problem = verify_typed_message(
+            json.loads(fields["typed_data"]),
+            primary_type=fields["primary_type"],
+            nonce=fields["nonce"],
+            digest=digest,
+            signature=fields["signature"],
+            signer=fields["signer"],
+        )
         if problem is not None:
             raise SignatureError(f"message {digest} refused: {problem}")
         return fields
@@ -318,8 +385,15 @@ class Ledger:
                     )
                 seen[key] = r["digest"]
         if pairs:
+            by_signer: dict[str, list[str]] = {}
+            for signer, nonce in pairs:
+                by_signer.setdefault(signer, []).append(nonce)
+            # One (signer = ? AND nonce IN (...)) per signer: both backends answer it from the
+            # unique (signer, nonce) index, where a row-value IN of many pairs is planned poorly.
             other = s.exec(
-                select(MessageRow).where(tuple_(MessageRow.signer, MessageRow.nonce).in_(pairs)).limit(1)
+                select(MessageRow)
+                .where(or_(*(and_(MessageRow.signer == k, MessageRow.nonce.in_(v)) for k, v in by_signer.items())))
+                .limit(1)
             ).first()
             if other is not None:
                 refused = seen[(other.signer, other.nonce)]
@@ -328,7 +402,7 @@ class Ledger:
                     f"({other.primary_type} {other.digest}); refused {refused}"
                 )
         if new:
-            s.execute(insert(MessageRow.__table__), new)
+            _insert_rows(s, MessageRow.__table__, new)
         return len(new)
 
     def post(
@@ -356,21 +430,30 @@ class Ledger:
         """
         return self.post_batch([Operation(op_id, tuple(transfers), memo, epoch)])[0]
 
-    def post_batch(self, operations: Sequence[Operation]) -> list[list[int]]:
+    def post_batch(self, operations: Sequence[Operation], *, messages: Sequence[Any] = ()) -> list[list[int]]:
         """Apply many operations, in order, in one database transaction: all of them or none.
 
         Each operation keeps its own id and idempotency (one already posted with the same content
         returns its original ids), and each is checked against the state the ones before it left.
 
+        Args:
+            operations: the operations, applied in this order.
+            messages: signed messages to record first in the same transaction (as
+                ``record_messages``: checked before it begins, already stored ones skipped), e.g.
+                the WorkReceipts and Settlements the operations' transfers name. If the batch is
+                refused, none of them is stored either.
+
         Returns:
             The transfer ids of each operation, in the order given.
 
         Raises:
-            As ``post``, naming the operation that was refused; then nothing of the batch is
-            written. LedgerError for more than ``MAX_BATCH`` operations.
+            As ``post`` and ``record_messages``, naming the operation or message that was refused;
+            then nothing of the batch is written. LedgerError for more than ``MAX_BATCH``
+            operations or messages.
         """
         ops = list(operations)
-        if not ops:
+        rows = self._message_rows(messages)
+        if not ops and not rows:
             return []
         if len(ops) > MAX_BATCH:
             raise LedgerError(f"{len(ops)} operations in one batch; at most {MAX_BATCH}")
@@ -381,7 +464,9 @@ class Ledger:
         for attempt in range(_MAX_ATTEMPTS):
             try:
                 with self._session(write=True) as s:
-                    return self._apply_batch(s, ops, contents)
+                    if rows:
+                        self._insert_messages(s, rows)
+                    return self._apply_batch(s, ops, contents) if ops else []
             except IntegrityError as exc:
                 if attempt + 1 == _MAX_ATTEMPTS:
                     raise LedgerError(f"operation batch refused by the database: {exc.orig}") from None
@@ -464,8 +549,8 @@ class Ledger:
                     )
                 )
                 results[fresh[op.op_id]] = list(range(first, next_id))
-            s.execute(insert(OperationRow.__table__), op_rows)
-            s.execute(insert(TransferRow.__table__), transfer_rows)
+            _insert_rows(s, OperationRow.__table__, op_rows)
+            _insert_rows(s, TransferRow.__table__, transfer_rows)
             self._write_state(s, state, before, created)
             head.last_transfer_id = next_id - 1
             head.last_hash = prev
@@ -477,14 +562,50 @@ class Ledger:
 
     @staticmethod
     def _check_digests(s: Session, ops: list[Operation]) -> None:
-        """Refuse the batch if a transfer's digest names no recorded message."""
+        """Refuse the batch if a transfer's digest names no recorded message, or a mint is unbacked.
+
+        A MINT_* transfer must name a Settlement whose ``subject`` is a recorded WorkReceipt (the
+        rule ``gpucoin ledger audit`` checks from genesis, enforced here so nothing the audit
+        would reject is ever written).
+
+        Raises:
+            LedgerError: for a digest that names no recorded message.
+            RuleViolation: for a mint not backed by a settled receipt.
+        """
         digests = sorted({t.digest.lower() for op in ops for t in op.transfers})
-        found = set(s.exec(select(MessageRow.digest).where(MessageRow.digest.in_(digests))).all())
+        found = dict(
+            s.exec(select(MessageRow.digest, MessageRow.primary_type).where(MessageRow.digest.in_(digests))).all()
+        )
         for op in ops:
-            missing = sorted({t.digest.lower() for t in op.transfers} - found)
+            missing = sorted({t.digest.lower() for t in op.transfers} - set(found))
             if missing:
                 raise LedgerError(
                     f"operation {op.op_id!r}: {len(missing)} digest(s) name no recorded message: {', '.join(missing)}"
+                )
+        mints = [(op, i, t) for op in ops for i, t in enumerate(op.transfers) if Code(t.code) in MINT_CODES]
+        if not mints:
+            return
+        backing = sorted({t.digest.lower() for _, _, t in mints if found[t.digest.lower()] == SETTLEMENT})
+        subjects: dict[str, str | None] = {}
+        for digest, text in s.exec(
+            select(MessageRow.digest, MessageRow.typed_data).where(MessageRow.digest.in_(backing))
+        ).all():
+            subject = json.loads(text).get("message", {}).get("subject")
+            subjects[digest] = subject.lower() if isinstance(subject, str) else None
+        wanted = sorted({v for v in subjects.values() if v is not None})
+        receipts = set(
+            s.exec(
+                select(MessageRow.digest).where(MessageRow.digest.in_(wanted), MessageRow.primary_type == WORK_RECEIPT)
+            ).all()
+        ) if wanted else set()
+        for op, i, t in mints:
+            d = t.digest.lower()
+            where = f"operation {op.op_id!r}: transfer #{i} ({Code(t.code).value})"
+            if found[d] != SETTLEMENT:
+                raise RuleViolation(f"{where} is authorized by a {found[d]}; a mint needs a Settlement")
+            if subjects.get(d) not in receipts:
+                raise RuleViolation(
+                    f"{where}: its Settlement {d} settles {subjects.get(d)}, which is no recorded WorkReceipt"
                 )
 
     @staticmethod

@@ -32,7 +32,8 @@ from typing import Any
 from eth_account.messages import encode_typed_data
 from functools import lru_cache
 
-from eth_utils import keccak, to_checksum_address
+from Crypto.Hash import keccak as _pycryptodome_keccak
+from eth_utils import to_checksum_address
 
 from gpucoin.exceptions import AmountError, SignatureError
 from gpucoin.money import MAX_AMOUNT_UGPC
@@ -64,10 +65,17 @@ __all__ = [
     "recover_typed",
     "verify",
     "distance_e9",
+    "checksum_address",
 ]
 
-_checksum = lru_cache(maxsize=4096)(to_checksum_address)
-"""EIP-55 checksum of an address text, cached: eth_utils' pure-Python version dominated verification."""
+def keccak(data: bytes) -> bytes:
+    """keccak256 of ``data`` (32 bytes): pycryptodome's, which eth-hash wraps, called directly."""
+    return _pycryptodome_keccak.new(digest_bits=256, data=data).digest()
+
+
+checksum_address = lru_cache(maxsize=4096)(to_checksum_address)
+"""EIP-55 checksum address (str) of an address text, cached (``eth_utils.to_checksum_address``; its
+pure-Python keccak dominated verification). Raises ValueError for text that is not an address."""
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 """Order of the secp256k1 group; a signature's ``s`` must be in [1, SECP256K1_N // 2]."""
@@ -172,9 +180,9 @@ def _address(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _HEX_ADDRESS.match(value):
         raise MessageFieldError(f"{what} must be a 0x-prefixed 20-byte hex address, got {value!r}")
     body = value[2:]
-    if body != body.lower() and body != body.upper() and _checksum(value) != value:
+    if body != body.lower() and body != body.upper() and checksum_address(value) != value:
         raise MessageFieldError(f"{what} {value} has a wrong EIP-55 checksum (mixed case)")
-    return _checksum(value)
+    return checksum_address(value)
 
 
 def _bytes32(value: Any, what: str) -> str:
@@ -592,7 +600,7 @@ def _recover_from_digest(digest: bytes, recid: int, r: int, s: int) -> str:
             )
         except Exception as e:  # coincurve raises ValueError/Exception when no key recovers
             raise SignatureError(f"no public key recovers from this signature: {e}") from None
-        return _checksum("0x" + keccak(pub.format(compressed=False)[1:])[-20:].hex())
+        return checksum_address("0x" + keccak(pub.format(compressed=False)[1:])[-20:].hex())
     from eth_keys import keys  # pragma: no cover - fallback without coincurve
     from eth_keys.exceptions import BadSignature  # pragma: no cover
 

@@ -12,17 +12,21 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlmodel import Session
 
 from gpucoin.exceptions import (
     AmountError,
     ConflictError,
     InsufficientFunds,
     LedgerError,
+    RuleViolation,
     SignatureError,
     UnknownAccount,
 )
-from gpucoin.ledger import BURNED, ISSUANCE, BalanceOverflow, Code, Ledger, Transfer
+from gpucoin.ledger import BURNED, ISSUANCE, BalanceOverflow, Code, Ledger, Operation, Transfer
+from gpucoin.ledger.models import MessageRow
+from gpucoin.ledger.store import _COPY_MIN_ROWS, _insert_rows
 from gpucoin.wallet.messages import SignedMessage, sign
 from tests.ledger.helpers import (
     CONSUMER,
@@ -333,20 +337,70 @@ def test_audit_fails_on_a_negative_user_account(ledger: Ledger, s: Signer) -> No
 
 def test_audit_checks_signatures_and_what_authorizes_a_mint(ledger: Ledger, s: Signer) -> None:
     normal_history(ledger, s)
-    # a mint authorized by a Faucet message instead of a Settlement of a stored WorkReceipt
     m = s.faucet(WORKER, 7)
     order_digest = ledger.messages("JobOrder")[0].digest
     not_a_receipt = s.settlement(order_digest, minted=7)
     record(ledger, m, not_a_receipt)
-    ids = ledger.post("bad-mint", [Transfer(ISSUANCE, avail(WORKER), 7, Code.MINT_WORKER, m.digest),
-                                   Transfer(ISSUANCE, avail(WORKER), 7, Code.MINT_WORKER, not_a_receipt.digest)])
+    before = (ledger.balances(), ledger.transfers())
+    # post refuses a mint authorized by anything but a Settlement of a recorded WorkReceipt ...
+    with pytest.raises(RuleViolation, match="authorized by a Faucet; a mint needs a Settlement"):
+        ledger.post("bad-mint", [Transfer(ISSUANCE, avail(WORKER), 7, Code.MINT_WORKER, m.digest)])
+    with pytest.raises(RuleViolation, match=f"settles {order_digest}, which is no recorded WorkReceipt"):
+        ledger.post("bad-mint", [Transfer(ISSUANCE, avail(WORKER), 7, Code.MINT_VERIFIER, not_a_receipt.digest)])
+    assert (ledger.balances(), ledger.transfers()) == before
+    # ... and the audit names such a row written with plain SQL
+    mint = next(t for t in ledger.transfers() if t.code == Code.MINT_WORKER.value)
+    tamper(ledger, "UPDATE transfer SET digest = :d WHERE id = :id", {"d": m.digest, "id": mint.id})
     problems = ledger.audit()
-    assert any(p.startswith(f"transfer #{ids[0]} ") and "not a Settlement" in p for p in problems), problems
-    assert any(p.startswith(f"transfer #{ids[1]} ") and "no stored WorkReceipt" in p for p in problems), problems
-    assert len(problems) == 2
+    assert any(p.startswith(f"transfer #{mint.id} ") and "not a Settlement" in p for p in problems), problems
+    tamper(ledger, "UPDATE transfer SET digest = :d WHERE id = :id", {"d": not_a_receipt.digest, "id": mint.id})
+    problems = ledger.audit()
+    assert any(p.startswith(f"transfer #{mint.id} ") and "no stored WorkReceipt" in p for p in problems), problems
+    tamper(ledger, "UPDATE transfer SET digest = :d WHERE id = :id", {"d": mint.digest, "id": mint.id})
+    assert ledger.audit() == []
     # a stored signature altered with plain SQL
     row = ledger.messages("Faucet")[0]
     sig = row.signature[:10] + ("0" if row.signature[10] != "0" else "1") + row.signature[11:]
     tamper(ledger, "UPDATE message SET signature = :sig WHERE id = :id", {"sig": sig, "id": row.id})
     problems = ledger.audit()
     assert any(p.startswith(f"message #{row.id} ") for p in problems), problems
+
+
+def test_post_batch_records_its_messages_in_the_same_transaction(ledger: Ledger, s: Signer) -> None:
+    # More rows than _COPY_MIN_ROWS, so PostgreSQL takes the COPY path for messages and transfers.
+    n = _COPY_MIN_ROWS + 8
+    grants = [s.faucet(CONSUMER, 10 + i) for i in range(n)]
+    ops = [Operation(f"grant-{i}", (Transfer(ISSUANCE, avail(CONSUMER), 10 + i, Code.FAUCET, m.digest),))
+           for i, m in enumerate(grants)]
+    assert ledger.post_batch(ops, messages=grants) == [[i + 1] for i in range(n)]
+    assert len(ledger.messages("Faucet")) == n
+    assert ledger.balance(avail(CONSUMER)) == sum(10 + i for i in range(n))
+    # a retry of the whole call changes nothing and returns the same ids
+    assert ledger.post_batch(ops, messages=grants) == [[i + 1] for i in range(n)]
+    assert ledger.audit() == []
+
+    # one refused operation: neither its messages nor any operation of the batch is stored
+    more = [s.faucet(WORKER, 5) for _ in range(n)]
+    spend = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
+              bidPerWorkerHour=1, budget=10**9, deadline=1)
+    bad = [Operation(f"w-{i}", (Transfer(ISSUANCE, avail(WORKER), 5, Code.FAUCET, m.digest),))
+           for i, m in enumerate(more)]
+    bad.append(Operation("too-much", (Transfer(avail(CONSUMER), ESCROW, 10**9, Code.ESCROW, spend.digest),)))
+    before = (ledger.balances(), len(ledger.transfers()), len(ledger.messages()))
+    with pytest.raises(InsufficientFunds, match="too-much"):
+        ledger.post_batch(bad, messages=[*more, spend])
+    assert (ledger.balances(), len(ledger.transfers()), len(ledger.messages())) == before
+    assert ledger.message(spend.digest) is None and ledger.operation("w-0") is None
+    assert ledger.audit() == []
+
+
+def test_a_duplicate_bulk_insert_is_an_integrity_error_on_both_backends(ledger: Ledger, s: Signer) -> None:
+    # The store retries a write that lost a uniqueness race only if it sees SQLAlchemy's
+    # IntegrityError; PostgreSQL's COPY path must raise that too, not the driver's own error.
+    rows = Ledger._message_rows(ledger, [s.faucet(CONSUMER, 1) for _ in range(_COPY_MIN_ROWS)])
+    with Session(ledger.engine) as session, session.begin():
+        _insert_rows(session, MessageRow.__table__, list(rows.values()))
+    with pytest.raises(IntegrityError):
+        with Session(ledger.engine) as session, session.begin():
+            _insert_rows(session, MessageRow.__table__, list(rows.values()))
+    assert len(ledger.messages()) == _COPY_MIN_ROWS
