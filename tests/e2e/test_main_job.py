@@ -56,10 +56,12 @@ def test_ledger_audit_ok_and_money_adds_up(run):
         by_code: dict[str, int] = {}
         for t in lg.transfers():
             by_code[t.code] = by_code.get(t.code, 0) + t.amount
-        # what the summary reports is what the ledger holds
-        assert by_code["escrow"] == m["escrowed"] == by_code["burn"] + by_code["treasury"] + by_code["refund"]
-        assert by_code["burn"] == m["burned"] and by_code["treasury"] == m["treasury"] and by_code["refund"] == m["refunded"]
-        assert by_code["mint_worker"] + by_code.get("mint_verifier", 0) == m["minted"]
+        # what the summary reports is what the ledger holds; a code with nothing to move has no
+        # transfer (e.g. the treasury's 10 % of an interval that cost under 10 µGPC on a fast machine)
+        total = lambda code: by_code.get(code, 0)  # noqa: E731
+        assert total("escrow") == m["escrowed"] == total("burn") + total("treasury") + total("refund")
+        assert total("burn") == m["burned"] and total("treasury") == m["treasury"] and total("refund") == m["refunded"]
+        assert total("mint_worker") + total("mint_verifier") == m["minted"]
         bal = lg.balances()
         assert sum(bal.values()) == 0
         assert all(v >= 0 for a, v in bal.items() if a != ISSUANCE)
