@@ -30,6 +30,11 @@ bench-ledger: $(STAMP)
 	@scripts/ensure-postgres
 	$(BIN)/python -m benchmarks.ledger.run
 
+## EIP-712 sign and verify rates of gpucoin.wallet.messages against plain eth-account (coincurve).
+.PHONY: bench-signatures
+bench-signatures: $(STAMP)
+	$(BIN)/python -m benchmarks.signatures.run
+
 ## Unit tests only (no Ray): seconds.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -5,12 +5,19 @@
     ├── PolicyError                   an incentive policy that does not load or validate
     ├── AmountError                   a malformed, negative, fractional or overflowing amount
     ├── SignatureError                a signed message that does not verify
+    │   ├── DomainMismatch            signed in another market's EIP-712 domain
+    │   └── MessageExpired            a JobOrder or NodeRegistration past its deadline
     ├── WalletError                   a keystore that cannot be read, created or unlocked
     ├── LedgerError                   a ledger write refused; nothing was changed
     │   ├── InsufficientFunds         a debit would take a user account below zero
-    │   ├── ConflictError             an operation id reused with different content
+    │   ├── ConflictError             an operation id reused with different content, a second
+    │   │   │                         JobOrder for one job
+    │   │   └── NonceReused           a (signer, nonce) another stored message already used
     │   ├── RuleViolation             a transfer the money rules forbid (wrong accounts for its
     │   │                             code, a closed escrow, stake not yet unbonded)
+    │   ├── ReceiptOutOfOrder         a WorkReceipt whose steps overlap, leave a gap or do not
+    │   │                             chain to its rank's previous receipt
+    │   ├── UnknownParty              a WorkReceipt for a job or worker the ledger does not know
     │   └── UnknownAccount            an account name of no known form
     ├── MarketError                   the market cannot place a job
     │   └── NoPlacement               not enough admissible nodes for an all-or-nothing job
@@ -44,6 +51,15 @@ class SignatureError(GpucoinError):
     """A signed message whose signature, signer or domain does not check."""
 
 
+class DomainMismatch(SignatureError):
+    """A message signed in another EIP-712 domain (name, version, chainId or verifyingContract)
+    than the market's: valid elsewhere, so accepting it here would allow a cross-market replay."""
+
+
+class MessageExpired(SignatureError):
+    """A JobOrder or NodeRegistration presented after its ``deadline`` (unix seconds)."""
+
+
 class WalletError(GpucoinError):
     """A wallet keystore that cannot be created, read or unlocked."""
 
@@ -58,6 +74,19 @@ class InsufficientFunds(LedgerError):
 
 class ConflictError(LedgerError):
     """An operation id was reused with different content (a retry must repeat the same content)."""
+
+
+class NonceReused(ConflictError):
+    """A message whose (signer, nonce) another stored message already used: a replay."""
+
+
+class ReceiptOutOfOrder(LedgerError):
+    """A WorkReceipt whose step range overlaps or leaves a gap after its rank's receipts, or whose
+    ``previousReceipt`` is not that rank's latest receipt."""
+
+
+class UnknownParty(LedgerError):
+    """A WorkReceipt for a job with no recorded JobOrder or a worker with no NodeRegistration."""
 
 
 class RuleViolation(LedgerError):

@@ -37,7 +37,6 @@ import io
 import itertools
 import json
 import os
-import platform
 import pstats
 import sys
 import tempfile
@@ -66,6 +65,7 @@ from gpucoin.policy.model import Policy, load_policy, policy_hash  # noqa: E402
 from gpucoin.policy.settlement import plan_escrow, plan_faucet, plan_interval  # noqa: E402
 from gpucoin.policy.tokenomics import split_payment  # noqa: E402
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign  # noqa: E402
+from benchmarks.common import ecc_environment  # noqa: E402
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_POLICY = _REPO / "policies" / "default.toml"
@@ -82,49 +82,6 @@ BASELINE = "baseline: recover_message(encode_typed_data(typed data))"
 
 
 # -- environment ---------------------------------------------------------------------------
-
-
-def ecc_environment() -> dict[str, Any]:
-    """Versions and the eth-keys ECC backend eth-account recovers with; refuses to run without coincurve.
-
-    eth-account recovers through ``eth_keys.keys.Signature``, whose backend is
-    ``eth_keys.KeyAPI``'s default: ``eth_keys.backends.get_backend()``, i.e. the class named by
-    ``$ECC_BACKEND_CLASS`` or else ``CoinCurveECCBackend`` when coincurve imports.
-    """
-    try:
-        import coincurve
-    except ImportError as exc:
-        raise SystemExit(f"coincurve is not importable ({exc}); install it: pip install 'coincurve>=21,<22'") from None
-    from importlib.metadata import version
-
-    import eth_keys
-    from eth_keys.backends import get_backend_class, get_default_backend_class
-
-    # The backend object eth-account's own recovery uses (Account._keys is the eth_keys.keys module).
-    sig = Account._keys.Signature(vrs=(0, 1, 1))
-    used = type(sig.backend)
-    key_api = type(eth_keys.KeyAPI().backend)
-    env = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "eth_account": version("eth-account"),
-        "eth_keys": version("eth-keys"),
-        "coincurve": version("coincurve"),
-        "coincurve_module": getattr(coincurve, "__file__", "?"),
-        "eth_keys_backend": f"{used.__module__}.{used.__qualname__}",
-        "eth_keys_KeyAPI_backend": f"{key_api.__module__}.{key_api.__qualname__}",
-        "eth_keys_default_backend_class": get_default_backend_class(),
-        "ECC_BACKEND_CLASS": os.environ.get("ECC_BACKEND_CLASS"),
-        "sqlalchemy": version("SQLAlchemy"),
-        "psycopg": version("psycopg"),
-    }
-    if used.__name__ != "CoinCurveECCBackend" or get_backend_class().__name__ != "CoinCurveECCBackend":
-        raise SystemExit(
-            f"eth-keys recovers with {env['eth_keys_backend']}, not CoinCurveECCBackend "
-            f"(ECC_BACKEND_CLASS={env['ECC_BACKEND_CLASS']!r}); the baseline would be the slow pure-Python one"
-        )
-    return env
 
 
 # -- the workload --------------------------------------------------------------------------
@@ -150,6 +107,7 @@ class Workload:
     budget: int  # µGPC faucet to the consumer and escrowed for the job
     faucet: SignedMessage
     order: SignedMessage
+    registration: SignedMessage  # the worker's NodeRegistration: the ledger admits receipts only from known nodes
     warmup: list[Item]
     items: list[Item]
 
@@ -176,6 +134,8 @@ def build_workload(n: int, warmup: int, policy: Policy, payment: int) -> Workloa
     faucet = s(FAUCET, "Faucet", recipient=CONSUMER.address, amount=budget)
     order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
               bidPerWorkerHour=2 * GPC, budget=budget, deadline=2**40)
+    registration = s(WORKER, "NodeRegistration", provider=WORKER.address, nodeId="bench-node", resources="cpu=2",
+                     askPerWorkerHour=GPC, stake=0, deadline=2**40)
     burn, treasury = split_payment(payment, tok)
     phash = policy_hash(policy)
     items: list[Item] = []
@@ -193,7 +153,7 @@ def build_workload(n: int, warmup: int, policy: Policy, payment: int) -> Workloa
         op = Operation(f"settle:{r.digest}", tuple(transfers), f"settle steps {step}-{step + STEPS_PER_INTERVAL}")
         items.append(Item(r, st, op))
         previous = r.digest
-    return Workload(policy, payment, burn, treasury, budget, faucet, order, items[:warmup], items[warmup:])
+    return Workload(policy, payment, burn, treasury, budget, faucet, order, registration, items[:warmup], items[warmup:])
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -313,8 +273,8 @@ def _settle(ledger: Ledger, items: Sequence[Item], mode: str, batch_size: int) -
 
 
 def _setup(ledger: Ledger, work: Workload) -> None:
-    """Faucet the consumer and escrow the whole budget into the job's escrow (not timed)."""
-    ledger.record_messages([work.faucet, work.order])
+    """Record the worker's registration, faucet the consumer and escrow the budget (not timed)."""
+    ledger.record_messages([work.faucet, work.order, work.registration])
     ledger.post("faucet:consumer", plan_faucet(CONSUMER.address, work.budget, work.faucet.digest), memo="dev faucet")
     ledger.post(f"escrow:{JOB}", plan_escrow(JOB, CONSUMER.address, work.budget, work.order.digest), memo="escrow budget")
 
@@ -342,16 +302,16 @@ def _check(ledger: Ledger, work: Workload) -> str:
     with ledger.engine.connect() as conn:
         n_msgs = conn.execute(select(func.count()).select_from(MessageRow.__table__)).scalar_one()
         n_rows = conn.execute(select(func.count()).select_from(TransferRow.__table__)).scalar_one()
-    if (n_msgs, n_rows) != (2 + 2 * k, 2 + n_transfers):
+    if (n_msgs, n_rows) != (3 + 2 * k, 2 + n_transfers):
         raise AssertionError(f"{ledger.backend}: {n_msgs} messages and {n_rows} transfers stored, "
-                             f"expected {2 + 2 * k} and {2 + n_transfers}")
+                             f"expected {3 + 2 * k} and {2 + n_transfers}")
     return f"audit ok; {n_msgs} msgs, {n_rows} transfers, balances ok"
 
 
 def settlement_case(url: str, work: Workload, mode: str, batch_size: int,
                     profiler: cProfile.Profile | None = None) -> tuple[float, float, float, str]:
     """One case on a fresh ledger at ``url``: (wall s, CPU s, audit s, check summary)."""
-    ledger = Ledger(url)
+    ledger = Ledger(url, domain=DOMAIN)
     try:
         _setup(ledger, work)
         _settle(ledger, work.warmup, mode, batch_size)  # warm-up: pool, statement caches, page cache
@@ -574,7 +534,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    env = ecc_environment()
+    try:
+        env = ecc_environment(["SQLAlchemy", "psycopg"])
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     env["loadavg_at_start"] = list(os.getloadavg())
     policy = load_policy(args.policy)
     if args.mode is not None and args.mode != policy.tokenomics.mode:

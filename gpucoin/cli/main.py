@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -11,15 +10,15 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from gpucoin.cli.common import DEFAULT_HOME, url_option as _url_opt
+from gpucoin.cli.common import fail as _fail
+from gpucoin.cli.common import ledger_url as _ledger_url
+from gpucoin.cli.wallet import wallet
 from gpucoin.exceptions import AmountError, GpucoinError
 
-DEFAULT_HOME = Path(os.environ.get("GPUCOIN_HOME", Path.home() / ".gpucoin" / "local"))
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 def _terminate_as_interrupt() -> None:
@@ -141,25 +140,6 @@ def ledger() -> None:
     """Inspect and audit the ledger (default: the embedded mode's SQLite ledger)."""
 
 
-def _ledger_url(url: str | None, home: Path) -> str:
-    """The ledger to open: ``url`` if given (a SQLite file must exist), else the one under ``home``."""
-    if url:
-        if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not Path(url[len("sqlite:///"):]).exists():
-            _fail(f"no ledger at {url[len('sqlite:///'):]} (a SQLite ledger is created by `gpucoin train`)")
-        return url
-    db = home / "ledger.db"
-    if not db.exists():
-        _fail(f"no ledger at {db}; run `gpucoin train` first or pass --ledger-url")
-    return f"sqlite:///{db}"
-
-
-_url_opt = click.option(
-    "--ledger-url",
-    envvar="GPUCOIN_LEDGER_URL",
-    default=None,
-    help="Database of the ledger: sqlite:///PATH or postgresql://USER@HOST:PORT/DB (env GPUCOIN_LEDGER_URL; "
-    "default: the SQLite file under --home).",
-)
 _home_opt = click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOME, show_default=True, help="Embedded mode state directory (env GPUCOIN_HOME).")
 
 
@@ -277,6 +257,69 @@ def export(ledger_url, home, fmt, output):
         _fail(str(e))
     except OSError as e:
         _fail(f"cannot write {output}: {e.strerror}")
+
+
+cli.add_command(wallet)
+
+
+@cli.group()
+def receipt() -> None:
+    """Check signed messages (WorkReceipts and the other gpucoin EIP-712 types) offline."""
+
+
+@receipt.command("verify")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--signer", "expected_signer", default=None, metavar="ADDRESS", help="Also require the message to be signed by this address.")
+@click.option("--chain-id", type=click.IntRange(0), default=None, help="Also require this EIP-712 domain chainId (needs --verifying-contract).")
+@click.option("--verifying-contract", default=None, metavar="ADDRESS", help="Also require this domain verifyingContract, the coordinator's settlement address (needs --chain-id).")
+def receipt_verify(file, expected_signer, chain_id, verifying_contract):
+    """Check one exported signed message and print its signer and verdict.
+
+    FILE holds one signed message as JSON: what a worker sends (SignedMessage JSON: primaryType,
+    domain, message, digest, signature, signer) or one message record of `gpucoin ledger export`.
+    The digest is recomputed from the typed data (EIP-712), the signature must have low s and
+    recover the stated signer, and the message's own signer field (e.g. WorkReceipt.worker)
+    must be that signer. Exit status: 0 valid, 1 invalid, 2 unreadable input.
+    """
+    from gpucoin.wallet.exported import MAX_FILE_BYTES, NotJSON, check_signed, parse_signed
+    from gpucoin.wallet.messages import Domain
+
+    from eth_utils import is_address
+
+    if (chain_id is None) != (verifying_contract is None):
+        _fail("--chain-id and --verifying-contract go together (they name one domain)", 2)
+    if expected_signer is not None and not is_address(expected_signer):
+        _fail(f"--signer: not an address: {expected_signer!r}", 2)
+    try:
+        if file.stat().st_size > MAX_FILE_BYTES:
+            _fail(f"{file} is larger than {MAX_FILE_BYTES} bytes; expected one signed message", 2)
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        _fail(f"cannot read {file}: {e.strerror}", 2)
+    except UnicodeDecodeError:
+        _fail(f"{file} is not UTF-8 text", 2)
+    try:
+        domain = None if chain_id is None else Domain(chain_id=chain_id, verifying_contract=verifying_contract)
+    except GpucoinError as e:
+        _fail(str(e), 2)
+    try:
+        signed = parse_signed(text)
+    except NotJSON as e:
+        _fail(f"{file}: {e}", 2)
+    except GpucoinError as e:  # read, but not a well-formed gpucoin message: that is the verdict
+        click.echo(f"verdict    INVALID: {e}")
+        sys.exit(1)
+    verdict = check_signed(signed, expected_signer=expected_signer, domain=domain)
+    d = signed.domain
+    click.echo(f"type       {signed.primary_type}")
+    click.echo(f"digest     {signed.digest}")
+    click.echo(f"domain     {d['name']} v{d['version']}, chainId {d['chainId']}, verifyingContract {d['verifyingContract']}")
+    click.echo(f"signer     {verdict.recovered or 'none (no key recovers from this signature)'}")
+    if verdict.valid:
+        click.echo(f"verdict    valid: signed by {verdict.recovered}")
+        return
+    click.echo(f"verdict    INVALID: {verdict.reason}")
+    sys.exit(1)
 
 
 def main() -> None:

@@ -126,10 +126,12 @@ def preflight(loaded: LoadedSpec, opts: LocalOptions, coord: Coordinator, engine
         raise InsufficientFunds(f"budget {format_gpc(spec.budget_ugpc)} GPC exceeds the {format_gpc(have)} GPC available in the engineer's wallet {engineer.address}")
 
 
-def open_ledger(opts: LocalOptions) -> Ledger:
-    """The local ledger (SQLite under ``home``), with the policy's unbonding period."""
+def open_ledger(opts: LocalOptions, domain: Domain) -> Ledger:
+    """The local ledger (SQLite under ``home``), with the policy's unbonding period, bound to ``domain``."""
     opts.home.mkdir(parents=True, exist_ok=True)
-    return Ledger(f"sqlite:///{opts.home / 'ledger.db'}", unbonding_epochs=opts.policy.bonding.unbonding_epochs)
+    return Ledger(
+        f"sqlite:///{opts.home / 'ledger.db'}", unbonding_epochs=opts.policy.bonding.unbonding_epochs, domain=domain
+    )
 
 
 def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) -> dict:
@@ -151,11 +153,11 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
     spec = loaded.spec
     policy = opts.policy
     home = opts.home
-    ledger = open_ledger(opts)
+    coordinator_p = participant("coordinator", home)
+    engineer = participant("engineer", home)
+    domain = Domain(chain_id=policy.chain_id, verifying_contract=coordinator_p.address)
+    ledger = open_ledger(opts, domain)
     try:
-        coordinator_p = participant("coordinator", home)
-        engineer = participant("engineer", home)
-        domain = Domain(chain_id=policy.chain_id, verifying_contract=coordinator_p.address)
         coord = Coordinator(ledger, policy, coordinator_p.account, domain)
         preflight(loaded, opts, coord, engineer)
 

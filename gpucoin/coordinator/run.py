@@ -23,7 +23,7 @@ import numpy as np
 
 from gpucoin.coordinator.receipts import ReceiptRejected, check_receipt
 from gpucoin.coordinator.settle import Coordinator
-from gpucoin.exceptions import SignatureError, TrainingError
+from gpucoin.exceptions import ConflictError, ReceiptOutOfOrder, SignatureError, TrainingError, UnknownParty
 from gpucoin.money import format_gpc
 from gpucoin.policy.tokenomics import SettledInterval, check_probability, epoch_of, interval_payment_ugpc
 from gpucoin.spec import JobSpec
@@ -165,11 +165,12 @@ class JobRun:
                 previous_digest=prev.receipts[rank].digest if prev and rank in prev.receipts else None,
                 already_have=rank in iv.receipts or iv.outcome != "open", domain=self.coord.domain,
             )
-        except (SignatureError, ValueError, KeyError, TypeError) as e:
+            # the ledger's own admission rules (known job and node, contiguous steps) get the last word
+            self.coord.record(receipt)
+        except (SignatureError, ReceiptOutOfOrder, UnknownParty, ConflictError, ValueError, KeyError, TypeError) as e:
             self.counts["rejected"] += 1
             self.ui.note(f"receipt from rank {rank} rejected: {e}")
             return
-        self.coord.record(receipt)
         self.counts["signed"] += 1
         iv.receipts[rank], iv.sketches[rank] = receipt, sketches
         # kept beside the checkpoints: the receipt commits to them, a verifier may ask for them later

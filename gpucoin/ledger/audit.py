@@ -14,7 +14,11 @@ reports, as text naming the row or account, everything that does not hold:
   account but issuance below zero, and supply = minted - burned (<= the hard cap if given);
 - every operation, replayed in order through ``gpucoin.ledger.state.apply_operation``, keeps the
   money rules (shapes, escrow pending/post/void, unbonding maturity), and the escrows and
-  unbonding entries that replay ends with equal the stored ``escrow`` and ``unbonding`` rows.
+  unbonding entries that replay ends with equal the stored ``escrow`` and ``unbonding`` rows;
+- every message, replayed in recording order through ``gpucoin.ledger.admission`` (the ledger's
+  bound domain, deadlines against the time it was recorded, known job and worker, contiguous
+  receipts per rank), was admissible, and the ``job_order`` and ``work_receipt`` rows are exactly
+  what that replay indexes.
 """
 
 from __future__ import annotations
@@ -26,15 +30,20 @@ from typing import Any
 from eth_utils import to_checksum_address
 from sqlmodel import Session, select
 
+from gpucoin.exceptions import GpucoinError
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, is_valid_account
+from gpucoin.ledger.admission import Admission
 from gpucoin.ledger.models import (
     AccountRow,
     ChainHead,
     EscrowRow,
+    JobOrderRow,
+    MarketRow,
     MessageRow,
     OperationRow,
     TransferRow,
     UnbondingRow,
+    WorkReceiptRow,
 )
 from gpucoin.ledger.rules import (
     GENESIS_HASH,
@@ -196,10 +205,19 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
     message_types: dict[str, str] = {}
     receipts: set[str] = set()
     settlement_subjects: dict[str, str | None] = {}
+    market = session.get(MarketRow, 1)
+    admission = Admission(domain=json.loads(market.domain) if market is not None else None, now_s=0)
     for m in session.exec(select(MessageRow).order_by(MessageRow.id).execution_options(yield_per=_BATCH)):
         problem = verify_message(m)
         if problem is not None:
             problems.append(f"message #{m.id} ({m.primary_type} {m.digest}): {problem}")
+        else:
+            typed = json.loads(m.typed_data)
+            admission.now_s = m.recorded_at // 1_000_000
+            try:
+                admission.admit(m.primary_type, typed["domain"], typed["message"], m.digest)
+            except GpucoinError as exc:
+                problems.append(f"message #{m.id} ({m.primary_type} {m.digest}): not admissible: {exc}")
         message_types[m.digest] = m.primary_type
         if m.primary_type == WORK_RECEIPT:
             receipts.add(m.digest.lower())
@@ -321,6 +339,7 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
             )
     problems.extend(f"recomputed {p}" for p in check_balances(dict(balances)))
     problems.extend(_compare_state(session, replayed))
+    problems.extend(_compare_index(session, admission))
     supply = supply_of(balances)
     burned = balances.get(BURNED, 0)
     if supply != minted - burned:
@@ -330,4 +349,28 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
         )
     if hard_cap_ugpc is not None and supply > hard_cap_ugpc:
         problems.append(f"supply {supply} µGPC is above the hard cap {hard_cap_ugpc} µGPC")
+    return problems
+
+
+def _compare_index(session: Session, admission: Admission) -> list[str]:
+    """Differences between the stored job_order / work_receipt rows and the admission replay."""
+    problems: list[str] = []
+    jobs = {r.job_id: r.digest for r in session.exec(select(JobOrderRow))}
+    for job in sorted(set(jobs) ^ admission.jobs):
+        problems.append(
+            f"job_order {job!r}: " + ("stored, but no admitted JobOrder names it" if job in jobs else "missing")
+        )
+    stored = {
+        (r.job_id, int(r.rank), int(r.step_start)): (int(r.step_end), r.digest)
+        for r in session.exec(select(WorkReceiptRow).execution_options(yield_per=_BATCH))
+    }
+    for key in sorted(set(stored) ^ set(admission.receipts)):
+        where = f"work_receipt (job {key[0]!r}, rank {key[1]}, step {key[2]})"
+        problems.append(f"{where}: " + ("stored, but no admitted WorkReceipt" if key in stored else "missing"))
+    for key in sorted(set(stored) & set(admission.receipts)):
+        if stored[key] != admission.receipts[key]:
+            problems.append(
+                f"work_receipt (job {key[0]!r}, rank {key[1]}, step {key[2]}): stored (end, digest) {stored[key]}, "
+                f"the receipt says {admission.receipts[key]}"
+            )
     return problems

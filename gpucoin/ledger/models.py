@@ -13,11 +13,14 @@ so a write that bypasses the code is refused by the database too.
     escrow       each job's escrow: the pending hold of its budget, posted or voided
     unbonding    stake on its way out of a bond, by the epoch it matures
     chain_head   one row: the last transfer id and hash (locking it serializes posts)
+    market       at most one row: the EIP-712 domain the ledger admits messages from
+    job_order    the one JobOrder of each job id
+    work_receipt each admitted WorkReceipt's job, rank and step range (contiguous per rank)
 
 The schema is created and upgraded by the Alembic migrations in ``gpucoin/ledger/migrations``
 (``gpucoin.ledger.migrate``); these classes are the ORM's view of it and must match the head
-revision (a test compares them). message, operation and transfer are append-only: triggers
-refuse UPDATE and DELETE on them.
+revision (a test compares them). message, operation, transfer, market, job_order and
+work_receipt are append-only: triggers refuse UPDATE and DELETE on them.
 """
 
 from __future__ import annotations
@@ -199,11 +202,70 @@ class ChainHead(SQLModel, table=True):
     last_hash: str = Field(sa_column=Column(Text, nullable=False))
 
 
+class MarketRow(SQLModel, table=True):
+    """The market a ledger belongs to: the single row (id 1), written when it is first bound.
+
+    Attributes:
+        domain: the EIP-712 domain (name, version, chainId, verifyingContract) as canonical JSON;
+            every message recorded afterwards must be signed in it.
+        bound_at: µs since the Unix epoch.
+    """
+
+    __tablename__ = "market"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_market_single_row"), _STRICT)
+
+    id: int = Field(default=1, sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    domain: str = Field(sa_column=Column(Text, nullable=False))
+    bound_at: int = Field(sa_column=Column(BIGINT, nullable=False))
+
+
+class JobOrderRow(SQLModel, table=True):
+    """The JobOrder of one job id (a job has exactly one).
+
+    Attributes:
+        job_id: the order's ``jobId``.
+        digest: the order message's digest.
+    """
+
+    __tablename__ = "job_order"
+    __table_args__ = (_STRICT,)
+
+    job_id: str = Field(sa_column=Column(Text, primary_key=True))
+    digest: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), nullable=False, unique=True))
+
+
+class WorkReceiptRow(SQLModel, table=True):
+    """One admitted WorkReceipt's place in its rank's sequence (``gpucoin.ledger.admission``).
+
+    Attributes:
+        digest: the receipt message's digest.
+        job_id / rank: whose receipt it is.
+        step_start / step_end: the optimizer steps it covers, ``step_end`` exclusive; per
+            (job_id, rank) the rows tile 0, 1, 2, ... without overlap or gap.
+    """
+
+    __tablename__ = "work_receipt"
+    __table_args__ = (
+        UniqueConstraint("job_id", "rank", "step_start", name="uq_work_receipt_rank_start"),
+        CheckConstraint("step_end > step_start AND step_start >= 0", name="ck_work_receipt_steps"),
+        _STRICT,
+    )
+
+    digest: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), primary_key=True))
+    job_id: str = Field(sa_column=Column(Text, nullable=False))
+    rank: int = Field(sa_column=Column(BIGINT, nullable=False))
+    step_start: int = Field(sa_column=Column(BIGINT, nullable=False))
+    step_end: int = Field(sa_column=Column(BIGINT, nullable=False))
+
+
 LEDGER_TABLES = [
     SQLModel.metadata.tables[name]
-    for name in ("message", "operation", "transfer", "account", "escrow", "unbonding", "chain_head")
+    for name in (
+        "message", "operation", "transfer", "account", "escrow", "unbonding", "chain_head",
+        "market", "job_order", "work_receipt",
+    )
 ]
 """The ledger's tables, in creation order."""
 
-APPEND_ONLY_TABLES = ("message", "operation", "transfer")
+APPEND_ONLY_TABLES = ("message", "operation", "transfer", "market", "job_order", "work_receipt")
 """Tables whose rows are never updated or deleted (a trigger refuses it)."""

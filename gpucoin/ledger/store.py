@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,23 +33,35 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, create_engine, select
 
-from gpucoin.exceptions import ConflictError, GpucoinError, LedgerError, RuleViolation, SignatureError, UnknownAccount
+from gpucoin.exceptions import (
+    ConflictError,
+    GpucoinError,
+    LedgerError,
+    NonceReused,
+    RuleViolation,
+    SignatureError,
+    UnknownAccount,
+)
 from gpucoin.ledger import migrate
+from gpucoin.ledger.admission import JOB_ORDER, NODE_REGISTRATION, WORK_RECEIPT, Admission, ReceiptHead
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, account_kind, is_valid_account
-from gpucoin.ledger.audit import SETTLEMENT, WORK_RECEIPT, run_audit, verify_typed_message
+from gpucoin.ledger.audit import SETTLEMENT, run_audit, verify_typed_message
 from gpucoin.ledger.models import (
     AccountRow,
     ChainHead,
     EscrowRow,
+    JobOrderRow,
+    MarketRow,
     MessageRow,
     OperationRow,
     TransferRow,
     UnbondingRow,
+    WorkReceiptRow,
 )
 from gpucoin.ledger.rules import MINT_CODES, SLASH_CODES, canonical_json, chain_hash, operation_hash
 from gpucoin.ledger.state import Escrow, LedgerState, apply_operation, touched_accounts
 from gpucoin.ledger.transfer import Code, Operation, Transfer
-from gpucoin.wallet.messages import checksum_address
+from gpucoin.wallet.messages import Domain, SignedMessage, checksum_address
 
 _WRITE = "gpucoin_write"
 """Connection execution option that makes the SQLite ``begin`` hook emit BEGIN IMMEDIATE."""
@@ -152,6 +164,24 @@ def _insert_rows(s: Session, table: Table, rows: list[dict[str, Any]]) -> None:
         cur.close()
 
 
+def _bind_market(conn: Any, wanted: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The domain the ledger behind ``conn`` is bound to, binding it to ``wanted`` if it is to none.
+
+    Raises:
+        LedgerError: if it is bound to a domain other than ``wanted``.
+    """
+    table = MarketRow.__table__
+    row = conn.execute(select(table.c.domain).where(table.c.id == 1)).first()
+    if row is None:
+        if wanted is not None:
+            conn.execute(insert(table).values(id=1, domain=canonical_json(wanted), bound_at=_now_us()))
+        return wanted
+    bound = json.loads(row[0])
+    if wanted is not None and wanted != bound:
+        raise LedgerError(f"this ledger belongs to the market with EIP-712 domain {bound}, not {wanted}")
+    return bound
+
+
 def _install_sqlite_hooks(engine: Engine) -> None:
     """WAL, foreign keys, and SQLAlchemy-controlled BEGIN / BEGIN IMMEDIATE on every SQLite connection."""
 
@@ -206,14 +236,28 @@ class Ledger:
             is created or upgraded to the newest migration.
         unbonding_epochs: the policy's unbonding period (``bonding.unbonding_epochs``): stake an
             UNBOND posted in epoch e may be withdrawn from epoch e + unbonding_epochs.
+        domain: the market's EIP-712 domain (a ``gpucoin.wallet.messages.Domain`` or its dict).
+            The first ledger opened with one is bound to it for good; afterwards only messages
+            signed in it are recorded. None: use the domain the ledger is bound to, if any.
+        clock: returns the time in unix seconds (deadlines are checked against it).
 
     Raises:
-        LedgerError: for a bad URL or a database that cannot be opened or migrated.
+        LedgerError: for a bad URL, a database that cannot be opened or migrated, or a
+            ``domain`` other than the one the ledger is bound to.
     """
 
-    def __init__(self, url: str, *, unbonding_epochs: int = 0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        unbonding_epochs: int = 0,
+        domain: Domain | Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if isinstance(unbonding_epochs, bool) or not isinstance(unbonding_epochs, int) or unbonding_epochs < 0:
             raise LedgerError(f"unbonding_epochs must be a non-negative integer, got {unbonding_epochs!r}")
+        wanted = None if domain is None else (domain if isinstance(domain, Domain) else Domain.from_dict(domain)).as_dict()
+        self._clock = clock
         url = normalize_url(url)
         parsed = make_url(url)
         self.url = url
@@ -238,6 +282,7 @@ class Ledger:
                 conn.execution_options(**{_WRITE: True})
                 with conn.begin():
                     migrate.upgrade(conn)
+                    self._domain = _bind_market(conn, wanted)
         except GpucoinError:
             self._engine.dispose()
             raise
@@ -357,8 +402,11 @@ class Ledger:
             recorded_at=_now_us(),
         )
         # Checked on the text as stored, so what the audit later re-verifies is what passed here.
+        # typed_data() of a SignedMessage is built of fresh dicts, lists, str and int only, which
+        # JSON round-trips exactly: parsing the text back would give an equal object.
+        fields["_typed"] = typed if type(signed) is SignedMessage else json.loads(fields["typed_data"])
         problem = verify_typed_message(
-            json.loads(fields["typed_data"]),
+            fields["_typed"],
             primary_type=fields["primary_type"],
             nonce=fields["nonce"],
             digest=digest,
@@ -369,41 +417,114 @@ class Ledger:
             raise SignatureError(f"message {digest} refused: {problem}")
         return fields
 
-    @staticmethod
-    def _insert_messages(s: Session, rows: dict[str, dict[str, Any]]) -> int:
-        """Insert the messages of ``rows`` (by digest) not stored yet; refuse a nonce reuse."""
+    def _insert_messages(self, s: Session, rows: dict[str, dict[str, Any]]) -> int:
+        """Insert the messages of ``rows`` (by digest) not stored yet, in order, after the
+        replay and admission rules (``gpucoin.ledger.admission``) accepted every one of them."""
         stored = set(s.exec(select(MessageRow.digest).where(MessageRow.digest.in_(list(rows)))).all())
         new = [r for d, r in rows.items() if d not in stored]
-        pairs = [(r["signer"], r["nonce"]) for r in new if r["nonce"] is not None]
+        if not new:
+            return 0
+        self._check_nonces(s, new)
+        now_us = int(self._clock() * 1_000_000)
+        admission = self._admission(s, new, now_us // 1_000_000)
+        job_rows: list[dict[str, Any]] = []
+        receipt_rows: list[dict[str, Any]] = []
+        for r in new:
+            typed = r["_typed"]
+            admission.admit(r["primary_type"], typed["domain"], typed["message"], r["digest"])
+            m = typed["message"]
+            if r["primary_type"] == JOB_ORDER:
+                job_rows.append({"job_id": m["jobId"], "digest": r["digest"]})
+            elif r["primary_type"] == WORK_RECEIPT:
+                receipt_rows.append(
+                    {"digest": r["digest"], "job_id": m["jobId"], "rank": m["rank"],
+                     "step_start": m["stepStart"], "step_end": m["stepEnd"]}
+                )
+        # recorded_at is the admission's clock: the audit re-checks deadlines against it
+        _insert_rows(
+            s, MessageRow.__table__, [{**{k: v for k, v in r.items() if k != "_typed"}, "recorded_at": now_us} for r in new]
+        )
+        _insert_rows(s, JobOrderRow.__table__, job_rows)
+        _insert_rows(s, WorkReceiptRow.__table__, receipt_rows)
+        return len(new)
+
+    @staticmethod
+    def _check_nonces(s: Session, new: list[dict[str, Any]]) -> None:
+        """Refuse a (signer, nonce) used twice in ``new`` or already used by a stored message.
+
+        Raises:
+            NonceReused: naming both messages.
+        """
         seen: dict[tuple[str, str], str] = {}
+        by_signer: dict[str, list[str]] = {}
         for r in new:
             if r["nonce"] is not None:
                 key = (r["signer"], r["nonce"])
                 if key in seen:
-                    raise ConflictError(
+                    raise NonceReused(
                         f"{r['signer']} used nonce {r['nonce']} in two messages ({seen[key]} and {r['digest']})"
                     )
                 seen[key] = r["digest"]
-        if pairs:
-            by_signer: dict[str, list[str]] = {}
-            for signer, nonce in pairs:
-                by_signer.setdefault(signer, []).append(nonce)
-            # One (signer = ? AND nonce IN (...)) per signer: both backends answer it from the
-            # unique (signer, nonce) index, where a row-value IN of many pairs is planned poorly.
-            other = s.exec(
-                select(MessageRow)
-                .where(or_(*(and_(MessageRow.signer == k, MessageRow.nonce.in_(v)) for k, v in by_signer.items())))
-                .limit(1)
-            ).first()
-            if other is not None:
-                refused = seen[(other.signer, other.nonce)]
-                raise ConflictError(
-                    f"{other.signer} already used nonce {other.nonce} in message #{other.id} "
-                    f"({other.primary_type} {other.digest}); refused {refused}"
+                by_signer.setdefault(r["signer"], []).append(r["nonce"])
+        if not by_signer:
+            return
+        # One (signer = ? AND nonce IN (...)) per signer: both backends answer it from the
+        # unique (signer, nonce) index, where a row-value IN of many pairs is planned poorly.
+        other = s.exec(
+            select(MessageRow)
+            .where(or_(*(and_(MessageRow.signer == k, MessageRow.nonce.in_(v)) for k, v in by_signer.items())))
+            .limit(1)
+        ).first()
+        if other is not None:
+            refused = seen[(other.signer, other.nonce)]
+            raise NonceReused(
+                f"{other.signer} already used nonce {other.nonce} in message #{other.id} "
+                f"({other.primary_type} {other.digest}); refused {refused} (a replay)"
+            )
+
+    def _admission(self, s: Session, new: list[dict[str, Any]], now_s: int) -> Admission:
+        """The admission state the messages of ``new`` need, read inside the write transaction."""
+        jobs: set[str] = set()
+        workers: set[str] = set()
+        ranks: set[tuple[str, int]] = set()
+        for r in new:
+            m = r["_typed"]["message"]
+            if r["primary_type"] == JOB_ORDER:
+                jobs.add(m["jobId"])
+            elif r["primary_type"] == WORK_RECEIPT:
+                jobs.add(m["jobId"])
+                workers.add(m["worker"])
+                ranks.add((m["jobId"], m["rank"]))
+        admission = Admission(domain=self._domain, now_s=now_s)
+        if jobs:
+            admission.jobs.update(s.exec(select(JobOrderRow.job_id).where(JobOrderRow.job_id.in_(sorted(jobs)))).all())
+        if workers:
+            admission.nodes.update(
+                s.exec(
+                    select(MessageRow.signer)
+                    .where(MessageRow.signer.in_(sorted(workers)), MessageRow.primary_type == NODE_REGISTRATION)
+                    .distinct()
+                ).all()
+            )
+        if ranks:
+            latest = (
+                select(WorkReceiptRow.job_id, WorkReceiptRow.rank, func.max(WorkReceiptRow.step_start).label("start"))
+                .where(WorkReceiptRow.job_id.in_(sorted({j for j, _ in ranks})))
+                .group_by(WorkReceiptRow.job_id, WorkReceiptRow.rank)
+                .subquery()
+            )
+            for row in s.exec(
+                select(WorkReceiptRow).join(
+                    latest,
+                    and_(
+                        WorkReceiptRow.job_id == latest.c.job_id,
+                        WorkReceiptRow.rank == latest.c.rank,
+                        WorkReceiptRow.step_start == latest.c.start,
+                    ),
                 )
-        if new:
-            _insert_rows(s, MessageRow.__table__, new)
-        return len(new)
+            ).all():
+                admission.receipt_heads[(row.job_id, int(row.rank))] = ReceiptHead(int(row.step_end), row.digest)
+        return admission
 
     def post(
         self, op_id: str, transfers: Sequence[Transfer], memo: str = "", *, epoch: int | None = None

@@ -4,6 +4,11 @@ A wallet is one secp256k1 key held as an eth-account ``LocalAccount``. On disk i
 encrypted keystore; no private key is printed, logged or stored elsewhere (SPEC.md, Trust and
 security). Keystores are readable by geth, web3.py and ethers.js.
 
+A wallets directory holds one keystore per wallet, ``<name>.json`` (``create_wallet``,
+``import_private_key``, ``import_keystore``, ``list_wallets``, ``find_wallet``; the ``gpucoin wallet``
+commands). Nothing here decrypts a keystore unless it needs the key, and no error message ever
+contains a private key or a password.
+
 Dev wallets (``dev_account``) exist only for the embedded local mode (``gpucoin train`` without
 ``--address``): they are encrypted with a fixed, public dev password and light scrypt parameters so
 a demo and the tests start fast. They protect nothing and must never hold value on a real cluster.
@@ -15,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,19 @@ __all__ = [
     "load_keystore",
     "keystore_address",
     "dev_account",
+    "WalletInfo",
+    "validate_wallet_name",
+    "wallet_path",
+    "keystore_info",
+    "is_dev_keystore",
+    "list_wallets",
+    "find_wallet",
+    "next_wallet_name",
+    "check_new_wallet",
+    "parse_private_key",
+    "create_wallet",
+    "import_private_key",
+    "import_keystore",
 ]
 
 DEFAULT_SCRYPT_N = 2**18
@@ -47,7 +66,9 @@ DEV_PASSWORD = "gpucoin-dev-wallet-insecure"
 _MAX_SCRYPT_N = 2**20
 _MAX_PBKDF2_C = 10**7
 _MAX_KEYSTORE_BYTES = 64 * 1024
-_DEV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_WALLET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_PRIVATE_KEY = re.compile(r"^(?:0x)?[0-9a-fA-F]{64}$")
 _DEV_CREATE_ATTEMPTS = 3
 
 
@@ -151,7 +172,11 @@ def keystore_address(path: str | os.PathLike[str]) -> str:
         WalletError: missing, unreadable or corrupt file, or no valid address in it.
     """
     path = Path(path)
-    address = _read_keyfile(path).get("address")
+    return _named_address(_read_keyfile(path), path)
+
+
+def _named_address(keyfile: dict[str, Any], path: Path) -> str:
+    address = keyfile.get("address")
     try:
         return to_checksum_address(address if str(address).startswith("0x") else f"0x{address}")
     except (ValueError, TypeError):
@@ -199,7 +224,7 @@ def dev_account(name: str, wallets_dir: str | os.PathLike[str]) -> LocalAccount:
         WalletError: for a name outside ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``, or a keystore that
             cannot be written or read.
     """
-    if not isinstance(name, str) or not _DEV_NAME.match(name):
+    if not isinstance(name, str) or not _WALLET_NAME.match(name):
         raise WalletError(f"not a valid dev wallet name: {name!r} (letters, digits, _ . -; up to 64)")
     path = Path(wallets_dir) / f"{name}.json"
     for _ in range(_DEV_CREATE_ATTEMPTS):
@@ -213,3 +238,231 @@ def dev_account(name: str, wallets_dir: str | os.PathLike[str]) -> LocalAccount:
             if not path.exists():  # a real write failure, not a lost race
                 raise
     return load_keystore(path, DEV_PASSWORD)
+
+
+# -- wallets directories (``gpucoin wallet``) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WalletInfo:
+    """One keystore file of a wallets directory, as read without decrypting it.
+
+    Attributes:
+        name: the wallet's name, the file name without ``.json``.
+        path: the keystore file.
+        address: checksum address the keystore names; None if the file could not be read.
+        kdf: ``"scrypt"`` or ``"pbkdf2"``; None if the file could not be read.
+        work: the KDF work factor (scrypt N or pbkdf2 iterations c); None if unreadable.
+        problem: why the file could not be read (one line), or None.
+    """
+
+    name: str
+    path: Path
+    address: str | None
+    kdf: str | None
+    work: int | None
+    problem: str | None = None
+
+
+def validate_wallet_name(name: Any) -> str:
+    """Return ``name`` if it can name a wallet: 1-64 of ``[A-Za-z0-9_.-]``, starting with a letter
+    or digit (so it is a plain file name), and not an address (which would make lookups ambiguous).
+
+    Raises:
+        WalletError: otherwise.
+    """
+    if not isinstance(name, str) or not _WALLET_NAME.match(name):
+        raise WalletError(f"not a valid wallet name: {name!r} (letters, digits, _ . -; up to 64; not starting with . - _)")
+    if _ADDRESS.match(name):
+        raise WalletError(f"not a valid wallet name: {name!r} (an address cannot be a name)")
+    return name
+
+
+def wallet_path(wallets_dir: str | os.PathLike[str], name: str) -> Path:
+    """The keystore file ``<wallets_dir>/<name>.json`` of wallet ``name`` (which need not exist).
+
+    Raises:
+        WalletError: for an invalid name (``validate_wallet_name``).
+    """
+    return Path(wallets_dir) / f"{validate_wallet_name(name)}.json"
+
+
+def keystore_info(path: str | os.PathLike[str]) -> WalletInfo:
+    """Name, address, KDF and work factor of the keystore at ``path``, without decrypting it.
+
+    Raises:
+        WalletError: missing, unreadable or corrupt file (as ``keystore_address``).
+    """
+    path = Path(path)
+    keyfile = _read_keyfile(path)
+    crypto = keyfile.get("crypto") or keyfile.get("Crypto")
+    kdf = crypto["kdf"]
+    work = crypto["kdfparams"]["n" if kdf == "scrypt" else "c"]
+    return WalletInfo(name=path.stem, path=path, address=_named_address(keyfile, path), kdf=kdf, work=work)
+
+
+def is_dev_keystore(path: str | os.PathLike[str]) -> bool:
+    """True if the keystore at ``path`` is a dev wallet (``DEV_SCRYPT_N``, unlocked by the public
+    ``DEV_PASSWORD``). Costs one light scrypt (~30 ms) only for a keystore with the dev work factor.
+
+    Raises:
+        WalletError: missing, unreadable or corrupt file.
+    """
+    info = keystore_info(path)
+    if info.kdf != "scrypt" or info.work != DEV_SCRYPT_N:
+        return False
+    try:
+        load_keystore(path, DEV_PASSWORD)
+    except WalletError:
+        return False
+    return True
+
+
+def list_wallets(wallets_dir: str | os.PathLike[str]) -> list[WalletInfo]:
+    """Every keystore ``*.json`` in ``wallets_dir``, by name, read without decrypting.
+
+    A file that cannot be read is listed with ``problem`` set (and no address) rather than hiding
+    the others; hidden files (temporary files of ``save_keystore``) are skipped. A directory that
+    does not exist holds no wallets.
+
+    Raises:
+        WalletError: if ``wallets_dir`` exists but is not a readable directory.
+    """
+    folder = Path(wallets_dir)
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        raise WalletError(f"wallets directory {folder} is not a directory")
+    try:
+        paths = sorted(p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith(".") and p.is_file())
+    except OSError as e:
+        raise WalletError(f"cannot read wallets directory {folder}: {e.strerror or e}") from None
+    out = []
+    for p in paths:
+        try:
+            out.append(keystore_info(p))
+        except WalletError as e:
+            out.append(WalletInfo(name=p.stem, path=p, address=None, kdf=None, work=None, problem=str(e)))
+    return out
+
+
+def find_wallet(wallets_dir: str | os.PathLike[str], name_or_address: str) -> WalletInfo:
+    """The wallet of ``wallets_dir`` named ``name_or_address``, or holding that address (any case).
+
+    Raises:
+        WalletError: for no such wallet, an invalid name, or a keystore that cannot be read.
+    """
+    folder = Path(wallets_dir)
+    if isinstance(name_or_address, str) and _ADDRESS.match(name_or_address):
+        for info in list_wallets(folder):
+            if info.address is not None and info.address.lower() == name_or_address.lower():
+                return info
+        raise WalletError(f"no wallet with address {name_or_address} in {folder}")
+    path = wallet_path(folder, name_or_address)
+    if not path.is_file():
+        raise WalletError(f"no wallet named {name_or_address!r} in {folder}")
+    return keystore_info(path)
+
+
+def next_wallet_name(wallets_dir: str | os.PathLike[str]) -> str:
+    """The first of ``wallet-1``, ``wallet-2``, ... with no keystore in ``wallets_dir``."""
+    n = 1
+    while (Path(wallets_dir) / f"wallet-{n}.json").exists():
+        n += 1
+    return f"wallet-{n}"
+
+
+def check_new_wallet(wallets_dir: str | os.PathLike[str], name: str, address: str | None = None) -> Path:
+    """Check that wallet ``name`` (holding ``address``, if known) can be added to ``wallets_dir``:
+    a valid name, no keystore of that name, and no wallet there with the same address.
+
+    Returns:
+        The keystore path the wallet would get.
+
+    Raises:
+        WalletError: naming the existing wallet, or for an invalid name.
+    """
+    path = wallet_path(wallets_dir, name)
+    if path.exists():
+        raise WalletError(f"a wallet named {name!r} already exists ({path})")
+    if address is not None:
+        for info in list_wallets(wallets_dir):
+            if info.address is not None and info.address.lower() == address.lower():
+                raise WalletError(f"address {info.address} is already in wallet {info.name!r} ({info.path})")
+    return path
+
+
+def parse_private_key(text: Any) -> LocalAccount:
+    """The account of a private key written as 64 hex digits, with or without ``0x``.
+
+    Raises:
+        WalletError: for anything else, or a key outside [1, secp256k1 n - 1]; the message never
+            contains the text given.
+    """
+    if not isinstance(text, str) or not _PRIVATE_KEY.match(text.strip()):
+        raise WalletError("not a private key: expected 64 hex digits (32 bytes), with or without 0x")
+    key = bytes.fromhex(text.strip().removeprefix("0x"))
+    try:
+        return Account.from_key(key)
+    except Exception:  # eth-keys: zero or not below the curve order
+        raise WalletError("not a valid secp256k1 private key (zero, or not below the curve order)") from None
+
+
+def _add(wallets_dir: str | os.PathLike[str], name: str, account: LocalAccount, password: str, scrypt_n: int) -> WalletInfo:
+    path = check_new_wallet(wallets_dir, name, account.address)
+    save_keystore(account, path, password, scrypt_n=scrypt_n)
+    return keystore_info(path)
+
+
+def create_wallet(
+    wallets_dir: str | os.PathLike[str], name: str, password: str, *, scrypt_n: int = DEFAULT_SCRYPT_N
+) -> WalletInfo:
+    """Create a wallet with a fresh random key: keystore ``<wallets_dir>/<name>.json`` (scrypt, 0600).
+
+    Args:
+        scrypt_n: scrypt work factor N, a power of two in [2**10, 2**20].
+
+    Raises:
+        WalletError: for an invalid or taken name, an empty password, a bad ``scrypt_n``, or a
+            file that cannot be written.
+    """
+    check_new_wallet(wallets_dir, name)  # before generating a key, so a bad name costs nothing
+    return _add(wallets_dir, name, new_account(), password, scrypt_n)
+
+
+def import_private_key(
+    wallets_dir: str | os.PathLike[str], name: str, private_key: str, password: str, *, scrypt_n: int = DEFAULT_SCRYPT_N
+) -> WalletInfo:
+    """Store ``private_key`` (64 hex digits, optional ``0x``) as wallet ``name``, encrypted with ``password``.
+
+    Args:
+        scrypt_n: scrypt work factor N, a power of two in [2**10, 2**20].
+
+    Raises:
+        WalletError: for a malformed key (the message never contains it), an invalid or taken
+            name, an address already in ``wallets_dir``, an empty password, or a write failure.
+    """
+    return _add(wallets_dir, name, parse_private_key(private_key), password, scrypt_n)
+
+
+def import_keystore(
+    wallets_dir: str | os.PathLike[str],
+    name: str,
+    source: str | os.PathLike[str],
+    password: str,
+    *,
+    scrypt_n: int = DEFAULT_SCRYPT_N,
+) -> WalletInfo:
+    """Import the JSON v3 keystore at ``source`` (scrypt or pbkdf2, e.g. from geth) as wallet ``name``.
+
+    The source is decrypted with ``password`` (so a wrong password or a corrupt file is found
+    before anything is written), then re-encrypted with the same password under scrypt at
+    ``scrypt_n`` into ``<wallets_dir>/<name>.json``: every wallet of a directory has the same
+    KDF and file mode. ``source`` itself is not changed.
+
+    Raises:
+        WalletError: for a missing, corrupt or non-keystore source, a wrong password, an invalid
+            or taken name, an address already in ``wallets_dir``, or a write failure.
+    """
+    check_new_wallet(wallets_dir, name, keystore_address(source))  # before the costly decryption
+    return _add(wallets_dir, name, load_keystore(source, password), password, scrypt_n)

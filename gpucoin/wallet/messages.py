@@ -224,7 +224,10 @@ def _string(value: Any, what: str) -> str:
         raise MessageFieldError(f"{what} must be a string, got {value!r}")
     if not value:
         raise MessageFieldError(f"{what} must not be empty")
-    n = len(value.encode("utf-8", errors="strict"))
+    try:
+        n = len(value.encode("utf-8", errors="strict"))
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON can carry it, UTF-8 cannot
+        raise MessageFieldError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
     if n > MAX_STRING_BYTES:
         raise MessageFieldError(f"{what} is {n} bytes of UTF-8; at most {MAX_STRING_BYTES}")
     return value

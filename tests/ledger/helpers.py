@@ -38,11 +38,12 @@ class Signer:
     def faucet(self, to: Any, amount: int) -> SignedMessage:
         return self(FAUCET, "Faucet", recipient=to.address, amount=amount)
 
-    def receipt(self, step: int, job: str = JOB) -> SignedMessage:
+    def receipt(self, step: int, job: str = JOB, previous: str = ZERO_BYTES32) -> SignedMessage:
+        """WORKER's receipt for steps step..step+10 of rank 0; ``previous`` is the rank's receipt before it."""
         return self(
             WORKER, "WorkReceipt", jobId=job, worker=WORKER.address, rank=0, stepStart=step, stepEnd=step + 10,
             samples=320, computeTimeMs=5000, sketchRoot="0x" + "aa" * 32, checkpointHash="0x" + "bb" * 32,
-            previousReceipt=ZERO_BYTES32,
+            previousReceipt=previous,
         )
 
     def settlement(self, subject: str, job: str = JOB, **amounts: int) -> SignedMessage:
@@ -107,7 +108,7 @@ def normal_history(ledger: Ledger, s: Signer) -> None:
         ],
         memo="interval 0-10",
     )
-    r2 = s.receipt(10)
+    r2 = s.receipt(10, previous=r1.digest)
     report = s(VERIFIER, "VerificationReport", verifier=VERIFIER.address, receiptDigest=r2.digest, verdict="fail",
                distanceE9=90_000_000)
     st2 = s.settlement(r2.digest, slashed=50 * GPC)

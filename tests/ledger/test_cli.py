@@ -102,6 +102,9 @@ TAMPERS = [
     ("escrow amount", f"UPDATE escrow SET amount = amount + 1 WHERE account = '{ESCROW}'", f"escrow {ESCROW}"),
     ("unbonding amount", f"UPDATE unbonding SET amount = amount + 1 WHERE account = '{unbonding(WORKER)}'", f"unbonding {unbonding(WORKER)}"),
     ("operation memo", "UPDATE operation SET memo = 'x' WHERE op_id = 'settle-1'", "operation 'settle-1'"),
+    ("receipt range", "UPDATE work_receipt SET step_end = 12 WHERE step_start = 0", "work_receipt (job 'job-1', rank 0, step 0)"),
+    ("job order row", "DELETE FROM job_order", "job_order 'job-1'"),
+    ("message order", "UPDATE message SET id = 1000 WHERE primary_type = 'JobOrder'", "message #"),
 ]
 
 

@@ -280,7 +280,8 @@ class LedgerMachine(RuleBasedStateMachine):
         settlement = s.settlement(receipt.digest, job=f"st{n}-job0", paid=1)
         order = s.order(1, job=f"st{n}-job0", consumer=self.wallets[0])
         registration = s.registration(1, who=self.wallets[1])
-        self.ledger.record_messages([faucet, receipt, settlement, order, registration])
+        worker_registration = s.registration(1)  # a receipt needs its job's order and its worker's registration
+        self.ledger.record_messages([faucet, order, registration, worker_registration, receipt, settlement])
         self.recorded = {m.digest.lower() for m in (faucet, receipt, settlement, order, registration)}
         self.d_faucet, self.d_settle, self.d_order, self.d_reg = (
             faucet.digest, settlement.digest, order.digest, registration.digest)

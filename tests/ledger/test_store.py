@@ -138,7 +138,7 @@ def test_a_bad_signature_or_an_impersonation_is_refused(ledger: Ledger, s: Signe
         ledger.record_message(forged)
     # a JobOrder naming Consumer as its consumer but signed by Worker's key
     order = sign(WORKER, "JobOrder", DOMAIN, dict(consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32,
-                                                  workers=1, bidPerWorkerHour=1, budget=1, nonce=1, deadline=1))
+                                                  workers=1, bidPerWorkerHour=1, budget=1, nonce=1, deadline=2**40))
     with pytest.raises(SignatureError, match="consumer"):
         ledger.record_message(order)
     assert ledger.messages() == []
@@ -178,9 +178,9 @@ def test_the_same_op_id_with_different_content_is_a_conflict(ledger: Ledger, s: 
 def test_an_operation_is_all_or_nothing(ledger: Ledger, s: Signer) -> None:
     fund(ledger, s, CONSUMER, 100, "fund")
     order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
-              bidPerWorkerHour=1, budget=60, deadline=1)
+              bidPerWorkerHour=1, budget=60, deadline=2**40)
     other = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId="job-2", specHash="0x" + "ee" * 32,
-              workers=1, bidPerWorkerHour=1, budget=41, deadline=1)
+              workers=1, bidPerWorkerHour=1, budget=41, deadline=2**40)
     ledger.record_messages([order, other])
     before = (ledger.balances(), ledger.transfers(), ledger.totals())
     # the first transfer alone is affordable; the second is not, so neither may land
@@ -382,7 +382,7 @@ def test_post_batch_records_its_messages_in_the_same_transaction(ledger: Ledger,
     # one refused operation: neither its messages nor any operation of the batch is stored
     more = [s.faucet(WORKER, 5) for _ in range(n)]
     spend = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
-              bidPerWorkerHour=1, budget=10**9, deadline=1)
+              bidPerWorkerHour=1, budget=10**9, deadline=2**40)
     bad = [Operation(f"w-{i}", (Transfer(ISSUANCE, avail(WORKER), 5, Code.FAUCET, m.digest),))
            for i, m in enumerate(more)]
     bad.append(Operation("too-much", (Transfer(avail(CONSUMER), ESCROW, 10**9, Code.ESCROW, spend.digest),)))
@@ -397,7 +397,8 @@ def test_post_batch_records_its_messages_in_the_same_transaction(ledger: Ledger,
 def test_a_duplicate_bulk_insert_is_an_integrity_error_on_both_backends(ledger: Ledger, s: Signer) -> None:
     # The store retries a write that lost a uniqueness race only if it sees SQLAlchemy's
     # IntegrityError; PostgreSQL's COPY path must raise that too, not the driver's own error.
-    rows = Ledger._message_rows(ledger, [s.faucet(CONSUMER, 1) for _ in range(_COPY_MIN_ROWS)])
+    checked = Ledger._message_rows(ledger, [s.faucet(CONSUMER, 1) for _ in range(_COPY_MIN_ROWS)])
+    rows = {d: {k: v for k, v in r.items() if k != "_typed"} for d, r in checked.items()}
     with Session(ledger.engine) as session, session.begin():
         _insert_rows(session, MessageRow.__table__, list(rows.values()))
     with pytest.raises(IntegrityError):

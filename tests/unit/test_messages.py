@@ -367,3 +367,13 @@ def test_property_sign_then_recover(inputs):
     assert verify(SignedMessage.from_json(signed.to_json()), expected_signer=account.address,
                   domain=domain) == account.address
     assert int(signed.signature[66:130], 16) <= SECP256K1_N // 2
+
+
+
+def test_a_string_field_with_a_lone_surrogate_is_a_field_error() -> None:
+    from gpucoin.wallet.messages import MessageFieldError, validate_message
+
+    registration = {"provider": "0x" + "11" * 20, "nodeId": "\ud800", "resources": "cpu=1",
+                    "askPerWorkerHour": 1, "stake": 1, "nonce": 1, "deadline": 1}
+    with pytest.raises(MessageFieldError, match="nodeId is not valid Unicode text"):
+        validate_message("NodeRegistration", registration)
