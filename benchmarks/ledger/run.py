@@ -71,7 +71,6 @@ DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_POLICY = _REPO / "policies" / "default.toml"
 
 GPC = MICRO_PER_GPC
-FAUCET = Account.from_key(b"\x01" * 32)
 COORDINATOR = Account.from_key(b"\x02" * 32)
 CONSUMER = Account.from_key(b"\x03" * 32)
 WORKER = Account.from_key(b"\x04" * 32)
@@ -131,7 +130,7 @@ def build_workload(n: int, warmup: int, policy: Policy, payment: int) -> Workloa
 
     total = n + warmup
     budget = (total + 1) * payment  # one payment of slack: the escrow stays pending throughout
-    faucet = s(FAUCET, "Faucet", recipient=CONSUMER.address, amount=budget)
+    faucet = s(COORDINATOR, "Faucet", recipient=CONSUMER.address, amount=budget)  # the market's coordinator mints dev funds
     order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
               bidPerWorkerHour=2 * GPC, budget=budget, deadline=2**40)
     registration = s(WORKER, "NodeRegistration", provider=WORKER.address, nodeId="bench-node", resources="cpu=2",

@@ -284,16 +284,20 @@ def receipt_verify(file, expected_signer, chain_id, verifying_contract):
     from gpucoin.wallet.exported import MAX_FILE_BYTES, NotJSON, check_signed, parse_signed
     from gpucoin.wallet.messages import Domain
 
-    from eth_utils import is_address
+    from eth_utils import is_checksum_address, is_hex_address
 
     if (chain_id is None) != (verifying_contract is None):
         _fail("--chain-id and --verifying-contract go together (they name one domain)", 2)
-    if expected_signer is not None and not is_address(expected_signer):
-        _fail(f"--signer: not an address: {expected_signer!r}", 2)
+    if expected_signer is not None and not (
+        is_hex_address(expected_signer)
+        and (expected_signer[2:] in (expected_signer[2:].lower(), expected_signer[2:].upper())
+             or is_checksum_address(expected_signer))
+    ):
+        _fail(f"--signer: not an address (0x + 40 hex digits, mixed case only as a valid EIP-55 checksum): {expected_signer!r}", 2)
     try:
         if file.stat().st_size > MAX_FILE_BYTES:
             _fail(f"{file} is larger than {MAX_FILE_BYTES} bytes; expected one signed message", 2)
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is not content
     except OSError as e:
         _fail(f"cannot read {file}: {e.strerror}", 2)
     except UnicodeDecodeError:

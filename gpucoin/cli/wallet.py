@@ -78,7 +78,10 @@ _name_opt = click.option(
     default=None,
     help="Wallet name: letters, digits, _ . - (up to 64). Default: the first free wallet-N.",
 )
-_scrypt_opt = click.option("--scrypt-n", type=int, default=None, hidden=True)  # None: DEFAULT_SCRYPT_N
+_scrypt_opt = click.option(
+    "--scrypt-n", type=click.IntRange(2), default=None, hidden=True,
+    help="scrypt work factor N of the new keystore, for tests only (default: DEFAULT_SCRYPT_N).",
+)
 
 
 def _password(prompt: str, *, confirm: bool) -> str:

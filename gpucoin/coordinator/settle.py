@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpucoin.exceptions import InsufficientFunds
-from gpucoin.ledger import Ledger
+from gpucoin.ledger import Ledger, Operation
 from gpucoin.ledger.accounts import escrow_account, wallet_account
 from gpucoin.money import format_gpc
 from gpucoin.policy import settlement as plans
@@ -41,11 +41,13 @@ class Coordinator:
         self.policy_hash = policy_hash(self.policy)
 
     # -- messages -------------------------------------------------------------
-    def signed(self, account, primary_type: str, message: dict) -> SignedMessage:
-        """Sign ``message`` with ``account`` in this market's domain and record it in the ledger."""
-        msg = sign(account, primary_type, self.domain, message)
-        self.ledger.record_message(msg)
-        return msg
+    def _post(self, op_id: str, transfers: list, memo: str, messages: list[SignedMessage]) -> None:
+        """Record ``messages`` and post the operation they authorize in one ledger transaction.
+
+        Either both land or neither does (no order without its escrow after a crash); a retry of
+        an operation already posted changes nothing but records the messages given.
+        """
+        self.ledger.post_batch([Operation(op_id, tuple(transfers), memo)], messages=messages)
 
     def record(self, msg: SignedMessage) -> SignedMessage:
         """Record a message someone else signed (the ledger checks its signature)."""
@@ -53,10 +55,12 @@ class Coordinator:
         return msg
 
     def _settlement(self, job_id: str, subject: str, epoch: int = 0, **amounts: int) -> SignedMessage:
+        """The coordinator's signed Settlement (not recorded yet: it goes in with its operation)."""
         fields = {"paid": 0, "burned": 0, "treasury": 0, "minted": 0, "slashed": 0, "refunded": 0, **amounts}
-        return self.signed(
+        return sign(
             self.account,
             "Settlement",
+            self.domain,
             {"coordinator": self.account.address, "jobId": job_id, "subject": subject, "epoch": epoch, **fields, "policyHash": self.policy_hash, "nonce": self.nonces.next()},
         )
 
@@ -65,14 +69,13 @@ class Coordinator:
         """Dev faucet (embedded local mode only): mint ``amount_ugpc`` to ``address``; once per ``op_id``."""
         if self.ledger.operation(op_id) is not None:
             return
-        msg = self.signed(self.account, "Faucet", {"recipient": address, "amount": amount_ugpc, "nonce": self.nonces.next()})
-        self.ledger.post(op_id, plans.plan_faucet(address, amount_ugpc, msg.digest), memo="dev faucet")
+        msg = sign(self.account, "Faucet", self.domain, {"recipient": address, "amount": amount_ugpc, "nonce": self.nonces.next()})
+        self._post(op_id, plans.plan_faucet(address, amount_ugpc, msg.digest), "dev faucet", [msg])
 
     def bond(self, registration: SignedMessage) -> None:
         """Record a volunteer's signed NodeRegistration and bond its stake (available -> bonded)."""
-        self.record(registration)
         m = registration.message
-        self.ledger.post(f"bond:{registration.digest}", plans.plan_bond(m["provider"], m["stake"], registration.digest), memo=f"bond {m['nodeId']}")
+        self._post(f"bond:{registration.digest}", plans.plan_bond(m["provider"], m["stake"], registration.digest), f"bond {m['nodeId']}", [registration])
 
     def escrow(self, order: SignedMessage) -> None:
         """Record an engineer's signed JobOrder and escrow its budget.
@@ -86,8 +89,7 @@ class Coordinator:
         have = self.ledger.balance(wallet_account(m["consumer"]))
         if have < m["budget"]:
             raise InsufficientFunds(f"budget {format_gpc(m['budget'])} GPC exceeds the {format_gpc(have)} GPC available in wallet {m['consumer']}")
-        self.record(order)
-        self.ledger.post(f"escrow:{m['jobId']}", plans.plan_escrow(m["jobId"], m["consumer"], m["budget"], order.digest), memo="escrow budget")
+        self._post(f"escrow:{m['jobId']}", plans.plan_escrow(m["jobId"], m["consumer"], m["budget"], order.digest), "escrow budget", [order])
 
     def settle_interval(self, job_id: str, receipts: list[SignedMessage], payment_ugpc: int, epoch: int) -> tuple[int, int, int]:
         """Charge a settled (passed or unchallenged) interval: burn and treasury shares of its payment.
@@ -106,7 +108,7 @@ class Coordinator:
         subject = receipts[0].digest
         msg = self._settlement(job_id, subject, epoch, paid=pay, burned=burn, treasury=treasury)
         workers = [r.message["worker"] for r in receipts]
-        self.ledger.post(f"settle:{subject}", plans.plan_interval(job_id, pay, left, self.policy.tokenomics, msg.digest, workers), memo=f"settle steps {receipts[0].message['stepStart']}-{receipts[0].message['stepEnd']}")
+        self._post(f"settle:{subject}", plans.plan_interval(job_id, pay, left, self.policy.tokenomics, msg.digest, workers), f"settle steps {receipts[0].message['stepStart']}-{receipts[0].message['stepEnd']}", [msg])
         return pay, (burn if self.policy.tokenomics.mode == "burn_and_mint" else 0), treasury
 
     def slash(self, job_id: str, cheater: str, verifier: str, report: SignedMessage) -> int:
@@ -120,8 +122,8 @@ class Coordinator:
         if burned + whistle == 0:
             return 0
         assert burned + whistle <= bond, (burned, whistle, bond)
-        self._settlement(job_id, report.message["receiptDigest"], slashed=burned + whistle)
-        self.ledger.post(f"slash:{report.digest}", plans.plan_slash(cheater, verifier, bond, self.policy.slashing, report.digest), memo="slash")
+        msg = self._settlement(job_id, report.message["receiptDigest"], slashed=burned + whistle)
+        self._post(f"slash:{report.digest}", plans.plan_slash(cheater, verifier, bond, self.policy.slashing, report.digest), "slash", [msg])
         return burned + whistle
 
     def mint_epoch(self, epoch: int, job_id: str, intervals: list[SettledInterval]) -> list[Reward]:
@@ -135,9 +137,9 @@ class Coordinator:
         supply = self.ledger.totals()["supply"]
         emission = emission_ugpc(epoch, self.policy.tokenomics, supply)
         rewards = [r for r in distribute_emission(emission, intervals, self.policy.tokenomics) if r.amount_ugpc > 0]
-        digests = [self._settlement(job_id, r.receipt_digest, epoch, minted=r.amount_ugpc).digest for r in rewards]
+        msgs = [self._settlement(job_id, r.receipt_digest, epoch, minted=r.amount_ugpc) for r in rewards]
         if rewards:
-            self.ledger.post(f"mint:{epoch}", plans.plan_mint(rewards, digests), memo=f"epoch {epoch} emission")
+            self._post(f"mint:{epoch}", plans.plan_mint(rewards, [m.digest for m in msgs]), f"epoch {epoch} emission", msgs)
         return rewards
 
     def refund(self, job_id: str, order: SignedMessage) -> int:
@@ -146,6 +148,6 @@ class Coordinator:
         if left == 0:
             return 0
         msg = self._settlement(job_id, order.digest, refunded=left)
-        self.ledger.post(f"refund:{job_id}", plans.plan_refund(job_id, order.message["consumer"], left, msg.digest), memo="refund unused escrow")
+        self._post(f"refund:{job_id}", plans.plan_refund(job_id, order.message["consumer"], left, msg.digest), "refund unused escrow", [msg])
         return left
 

@@ -7,6 +7,9 @@ Replay rules):
 
 - **domain**: a ledger bound to a market (``Ledger(url, domain=...)``) admits only messages
   signed in that market's EIP-712 domain: same name, version, chainId and verifyingContract;
+- **coordinator**: in a bound ledger, a Settlement's ``coordinator`` and a Faucet's signer must
+  be the domain's ``verifyingContract`` (the coordinator's settlement address): nobody else may
+  attest what moved or mint dev funds;
 - **deadline**: a JobOrder or NodeRegistration whose ``deadline`` (unix seconds) is before the
   ledger's clock is refused;
 - **one order per job**: a second JobOrder for a ``jobId`` that already has one is refused;
@@ -33,6 +36,9 @@ JOB_ORDER = "JobOrder"
 NODE_REGISTRATION = "NodeRegistration"
 WORK_RECEIPT = "WorkReceipt"
 
+COORDINATOR_TYPES = frozenset({"Settlement", "Faucet"})
+"""Primary types only the market's coordinator (the domain's verifyingContract) may sign."""
+
 DEADLINE_TYPES = frozenset({JOB_ORDER, NODE_REGISTRATION})
 """Primary types whose ``deadline`` field (unix seconds) the ledger enforces on recording."""
 
@@ -57,7 +63,7 @@ class Admission:
     Attributes:
         domain: the market's domain (``Domain.as_dict()``), or None for a ledger bound to none.
         now_s: the ledger's clock, unix seconds.
-        jobs: job ids with a recorded JobOrder (at least those the batch names).
+        jobs: job id -> digest of its recorded JobOrder (at least those the batch names).
         nodes: checksum addresses with a recorded NodeRegistration (at least those the batch names).
         receipt_heads: (job id, rank) -> the rank's latest receipt (at least those the batch names).
         receipts: (job id, rank, stepStart) -> (stepEnd, digest) of each receipt admitted by this
@@ -66,20 +72,39 @@ class Admission:
 
     domain: Mapping[str, Any] | None
     now_s: int
-    jobs: set[str] = field(default_factory=set)
+    jobs: dict[str, str] = field(default_factory=dict)
     nodes: set[str] = field(default_factory=set)
     receipt_heads: dict[tuple[str, int], ReceiptHead] = field(default_factory=dict)
     receipts: dict[tuple[str, int, int], tuple[int, str]] = field(default_factory=dict)
 
-    def admit(self, primary_type: str, domain: Mapping[str, Any], message: Mapping[str, Any], digest: str) -> None:
+    def check_domain(self, primary_type: str, domain: Mapping[str, Any], digest: str) -> None:
+        """Refuse a message signed in another domain than the market's (no-op when unbound).
+
+        Raises:
+            DomainMismatch: naming the fields that differ.
+        """
+        if self.domain is None or dict(domain) == dict(self.domain):
+            return
+        diff = sorted(k for k in set(domain) | set(self.domain) if domain.get(k) != self.domain.get(k))
+        got = ", ".join(f"{k}={domain.get(k)!r}" for k in diff)
+        want = ", ".join(f"{k}={self.domain.get(k)!r}" for k in diff)
+        raise DomainMismatch(
+            f"{primary_type} {digest} is signed for another market ({got}); this ledger's domain has {want}"
+        )
+
+    def admit(
+        self, primary_type: str, domain: Mapping[str, Any], message: Mapping[str, Any], digest: str, signer: str
+    ) -> None:
         """Check one verified message against the rules, then count it as recorded.
 
         Args:
             primary_type / domain / message: the message's canonical typed data parts.
             digest: its EIP-712 digest, 0x + 64 lower-case hex.
+            signer: the checksum address its signature recovers to.
 
         Raises:
             DomainMismatch: signed in another market's domain (names the differing fields).
+            UnknownParty: in a bound ledger, a Settlement or Faucet not by the coordinator.
             MessageExpired: a JobOrder or NodeRegistration past its deadline.
             UnknownParty: a receipt for a job or worker the ledger does not know.
             ConflictError: a second JobOrder for a job.
@@ -87,18 +112,23 @@ class Admission:
                 to its rank's previous receipt.
         """
         what = f"{primary_type} {digest}"
-        if self.domain is not None and dict(domain) != dict(self.domain):
-            diff = sorted(k for k in set(domain) | set(self.domain) if domain.get(k) != self.domain.get(k))
-            got = ", ".join(f"{k}={domain.get(k)!r}" for k in diff)
-            want = ", ".join(f"{k}={self.domain.get(k)!r}" for k in diff)
-            raise DomainMismatch(f"{what} is signed for another market ({got}); this ledger's domain has {want}")
+        self.check_domain(primary_type, domain, digest)
+        if self.domain is not None and primary_type in COORDINATOR_TYPES:
+            coordinator = self.domain["verifyingContract"]
+            if signer != coordinator:
+                raise UnknownParty(
+                    f"{what} is signed by {signer}, not by this market's coordinator {coordinator} "
+                    "(the domain's verifyingContract)"
+                )
         if primary_type in DEADLINE_TYPES and message["deadline"] < self.now_s:
             late = self.now_s - message["deadline"]
             raise MessageExpired(f"{what}: its deadline {message['deadline']} passed {late} s ago (now {self.now_s})")
         if primary_type == JOB_ORDER:
             if message["jobId"] in self.jobs:
-                raise ConflictError(f"{what}: job {message['jobId']!r} already has a JobOrder")
-            self.jobs.add(message["jobId"])
+                raise ConflictError(
+                    f"{what}: job {message['jobId']!r} already has a JobOrder ({self.jobs[message['jobId']]})"
+                )
+            self.jobs[message["jobId"]] = digest
         elif primary_type == NODE_REGISTRATION:
             self.nodes.add(message["provider"])
         elif primary_type == WORK_RECEIPT:

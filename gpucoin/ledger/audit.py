@@ -206,7 +206,8 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
     receipts: set[str] = set()
     settlement_subjects: dict[str, str | None] = {}
     market = session.get(MarketRow, 1)
-    admission = Admission(domain=json.loads(market.domain) if market is not None else None, now_s=0)
+    bound = json.loads(market.domain) if market is not None else None
+    admission = Admission(domain=None, now_s=0)
     for m in session.exec(select(MessageRow).order_by(MessageRow.id).execution_options(yield_per=_BATCH)):
         problem = verify_message(m)
         if problem is not None:
@@ -214,8 +215,10 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
         else:
             typed = json.loads(m.typed_data)
             admission.now_s = m.recorded_at // 1_000_000
+            # held to the market's domain from the first message recorded after the ledger was bound
+            admission.domain = bound if market is not None and m.id >= market.first_message_id else None
             try:
-                admission.admit(m.primary_type, typed["domain"], typed["message"], m.digest)
+                admission.admit(m.primary_type, typed["domain"], typed["message"], m.digest, m.signer)
             except GpucoinError as exc:
                 problems.append(f"message #{m.id} ({m.primary_type} {m.digest}): not admissible: {exc}")
         message_types[m.digest] = m.primary_type
@@ -356,10 +359,13 @@ def _compare_index(session: Session, admission: Admission) -> list[str]:
     """Differences between the stored job_order / work_receipt rows and the admission replay."""
     problems: list[str] = []
     jobs = {r.job_id: r.digest for r in session.exec(select(JobOrderRow))}
-    for job in sorted(set(jobs) ^ admission.jobs):
-        problems.append(
-            f"job_order {job!r}: " + ("stored, but no admitted JobOrder names it" if job in jobs else "missing")
-        )
+    for job in sorted(set(jobs) | set(admission.jobs)):
+        if job not in admission.jobs:
+            problems.append(f"job_order {job!r}: stored, but no admitted JobOrder names it")
+        elif job not in jobs:
+            problems.append(f"job_order {job!r}: missing")
+        elif jobs[job] != admission.jobs[job]:
+            problems.append(f"job_order {job!r}: names {jobs[job]}, but its JobOrder is {admission.jobs[job]}")
     stored = {
         (r.job_id, int(r.rank), int(r.step_start)): (int(r.step_end), r.digest)
         for r in session.exec(select(WorkReceiptRow).execution_options(yield_per=_BATCH))

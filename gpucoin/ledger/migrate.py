@@ -20,7 +20,7 @@ from sqlalchemy import Connection, inspect
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 """Where the Alembic environment and revision scripts live (shipped inside the package)."""
 
-_PG_LOCK_KEY = 0x6770_7563_6F69_6E  # "gpucoin" in ASCII: an app-specific advisory lock key
+PG_LOCK_KEY = 0x6770_7563_6F69_6E  # "gpucoin" in ASCII: an app-specific advisory lock key
 """Key of the PostgreSQL advisory lock held while migrating."""
 
 
@@ -51,7 +51,7 @@ def upgrade(conn: Connection) -> None:
     Must be called inside a transaction of ``conn`` that the caller commits.
     """
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
     current = current_revision(conn)
     if current == head_revision():
         return

@@ -209,6 +209,8 @@ class MarketRow(SQLModel, table=True):
         domain: the EIP-712 domain (name, version, chainId, verifyingContract) as canonical JSON;
             every message recorded afterwards must be signed in it.
         bound_at: µs since the Unix epoch.
+        first_message_id: the first message id recorded under the domain (the ids before were
+            recorded while the ledger was bound to none; the audit does not hold them to it).
     """
 
     __tablename__ = "market"
@@ -217,6 +219,7 @@ class MarketRow(SQLModel, table=True):
     id: int = Field(default=1, sa_column=Column(Integer, primary_key=True, autoincrement=False))
     domain: str = Field(sa_column=Column(Text, nullable=False))
     bound_at: int = Field(sa_column=Column(BIGINT, nullable=False))
+    first_message_id: int = Field(sa_column=Column(BIGINT, nullable=False))
 
 
 class JobOrderRow(SQLModel, table=True):

@@ -30,7 +30,7 @@ from typing import Any
 from eth_utils import is_address
 from sqlalchemy import Table, and_, bindparam, delete, event, func, insert, or_, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, create_engine, select
 
 from gpucoin.exceptions import (
@@ -120,6 +120,17 @@ def _nonce_text(message: Any) -> str | None:
     return str(n)
 
 
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+"""PostgreSQL deadlock_detected and serialization_failure: the transaction was rolled back; retry it."""
+
+
+def _retryable(exc: Exception) -> bool:
+    """Whether a failed write transaction may simply be tried again (it lost a race, nothing was written)."""
+    if isinstance(exc, IntegrityError):
+        return True
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in _RETRY_SQLSTATES
+
+
 def _typed_text(typed: Any) -> str:
     """The canonical JSON text of typed data (``rules.canonical_json``), stored and then verified.
 
@@ -164,6 +175,20 @@ def _insert_rows(s: Session, table: Table, rows: list[dict[str, Any]]) -> None:
         cur.close()
 
 
+def _bound_domain(s: Session) -> dict[str, Any] | None:
+    """The domain the ledger is bound to, read in the write transaction of ``s`` (None: unbound).
+
+    On PostgreSQL it first takes the migration's advisory lock in shared mode, so a binding in
+    progress (``_bind_market`` runs under that lock, exclusive) is either committed and seen, or
+    waits until this transaction ends.
+    """
+    conn = s.connection()
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock_shared({migrate.PG_LOCK_KEY})")
+    row = conn.execute(select(MarketRow.__table__.c.domain).where(MarketRow.__table__.c.id == 1)).first()
+    return None if row is None else json.loads(row[0])
+
+
 def _bind_market(conn: Any, wanted: dict[str, Any] | None) -> dict[str, Any] | None:
     """The domain the ledger behind ``conn`` is bound to, binding it to ``wanted`` if it is to none.
 
@@ -174,7 +199,12 @@ def _bind_market(conn: Any, wanted: dict[str, Any] | None) -> dict[str, Any] | N
     row = conn.execute(select(table.c.domain).where(table.c.id == 1)).first()
     if row is None:
         if wanted is not None:
-            conn.execute(insert(table).values(id=1, domain=canonical_json(wanted), bound_at=_now_us()))
+            last = conn.execute(select(func.max(MessageRow.__table__.c.id))).scalar()
+            conn.execute(
+                insert(table).values(
+                    id=1, domain=canonical_json(wanted), bound_at=_now_us(), first_message_id=(last or 0) + 1
+                )
+            )
         return wanted
     bound = json.loads(row[0])
     if wanted is not None and wanted != bound:
@@ -352,8 +382,14 @@ class Ledger:
             How many were new (a message already stored, or repeated in ``signed``, is skipped).
 
         Raises:
-            SignatureError: naming the first message that does not check.
-            ConflictError: if a message reuses a (signer, nonce) of a different stored message.
+            SignatureError: naming the first message that does not check (malformed, digest,
+                high s, signer); DomainMismatch (another market's domain) and MessageExpired
+                (past its deadline) are SignatureErrors too.
+            NonceReused: if a message reuses a (signer, nonce) of a different stored message.
+            ConflictError: a second JobOrder for one job.
+            UnknownParty: a WorkReceipt for an unknown job or worker; in a bound ledger, a
+                Settlement or Faucet not signed by the market's coordinator.
+            ReceiptOutOfOrder: a WorkReceipt whose steps overlap, leave a gap or do not chain.
             LedgerError: for more than ``MAX_BATCH`` messages.
         """
         rows = self._message_rows(signed)
@@ -363,11 +399,14 @@ class Ledger:
             try:
                 with self._session(write=True) as s:
                     return self._insert_messages(s, rows)
-            except IntegrityError as exc:
-                # Another writer stored the same digest or nonce between our check and insert
-                # (PostgreSQL; SQLite's BEGIN IMMEDIATE rules it out); the retry sees it.
+            except (IntegrityError, OperationalError) as exc:
+                # Another writer stored the same digest, nonce, job or receipt step between our
+                # check and insert, or the server broke a deadlock between two such inserts
+                # (PostgreSQL; SQLite's BEGIN IMMEDIATE rules both out); the retry sees the winner.
+                if not _retryable(exc):
+                    raise LedgerError(f"the database refused the messages: {exc.orig}") from None
                 if attempt + 1 == _MAX_ATTEMPTS:
-                    raise LedgerError(f"messages could not be recorded, concurrent writes kept conflicting: {exc.orig}")
+                    raise LedgerError(f"messages could not be recorded, concurrent writes kept conflicting: {exc.orig}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _message_rows(self, signed: Sequence[Any]) -> dict[str, dict[str, Any]]:
@@ -424,14 +463,18 @@ class Ledger:
         new = [r for d, r in rows.items() if d not in stored]
         if not new:
             return 0
-        self._check_nonces(s, new)
+        if self._domain is None:
+            self._domain = _bound_domain(s)  # another process may have bound the ledger since we opened it
         now_us = int(self._clock() * 1_000_000)
         admission = self._admission(s, new, now_us // 1_000_000)
+        for r in new:  # the domain before anything else: a message for another market is not a replay here
+            admission.check_domain(r["primary_type"], r["_typed"]["domain"], r["digest"])
+        self._check_nonces(s, new)
         job_rows: list[dict[str, Any]] = []
         receipt_rows: list[dict[str, Any]] = []
         for r in new:
             typed = r["_typed"]
-            admission.admit(r["primary_type"], typed["domain"], typed["message"], r["digest"])
+            admission.admit(r["primary_type"], typed["domain"], typed["message"], r["digest"], r["signer"])
             m = typed["message"]
             if r["primary_type"] == JOB_ORDER:
                 job_rows.append({"job_id": m["jobId"], "digest": r["digest"]})
@@ -497,7 +540,9 @@ class Ledger:
                 ranks.add((m["jobId"], m["rank"]))
         admission = Admission(domain=self._domain, now_s=now_s)
         if jobs:
-            admission.jobs.update(s.exec(select(JobOrderRow.job_id).where(JobOrderRow.job_id.in_(sorted(jobs)))).all())
+            admission.jobs.update(
+                s.exec(select(JobOrderRow.job_id, JobOrderRow.digest).where(JobOrderRow.job_id.in_(sorted(jobs)))).all()
+            )
         if workers:
             admission.nodes.update(
                 s.exec(
@@ -588,8 +633,8 @@ class Ledger:
                     if rows:
                         self._insert_messages(s, rows)
                     return self._apply_batch(s, ops, contents) if ops else []
-            except IntegrityError as exc:
-                if attempt + 1 == _MAX_ATTEMPTS:
+            except (IntegrityError, OperationalError) as exc:
+                if not _retryable(exc) or attempt + 1 == _MAX_ATTEMPTS:
                     raise LedgerError(f"operation batch refused by the database: {exc.orig}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpucoin.exceptions import SignatureError
-from gpucoin.wallet.messages import Domain, MessageFieldError, SignedMessage, verify
+from gpucoin.wallet.messages import (
+    EIP712_DOMAIN_TYPE,
+    MESSAGE_TYPES,
+    Domain,
+    MessageFieldError,
+    SignedMessage,
+    loads_json,
+    verify,
+)
 
 MAX_FILE_BYTES = 1 << 20
 """Largest file read (1 MiB): a signed message is a few kB."""
@@ -57,8 +65,8 @@ def parse_signed(text: str) -> SignedMessage:
     """
     lines = [ln for ln in text.splitlines() if ln.strip()]
     try:
-        obj = json.loads(text) if len(lines) != 1 else json.loads(lines[0])
-    except ValueError as e:
+        obj = loads_json(text if len(lines) != 1 else lines[0])
+    except MessageFieldError as e:
         raise NotJSON(f"not a JSON object ({e}); expected one signed message") from None
     if not isinstance(obj, dict):
         raise NotJSON(f"expected one JSON object, got {type(obj).__name__}")
@@ -70,12 +78,13 @@ def parse_signed(text: str) -> SignedMessage:
 def _from_export(record: dict[str, Any]) -> SignedMessage:
     typed = record.get("typed_data")
     if isinstance(typed, str):
-        try:
-            typed = json.loads(typed)
-        except ValueError as e:
-            raise MessageFieldError(f"typed_data is not JSON: {e}") from None
+        typed = loads_json(typed)
     if not isinstance(typed, dict):
         raise MessageFieldError("an exported message record needs a typed_data object")
+    primary = typed.get("primaryType")
+    if primary in MESSAGE_TYPES and typed.get("types") != build_typed_data_types(primary):
+        # what other tools hash is the record's own typed data: it must declare gpucoin's types
+        raise MessageFieldError(f"typed_data declares types for {primary} that differ from gpucoin's")
     missing = [k for k in ("digest", "signature", "signer") if k not in record]
     if missing:
         raise MessageFieldError(f"the exported message record has no {', '.join(missing)}")
@@ -88,6 +97,11 @@ def _from_export(record: dict[str, Any]) -> SignedMessage:
         "signer": record["signer"],
     }
     return SignedMessage.from_json(json.dumps(shaped))
+
+
+def build_typed_data_types(primary_type: str) -> dict[str, list[dict[str, str]]]:
+    """The ``types`` object of gpucoin's typed data for ``primary_type`` (EIP712Domain and the type)."""
+    return {"EIP712Domain": EIP712_DOMAIN_TYPE, primary_type: MESSAGE_TYPES[primary_type]}
 
 
 def check_signed(signed: SignedMessage, *, expected_signer: str | None = None, domain: Domain | None = None) -> Verdict:

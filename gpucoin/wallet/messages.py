@@ -219,11 +219,61 @@ def _check_amount_field(value: Any, what: str) -> int:
     return value
 
 
+MAX_JSON_DEPTH = 8
+"""Deepest nesting of arrays and objects ``loads_json`` accepts (a signed message nests 3 deep)."""
+
+MAX_JSON_CHARS = 1 << 20
+"""Longest JSON text ``loads_json`` accepts, in characters (a signed message is a few kB)."""
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` of untrusted text, refusing it first if it nests deeper than ``MAX_JSON_DEPTH``.
+
+    Needed because eth-account's import of py_ecc raises Python's recursion limit to 100000: a
+    few hundred kB of ``[[[...`` would then crash the process in C instead of raising.
+
+    Raises:
+        MessageFieldError: for text that is too long, too deep, or not JSON.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MessageFieldError("JSON text is not UTF-8") from None
+    if not isinstance(text, str):
+        raise MessageFieldError(f"expected JSON text, got {type(text).__name__}")
+    if len(text) > MAX_JSON_CHARS:
+        raise MessageFieldError(f"JSON text of {len(text)} characters; at most {MAX_JSON_CHARS}")
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise MessageFieldError(f"JSON nests deeper than {MAX_JSON_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise MessageFieldError(f"not JSON: {e}") from None
+
+
 def _string(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise MessageFieldError(f"{what} must be a string, got {value!r}")
     if not value:
         raise MessageFieldError(f"{what} must not be empty")
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL; refused on every backend alike
+        raise MessageFieldError(f"{what} contains a NUL character")
     try:
         n = len(value.encode("utf-8", errors="strict"))
     except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON can carry it, UTF-8 cannot
@@ -518,10 +568,7 @@ class SignedMessage:
             MessageFieldError / MessageAmountError: bad JSON, unknown type, malformed domain,
                 message, digest (0x + 64 hex), signature (0x + 130 hex) or signer address.
         """
-        try:
-            d = json.loads(s)
-        except (ValueError, TypeError) as e:
-            raise MessageFieldError(f"signed message is not JSON: {e}") from None
+        d = loads_json(s)
         keys = {"primaryType", "domain", "message", "digest", "signature", "signer"}
         if not isinstance(d, dict) or set(d) != keys:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__

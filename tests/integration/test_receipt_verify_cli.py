@@ -92,3 +92,28 @@ def _high_s_twin(signature: str) -> str:
     s = int.from_bytes(raw[32:64], "big")
     twin = raw[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - raw[64]])  # v: 27 <-> 28
     return "0x" + twin.hex()
+
+
+def test_a_bad_checksum_signer_is_a_usage_error_and_a_bom_is_fine(tmp_path: Path, receipt: SignedMessage) -> None:
+    wrong_case = WORKER.address[:2] + WORKER.address[2:].swapcase()
+    code, out = run(write(tmp_path, receipt.to_json()), "--signer", wrong_case)
+    assert code == 2 and "EIP-55" in out, out
+    path = tmp_path / "bom.json"
+    path.write_text("\ufeff" + receipt.to_json(), encoding="utf-8")
+    code, out = run(str(path))
+    assert code == 0 and "valid" in out, out
+
+
+def test_deep_json_is_refused_not_a_crash(tmp_path: Path) -> None:
+    code, out = run(write(tmp_path, "[" * 200_000 + "]" * 200_000))
+    assert code == 2 and "nests deeper than" in out, out
+
+
+def test_an_export_record_with_altered_types_is_invalid(tmp_path: Path) -> None:
+    s = Signer()
+    with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as led:
+        led.record_message(s.faucet(WORKER, 5))
+        record = next(r for r in led.export() if r["kind"] == "message")
+    record["typed_data"]["types"]["Faucet"][1]["type"] = "uint256"  # what other tools would hash differently
+    code, out = run(write(tmp_path, json.dumps(record)))
+    assert code == 1 and "differ from gpucoin's" in out, out

@@ -186,3 +186,33 @@ def test_a_ledger_stays_bound_to_its_market(market: Ledger, ledger_url: str) -> 
                                      {"recipient": CONSUMER.address, "amount": 1, "nonce": 1}))
     with pytest.raises(LedgerError, match="belongs to the market with EIP-712 domain"):
         Ledger(ledger_url, domain=Domain(chain_id=5, verifying_contract=COORDINATOR.address))
+
+
+def test_only_the_markets_coordinator_signs_settlements_and_faucets(ready: Ledger, s: Signer) -> None:
+    r = s.receipt(0)
+    ready.record_message(r)
+    forged = s(WORKER, "Settlement", coordinator=WORKER.address, jobId=JOB, subject=r.digest, epoch=1, paid=0,
+               burned=0, treasury=0, minted=10**12, slashed=0, refunded=0, policyHash="0x" + "cc" * 32)
+    refused(ready, forged, UnknownParty, f"signed by {WORKER.address}, not by this market's coordinator")
+    refused(ready, s(WORKER, "Faucet", recipient=WORKER.address, amount=10**12), UnknownParty, "not by this market's coordinator")
+    ready.record_message(s.settlement(r.digest, minted=5))  # signed by COORDINATOR, the domain's verifyingContract
+
+
+def test_a_foreign_message_is_a_domain_error_even_if_it_also_reuses_a_nonce(ready: Ledger, s: Signer) -> None:
+    first = s.receipt(0)
+    ready.record_message(first)
+    elsewhere = sign(WORKER, "WorkReceipt", Domain(1, COORDINATOR.address), first.message)  # same nonce
+    refused(ready, elsewhere, DomainMismatch, "signed for another market")
+
+
+def test_a_ledger_bound_by_another_process_is_enforced_at_once(ledger_url: str, s: Signer) -> None:
+    with Ledger(ledger_url, clock=lambda: NOW) as early:  # opened while the ledger is bound to no market
+        early.record_message(sign(CONSUMER, "Faucet", Domain(1, CONSUMER.address),
+                                  {"recipient": CONSUMER.address, "amount": 1, "nonce": 1}))  # unbound: any domain
+        with Ledger(ledger_url, domain=DOMAIN, clock=lambda: NOW):  # another process binds it
+            pass
+        refused(early, sign(CONSUMER, "Faucet", Domain(1, CONSUMER.address),
+                            {"recipient": CONSUMER.address, "amount": 1, "nonce": 2}),
+                DomainMismatch, "signed for another market")
+        # what was recorded before the binding is not held to the domain by the audit
+        assert early.audit() == []

@@ -377,3 +377,23 @@ def test_a_string_field_with_a_lone_surrogate_is_a_field_error() -> None:
                     "askPerWorkerHour": 1, "stake": 1, "nonce": 1, "deadline": 1}
     with pytest.raises(MessageFieldError, match="nodeId is not valid Unicode text"):
         validate_message("NodeRegistration", registration)
+
+
+def test_untrusted_json_is_bounded_before_it_is_parsed() -> None:
+    from gpucoin.wallet.messages import MAX_JSON_DEPTH, MessageFieldError, SignedMessage, loads_json
+
+    assert loads_json('{"a": ["[[[", {"b": "\\\\\\"{{"}]}') == {"a": ["[[[", {"b": '\\"{{'}]}  # brackets in strings
+    assert loads_json("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH) == eval("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)
+    with pytest.raises(MessageFieldError, match="nests deeper"):
+        loads_json("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1))
+    with pytest.raises(MessageFieldError, match="nests deeper"):  # would crash the interpreter unchecked
+        SignedMessage.from_json('{"a":' * 150_000 + "1" + "}" * 150_000)
+
+
+def test_a_string_field_with_nul_is_refused() -> None:
+    from gpucoin.wallet.messages import MessageFieldError, validate_message
+
+    order = {"consumer": "0x" + "11" * 20, "jobId": "a\x00b", "specHash": "0x" + "22" * 32, "workers": 1,
+             "bidPerWorkerHour": 1, "budget": 1, "nonce": 1, "deadline": 1}
+    with pytest.raises(MessageFieldError, match="jobId contains a NUL"):
+        validate_message("JobOrder", order)

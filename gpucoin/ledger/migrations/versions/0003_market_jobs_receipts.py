@@ -7,7 +7,8 @@ Tables for the admission rules of ``gpucoin.ledger.admission``: ``market`` (the 
 the ledger admits messages from), ``job_order`` and ``work_receipt``, all append-only. A ledger
 written before this revision gets them filled from its stored messages, in recording order (the
 first order of a job; every receipt whose rank and start step are not taken yet); it stays bound
-to no domain until a ``Ledger`` opened with one binds it.
+to no domain until a ``Ledger`` opened with one binds it; the domain then applies to messages
+recorded from then on (``market.first_message_id``).
 """
 
 import json
@@ -32,6 +33,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("domain", sa.Text, nullable=False),
         sa.Column("bound_at", BIGINT, nullable=False),
+        sa.Column("first_message_id", BIGINT, nullable=False),
         sa.CheckConstraint("id = 1", name="ck_market_single_row"),
         **STRICT,
     )
@@ -83,20 +85,26 @@ def _fill_from_messages(conn: sa.Connection) -> None:
         )
     )
     for digest, primary_type, text in rows.all():
-        m = json.loads(text)["message"]
-        if primary_type == "JobOrder" and m["jobId"] not in jobs:
-            jobs.add(m["jobId"])
-            conn.execute(sa.text("INSERT INTO job_order (job_id, digest) VALUES (:j, :d)"), {"j": m["jobId"], "d": digest})
+        try:
+            m = json.loads(text)["message"]
+            job, rank, start, end = m["jobId"], m.get("rank"), m.get("stepStart"), m.get("stepEnd")
+        except (TypeError, ValueError, KeyError):
+            continue  # a row that does not parse: left out here, named by `gpucoin ledger audit`
+        if primary_type == "WorkReceipt" and not all(isinstance(v, int) for v in (rank, start, end)):
+            continue
+        if primary_type == "JobOrder" and job not in jobs:
+            jobs.add(job)
+            conn.execute(sa.text("INSERT INTO job_order (job_id, digest) VALUES (:j, :d)"), {"j": job, "d": digest})
         elif primary_type == "WorkReceipt":
-            key = (m["jobId"], m["rank"], m["stepStart"])
-            if key in starts or m["stepEnd"] <= m["stepStart"]:
+            key = (job, rank, start)
+            if key in starts or end <= start:
                 continue
             starts.add(key)
             conn.execute(
                 sa.text(
                     "INSERT INTO work_receipt (digest, job_id, rank, step_start, step_end) VALUES (:d, :j, :r, :s, :e)"
                 ),
-                {"d": digest, "j": m["jobId"], "r": m["rank"], "s": m["stepStart"], "e": m["stepEnd"]},
+                {"d": digest, "j": job, "r": rank, "s": start, "e": end},
             )
 
 
