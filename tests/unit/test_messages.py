@@ -331,7 +331,7 @@ _KEYS = [ALICE, BOB, COW]
 _UINT = {"uint32": st.integers(0, 2**32 - 1), "uint64": st.integers(0, 2**63 - 1)}
 _ADDRESS = st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex())
 _BYTES32 = st.binary(min_size=32, max_size=32).map(lambda b: "0x" + b.hex())
-_TEXT = st.text(min_size=1, max_size=40)
+_TEXT = st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=40)  # NUL is refused
 
 
 @st.composite
