@@ -180,9 +180,10 @@ def _address(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _HEX_ADDRESS.match(value):
         raise MessageFieldError(f"{what} must be a 0x-prefixed 20-byte hex address, got {value!r}")
     body = value[2:]
-    if body != body.lower() and body != body.upper() and checksum_address(value) != value:
+    checksummed = checksum_address(value)
+    if checksummed != value and body != body.lower() and body != body.upper():
         raise MessageFieldError(f"{what} {value} has a wrong EIP-55 checksum (mixed case)")
-    return checksum_address(value)
+    return checksummed
 
 
 def _bytes32(value: Any, what: str) -> str:
@@ -701,7 +702,12 @@ def verify(signed: SignedMessage, *, expected_signer: str | None = None, domain:
         raise SignatureError(f"{signed.primary_type} message is not in canonical form")
     if typed["domain"] != signed.domain:
         raise SignatureError("domain is not in canonical form")
-    digest, recovered = recover_typed(typed, signed.signature)
+    # typed_data() validated the message and domain: hash them as they are, not validating twice
+    recid, r, s = _split_signature(signed.signature)
+    raw_digest = keccak(
+        b"\x19\x01" + _domain_separator(Domain.from_dict(typed["domain"])) + _hash_struct(signed.primary_type, typed["message"])
+    )
+    digest, recovered = "0x" + raw_digest.hex(), _recover_from_digest(raw_digest, recid, r, s)
     if not isinstance(signed.digest, str) or digest != signed.digest.lower():
         raise SignatureError(f"digest mismatch: message hashes to {digest}, signed message says {signed.digest}")
     claimed = _address(signed.signer, "signer")
