@@ -1,10 +1,12 @@
-"""What the benchmarks share: the ECC backend they must measure with, and its versions."""
+"""What the benchmarks share: the ECC backend they must measure with, a clock, a text table."""
 
 from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from eth_account import Account
@@ -57,3 +59,30 @@ def ecc_environment(packages: Sequence[str] = ()) -> dict[str, Any]:
     if gpucoin_messages._coincurve is None:
         raise RuntimeError("gpucoin.wallet.messages did not import coincurve; it would recover with eth-keys instead")
     return env
+
+
+def clock(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, this process's CPU seconds, result) of one call of ``fn``."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    t1, c1 = time.perf_counter(), time.process_time()
+    return t1 - t0, c1 - c0, out
+
+
+def print_rows(headers: Sequence[str], rows: Sequence[Sequence[str]], groups: Sequence[Any] | None = None,
+               out: Any = sys.stdout) -> None:
+    """Print an aligned text table: first column left-aligned, the others right-aligned.
+
+    ``groups``, if given, holds one key per row; a blank line separates rows whose keys differ.
+    """
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
+
+    print(line(headers), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for i, row in enumerate(rows):
+        if groups is not None and i > 0 and groups[i] != groups[i - 1]:
+            print(file=out)
+        print(line(row), file=out)

@@ -65,7 +65,7 @@ from gpucoin.policy.model import Policy, load_policy, policy_hash  # noqa: E402
 from gpucoin.policy.settlement import plan_escrow, plan_faucet, plan_interval  # noqa: E402
 from gpucoin.policy.tokenomics import split_payment  # noqa: E402
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign  # noqa: E402
-from benchmarks.common import ecc_environment  # noqa: E402
+from benchmarks.common import clock, ecc_environment, print_rows  # noqa: E402
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_POLICY = _REPO / "policies" / "default.toml"
@@ -184,14 +184,6 @@ class Result:
         return {**asdict(self), "receipts_per_s": self.rate, "messages_verified_per_s": self.messages_verified / self.seconds}
 
 
-def _clock(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of one call of ``fn``."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    t1, c1 = time.perf_counter(), time.process_time()
-    return t1 - t0, c1 - c0
-
-
 def recover_typed_data_eth_account(items: Sequence[Item]) -> None:
     """The baseline: eth-account recovers each receipt's signer from its full typed data."""
     for it in items:
@@ -247,7 +239,7 @@ def sample_baselines(specs: Sequence[BaselineSpec], repeat: int, samples: dict[s
     for name, _kind, _per, warm, measure in specs:
         for _ in range(repeat):
             warm()
-            samples.setdefault(name, []).append(_clock(measure))
+            samples.setdefault(name, []).append(clock(measure)[:2])
 
 
 def baseline_results(specs: Sequence[BaselineSpec], samples: dict[str, list[tuple[float, float]]], n: int) -> list[Result]:
@@ -317,7 +309,7 @@ def settlement_case(url: str, work: Workload, mode: str, batch_size: int,
         if profiler is not None:
             profiler.enable()
         try:
-            wall, cpu = _clock(lambda: _settle(ledger, work.items, mode, batch_size))
+            wall, cpu, _ = clock(lambda: _settle(ledger, work.items, mode, batch_size))
         finally:
             if profiler is not None:
                 profiler.disable()
@@ -470,15 +462,7 @@ def print_table(results: Sequence[Result], out: Any = sys.stdout) -> None:
             f"{r.messages_verified / r.seconds:,.0f}",
             f"{r.ratio:.2f}" if r.ratio is not None else "",
         ])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
-
-    print(line(headers), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
-    for row in rows:
-        print(line(row), file=out)
+    print_rows(headers, rows, out=out)
 
 
 # -- main ----------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from eth_account.messages import _hash_eip191_message, encode_typed_data  # noqa
 from eth_utils import keccak, to_checksum_address  # noqa: E402
 
 import gpucoin.wallet.messages as gpucoin_messages  # noqa: E402
-from benchmarks.common import ecc_environment  # noqa: E402
+from benchmarks.common import clock, ecc_environment, print_rows  # noqa: E402
 from gpucoin.wallet.messages import (  # noqa: E402
     MESSAGE_TYPES,
     SIGNER_FIELD,
@@ -258,14 +258,6 @@ class Result:
         return {**asdict(self), "messages_per_s": self.rate, "us_per_message": 1e6 * self.seconds / self.messages}
 
 
-def _clock(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall seconds, this process's CPU seconds, result) of one call of ``fn``."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    out = fn()
-    t1, c1 = time.perf_counter(), time.process_time()
-    return t1 - t0, c1 - c0, out
-
-
 def _check(case: Case, items: Sequence[Item], got: list) -> None:
     if len(got) != len(items):
         raise AssertionError(f"{case.name}: {len(got)} results for {len(items)} messages")
@@ -282,7 +274,7 @@ def measure(cases: Sequence[Case], items: Sequence[Item], warmup: Sequence[Item]
         for case in cases:
             _check(case, warmup, case.fn(warmup))
             gc.collect()
-            wall, cpu, got = _clock(lambda: case.fn(items))
+            wall, cpu, got = clock(lambda: case.fn(items))
             _check(case, items, got)
             samples[case.name].append((wall, cpu))
     results = []
@@ -317,19 +309,7 @@ def print_table(results: Sequence[Result], out: Any = sys.stdout) -> None:
     headers = ["case", "messages", "seconds", "CPU s", "µs/msg", "msgs/s", "x eth-account"]
     rows = [[r.case, str(r.messages), f"{r.seconds:.3f}", f"{r.cpu_seconds:.3f}", f"{1e6 * r.seconds / r.messages:.0f}",
              f"{r.rate:,.0f}", f"{r.ratio:.2f}" if r.ratio is not None else ""] for r in results]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
-
-    print(line(headers), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
-    op = None
-    for r, row in zip(results, rows):
-        if op is not None and r.op != op:
-            print(file=out)
-        op = r.op
-        print(line(row), file=out)
+    print_rows(headers, rows, groups=[r.op for r in results], out=out)
 
 
 # -- main ----------------------------------------------------------------------------------
