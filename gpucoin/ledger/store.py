@@ -185,7 +185,13 @@ def _bound_domain(s: Session) -> dict[str, Any] | None:
     conn = s.connection()
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock_shared({migrate.PG_LOCK_KEY})")
-    row = conn.execute(select(MarketRow.__table__.c.domain).where(MarketRow.__table__.c.id == 1)).first()
+    return _read_domain(conn)
+
+
+def _read_domain(conn: Any) -> dict[str, Any] | None:
+    """The domain stored in the ``market`` row, None if the ledger is bound to none."""
+    table = MarketRow.__table__
+    row = conn.execute(select(table.c.domain).where(table.c.id == 1)).first()
     return None if row is None else json.loads(row[0])
 
 
@@ -195,18 +201,16 @@ def _bind_market(conn: Any, wanted: dict[str, Any] | None) -> dict[str, Any] | N
     Raises:
         LedgerError: if it is bound to a domain other than ``wanted``.
     """
-    table = MarketRow.__table__
-    row = conn.execute(select(table.c.domain).where(table.c.id == 1)).first()
-    if row is None:
+    bound = _read_domain(conn)
+    if bound is None:
         if wanted is not None:
             last = conn.execute(select(func.max(MessageRow.__table__.c.id))).scalar()
             conn.execute(
-                insert(table).values(
+                insert(MarketRow.__table__).values(
                     id=1, domain=canonical_json(wanted), bound_at=_now_us(), first_message_id=(last or 0) + 1
                 )
             )
         return wanted
-    bound = json.loads(row[0])
     if wanted is not None and wanted != bound:
         raise LedgerError(f"this ledger belongs to the market with EIP-712 domain {bound}, not {wanted}")
     return bound
@@ -395,18 +399,31 @@ class Ledger:
         rows = self._message_rows(signed)
         if not rows:
             return 0
+        return self._write(rows, [], [])[0]
+
+    def _write(
+        self, rows: dict[str, dict[str, Any]], ops: list[Operation], contents: list[str]
+    ) -> tuple[int, list[list[int]]]:
+        """Record the checked messages ``rows``, then apply ``ops``, in one write transaction.
+
+        Retried (at most ``_MAX_ATTEMPTS`` times) when it lost a race: another writer stored the
+        same digest, nonce, job or receipt step between our check and insert, or the server broke
+        a deadlock between two such inserts (PostgreSQL; SQLite's BEGIN IMMEDIATE rules both out).
+        The retry reads again and sees the winner.
+
+        Returns:
+            (how many messages were new, the transfer ids of each operation).
+        """
         for attempt in range(_MAX_ATTEMPTS):
             try:
                 with self._session(write=True) as s:
-                    return self._insert_messages(s, rows)
+                    n_new = self._insert_messages(s, rows) if rows else 0
+                    return n_new, (self._apply_batch(s, ops, contents) if ops else [])
             except (IntegrityError, OperationalError) as exc:
-                # Another writer stored the same digest, nonce, job or receipt step between our
-                # check and insert, or the server broke a deadlock between two such inserts
-                # (PostgreSQL; SQLite's BEGIN IMMEDIATE rules both out); the retry sees the winner.
                 if not _retryable(exc):
-                    raise LedgerError(f"the database refused the messages: {exc.orig}") from None
+                    raise LedgerError(f"the database refused the write: {exc.orig}") from None
                 if attempt + 1 == _MAX_ATTEMPTS:
-                    raise LedgerError(f"messages could not be recorded, concurrent writes kept conflicting: {exc.orig}") from None
+                    raise LedgerError(f"the write was refused, concurrent writes kept conflicting: {exc.orig}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _message_rows(self, signed: Sequence[Any]) -> dict[str, dict[str, Any]]:
@@ -627,16 +644,7 @@ class Ledger:
             if not isinstance(op, Operation):
                 raise LedgerError(f"expected an Operation, got {type(op).__name__}")
         contents = [operation_hash(op.transfers, op.memo) for op in ops]
-        for attempt in range(_MAX_ATTEMPTS):
-            try:
-                with self._session(write=True) as s:
-                    if rows:
-                        self._insert_messages(s, rows)
-                    return self._apply_batch(s, ops, contents) if ops else []
-            except (IntegrityError, OperationalError) as exc:
-                if not _retryable(exc) or attempt + 1 == _MAX_ATTEMPTS:
-                    raise LedgerError(f"operation batch refused by the database: {exc.orig}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._write(rows, ops, contents)[1]
 
     def _apply_batch(self, s: Session, ops: list[Operation], contents: list[str]) -> list[list[int]]:
         """One attempt of ``post_batch`` inside the write transaction of ``s``."""
@@ -659,13 +667,10 @@ class Ledger:
                         f"operation {op.op_id!r} was posted with different content "
                         f"(hash {prior_content[:16]}...; now {len(op.transfers)} transfers, hash {content[:16]}...)"
                     )
+                if prior is not None:  # posted before: its original ids
+                    results[i] = list(range(prior.first_transfer_id, prior.first_transfer_id + prior.n_transfers))
                 continue
             fresh[op.op_id] = i
-        for op_id, prior in stored.items():
-            ids = list(range(prior.first_transfer_id, prior.first_transfer_id + prior.n_transfers))
-            for i, op in enumerate(ops):
-                if op.op_id == op_id:
-                    results[i] = ids
         new_ops = [ops[i] for i in sorted(fresh.values())]
         if new_ops:
             self._check_digests(s, new_ops)
