@@ -206,7 +206,7 @@ def verify_like_the_ledger(items: Sequence[Item]) -> None:
 
     ``Ledger._message_fields`` is what ``record_messages`` runs on every message before it opens a
     transaction (canonical JSON of the typed data, digest recomputed from it, signature recovered,
-    signer field compared: ``gpucoin.ledger.audit.verify_message``).
+    signer field compared: ``gpucoin.ledger.audit.verify_typed_message``).
     """
     check = Ledger._message_fields
     for it in items:
@@ -393,7 +393,7 @@ _PHASES: list[tuple[str, str, str]] = [
     ("    rules.canonical_json (all callers)", "gpucoin/ledger/rules.py", "canonical_json"),
     ("    eth_utils to_checksum_address (all callers)", "eth_utils/address.py", "to_checksum_address"),
     ("    MessageRow(...) construction", "MessageRow", "__init__"),
-    ("    audit.verify_message", "gpucoin/ledger/audit.py", "verify_message"),
+    ("    audit.verify_typed_message", "gpucoin/ledger/audit.py", "verify_typed_message"),
     ("      messages.recover_typed", "gpucoin/wallet/messages.py", "recover_typed"),
     ("        _digest_bytes (validate + EIP-712 hash)", "gpucoin/wallet/messages.py", "_digest_bytes"),
     ("        _recover_from_digest (secp256k1 + address)", "gpucoin/wallet/messages.py", "_recover_from_digest"),

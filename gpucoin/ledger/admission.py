@@ -32,11 +32,14 @@ from typing import Any
 from gpucoin.exceptions import ConflictError, DomainMismatch, MessageExpired, ReceiptOutOfOrder, UnknownParty
 from gpucoin.wallet.messages import ZERO_BYTES32
 
+# The EIP-712 primary types the ledger's rules name (gpucoin.wallet.messages.MESSAGE_TYPES).
 JOB_ORDER = "JobOrder"
 NODE_REGISTRATION = "NodeRegistration"
 WORK_RECEIPT = "WorkReceipt"
+SETTLEMENT = "Settlement"
+FAUCET = "Faucet"
 
-COORDINATOR_TYPES = frozenset({"Settlement", "Faucet"})
+COORDINATOR_TYPES = frozenset({SETTLEMENT, FAUCET})
 """Primary types only the market's coordinator (the domain's verifyingContract) may sign."""
 
 DEADLINE_TYPES = frozenset({JOB_ORDER, NODE_REGISTRATION})

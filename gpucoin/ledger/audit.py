@@ -32,7 +32,7 @@ from sqlmodel import Session, select
 
 from gpucoin.exceptions import GpucoinError
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, is_valid_account
-from gpucoin.ledger.admission import Admission
+from gpucoin.ledger.admission import SETTLEMENT, WORK_RECEIPT, Admission
 from gpucoin.ledger.models import (
     AccountRow,
     ChainHead,
@@ -57,12 +57,6 @@ from gpucoin.ledger.rules import (
 from gpucoin.ledger.state import Escrow, LedgerState, apply_in_place
 from gpucoin.ledger.transfer import Code, Transfer
 
-SETTLEMENT = "Settlement"
-"""EIP-712 primary type of the coordinator's attestation that authorizes a mint."""
-
-WORK_RECEIPT = "WorkReceipt"
-"""EIP-712 primary type of a worker's signed receipt for one interval."""
-
 _BATCH = 5000
 """Rows fetched from the database at a time while streaming a table."""
 
@@ -75,16 +69,19 @@ def _hex_text(value: Any) -> str:
     return s if s.startswith("0x") else "0x" + s
 
 
-def verify_message(row: MessageRow) -> str | None:
-    """Check one stored message against its own typed data; None if it holds, else the problem.
+def verify_message(row: MessageRow) -> tuple[dict[str, Any] | None, str | None]:
+    """Check one stored message against its own typed data.
 
     Parses the stored canonical JSON and runs ``verify_typed_message`` on it with the row's columns.
+
+    Returns:
+        (the parsed typed data, or None if it is not a JSON object; the problem, or None if it holds).
     """
     try:
         typed = json.loads(row.typed_data)
     except (TypeError, ValueError) as exc:
-        return f"typed data is not JSON ({exc})"
-    return verify_typed_message(
+        return None, f"typed data is not JSON ({exc})"
+    problem = verify_typed_message(
         typed,
         primary_type=row.primary_type,
         nonce=row.nonce,
@@ -92,6 +89,7 @@ def verify_message(row: MessageRow) -> str | None:
         signature=row.signature,
         signer=row.signer,
     )
+    return (typed if isinstance(typed, dict) else None), problem
 
 
 def verify_typed_message(
@@ -209,11 +207,10 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
     bound = json.loads(market.domain) if market is not None else None
     admission = Admission(domain=None, now_s=0)
     for m in session.exec(select(MessageRow).order_by(MessageRow.id).execution_options(yield_per=_BATCH)):
-        problem = verify_message(m)
+        typed, problem = verify_message(m)
         if problem is not None:
             problems.append(f"message #{m.id} ({m.primary_type} {m.digest}): {problem}")
         else:
-            typed = json.loads(m.typed_data)
             admission.now_s = m.recorded_at // 1_000_000
             # held to the market's domain from the first message recorded after the ledger was bound
             admission.domain = bound if market is not None and m.id >= market.first_message_id else None
@@ -226,9 +223,8 @@ def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
             receipts.add(m.digest.lower())
         elif m.primary_type == SETTLEMENT:
             try:
-                subject = json.loads(m.typed_data)["message"]["subject"]
-                settlement_subjects[m.digest] = _hex_text(subject)
-            except (TypeError, ValueError, KeyError):
+                settlement_subjects[m.digest] = _hex_text(typed["message"]["subject"])  # type: ignore[index]
+            except (TypeError, KeyError):
                 settlement_subjects[m.digest] = None
 
     operations = {

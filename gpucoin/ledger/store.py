@@ -43,9 +43,9 @@ from gpucoin.exceptions import (
     UnknownAccount,
 )
 from gpucoin.ledger import migrate
-from gpucoin.ledger.admission import JOB_ORDER, NODE_REGISTRATION, WORK_RECEIPT, Admission, ReceiptHead
+from gpucoin.ledger.admission import JOB_ORDER, NODE_REGISTRATION, SETTLEMENT, WORK_RECEIPT, Admission, ReceiptHead
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, account_kind, is_valid_account
-from gpucoin.ledger.audit import SETTLEMENT, run_audit, verify_typed_message
+from gpucoin.ledger.audit import run_audit, verify_typed_message
 from gpucoin.ledger.models import (
     AccountRow,
     ChainHead,
