@@ -16,21 +16,17 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
-from gpucoin.cli.common import DEFAULT_HOME, fail, url_option
+from gpucoin.cli.common import DEFAULT_HOME, url_option
+from gpucoin.cli.common import fail as _fail
 from gpucoin.cli.common import ledger_url as resolve_ledger_url
 from gpucoin.exceptions import GpucoinError
 
 PASSWORD_ENV = "GPUCOIN_PASSWORD"
 PRIVATE_KEY_ENV = "GPUCOIN_PRIVATE_KEY"
 WALLETS_DIR_ENV = "GPUCOIN_WALLETS_DIR"
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    fail(message, code)
 
 
 @contextmanager

@@ -21,12 +21,12 @@ from typing import Any
 
 from gpucoin.exceptions import SignatureError
 from gpucoin.wallet.messages import (
-    EIP712_DOMAIN_TYPE,
     MESSAGE_TYPES,
     Domain,
     MessageFieldError,
     SignedMessage,
     loads_json,
+    typed_data_types,
     verify,
 )
 
@@ -82,7 +82,7 @@ def _from_export(record: dict[str, Any]) -> SignedMessage:
     if not isinstance(typed, dict):
         raise MessageFieldError("an exported message record needs a typed_data object")
     primary = typed.get("primaryType")
-    if primary in MESSAGE_TYPES and typed.get("types") != build_typed_data_types(primary):
+    if primary in MESSAGE_TYPES and typed.get("types") != typed_data_types(primary):
         # what other tools hash is the record's own typed data: it must declare gpucoin's types
         raise MessageFieldError(f"typed_data declares types for {primary} that differ from gpucoin's")
     missing = [k for k in ("digest", "signature", "signer") if k not in record]
@@ -97,11 +97,6 @@ def _from_export(record: dict[str, Any]) -> SignedMessage:
         "signer": record["signer"],
     }
     return SignedMessage.from_json(json.dumps(shaped))
-
-
-def build_typed_data_types(primary_type: str) -> dict[str, list[dict[str, str]]]:
-    """The ``types`` object of gpucoin's typed data for ``primary_type`` (EIP712Domain and the type)."""
-    return {"EIP712Domain": EIP712_DOMAIN_TYPE, primary_type: MESSAGE_TYPES[primary_type]}
 
 
 def check_signed(signed: SignedMessage, *, expected_signer: str | None = None, domain: Domain | None = None) -> Verdict:

@@ -389,6 +389,18 @@ def _domain_dict(domain: Domain | Mapping[str, Any]) -> dict[str, Any]:
     return (domain if isinstance(domain, Domain) else Domain.from_dict(domain)).as_dict()
 
 
+def typed_data_types(primary_type: str) -> dict[str, list[dict[str, str]]]:
+    """The ``types`` object of a gpucoin message's typed data: EIP712Domain and ``primary_type`` (fresh copies).
+
+    Raises:
+        KeyError: for a primary type not in ``MESSAGE_TYPES``.
+    """
+    return {
+        "EIP712Domain": [dict(f) for f in EIP712_DOMAIN_TYPE],
+        primary_type: [dict(f) for f in MESSAGE_TYPES[primary_type]],
+    }
+
+
 def build_typed_data(
     primary_type: str, domain: Domain | Mapping[str, Any], message: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -402,10 +414,7 @@ def build_typed_data(
     """
     canonical = validate_message(primary_type, message)
     return {
-        "types": {
-            "EIP712Domain": [dict(f) for f in EIP712_DOMAIN_TYPE],
-            primary_type: [dict(f) for f in MESSAGE_TYPES[primary_type]],
-        },
+        "types": typed_data_types(primary_type),
         "primaryType": primary_type,
         "domain": _domain_dict(domain),
         "message": canonical,
