@@ -421,6 +421,11 @@ def build_typed_data(
     }
 
 
+def _digest_of_valid(primary_type: str, domain: Domain, message: Mapping[str, Any]) -> bytes:
+    """keccak256(0x19 0x01 || domainSeparator || hashStruct(message)) of a message ``validate_message`` returned."""
+    return keccak(b"\x19\x01" + _domain_separator(domain) + _hash_struct(primary_type, message))
+
+
 def _digest_bytes(typed_data: Mapping[str, Any]) -> bytes:
     """keccak256(0x19 0x01 || domainSeparator || hashStruct(message)) of any EIP-712 typed data."""
     if not isinstance(typed_data, Mapping):
@@ -440,9 +445,7 @@ def _digest_bytes(typed_data: Mapping[str, Any]) -> bytes:
         if "EIP712Domain" in types and list(types["EIP712Domain"]) != EIP712_DOMAIN_TYPE:
             raise MessageFieldError("typed data declares an EIP712Domain that differs from gpucoin's")
         # Hash the validated form: eth-account would silently pad short bytes32 or parse "0x.." as uint.
-        message = validate_message(primary, typed_data["message"])
-        domain = Domain.from_dict(typed_data["domain"])
-        return keccak(b"\x19\x01" + _domain_separator(domain) + _hash_struct(primary, message))
+        return _digest_of_valid(primary, Domain.from_dict(typed_data["domain"]), validate_message(primary, typed_data["message"]))
     try:
         full = {k: typed_data[k] for k in ("types", "domain", "message", "primaryType") if k in typed_data}
         signable = encode_typed_data(full_message=full)
@@ -610,8 +613,8 @@ def sign(account: Any, primary_type: str, domain: Domain, message: Mapping[str, 
     Raises:
         MessageFieldError / MessageAmountError: as ``validate_message`` and ``Domain``.
     """
-    typed = build_typed_data(primary_type, domain, message)
-    digest = _digest_bytes(typed)
+    typed = build_typed_data(primary_type, domain, message)  # validates the message and domain
+    digest = _digest_of_valid(primary_type, Domain.from_dict(typed["domain"]), typed["message"])
     key_obj = getattr(account, "_key_obj", None)
     if key_obj is not None:
         v_raw, r, s = key_obj.sign_msg_hash(digest).vrs
@@ -713,9 +716,7 @@ def verify(signed: SignedMessage, *, expected_signer: str | None = None, domain:
         raise SignatureError("domain is not in canonical form")
     # typed_data() validated the message and domain: hash them as they are, not validating twice
     recid, r, s = _split_signature(signed.signature)
-    raw_digest = keccak(
-        b"\x19\x01" + _domain_separator(Domain.from_dict(typed["domain"])) + _hash_struct(signed.primary_type, typed["message"])
-    )
+    raw_digest = _digest_of_valid(signed.primary_type, Domain.from_dict(typed["domain"]), typed["message"])
     digest, recovered = "0x" + raw_digest.hex(), _recover_from_digest(raw_digest, recid, r, s)
     if not isinstance(signed.digest, str) or digest != signed.digest.lower():
         raise SignatureError(f"digest mismatch: message hashes to {digest}, signed message says {signed.digest}")
