@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from eth_utils import is_address
 from sqlalchemy import Table, and_, bindparam, delete, event, func, insert, or_, update
@@ -257,6 +257,15 @@ def normalize_url(url: str) -> str:
     return url
 
 
+class _Checked(NamedTuple):
+    """A signed message checked before any transaction."""
+
+    row: dict[str, Any]
+    """Its ``message`` row, all but ``recorded_at`` (set when it is inserted)."""
+    typed: dict[str, Any]
+    """Its typed data, as stored (parsed from ``row["typed_data"]``)."""
+
+
 class Ledger:
     """The gpucoin ledger on SQLite or PostgreSQL.
 
@@ -402,7 +411,7 @@ class Ledger:
         return self._write(rows, [], [])[0]
 
     def _write(
-        self, rows: dict[str, dict[str, Any]], ops: list[Operation], contents: list[str]
+        self, rows: dict[str, _Checked], ops: list[Operation], contents: list[str]
     ) -> tuple[int, list[list[int]]]:
         """Record the checked messages ``rows``, then apply ``ops``, in one write transaction.
 
@@ -426,8 +435,8 @@ class Ledger:
                     raise LedgerError(f"the write was refused, concurrent writes kept conflicting: {exc.orig}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _message_rows(self, signed: Sequence[Any]) -> dict[str, dict[str, Any]]:
-        """The checked rows of ``signed`` by digest (repeats dropped), before any transaction.
+    def _message_rows(self, signed: Sequence[Any]) -> dict[str, _Checked]:
+        """The checked messages of ``signed`` by digest (repeats dropped), before any transaction.
 
         Raises:
             SignatureError: naming the first message that does not check.
@@ -435,15 +444,15 @@ class Ledger:
         """
         if len(signed) > MAX_BATCH:
             raise LedgerError(f"{len(signed)} messages in one batch; at most {MAX_BATCH}")
-        rows: dict[str, dict[str, Any]] = {}
+        rows: dict[str, _Checked] = {}
         for m in signed:
-            fields = self._message_fields(m)
-            rows.setdefault(fields["digest"], fields)
+            checked = self._message_fields(m)
+            rows.setdefault(checked.row["digest"], checked)
         return rows
 
     @staticmethod
-    def _message_fields(signed: Any) -> dict[str, Any]:
-        """The row of one signed message, after checking it on its canonical stored text."""
+    def _message_fields(signed: Any) -> _Checked:
+        """One signed message's row and typed data, after checking it on its canonical stored text."""
         typed = signed.typed_data()
         digest = _hex(signed.digest, 32, "digest")
         if not (isinstance(signed.signer, str) and is_address(signed.signer)):
@@ -455,14 +464,13 @@ class Ledger:
             nonce=_nonce_text(typed.get("message")),
             signature=_hex(signed.signature, 65, "signature"),
             typed_data=_typed_text(typed),
-            recorded_at=_now_us(),
         )
         # Checked on the text as stored, so what the audit later re-verifies is what passed here.
         # typed_data() of a SignedMessage is built of fresh dicts, lists, str and int only, which
         # JSON round-trips exactly: parsing the text back would give an equal object.
-        fields["_typed"] = typed if type(signed) is SignedMessage else json.loads(fields["typed_data"])
+        stored = typed if type(signed) is SignedMessage else json.loads(fields["typed_data"])
         problem = verify_typed_message(
-            fields["_typed"],
+            stored,
             primary_type=fields["primary_type"],
             nonce=fields["nonce"],
             digest=digest,
@@ -471,9 +479,9 @@ class Ledger:
         )
         if problem is not None:
             raise SignatureError(f"message {digest} refused: {problem}")
-        return fields
+        return _Checked(fields, stored)
 
-    def _insert_messages(self, s: Session, rows: dict[str, dict[str, Any]]) -> int:
+    def _insert_messages(self, s: Session, rows: dict[str, _Checked]) -> int:
         """Insert the messages of ``rows`` (by digest) not stored yet, in order, after the
         replay and admission rules (``gpucoin.ledger.admission``) accepted every one of them."""
         stored = set(s.exec(select(MessageRow.digest).where(MessageRow.digest.in_(list(rows)))).all())
@@ -484,13 +492,12 @@ class Ledger:
             self._domain = _bound_domain(s)  # another process may have bound the ledger since we opened it
         now_us = int(self._clock() * 1_000_000)
         admission = self._admission(s, new, now_us // 1_000_000)
-        for r in new:  # the domain before anything else: a message for another market is not a replay here
-            admission.check_domain(r["primary_type"], r["_typed"]["domain"], r["digest"])
-        self._check_nonces(s, new)
+        for r, typed in new:  # the domain before anything else: a message for another market is not a replay here
+            admission.check_domain(r["primary_type"], typed["domain"], r["digest"])
+        self._check_nonces(s, [r for r, _ in new])
         job_rows: list[dict[str, Any]] = []
         receipt_rows: list[dict[str, Any]] = []
-        for r in new:
-            typed = r["_typed"]
+        for r, typed in new:
             admission.admit(r["primary_type"], typed["domain"], typed["message"], r["digest"], r["signer"])
             m = typed["message"]
             if r["primary_type"] == JOB_ORDER:
@@ -501,9 +508,7 @@ class Ledger:
                      "step_start": m["stepStart"], "step_end": m["stepEnd"]}
                 )
         # recorded_at is the admission's clock: the audit re-checks deadlines against it
-        _insert_rows(
-            s, MessageRow.__table__, [{**{k: v for k, v in r.items() if k != "_typed"}, "recorded_at": now_us} for r in new]
-        )
+        _insert_rows(s, MessageRow.__table__, [{**r, "recorded_at": now_us} for r, _ in new])
         _insert_rows(s, JobOrderRow.__table__, job_rows)
         _insert_rows(s, WorkReceiptRow.__table__, receipt_rows)
         return len(new)
@@ -542,13 +547,13 @@ class Ledger:
                 f"({other.primary_type} {other.digest}); refused {refused} (a replay)"
             )
 
-    def _admission(self, s: Session, new: list[dict[str, Any]], now_s: int) -> Admission:
+    def _admission(self, s: Session, new: list[_Checked], now_s: int) -> Admission:
         """The admission state the messages of ``new`` need, read inside the write transaction."""
         jobs: set[str] = set()
         workers: set[str] = set()
         ranks: set[tuple[str, int]] = set()
-        for r in new:
-            m = r["_typed"]["message"]
+        for r, typed in new:
+            m = typed["message"]
             if r["primary_type"] == JOB_ORDER:
                 jobs.add(m["jobId"])
             elif r["primary_type"] == WORK_RECEIPT:

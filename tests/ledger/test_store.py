@@ -398,10 +398,10 @@ def test_a_duplicate_bulk_insert_is_an_integrity_error_on_both_backends(ledger: 
     # The store retries a write that lost a uniqueness race only if it sees SQLAlchemy's
     # IntegrityError; PostgreSQL's COPY path must raise that too, not the driver's own error.
     checked = Ledger._message_rows(ledger, [s.faucet(CONSUMER, 1) for _ in range(_COPY_MIN_ROWS)])
-    rows = {d: {k: v for k, v in r.items() if k != "_typed"} for d, r in checked.items()}
+    rows = [{**c.row, "recorded_at": 1} for c in checked.values()]
     with Session(ledger.engine) as session, session.begin():
-        _insert_rows(session, MessageRow.__table__, list(rows.values()))
+        _insert_rows(session, MessageRow.__table__, rows)
     with pytest.raises(IntegrityError):
         with Session(ledger.engine) as session, session.begin():
-            _insert_rows(session, MessageRow.__table__, list(rows.values()))
+            _insert_rows(session, MessageRow.__table__, rows)
     assert len(ledger.messages()) == _COPY_MIN_ROWS
