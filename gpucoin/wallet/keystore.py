@@ -346,6 +346,14 @@ def list_wallets(wallets_dir: str | os.PathLike[str]) -> list[WalletInfo]:
     return out
 
 
+def _wallet_with_address(wallets_dir: str | os.PathLike[str], address: str) -> WalletInfo | None:
+    """The readable wallet of ``wallets_dir`` holding ``address`` (any case), or None."""
+    for info in list_wallets(wallets_dir):
+        if info.address is not None and info.address.lower() == address.lower():
+            return info
+    return None
+
+
 def find_wallet(wallets_dir: str | os.PathLike[str], name_or_address: str) -> WalletInfo:
     """The wallet of ``wallets_dir`` named ``name_or_address``, or holding that address (any case).
 
@@ -354,10 +362,10 @@ def find_wallet(wallets_dir: str | os.PathLike[str], name_or_address: str) -> Wa
     """
     folder = Path(wallets_dir)
     if isinstance(name_or_address, str) and _ADDRESS.match(name_or_address):
-        for info in list_wallets(folder):
-            if info.address is not None and info.address.lower() == name_or_address.lower():
-                return info
-        raise WalletError(f"no wallet with address {name_or_address} in {folder}")
+        info = _wallet_with_address(folder, name_or_address)
+        if info is None:
+            raise WalletError(f"no wallet with address {name_or_address} in {folder}")
+        return info
     path = wallet_path(folder, name_or_address)
     if not path.is_file():
         raise WalletError(f"no wallet named {name_or_address!r} in {folder}")
@@ -385,10 +393,9 @@ def check_new_wallet(wallets_dir: str | os.PathLike[str], name: str, address: st
     path = wallet_path(wallets_dir, name)
     if path.exists():
         raise WalletError(f"a wallet named {name!r} already exists ({path})")
-    if address is not None:
-        for info in list_wallets(wallets_dir):
-            if info.address is not None and info.address.lower() == address.lower():
-                raise WalletError(f"address {info.address} is already in wallet {info.name!r} ({info.path})")
+    info = None if address is None else _wallet_with_address(wallets_dir, address)
+    if info is not None:
+        raise WalletError(f"address {info.address} is already in wallet {info.name!r} ({info.path})")
     return path
 
 
