@@ -46,10 +46,6 @@ def _errors() -> Iterator[None]:
         _fail(f"internal error: {type(e).__name__} (details withheld: a wallet command never prints exception text)")
 
 
-def _default_home() -> Path:
-    return DEFAULT_HOME
-
-
 def _wallets_dir(home: Path, wallets_dir: Path | None) -> Path:
     return wallets_dir if wallets_dir is not None else home / "wallets"
 
@@ -57,7 +53,7 @@ def _wallets_dir(home: Path, wallets_dir: Path | None) -> Path:
 _home_opt = click.option(
     "--home",
     type=click.Path(file_okay=False, path_type=Path),
-    default=_default_home,
+    default=DEFAULT_HOME,
     help="State directory: wallets under <home>/wallets, the SQLite ledger at <home>/ledger.db "
     "(default: $GPUCOIN_HOME, else ~/.gpucoin/local).",
 )
