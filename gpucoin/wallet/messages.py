@@ -66,6 +66,7 @@ __all__ = [
     "verify",
     "distance_e9",
     "checksum_address",
+    "parse_address",
 ]
 
 def keccak(data: bytes) -> bytes:
@@ -175,8 +176,12 @@ _HEX_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
 _UINT_TYPE = re.compile(r"^uint(\d+)$")
 
 
-def _address(value: Any, what: str) -> str:
-    """Checksum form of a 0x-hex address; mixed case must be a valid EIP-55 checksum."""
+def parse_address(value: Any, what: str) -> str:
+    """Checksum form of a 0x-hex address; mixed case must be a valid EIP-55 checksum.
+
+    Raises:
+        MessageFieldError: for anything else, naming ``what``.
+    """
     if not isinstance(value, str) or not _HEX_ADDRESS.match(value):
         raise MessageFieldError(f"{what} must be a 0x-prefixed 20-byte hex address, got {value!r}")
     body = value[2:]
@@ -318,7 +323,7 @@ def validate_message(primary_type: str, message: Mapping[str, Any]) -> dict[str,
         name, typ, value = f["name"], f["type"], message[f["name"]]
         what = f"{primary_type}.{name}"
         if typ == "address":
-            out[name] = _address(value, what)
+            out[name] = parse_address(value, what)
         elif typ == "bytes32":
             out[name] = _bytes32(value, what)
         elif typ == "string":
@@ -355,7 +360,7 @@ class Domain:
             raise MessageFieldError(f"domain chainId must be an int, got {self.chain_id!r}")
         if not 0 <= self.chain_id <= MAX_FIELD_INT:
             raise MessageFieldError(f"domain chainId = {self.chain_id} is outside [0, {MAX_FIELD_INT}]")
-        object.__setattr__(self, "verifying_contract", _address(self.verifying_contract, "domain verifyingContract"))
+        object.__setattr__(self, "verifying_contract", parse_address(self.verifying_contract, "domain verifyingContract"))
         _string(self.name, "domain name")
         _string(self.version, "domain version")
 
@@ -592,7 +597,7 @@ class SignedMessage:
         digest = _bytes32(d["digest"], "digest")
         if not isinstance(d["signature"], str) or not _HEX_SIGNATURE.match(d["signature"]):
             raise MessageFieldError(f"signature must be 0x + 130 hex digits (65 bytes), got {d['signature']!r}")
-        signer = _address(d["signer"], "signer")
+        signer = parse_address(d["signer"], "signer")
         return cls(primary, domain, message, digest, d["signature"].lower(), signer)
 
 
@@ -720,7 +725,7 @@ def verify(signed: SignedMessage, *, expected_signer: str | None = None, domain:
     digest, recovered = "0x" + raw_digest.hex(), _recover_from_digest(raw_digest, recid, r, s)
     if not isinstance(signed.digest, str) or digest != signed.digest.lower():
         raise SignatureError(f"digest mismatch: message hashes to {digest}, signed message says {signed.digest}")
-    claimed = _address(signed.signer, "signer")
+    claimed = parse_address(signed.signer, "signer")
     if recovered != claimed:
         raise SignatureError(f"signer mismatch: signature recovers {recovered}, signed message says {claimed}")
     field = SIGNER_FIELD[signed.primary_type]
@@ -728,7 +733,7 @@ def verify(signed: SignedMessage, *, expected_signer: str | None = None, domain:
         raise SignatureError(
             f"{signed.primary_type}.{field} is {typed['message'][field]} but the message was signed by {recovered}"
         )
-    if expected_signer is not None and _address(expected_signer, "expected signer") != recovered:
+    if expected_signer is not None and parse_address(expected_signer, "expected signer") != recovered:
         raise SignatureError(f"signed by {recovered}, expected {to_checksum_address(expected_signer)}")
     if domain is not None and domain.as_dict() != typed["domain"]:
         raise SignatureError(f"domain mismatch: signed under {typed['domain']}, expected {domain.as_dict()}")
