@@ -15,7 +15,6 @@ signer and to the message's own signer field, and optionally an expected signer 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +71,7 @@ def parse_signed(text: str) -> SignedMessage:
         raise NotJSON(f"expected one JSON object, got {type(obj).__name__}")
     if obj.get("kind") == "message" or "typed_data" in obj:
         return _from_export(obj)
-    return SignedMessage.from_json(json.dumps(obj))
+    return SignedMessage.from_dict(obj)
 
 
 def _from_export(record: dict[str, Any]) -> SignedMessage:
@@ -96,7 +95,7 @@ def _from_export(record: dict[str, Any]) -> SignedMessage:
         "signature": record["signature"],
         "signer": record["signer"],
     }
-    return SignedMessage.from_json(json.dumps(shaped))
+    return SignedMessage.from_dict(shaped)
 
 
 def check_signed(signed: SignedMessage, *, expected_signer: str | None = None, domain: Domain | None = None) -> Verdict:

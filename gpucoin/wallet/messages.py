@@ -586,7 +586,15 @@ class SignedMessage:
             MessageFieldError / MessageAmountError: bad JSON, unknown type, malformed domain,
                 message, digest (0x + 64 hex), signature (0x + 130 hex) or signer address.
         """
-        d = loads_json(s)
+        return cls.from_dict(loads_json(s))
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "SignedMessage":
+        """The signed message of the parsed ``to_json`` object ``d``, checked as ``from_json`` does.
+
+        Raises:
+            MessageFieldError / MessageAmountError: as ``from_json``.
+        """
         keys = {"primaryType", "domain", "message", "digest", "signature", "signer"}
         if not isinstance(d, dict) or set(d) != keys:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
