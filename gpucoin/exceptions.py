@@ -15,6 +15,11 @@
     │   │   └── NonceReused           a (signer, nonce) another stored message already used
     │   ├── RuleViolation             a transfer the money rules forbid (wrong accounts for its
     │   │                             code, a closed escrow, stake not yet unbonded)
+    │   ├── Unauthorized              a transfer its cited signed message does not authorize (wrong
+    │   │   │                         type, signer, amount or recipient; a message used twice; a
+    │   │   │                         faucet outside a dev market; an epoch closed early or twice)
+    │   │   └── StaleEpoch            a Settlement signed for another epoch than the ledger's current one
+    │   ├── NoGenesis                 a ledger with no Genesis message yet, or a second Genesis
     │   ├── ReceiptOutOfOrder         a WorkReceipt whose steps overlap, leave a gap or do not
     │   │                             chain to its rank's previous receipt
     │   ├── UnknownParty              a WorkReceipt for a job or worker the ledger does not know
@@ -92,6 +97,24 @@ class UnknownParty(LedgerError):
 class RuleViolation(LedgerError):
     """A transfer the money rules forbid: accounts that do not fit its code, a post to a closed
     escrow, a refund that is not the whole remainder, a withdrawal before the unbonding period."""
+
+
+class Unauthorized(LedgerError):
+    """A transfer that its cited signed message does not authorize: a message of the wrong type or
+    signer for the transfer's code, amounts or accounts other than the message's, a message that
+    already authorized another operation, a FAUCET in a market whose Genesis is not ``dev``, or an
+    epoch closed before it ended, twice, or with other emission than the policy's
+    (docs/ledger.md, Authorization)."""
+
+
+class StaleEpoch(Unauthorized):
+    """A Settlement whose ``epoch`` is not the ledger's current epoch (its clock moved on while the
+    coordinator signed): sign it again with ``Ledger.current_epoch()``."""
+
+
+class NoGenesis(LedgerError):
+    """The ledger has no Genesis message, so it admits no other message and no transfer yet; or a
+    second, different Genesis was offered to a ledger that has one."""
 
 
 class UnknownAccount(LedgerError):

@@ -1,9 +1,22 @@
-"""Shared test helpers: job specs written into a private copy of the main job's package."""
+"""Shared test helpers: job specs written into a private copy of the main job's package; the
+hypothesis profile.
+
+Hypothesis runs derandomized by default (profile ``ci``): the same examples on every run, so a
+red ``make test`` always reproduces. ``HYPOTHESIS_PROFILE=explore`` draws fresh examples and
+prints the seed and blob of a failure to reproduce it.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_PACKAGE = REPO / "jobs" / "shakespeare_char"

@@ -144,18 +144,16 @@ _home_opt = click.option("--home", type=click.Path(file_okay=False, path_type=Pa
 @ledger.command()
 @_url_opt
 @_home_opt
-@click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Policy whose hard cap the supply is checked against (default: policies/local.toml).")
-def audit(ledger_url, home, policy_path):
-    """Re-check the ledger from genesis: balances, sum zero, no negative user account,
-    supply = minted - burned <= hard cap, the hash chain, every signature and its signer,
-    every mint backed by a settled receipt. Exits non-zero naming each problem."""
+def audit(ledger_url, home):
+    """Re-check the ledger from its Genesis: every signature and signer, every message's admission,
+    every transfer authorized by the message it cites (amounts, accounts, epochs), the hash chain,
+    balances summing to zero with no negative user account, supply = minted - burned <= the
+    policy's hard cap. Exits non-zero naming each problem."""
     from gpucoin.ledger import Ledger
-    from gpucoin.policy.model import load_policy
 
     try:
-        cap = load_policy(policy_path or REPO_POLICIES / "local.toml").tokenomics.hard_cap_ugpc
         with Ledger(_ledger_url(ledger_url, home)) as lg:
-            problems = lg.audit(hard_cap_ugpc=cap)
+            problems = lg.audit()
             n = len(lg.transfers())
     except GpucoinError as e:
         _fail(str(e))

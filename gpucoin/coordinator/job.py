@@ -20,12 +20,12 @@ from typing import Protocol
 
 from gpucoin.cluster.embedded import EmbeddedCluster, NodeSpec, sigint_ignored
 from gpucoin.cluster.local import engineer_available_after_faucet, fund_engineer, participant, register_volunteer
-from gpucoin.coordinator.settle import Coordinator
-from gpucoin.exceptions import InsufficientFunds, NoPlacement
+from gpucoin.coordinator.settle import Coordinator, genesis_message
+from gpucoin.exceptions import InsufficientFunds, NoPlacement, PolicyError
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import wallet_account
 from gpucoin.money import format_gpc
-from gpucoin.policy.model import Policy
+from gpucoin.policy.model import Policy, policy_hash
 from gpucoin.scheduler.market import Offer, Order, clear
 from gpucoin.spec import LoadedSpec
 from gpucoin.wallet.messages import Domain, sign
@@ -126,12 +126,38 @@ def preflight(loaded: LoadedSpec, opts: LocalOptions, coord: Coordinator, engine
         raise InsufficientFunds(f"budget {format_gpc(spec.budget_ugpc)} GPC exceeds the {format_gpc(have)} GPC available in the engineer's wallet {engineer.address}")
 
 
-def open_ledger(opts: LocalOptions, domain: Domain) -> Ledger:
-    """The local ledger (SQLite under ``home``), with the policy's unbonding period, bound to ``domain``."""
+def open_ledger(opts: LocalOptions, coordinator) -> Ledger:
+    """The local market's ledger (SQLite under ``home``), with a dev Genesis on first use.
+
+    The Genesis is signed by the local coordinator key for ``opts.policy``; a ledger kept from an
+    earlier run must name the same policy. A local ledger written before Genesis messages existed
+    is moved aside (``ledger-before-genesis-<time>.db``) and a new one started.
+
+    Raises:
+        PolicyError: the local ledger's Genesis names another policy than ``opts.policy``.
+        LedgerError: the ledger cannot be opened, or belongs to another market.
+    """
     opts.home.mkdir(parents=True, exist_ok=True)
-    return Ledger(
-        f"sqlite:///{opts.home / 'ledger.db'}", unbonding_epochs=opts.policy.bonding.unbonding_epochs, domain=domain
-    )
+    path = opts.home / "ledger.db"
+    domain = Domain(chain_id=opts.policy.chain_id, verifying_contract=coordinator.address)
+    ledger = Ledger(f"sqlite:///{path}", domain=domain)
+    if ledger.genesis is None and (ledger.domain is not None or ledger.messages()):
+        ledger.close()
+        aside = path.with_name(f"ledger-before-genesis-{time.strftime('%Y%m%d-%H%M%S')}.db")
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{path}{suffix}").exists():
+                Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
+        ledger = Ledger(f"sqlite:///{path}", domain=domain)
+    if ledger.genesis is None:
+        ledger.init_genesis(genesis_message(coordinator.account, domain, opts.policy, dev=True), opts.policy)
+    elif ledger.genesis.policy_hash != policy_hash(opts.policy):
+        bound = ledger.policy
+        ledger.close()
+        raise PolicyError(
+            f"the local ledger {path} was started with policy {bound.name!r} v{bound.version}, not "
+            f"{opts.policy.name!r} v{opts.policy.version}; use --home DIR for a local market with this policy"
+        )
+    return ledger
 
 
 def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) -> dict:
@@ -155,8 +181,8 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
     home = opts.home
     coordinator_p = participant("coordinator", home)
     engineer = participant("engineer", home)
-    domain = Domain(chain_id=policy.chain_id, verifying_contract=coordinator_p.address)
-    ledger = open_ledger(opts, domain)
+    ledger = open_ledger(opts, coordinator_p)
+    domain = ledger.domain
     try:
         coord = Coordinator(ledger, policy, coordinator_p.account, domain)
         preflight(loaded, opts, coord, engineer)
@@ -202,7 +228,7 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
         }
         totals = ledger.totals()
         summary["ledger"].update({"supply": totals["supply"], "total_minted": totals["minted"], "total_burned": totals["burned"]})
-        problems = ledger.audit(hard_cap_ugpc=policy.tokenomics.hard_cap_ugpc)
+        problems = ledger.audit()
         summary["audit"] = "ok" if not problems else problems
         return summary
     finally:
@@ -244,6 +270,8 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             f"market: job {job_id} placed on {', '.join(name_of[n] for n in placement.node_ids)} "
             f"at {format_gpc(placement.price_ugpc_per_worker_hour)} GPC/worker-hour (bid {spec.bid_gpc_per_worker_hour})"
         )
+        for rank, node_id in enumerate(placement.node_ids):
+            coord.assign(job_id, rank, provider_of[node_id], node_id)
         inbox = ray.remote(JobInbox).options(num_cpus=0, label_selector={"ray.io/node-id": cluster.node_id("head")}).remote()
         ckpt_dir = job_dir / "checkpoints"
         job = JobRun(

@@ -13,7 +13,6 @@ Only passed and unchecked intervals are charged to the escrow and earn emission.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from gpucoin.coordinator.receipts import ReceiptRejected, check_receipt
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.exceptions import ConflictError, ReceiptOutOfOrder, SignatureError, TrainingError, UnknownParty
 from gpucoin.money import format_gpc
-from gpucoin.policy.tokenomics import SettledInterval, check_probability, epoch_of, interval_payment_ugpc
+from gpucoin.policy.tokenomics import check_probability, interval_payment_ugpc
 from gpucoin.spec import JobSpec
 from gpucoin.verify.sampling import is_checked
 from gpucoin.wallet.messages import SignedMessage, verify
@@ -44,6 +43,7 @@ class Interval:
     end: int
     receipts: dict[int, SignedMessage] = field(default_factory=dict)
     sketches: dict[int, np.ndarray] = field(default_factory=dict)
+    reports: list[SignedMessage] | None = None  # the verifier's signed reports, rank order, once replayed
     wall_ms: int = 0
     pending: object = None  # ObjectRef of the replay while it runs
     settle_at: float | None = None  # monotonic time when a held interval's challenge window ends
@@ -84,9 +84,7 @@ class JobRun:
         self.intervals = {s: Interval(s, e) for s, e in self.spec.intervals()}
         self.passed_by_node = {w: 0 for w in self.rank_worker}
         self.failed_nodes: set[str] = set()
-        self.genesis_s = self.ledger.messages()[0].recorded_at / 1e6
-        self.last_minted = _last_minted_epoch(self.ledger)
-        self.by_epoch: dict[int, list[SettledInterval]] = {}
+        self.open_epochs: set[int] = set()  # epochs this job's charges count in, not closed yet
         self.counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "rejected": 0}
         self.money = {"escrowed": self.spec.budget_ugpc, "paid": 0, "burned": 0, "treasury": 0, "minted": 0, "slashed": 0}
         self.distances: list[float] = []
@@ -110,7 +108,7 @@ class JobRun:
                 self.on_event(ev)
             self.collect_replays(block=False)
             self.settle_held(force=False)
-            self.close_epochs(force=False)
+            self.close_epochs()
             if not training.alive() and not self.outstanding():
                 break
             time.sleep(POLL_INTERVAL_S)
@@ -119,9 +117,19 @@ class JobRun:
             self.on_event(ev)
 
     def finish(self) -> None:
-        """After training: settle what is still held (the local run ends its challenge window) and close epochs."""
+        """After training: settle what is still held (the local run ends its challenge window), then
+        wait for the epochs this job's charges count in to end on the clock (at most one epoch
+        length) and close them, so the run's emission is minted before the local market stops."""
         self.settle_held(force=True)
-        self.close_epochs(force=True)
+        self.close_epochs()
+        if not self.open_epochs:
+            return
+        end_s = self.ledger.epoch_end_s(max(self.open_epochs))
+        wait_s = end_s - time.time()
+        if wait_s > 0:
+            self.ui.status(f"waiting {wait_s:.0f} s for epoch {max(self.open_epochs)} to end, so its emission can be minted")
+            time.sleep(min(wait_s, self.policy.tokenomics.epoch_length_s) + 0.05)
+        self.close_epochs()
 
     def outstanding(self) -> bool:
         """True while a replay is running."""
@@ -247,6 +255,7 @@ class JobRun:
                 raise SignatureError(f"verification report for rank {rank} names receipt {rep.message['receiptDigest']}")
             self.coord.record(rep)
             reports.append(rep)
+        iv.reports = reports
         worst = max(r.message["distanceE9"] for r in reports) / 1e9
         self.distances.append(worst)
         failing = [(rank, rep) for rank, rep in enumerate(reports) if rep.message["verdict"] != "pass"]
@@ -255,7 +264,7 @@ class JobRun:
             self.counts["passed"] += 1
             for w in self.rank_worker:
                 self.passed_by_node[w] += 1
-            self.settle(iv, self.verifier_address)
+            self.settle(iv)
             self.ui.note(f"steps {iv.start}-{iv.end}: replay passed (max relative L2 {worst:.1e}), settled")
             return
         iv.outcome = "failed"
@@ -263,7 +272,7 @@ class JobRun:
         for rank, rep in failing:
             cheater = self.rank_worker[rank]
             self.failed_nodes.add(cheater)
-            self.money["slashed"] += self.coord.slash(self.job_id, cheater, self.verifier_address, rep)
+            self.money["slashed"] += self.coord.slash(self.job_id, rep)
             self.ui.note(f"steps {iv.start}-{iv.end}: rank {rank} FAILED replay (relative L2 {rep.message['distanceE9'] / 1e9:.2e}); its bond was slashed")
         self.fraud_at = iv.start if self.fraud_at is None else min(self.fraud_at, iv.start)
         # intervals after the fraud that are not settled yet earn nothing (SPEC.md, Money)
@@ -279,34 +288,37 @@ class JobRun:
         for iv in sorted(self.intervals.values(), key=lambda i: i.start):
             if iv.outcome == "held" and (force or (iv.settle_at is not None and now >= iv.settle_at)):
                 iv.outcome = "unchecked"
-                self.settle(iv, None)
+                self.settle(iv)
                 self.ui.note(f"steps {iv.start}-{iv.end}: unchallenged, settled")
 
-    def settle(self, iv: Interval, verifier: str | None) -> None:
-        """Charge the interval (burn + treasury) and queue its emission share for the epoch."""
+    def settle(self, iv: Interval) -> None:
+        """Charge the interval (burn + treasury) in the ledger's current epoch; its emission share
+        is minted when that epoch closes."""
         pay = interval_payment_ugpc(self.price_ugpc_per_worker_hour, self.spec.workers, iv.wall_ms)
-        epoch = max(epoch_of(time.time(), self.genesis_s, self.policy.tokenomics), self.last_minted + 1)
         ordered = [iv.receipts[r] for r in range(self.spec.workers)]
-        charged, burned, treasury = self.coord.settle_interval(self.job_id, ordered, pay, epoch)
+        charged, burned, treasury, epoch = self.coord.settle_interval(self.job_id, ordered, iv.reports, pay)
         if charged < pay:  # the escrow could not cover the whole interval
             self.stop(f"the budget is spent ({format_gpc(self.spec.budget_ugpc)} GPC); raise --budget to train longer")
         self.money["paid"] += charged
         self.money["burned"] += burned
         self.money["treasury"] += treasury
         if charged:
-            self.by_epoch.setdefault(epoch, []).append(SettledInterval(tuple(r.digest for r in ordered), tuple(self.rank_worker), verifier, charged))
+            self.open_epochs.add(epoch)
 
-    def close_epochs(self, force: bool) -> None:
-        """Mint the emission of every epoch that has ended (with ``force``, also the current one)."""
-        now_epoch = epoch_of(time.time(), self.genesis_s, self.policy.tokenomics)
-        for ep in sorted(self.by_epoch):
-            if ep < now_epoch or force:
-                rewards = self.coord.mint_epoch(ep, self.job_id, self.by_epoch.pop(ep))
-                minted = sum(r.amount_ugpc for r in rewards)
-                self.money["minted"] += minted
-                self.last_minted = max(self.last_minted, ep)
-                if rewards:
-                    self.ui.note(f"epoch {ep} closed: minted {format_gpc(minted)} GPC to {len({r.address for r in rewards})} accounts")
+    def close_epochs(self) -> None:
+        """Close every ended epoch of the whole ledger (``Coordinator.close_epochs``) and count what
+        the closed ones minted for this job's receipts (whoever closed them)."""
+        self.coord.close_epochs()
+        mine = {r.digest for iv in self.intervals.values() for r in iv.receipts.values()}
+        for ep in sorted(self.open_epochs):
+            if self.ledger.epoch_close(ep) is None:
+                continue
+            self.open_epochs.discard(ep)
+            rewards = [r for r in self.ledger.epoch_rewards(ep) if r.receipt_digest in mine]
+            minted = sum(r.amount_ugpc for r in rewards)
+            self.money["minted"] += minted
+            if rewards:
+                self.ui.note(f"epoch {ep} closed: minted {format_gpc(minted)} GPC to {len({r.address for r in rewards})} accounts of this job")
 
     def last_complete_step(self) -> int:
         """The end of the last interval every rank delivered (the newest checkpoint all ranks saved)."""
@@ -316,12 +328,3 @@ class JobRun:
 def _last_line(e: BaseException) -> str:
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
-
-
-def _last_minted_epoch(ledger) -> int:
-    last = -1
-    for row in ledger.messages("Settlement"):
-        msg = json.loads(row.typed_data)["message"]
-        if int(msg["minted"]) > 0:
-            last = max(last, int(msg["epoch"]))
-    return last

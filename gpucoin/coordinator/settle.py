@@ -1,23 +1,67 @@
 """Every ledger write of the coordinator: sign the authorizing message, record it, post the transfers.
 
 Each write is one ledger operation with a client-chosen id derived from what it settles
-(``escrow:<job>``, ``settle:<receipt digest>``, ``mint:<epoch>``...), so a retry after a crash
-returns the original result instead of paying twice.
+(``escrow:<job>``, ``settle:<subject digest>``, ``epoch:<epoch>``...), so a retry after a crash
+returns the original result instead of paying twice. The transfers are the ``gpucoin.ledger.plans``
+list of the signed message, the very list the ledger's authorization rules recompute.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpucoin.exceptions import InsufficientFunds
+from gpucoin.exceptions import ConflictError, InsufficientFunds, StaleEpoch, Unauthorized
 from gpucoin.ledger import Ledger, Operation
 from gpucoin.ledger.accounts import escrow_account, wallet_account
+from gpucoin.ledger.epochs import EpochPlan, plan_epoch
+from gpucoin.ledger.plans import (
+    SettlementAmounts,
+    charge_amounts,
+    plan_bond,
+    plan_escrow,
+    plan_faucet,
+    plan_interval,
+    plan_mint,
+    plan_refund,
+    plan_slash,
+    slash_split,
+)
+from gpucoin.ledger.transfer import Transfer
 from gpucoin.money import format_gpc
-from gpucoin.policy import settlement as plans
 from gpucoin.policy.model import Policy, policy_hash
-from gpucoin.policy.tokenomics import Reward, SettledInterval, distribute_emission, emission_ugpc, slash_amounts, split_payment
 from gpucoin.wallet.messages import Domain, SignedMessage, sign
 from gpucoin.wallet.nonces import NonceSource
+
+STALE_EPOCH_RETRIES = 3
+"""Times a Settlement is signed again when the ledger's epoch moved on while it was being signed."""
+
+
+def genesis_message(account: object, domain: Domain, policy: Policy, *, dev: bool, admin: str | None = None,
+                    allocations: Sequence[tuple[str, int]] = (), start_s: int | None = None) -> SignedMessage:
+    """A market's Genesis signed by its coordinator ``account`` (the domain's verifyingContract).
+
+    Args:
+        dev: a dev market (the embedded local mode): only it admits Faucet messages.
+        admin: the address whose PolicyChange messages count (default: the coordinator).
+        allocations: (address, µGPC) minted at genesis.
+        start_s: unix second at which epoch 0 starts (default: now).
+    """
+    return sign(
+        account,
+        "Genesis",
+        domain,
+        {
+            "coordinator": account.address,
+            "admin": admin or account.address,
+            "chainId": domain.chain_id,
+            "dev": dev,
+            "policyHash": policy_hash(policy),
+            "startTime": int(time.time()) if start_s is None else start_s,
+            "allocations": [{"recipient": a, "amount": amount} for a, amount in allocations],
+        },
+    )
 
 
 @dataclass
@@ -25,9 +69,9 @@ class Coordinator:
     """The operator's settlement authority over one ledger.
 
     Attributes:
-        ledger: where every message and transfer goes.
-        policy: the incentive policy in force.
-        account: the coordinator's key (signs Faucet and Settlement messages).
+        ledger: where every message and transfer goes (its Genesis names this coordinator).
+        policy: the incentive policy in force (the ledger's).
+        account: the coordinator's key (signs Faucet, Assignment, Settlement and EpochClose messages).
         domain: the EIP-712 domain every message of this market is signed in.
     """
 
@@ -41,7 +85,7 @@ class Coordinator:
         self.policy_hash = policy_hash(self.policy)
 
     # -- messages -------------------------------------------------------------
-    def _post(self, op_id: str, transfers: list, memo: str, messages: list[SignedMessage]) -> None:
+    def _post(self, op_id: str, transfers: list[Transfer], memo: str, messages: list[SignedMessage]) -> None:
         """Record ``messages`` and post the operation they authorize in one ledger transaction.
 
         Either both land or neither does (no order without its escrow after a crash); a retry of
@@ -50,32 +94,47 @@ class Coordinator:
         self.ledger.post_batch([Operation(op_id, tuple(transfers), memo)], messages=messages)
 
     def record(self, msg: SignedMessage) -> SignedMessage:
-        """Record a message someone else signed (the ledger checks its signature)."""
+        """Record a message someone else signed (the ledger checks its signature and admission)."""
         self.ledger.record_message(msg)
         return msg
 
-    def _settlement(self, job_id: str, subject: str, epoch: int = 0, **amounts: int) -> SignedMessage:
-        """The coordinator's signed Settlement (not recorded yet: it goes in with its operation)."""
-        fields = {"paid": 0, "burned": 0, "treasury": 0, "minted": 0, "slashed": 0, "refunded": 0, **amounts}
+    def _settlement(self, job_id: str, subject: str, amounts: SettlementAmounts) -> SignedMessage:
+        """The coordinator's signed Settlement in the ledger's current epoch (recorded with its operation)."""
         return sign(
             self.account,
             "Settlement",
             self.domain,
-            {"coordinator": self.account.address, "jobId": job_id, "subject": subject, "epoch": epoch, **fields, "policyHash": self.policy_hash, "nonce": self.nonces.next()},
+            {
+                "coordinator": self.account.address, "jobId": job_id, "subject": subject,
+                "epoch": self.ledger.current_epoch(), **amounts.fields(), "policyHash": self.policy_hash,
+                "nonce": self.nonces.next(),
+            },
         )
+
+    def _settle(self, op_id: str, job_id: str, subject: str, amounts: SettlementAmounts, plan, memo: str) -> SignedMessage:
+        """Sign a Settlement of ``subject`` and post ``plan(digest)``; signed again if the epoch moved on."""
+        for attempt in range(STALE_EPOCH_RETRIES):
+            msg = self._settlement(job_id, subject, amounts)
+            try:
+                self._post(op_id, plan(msg.digest), memo, [msg])
+                return msg
+            except StaleEpoch:
+                if attempt + 1 == STALE_EPOCH_RETRIES:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- writes ---------------------------------------------------------------
     def faucet(self, address: str, amount_ugpc: int, op_id: str) -> None:
-        """Dev faucet (embedded local mode only): mint ``amount_ugpc`` to ``address``; once per ``op_id``."""
+        """Dev faucet (a dev market only): mint ``amount_ugpc`` to ``address``; once per ``op_id``."""
         if self.ledger.operation(op_id) is not None:
             return
         msg = sign(self.account, "Faucet", self.domain, {"recipient": address, "amount": amount_ugpc, "nonce": self.nonces.next()})
-        self._post(op_id, plans.plan_faucet(address, amount_ugpc, msg.digest), "dev faucet", [msg])
+        self._post(op_id, plan_faucet(address, amount_ugpc, msg.digest), "dev faucet", [msg])
 
     def bond(self, registration: SignedMessage) -> None:
         """Record a volunteer's signed NodeRegistration and bond its stake (available -> bonded)."""
         m = registration.message
-        self._post(f"bond:{registration.digest}", plans.plan_bond(m["provider"], m["stake"], registration.digest), f"bond {m['nodeId']}", [registration])
+        self._post(f"bond:{registration.digest}", plan_bond(m["provider"], m["stake"], registration.digest), f"bond {m['nodeId']}", [registration])
 
     def escrow(self, order: SignedMessage) -> None:
         """Record an engineer's signed JobOrder and escrow its budget.
@@ -89,65 +148,94 @@ class Coordinator:
         have = self.ledger.balance(wallet_account(m["consumer"]))
         if have < m["budget"]:
             raise InsufficientFunds(f"budget {format_gpc(m['budget'])} GPC exceeds the {format_gpc(have)} GPC available in wallet {m['consumer']}")
-        self._post(f"escrow:{m['jobId']}", plans.plan_escrow(m["jobId"], m["consumer"], m["budget"], order.digest), "escrow budget", [order])
+        self._post(f"escrow:{m['jobId']}", plan_escrow(m["jobId"], m["consumer"], m["budget"], order.digest), "escrow budget", [order])
 
-    def settle_interval(self, job_id: str, receipts: list[SignedMessage], payment_ugpc: int, epoch: int) -> tuple[int, int, int]:
-        """Charge a settled (passed or unchallenged) interval: burn and treasury shares of its payment.
+    def assign(self, job_id: str, rank: int, provider: str, node_id: str, from_step: int = 0) -> SignedMessage:
+        """Sign and record the Assignment of ``rank`` of ``job_id`` to ``provider``'s node ``node_id``
+        from ``from_step`` on: the ledger admits that rank's receipts from this provider only."""
+        msg = sign(self.account, "Assignment", self.domain, {
+            "jobId": job_id, "rank": rank, "provider": provider, "nodeId": node_id, "fromStep": from_step,
+            "nonce": self.nonces.next(),
+        })
+        return self.record(msg)
 
-        ``payment_ugpc`` is capped at what is left in escrow; nothing is written when that is 0.
+    def settle_interval(self, job_id: str, receipts: list[SignedMessage], reports: list[SignedMessage] | None, payment_ugpc: int) -> tuple[int, int, int, int]:
+        """Charge a settled interval to the escrow: burn and treasury (or pay, in direct mode) shares.
+
+        Args:
+            receipts: the interval's receipts, rank order.
+            reports: the verifier's passing reports of them (rank order), or None if unchecked.
+            payment_ugpc: what the interval costs; capped at what is left in escrow, and nothing is
+                written when that is 0.
 
         Returns:
-            (charged, burned, treasury) in µGPC; ``burned`` is 0 in ``direct`` mode, where that
-            share is paid to the workers instead.
+            (charged, burned, treasury) in µGPC and the epoch the charge counts in; ``burned`` is
+            0 in ``direct`` mode, where that share is paid to the workers instead.
         """
         left = self.ledger.balance(escrow_account(job_id))
         pay = min(payment_ugpc, left)
         if pay == 0:
-            return 0, 0, 0
-        burn, treasury = split_payment(pay, self.policy.tokenomics)
-        subject = receipts[0].digest
-        msg = self._settlement(job_id, subject, epoch, paid=pay, burned=burn, treasury=treasury)
+            return 0, 0, 0, -1
+        amounts = charge_amounts(pay, self.policy.tokenomics)
+        subject = (reports[0] if reports else receipts[0]).digest
         workers = [r.message["worker"] for r in receipts]
-        self._post(f"settle:{subject}", plans.plan_interval(job_id, pay, left, self.policy.tokenomics, msg.digest, workers), f"settle steps {receipts[0].message['stepStart']}-{receipts[0].message['stepEnd']}", [msg])
-        return pay, (burn if self.policy.tokenomics.mode == "burn_and_mint" else 0), treasury
+        tok = self.policy.tokenomics
+        steps = f"{receipts[0].message['stepStart']}-{receipts[0].message['stepEnd']}"
+        msg = self._settle(f"settle:{job_id}:{receipts[0].message['stepStart']}", job_id, subject, amounts,
+                           lambda d: plan_interval(job_id, pay, tok, d, workers), f"settle steps {steps}")
+        return pay, amounts.burned, amounts.treasury, msg.message["epoch"]
 
-    def slash(self, job_id: str, cheater: str, verifier: str, report: SignedMessage) -> int:
-        """Slash ``fraud_slash_fraction`` of the cheater's bond, the whistleblower share to the verifier.
-
-        The transfers name the failing VerificationReport (``report``, already recorded) as what
-        authorized them; a Settlement attests the amount. Returns µGPC slashed (<= the bond).
-        """
-        bond = self.ledger.balance(wallet_account(cheater, "bonded"))
-        burned, whistle = slash_amounts(bond, self.policy.slashing)
+    def slash(self, job_id: str, report: SignedMessage) -> int:
+        """Slash ``fraud_slash_fraction`` of the stake (bonded, then unbonding) of the worker whose
+        receipt the failing ``report`` (already recorded) names; the whistleblower share goes to
+        its verifier. Returns µGPC slashed (<= the stake)."""
+        receipt = self.ledger.message(report.message["receiptDigest"])
+        assert receipt is not None, "a failing report names a recorded receipt (the ledger admitted it)"
+        cheater, verifier = receipt.signer, report.message["verifier"]
+        bonded = self.ledger.balance(wallet_account(cheater, "bonded"))
+        unbonding = self.ledger.balance(wallet_account(cheater, "unbonding"))
+        paid_to = verifier if verifier != cheater else None
+        burned, whistle = slash_split(bonded + unbonding, self.policy.slashing, whistleblower=paid_to is not None)
         if burned + whistle == 0:
             return 0
-        assert burned + whistle <= bond, (burned, whistle, bond)
-        msg = self._settlement(job_id, report.message["receiptDigest"], slashed=burned + whistle)
-        self._post(f"slash:{report.digest}", plans.plan_slash(cheater, verifier, bond, self.policy.slashing, report.digest), "slash", [msg])
+        assert burned + whistle <= bonded + unbonding, (burned, whistle, bonded, unbonding)
+        amounts = SettlementAmounts(burned=burned, slashed=burned + whistle)
+        self._settle(f"slash:{report.message['receiptDigest']}", job_id, report.digest, amounts,
+                     lambda d: plan_slash(cheater, paid_to, bonded, unbonding, burned, whistle, d), "slash")
         return burned + whistle
 
-    def mint_epoch(self, epoch: int, job_id: str, intervals: list[SettledInterval]) -> list[Reward]:
-        """Close ``epoch``: mint its emission pro rata to the payment of the intervals settled in it.
+    def close_epochs(self) -> list[EpochPlan]:
+        """Close every epoch that has ended and had intervals charged, in order, for the whole ledger.
 
-        Emission comes from the schedule alone (never from what was burned in the epoch); an epoch
-        with no settled work mints nothing. Returns the rewards minted.
+        Each close mints the epoch's emission pro rata to every interval charged in it, across all
+        jobs (``gpucoin.ledger.epochs.plan_epoch``), under one signed EpochClose. An epoch another
+        process closed first is skipped. Returns the plans of the epochs this call closed.
         """
-        if not intervals or self.ledger.operation(f"mint:{epoch}") is not None:
-            return []
-        supply = self.ledger.totals()["supply"]
-        emission = emission_ugpc(epoch, self.policy.tokenomics, supply)
-        rewards = [r for r in distribute_emission(emission, intervals, self.policy.tokenomics) if r.amount_ugpc > 0]
-        msgs = [self._settlement(job_id, r.receipt_digest, epoch, minted=r.amount_ugpc) for r in rewards]
-        if rewards:
-            self._post(f"mint:{epoch}", plans.plan_mint(rewards, [m.digest for m in msgs]), f"epoch {epoch} emission", msgs)
-        return rewards
+        closed: list[EpochPlan] = []
+        for epoch in self.ledger.closable_epochs():
+            supply = self.ledger.totals()["supply"]
+            plan = plan_epoch(epoch, [c.interval for c in self.ledger.epoch_charges(epoch)], self.policy.tokenomics, supply)
+            if not plan.rewards:
+                continue  # nothing to mint (the hard cap is reached): nothing to post
+            msg = sign(self.account, "EpochClose", self.domain, {
+                "coordinator": self.account.address, "epoch": epoch, "emission": plan.emission, "minted": plan.minted,
+                "payments": plan.payments, "policyHash": self.policy_hash, "nonce": self.nonces.next(),
+            })
+            try:
+                self._post(f"epoch:{epoch}", plan_mint(plan.rewards, msg.digest), f"epoch {epoch} emission", [msg])
+            except (ConflictError, Unauthorized):
+                if self.ledger.epoch_close(epoch) is not None:
+                    continue  # closed by another coordinator process in between
+                raise
+            closed.append(plan)
+        return closed
 
     def refund(self, job_id: str, order: SignedMessage) -> int:
         """Return what is left in the job's escrow to the consumer. Returns µGPC refunded."""
         left = self.ledger.balance(escrow_account(job_id))
         if left == 0:
             return 0
-        msg = self._settlement(job_id, order.digest, refunded=left)
-        self._post(f"refund:{job_id}", plans.plan_refund(job_id, order.message["consumer"], left, msg.digest), "refund unused escrow", [msg])
+        consumer = order.message["consumer"]
+        self._settle(f"refund:{job_id}", job_id, order.digest, SettlementAmounts(refunded=left),
+                     lambda d: plan_refund(job_id, consumer, left, d), "refund unused escrow")
         return left
-

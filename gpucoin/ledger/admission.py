@@ -3,21 +3,28 @@
 ``Ledger.record_messages`` first checks each message on its own (canonical typed data, digest,
 low-s signature, signer = the message's own signer field: ``gpucoin.ledger.audit``), then runs
 ``Admission.admit`` on it with what the ledger already holds. The rules (docs/protocol.md,
-Replay rules):
+Acceptance rules):
 
-- **domain**: a ledger bound to a market (``Ledger(url, domain=...)``) admits only messages
-  signed in that market's EIP-712 domain: same name, version, chainId and verifyingContract;
-- **coordinator**: in a bound ledger, a Settlement's ``coordinator`` and a Faucet's signer must
-  be the domain's ``verifyingContract`` (the coordinator's settlement address): nobody else may
-  attest what moved or mint dev funds;
+- **genesis first**: a ledger admits nothing before its Genesis, and the Genesis only as its first
+  message (``Ledger.init_genesis``), signed by its ``coordinator``, who must be the domain's
+  ``verifyingContract``, in the domain's ``chainId``, with ``startTime`` not in the future,
+  allocations to distinct recipients of at least 1 µGPC each and within the policy's hard cap;
+- **domain**: every later message is signed in the Genesis's EIP-712 domain;
+- **who signs**: a Settlement, Faucet, Assignment or EpochClose by the market's coordinator; a
+  PolicyChange by the Genesis's admin; a Faucet only in a dev market;
 - **deadline**: a JobOrder or NodeRegistration whose ``deadline`` (unix seconds) is before the
   ledger's clock is refused;
 - **one order per job**: a second JobOrder for a ``jobId`` that already has one is refused;
-- **known parties**: a WorkReceipt must name a job with a recorded JobOrder and a worker with a
-  recorded NodeRegistration;
-- **contiguous receipts**: per (job, rank), receipts cover the steps 0, 1, 2, ... without overlap
-  or gap, each naming the digest of the one before as ``previousReceipt`` (the first names
-  ``ZERO_BYTES32`` and starts at step 0), and ``stepEnd > stepStart``.
+- **assignments**: an Assignment names a job with a JobOrder, a rank below its ``workers``, a
+  provider that registered the node it names, and as ``fromStep`` the rank's first step without
+  a receipt (0 at first; a replacement or a resume takes over from there);
+- **receipts**: a WorkReceipt's worker is the provider of its rank's latest Assignment, which
+  starts no later than the receipt; per (job, rank), receipts cover the steps 0, 1, 2, ... without
+  overlap or gap, each naming the digest of the one before as ``previousReceipt`` (the first names
+  ``ZERO_BYTES32``), and ``stepEnd > stepStart``;
+- **references**: a VerificationReport names a recorded WorkReceipt; a Settlement's ``subject`` is
+  a recorded WorkReceipt, VerificationReport or JobOrder of the Settlement's job; an Unbond or
+  Withdraw comes from a registered provider.
 
 (signer, nonce) uniqueness is the database's (``uq_message_signer_nonce``), reported as
 ``NonceReused``. The state is only what these rules read, loaded for the messages of one batch.
@@ -29,21 +36,39 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpucoin.exceptions import ConflictError, DomainMismatch, MessageExpired, ReceiptOutOfOrder, UnknownParty
+from gpucoin.exceptions import (
+    ConflictError,
+    DomainMismatch,
+    MessageExpired,
+    NoGenesis,
+    ReceiptOutOfOrder,
+    UnknownParty,
+)
+from gpucoin.policy.model import Policy
 from gpucoin.wallet.messages import ZERO_BYTES32
 
 # The EIP-712 primary types the ledger's rules name (gpucoin.wallet.messages.MESSAGE_TYPES).
+GENESIS = "Genesis"
 JOB_ORDER = "JobOrder"
 NODE_REGISTRATION = "NodeRegistration"
+ASSIGNMENT = "Assignment"
 WORK_RECEIPT = "WorkReceipt"
+VERIFICATION_REPORT = "VerificationReport"
 SETTLEMENT = "Settlement"
+EPOCH_CLOSE = "EpochClose"
 FAUCET = "Faucet"
+POLICY_CHANGE = "PolicyChange"
+UNBOND = "Unbond"
+WITHDRAW = "Withdraw"
 
-COORDINATOR_TYPES = frozenset({SETTLEMENT, FAUCET})
+COORDINATOR_TYPES = frozenset({GENESIS, SETTLEMENT, FAUCET, ASSIGNMENT, EPOCH_CLOSE})
 """Primary types only the market's coordinator (the domain's verifyingContract) may sign."""
 
 DEADLINE_TYPES = frozenset({JOB_ORDER, NODE_REGISTRATION})
 """Primary types whose ``deadline`` field (unix seconds) the ledger enforces on recording."""
+
+SUBJECT_TYPES = frozenset({WORK_RECEIPT, VERIFICATION_REPORT, JOB_ORDER})
+"""What a Settlement may settle (docs/protocol.md, Settlement)."""
 
 
 @dataclass(frozen=True)
@@ -59,29 +84,63 @@ class ReceiptHead:
     digest: str
 
 
+@dataclass(frozen=True)
+class AssignmentHead:
+    """The latest Assignment of one (job, rank): ``provider`` holds the rank from ``from_step``."""
+
+    provider: str
+    node_id: str
+    from_step: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Known:
+    """A recorded message another message refers to: its primary type and the job it belongs to."""
+
+    type: str
+    job_id: str | None
+
+
 @dataclass
 class Admission:
     """What the admission rules read, for the messages of one batch, updated as each is admitted.
 
     Attributes:
-        domain: the market's domain (``Domain.as_dict()``), or None for a ledger bound to none.
+        domain: the market's domain (``Domain.as_dict()`` of its Genesis), None before the Genesis.
         now_s: the ledger's clock, unix seconds.
+        genesis: the Genesis's message fields, None before it.
+        empty: whether no message at all is recorded yet (the Genesis must come first).
         jobs: job id -> digest of its recorded JobOrder (at least those the batch names).
-        nodes: checksum addresses with a recorded NodeRegistration (at least those the batch names).
+        workers: job id -> its JobOrder's ``workers`` (same keys as ``jobs``).
+        nodes: provider -> node ids it registered (at least the providers the batch names).
+        assignments: (job id, rank) -> its latest Assignment (at least those the batch names).
         receipt_heads: (job id, rank) -> the rank's latest receipt (at least those the batch names).
+        known: digest -> type and job of recorded messages the batch refers to.
         receipts: (job id, rank, stepStart) -> (stepEnd, digest) of each receipt admitted by this
             object (the audit compares them with the ``work_receipt`` rows).
+        assigned: digest -> (job, rank, provider, node id, fromStep) of each Assignment admitted.
+        registered: digest -> (provider, node id) of each NodeRegistration admitted.
+        reported: digest -> (receipt digest, verifier, verdict) of each VerificationReport admitted.
     """
 
     domain: Mapping[str, Any] | None
     now_s: int
+    genesis: Mapping[str, Any] | None = None
+    empty: bool = False
     jobs: dict[str, str] = field(default_factory=dict)
-    nodes: set[str] = field(default_factory=set)
+    workers: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, set[str]] = field(default_factory=dict)
+    assignments: dict[tuple[str, int], AssignmentHead] = field(default_factory=dict)
     receipt_heads: dict[tuple[str, int], ReceiptHead] = field(default_factory=dict)
+    known: dict[str, Known] = field(default_factory=dict)
     receipts: dict[tuple[str, int, int], tuple[int, str]] = field(default_factory=dict)
+    assigned: dict[str, tuple[str, int, str, str, int]] = field(default_factory=dict)
+    registered: dict[str, tuple[str, str]] = field(default_factory=dict)
+    reported: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
     def check_domain(self, primary_type: str, domain: Mapping[str, Any], digest: str) -> None:
-        """Refuse a message signed in another domain than the market's (no-op when unbound).
+        """Refuse a message signed in another domain than the market's (no-op before the Genesis).
 
         Raises:
             DomainMismatch: naming the fields that differ.
@@ -95,10 +154,43 @@ class Admission:
             f"{primary_type} {digest} is signed for another market ({got}); this ledger's domain has {want}"
         )
 
+    def admit_genesis(self, domain: Mapping[str, Any], message: Mapping[str, Any], digest: str, policy: Policy) -> None:
+        """Check a Genesis offered with the policy it names, then count it as recorded.
+
+        Raises:
+            NoGenesis: the ledger already holds messages (a Genesis comes first, once).
+            UnknownParty: its coordinator is not the domain's verifyingContract.
+            DomainMismatch: its chainId is not the domain's.
+            ConflictError: a startTime in the future, allocations to one recipient twice or of
+                0 µGPC, or allocations above the policy's hard cap.
+        """
+        what = f"Genesis {digest}"
+        if not self.empty or self.genesis is not None:
+            raise NoGenesis(f"{what}: a Genesis is a ledger's first message; this ledger already holds messages")
+        if message["coordinator"] != domain["verifyingContract"]:
+            raise UnknownParty(
+                f"{what}: its coordinator {message['coordinator']} is not the domain's verifyingContract "
+                f"{domain['verifyingContract']}"
+            )
+        if message["chainId"] != domain["chainId"]:
+            raise DomainMismatch(f"{what}: chainId {message['chainId']} differs from its domain's {domain['chainId']}")
+        if message["startTime"] > self.now_s:
+            raise ConflictError(f"{what}: startTime {message['startTime']} is in the future (now {self.now_s})")
+        recipients = [a["recipient"] for a in message["allocations"]]
+        if len(set(recipients)) != len(recipients):
+            raise ConflictError(f"{what}: allocates to one recipient twice")
+        if any(a["amount"] == 0 for a in message["allocations"]):
+            raise ConflictError(f"{what}: an allocation of 0 µGPC")
+        total = sum(a["amount"] for a in message["allocations"])
+        if total > policy.tokenomics.hard_cap_ugpc:
+            raise ConflictError(f"{what}: allocates {total} µGPC, above the policy's hard cap {policy.tokenomics.hard_cap_ugpc}")
+        self.genesis, self.domain, self.empty = dict(message), dict(domain), False
+
     def admit(
         self, primary_type: str, domain: Mapping[str, Any], message: Mapping[str, Any], digest: str, signer: str
     ) -> None:
-        """Check one verified message against the rules, then count it as recorded.
+        """Check one verified message (not a Genesis: ``admit_genesis``) against the rules, then
+        count it as recorded.
 
         Args:
             primary_type / domain / message: the message's canonical typed data parts.
@@ -106,23 +198,33 @@ class Admission:
             signer: the checksum address its signature recovers to.
 
         Raises:
+            NoGenesis: the ledger has no Genesis yet, or the message is a Genesis.
             DomainMismatch: signed in another market's domain (names the differing fields).
-            UnknownParty: in a bound ledger, a Settlement or Faucet not by the coordinator.
+            UnknownParty: a coordinator message not by the coordinator, a PolicyChange not by the
+                admin, a Faucet in a market that is not dev; a receipt, assignment, report,
+                settlement, unbond or withdrawal naming a job, node, provider or message the
+                ledger does not know, or a receipt from another provider than its rank's.
             MessageExpired: a JobOrder or NodeRegistration past its deadline.
-            UnknownParty: a receipt for a job or worker the ledger does not know.
-            ConflictError: a second JobOrder for a job.
+            ConflictError: a second JobOrder for a job; an Assignment whose ``fromStep`` is not
+                its rank's first step without a receipt.
             ReceiptOutOfOrder: a receipt that overlaps, leaves a gap, is empty or does not chain
                 to its rank's previous receipt.
         """
         what = f"{primary_type} {digest}"
+        if primary_type == GENESIS:
+            raise NoGenesis(f"{what}: a Genesis is recorded only as a ledger's first message, by Ledger.init_genesis")
+        if self.genesis is None or self.domain is None:
+            raise NoGenesis(f"{what}: this ledger has no Genesis yet, so it admits no message")
         self.check_domain(primary_type, domain, digest)
-        if self.domain is not None and primary_type in COORDINATOR_TYPES:
-            coordinator = self.domain["verifyingContract"]
-            if signer != coordinator:
-                raise UnknownParty(
-                    f"{what} is signed by {signer}, not by this market's coordinator {coordinator} "
-                    "(the domain's verifyingContract)"
-                )
+        if primary_type in COORDINATOR_TYPES and signer != self.genesis["coordinator"]:
+            raise UnknownParty(
+                f"{what} is signed by {signer}, not by this market's coordinator {self.genesis['coordinator']} "
+                "(the domain's verifyingContract)"
+            )
+        if primary_type == POLICY_CHANGE and signer != self.genesis["admin"]:
+            raise UnknownParty(f"{what} is signed by {signer}, not by this market's admin {self.genesis['admin']}")
+        if primary_type == FAUCET and not self.genesis["dev"]:
+            raise UnknownParty(f"{what}: this market's Genesis is not dev; it has no faucet")
         if primary_type in DEADLINE_TYPES and message["deadline"] < self.now_s:
             late = self.now_s - message["deadline"]
             raise MessageExpired(f"{what}: its deadline {message['deadline']} passed {late} s ago (now {self.now_s})")
@@ -132,17 +234,66 @@ class Admission:
                     f"{what}: job {message['jobId']!r} already has a JobOrder ({self.jobs[message['jobId']]})"
                 )
             self.jobs[message["jobId"]] = digest
+            self.workers[message["jobId"]] = message["workers"]
         elif primary_type == NODE_REGISTRATION:
-            self.nodes.add(message["provider"])
+            self.nodes.setdefault(message["provider"], set()).add(message["nodeId"])
+            self.registered[digest] = (message["provider"], message["nodeId"])
+        elif primary_type == ASSIGNMENT:
+            self._admit_assignment(message, digest, what)
         elif primary_type == WORK_RECEIPT:
             self._admit_receipt(message, digest, what)
+        elif primary_type == VERIFICATION_REPORT:
+            receipt = self.known.get(message["receiptDigest"])
+            if receipt is None or receipt.type != WORK_RECEIPT:
+                raise UnknownParty(f"{what}: receiptDigest {message['receiptDigest']} is no recorded WorkReceipt")
+            self.reported[digest] = (message["receiptDigest"], message["verifier"], message["verdict"])
+            self.known[digest] = Known(VERIFICATION_REPORT, receipt.job_id)
+            return
+        elif primary_type == SETTLEMENT:
+            subject = self.known.get(message["subject"])
+            if subject is None or subject.type not in SUBJECT_TYPES:
+                raise UnknownParty(
+                    f"{what}: subject {message['subject']} is no recorded {', '.join(sorted(SUBJECT_TYPES))}"
+                )
+            if subject.job_id != message["jobId"]:
+                raise UnknownParty(f"{what}: names job {message['jobId']!r}, its subject is of job {subject.job_id!r}")
+        elif primary_type in (UNBOND, WITHDRAW):
+            if message["provider"] not in self.nodes:
+                raise UnknownParty(f"{what}: provider {message['provider']} has no recorded NodeRegistration")
+        self.known[digest] = Known(primary_type, message.get("jobId"))
+
+    def _admit_assignment(self, m: Mapping[str, Any], digest: str, what: str) -> None:
+        job, rank, provider = m["jobId"], m["rank"], m["provider"]
+        if job not in self.jobs:
+            raise UnknownParty(f"{what}: no JobOrder for job {job!r} is recorded")
+        if rank >= self.workers[job]:
+            raise UnknownParty(f"{what}: rank {rank} of job {job!r}, which has {self.workers[job]} ranks")
+        if m["nodeId"] not in self.nodes.get(provider, set()):
+            raise UnknownParty(f"{what}: provider {provider} has no recorded NodeRegistration of node {m['nodeId']!r}")
+        head = self.receipt_heads.get((job, rank))
+        following = head.step_end if head is not None else 0
+        if m["fromStep"] != following:
+            raise ConflictError(
+                f"{what}: job {job!r} rank {rank} has receipts up to step {following}; an assignment holds "
+                f"the rank from there (got step {m['fromStep']}: it would "
+                f"{'reassign receipted steps' if m['fromStep'] < following else 'leave steps nobody may receipt'})"
+            )
+        self.assignments[(job, rank)] = AssignmentHead(provider, m["nodeId"], m["fromStep"], digest)
+        self.assigned[digest] = (job, rank, provider, m["nodeId"], m["fromStep"])
 
     def _admit_receipt(self, m: Mapping[str, Any], digest: str, what: str) -> None:
         job, rank, start, end = m["jobId"], m["rank"], m["stepStart"], m["stepEnd"]
         if job not in self.jobs:
             raise UnknownParty(f"{what}: no JobOrder for job {job!r} is recorded")
-        if m["worker"] not in self.nodes:
-            raise UnknownParty(f"{what}: worker {m['worker']} has no recorded NodeRegistration")
+        assignment = self.assignments.get((job, rank))
+        if assignment is None:
+            raise UnknownParty(f"{what}: job {job!r} rank {rank} has no recorded Assignment")
+        if assignment.provider != m["worker"] or assignment.from_step > start:
+            raise UnknownParty(
+                f"{what}: job {job!r} rank {rank} is assigned to {assignment.provider} from step "
+                f"{assignment.from_step} (Assignment {assignment.digest}); the receipt is {m['worker']}'s "
+                f"from step {start}"
+            )
         if end <= start:
             raise ReceiptOutOfOrder(f"{what}: steps {start}-{end} are empty (stepEnd must exceed stepStart)")
         head = self.receipt_heads.get((job, rank))
@@ -161,3 +312,12 @@ class Admission:
             )
         self.receipt_heads[(job, rank)] = ReceiptHead(end, digest)
         self.receipts[(job, rank, start)] = (end, digest)
+        self.known[digest] = Known(WORK_RECEIPT, job)
+
+    def references(self, primary_type: str, message: Mapping[str, Any]) -> list[str]:
+        """Digests of recorded messages this message refers to (what a loader must put in ``known``)."""
+        if primary_type == VERIFICATION_REPORT:
+            return [message["receiptDigest"]]
+        if primary_type == SETTLEMENT:
+            return [message["subject"]]
+        return []

@@ -1,165 +1,326 @@
 """Re-check a whole ledger from genesis (``gpucoin ledger audit``; SPEC.md, Money and Signed messages).
 
 ``run_audit`` reads every stored message and every transfer row in one read transaction and
-reports, as text naming the row or account, everything that does not hold:
+reports, as text naming the row or account, everything that does not hold. It applies the very
+rules ``Ledger`` applies when it writes, so a ledger rewritten with plain SQL (hash chain
+recomputed, append-only triggers dropped) is caught by the same rule that would have refused the
+write:
 
-- every message's digest recomputes from its stored typed data and its signature recovers to
-  its stored signer (``gpucoin.wallet.messages``);
-- transfer ids run 1, 2, 3, ... and each row chains to the one before (the first row that does
-  not is named), and the chain head names the last row;
-- every operation's stored content hash matches its transfer rows and memo;
-- every transfer's digest names a stored message, and every MINT_* transfer's digest is a
-  Settlement whose ``subject`` is a stored WorkReceipt;
-- the balances recomputed from the transfers equal the stored balances, sum to zero, leave no
-  account but issuance below zero, and supply = minted - burned (<= the hard cap if given);
-- every operation, replayed in order through ``gpucoin.ledger.state.apply_operation``, keeps the
-  money rules (shapes, escrow pending/post/void, unbonding maturity), and the escrows and
-  unbonding entries that replay ends with equal the stored ``escrow`` and ``unbonding`` rows;
-- every message, replayed in recording order through ``gpucoin.ledger.admission`` (the ledger's
-  bound domain, deadlines against the time it was recorded, known job and worker, contiguous
-  receipts per rank), was admissible, and the ``job_order`` and ``work_receipt`` rows are exactly
-  what that replay indexes.
+- messages (``_Messages``): every digest recomputes and every signature recovers its signer
+  (``gpucoin.ledger.authenticity``); replayed in recording order through the admission rules
+  (``gpucoin.ledger.admission``: the Genesis first, the market's domain, who signs what,
+  deadlines against the time each was recorded, assignments, contiguous receipts, references);
+- transfers (``_Chain``): ids run 1, 2, 3, ... and each row chains to the one before, times never
+  run backwards nor into the future (beyond ``MAX_CLOCK_SKEW_US``), and the chain head names the
+  last row;
+- operations (``_Replay``): each still matches its content hash, and replayed in order through
+  ``gpucoin.ledger.authorize.authorize_operation`` in the epoch its time falls in, every transfer
+  is authorized by the message it cites and keeps the money rules;
+- balances: recomputed from the transfers they equal the stored ones, sum to zero, leave no
+  account but issuance below zero, and supply = minted - burned <= the policy's hard cap;
+- derived rows: escrows, unbonding entries and every index table (job_order, work_receipt,
+  node_registration, assignment, verification_report, interval_charge, slash, epoch_close) are
+  exactly what the replays produce.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from eth_utils import to_checksum_address
 from sqlmodel import Session, select
 
 from gpucoin.exceptions import GpucoinError
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, is_valid_account
-from gpucoin.ledger.admission import SETTLEMENT, WORK_RECEIPT, Admission
+from gpucoin.ledger.admission import GENESIS, Admission
+from gpucoin.ledger.authenticity import verify_message
+from gpucoin.ledger.authorize import authorize_operation
+from gpucoin.ledger.epochs import epoch_at
+from gpucoin.ledger.facts import Facts, GenesisInfo, Msg
+from gpucoin.ledger.market import Binding, read_binding
 from gpucoin.ledger.models import (
     AccountRow,
+    AssignmentRow,
     ChainHead,
+    EpochCloseRow,
     EscrowRow,
+    IntervalChargeRow,
     JobOrderRow,
-    MarketRow,
     MessageRow,
+    NodeRegistrationRow,
     OperationRow,
+    SlashRow,
     TransferRow,
     UnbondingRow,
+    VerificationReportRow,
     WorkReceiptRow,
 )
-from gpucoin.ledger.rules import (
-    GENESIS_HASH,
-    INT64_MAX,
-    MINT_CODES,
-    chain_hash,
-    check_balances,
-    operation_hash_of_fields,
-    supply_of,
-)
+from gpucoin.ledger.post import index_row
+from gpucoin.ledger.rules import GENESIS_HASH, INT64_MAX, chain_hash, check_balances, operation_hash_of_fields, supply_of
 from gpucoin.ledger.state import Escrow, LedgerState, apply_in_place
 from gpucoin.ledger.transfer import Code, Transfer
+from gpucoin.wallet.messages import validate_message
 
 _BATCH = 5000
 """Rows fetched from the database at a time while streaming a table."""
 
-
-def _hex_text(value: Any) -> str:
-    """Lower-case 0x-hex of bytes or hex text (as canonical JSON stores bytes)."""
-    if isinstance(value, (bytes, bytearray)):
-        return "0x" + bytes(value).hex()
-    s = str(value).lower()
-    return s if s.startswith("0x") else "0x" + s
+MAX_CLOCK_SKEW_US = 5_000_000
+"""How far (µs) a writer's clock may run ahead of the auditor's before a row counts as stamped in
+the future: 5 s, far more than NTP-synchronized hosts drift, and half the shortest epoch shipped
+(a row stamped later could claim an epoch that has not begun)."""
 
 
-def verify_message(row: MessageRow) -> tuple[dict[str, Any] | None, str | None]:
-    """Check one stored message against its own typed data.
+def run_audit(session: Session, *, now_us: int, hard_cap_ugpc: int | None = None) -> list[str]:
+    """Re-check the ledger behind ``session`` from genesis (see the module docstring).
 
-    Parses the stored canonical JSON and runs ``verify_typed_message`` on it with the row's columns.
+    Args:
+        session: a session whose transaction gives one consistent view of the ledger.
+        now_us: the auditor's clock (µs): no transfer may be stamped after it.
+        hard_cap_ugpc: a cap on supply to check besides the policy's (None: the policy's only).
 
     Returns:
-        (the parsed typed data, or None if it is not a JSON object; the problem, or None if it holds).
+        One line per problem, each naming the message, transfer row, operation or account;
+        an empty list means the ledger is sound. Reading stops at nothing: every row is read.
     """
+    problems: list[str] = []
     try:
-        typed = json.loads(row.typed_data)
-    except (TypeError, ValueError) as exc:
-        return None, f"typed data is not JSON ({exc})"
-    problem = verify_typed_message(
-        typed,
-        primary_type=row.primary_type,
-        nonce=row.nonce,
-        digest=row.digest,
-        signature=row.signature,
-        signer=row.signer,
-    )
-    return (typed if isinstance(typed, dict) else None), problem
+        binding = read_binding(session.connection())
+    except GpucoinError as exc:
+        problems.append(f"market: {exc}")
+        binding = None
+    genesis = binding.genesis if binding is not None else None
+    messages = _Messages(binding, problems)
+    for m in session.exec(select(MessageRow).order_by(MessageRow.id).execution_options(yield_per=_BATCH)):
+        messages.check(m)
+    if genesis is None and (messages.count or session.exec(select(TransferRow.id).limit(1)).first() is not None):
+        problems.append(
+            "market: the ledger has no Genesis (it was written before Genesis messages existed, or its "
+            "market row was removed): no transfer can be authorized; start a new ledger"
+        )
+    operations = {op.op_id: op for op in session.exec(select(OperationRow).execution_options(yield_per=_BATCH))}
+    replay = _Replay(genesis, messages.facts, problems)
+    chain = _Chain(now_us, operations, replay.operation, problems)
+    for t in session.exec(select(TransferRow).order_by(TransferRow.id).execution_options(yield_per=_BATCH)):
+        chain.row(t)
+    chain.finish(session.get(ChainHead, 1))
+    _check_balances(session, chain, genesis, hard_cap_ugpc, problems)
+    problems.extend(_compare_state(session, replay.state))
+    if genesis is not None:  # without a Genesis there were no rules to produce these rows
+        problems.extend(_compare_admission(session, messages.admission))
+        problems.extend(_compare_effects(session, replay.rows))
+    return problems
 
 
-def verify_typed_message(
-    typed: Any, *, primary_type: str, nonce: str | None, digest: str, signature: str, signer: str
-) -> str | None:
-    """Check parsed typed data against the columns stored beside it; None if it holds, else the problem.
+@dataclass
+class _Messages:
+    """Authenticity and admission of every message, in recording order; the facts the rules read."""
 
-    Checks: the digest recomputes (EIP-712, ``gpucoin.wallet.messages.recover_typed``); the
-    signature (65 bytes, 0x-hex) recovers to ``signer`` (a checksum address; high-s signatures are
-    refused); the message's own signer field (``SIGNER_FIELD``, e.g. ``JobOrder.consumer``) is
-    that signer; ``primary_type`` and ``nonce`` (decimal text, or None) match the typed data.
-    """
-    from gpucoin.wallet.messages import SIGNER_FIELD, recover_typed
+    binding: Binding | None
+    problems: list[str]
+    admission: Admission = field(default_factory=lambda: Admission(domain=None, now_s=0, empty=True))
+    facts: Facts = field(init=False)
+    count: int = 0
 
-    if not isinstance(typed, dict):
-        return "typed data is not a JSON object"
-    if typed.get("primaryType") != primary_type:
-        return f"primary type {primary_type!r} but the typed data says {typed.get('primaryType')!r}"
-    body = typed.get("message")
-    if isinstance(body, dict) and "nonce" in body:
-        raw = body["nonce"]
+    def __post_init__(self) -> None:
+        self.facts = Facts(self.binding.genesis if self.binding is not None else None, now_epoch=-1)
+
+    def check(self, m: MessageRow) -> None:
+        self.count += 1
+        where = f"message #{m.id} ({m.primary_type} {m.digest})"
+        typed, problem = verify_message(m)
+        if problem is not None or typed is None:
+            self.problems.append(f"{where}: {problem}")
+            return
+        genesis = self.facts.genesis
+        if genesis is None:
+            return  # nothing to admit it against; run_audit reports the missing Genesis once
+        fields = validate_message(m.primary_type, typed["message"])
+        self.admission.now_s = m.recorded_at // 1_000_000
         try:
-            in_body = str(int(raw, 0) if isinstance(raw, str) else int(raw))
-        except (TypeError, ValueError):
-            return f"nonce {raw!r} is not an integer"
-        if in_body != nonce:
-            return f"stored nonce {nonce!r} but the typed data says {in_body}"
-    elif nonce is not None:
-        return f"stored nonce {nonce!r} but the typed data has none"
-    try:
-        recomputed, recovered = recover_typed(typed, signature)
-    except Exception as exc:  # malformed typed data or signature is a finding, not a crash
-        return f"digest or signature does not check ({type(exc).__name__}: {exc})"
-    if recomputed != digest.lower():
-        return f"digest recomputes to {recomputed}, stored {digest}"
-    if recovered != signer:
-        return f"signature recovers to {recovered}, stored signer {signer}"
-    field = SIGNER_FIELD.get(primary_type)
-    if field is not None and (not isinstance(body, dict) or body.get(field) != recovered):
-        claimed = body.get(field) if isinstance(body, dict) else None
-        return f"{primary_type}.{field} is {claimed} but the message was signed by {recovered}"
-    return None
+            if m.primary_type == GENESIS:
+                if m.digest != genesis.digest or m.id != self.binding.first_message_id:
+                    raise GpucoinError(f"the market's Genesis is {genesis.digest}, recorded as message #{self.binding.first_message_id}")
+                self.admission.admit_genesis(typed["domain"], fields, m.digest, genesis.policy)
+            else:
+                self.admission.admit(m.primary_type, typed["domain"], fields, m.digest, m.signer)
+        except GpucoinError as exc:
+            self.problems.append(f"{where}: not admissible: {exc}")
+            return
+        self.facts.add_message(Msg(m.digest, m.primary_type, m.signer, fields))
 
 
-def _operation_problem(op: OperationRow, rows: list[list[Any]]) -> str | None:
-    """None if ``rows`` ([seq, debit, credit, amount, code, digest] each) are still exactly what
-    operation ``op`` was posted with (seq 0..n-1 and its content hash), else the problem."""
-    rows = sorted(rows, key=lambda r: r[0])
-    last = op.first_transfer_id + op.n_transfers - 1
-    where = f"operation {op.op_id!r} (transfers #{op.first_transfer_id}-#{last})"
-    if [r[0] for r in rows] != list(range(op.n_transfers)):
-        return f"{where}: its rows have seq {[r[0] for r in rows]}, expected 0-{op.n_transfers - 1}"
-    try:
-        recomputed = operation_hash_of_fields([r[1:] for r in rows], op.memo)
-    except TypeError as exc:
-        return f"{where}: content hash not computable ({exc})"
-    if recomputed != op.content_hash:
-        return f"{where}: rows no longer match the posted content hash"
-    return None
+@dataclass
+class _Replay:
+    """Every operation, in order, through the authorization and money rules (``authorize_operation``)."""
+
+    genesis: GenesisInfo | None
+    facts: Facts
+    problems: list[str]
+    state: LedgerState = field(default_factory=LedgerState)
+    rows: dict[type, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    def operation(self, op: OperationRow, rows: list[TransferRow]) -> None:
+        """Check and replay operation ``op`` whose transfer rows are ``rows`` (in seq order)."""
+        where = f"operation {op.op_id!r} (transfers #{rows[0].id}-#{rows[-1].id})"
+        try:
+            content = operation_hash_of_fields([[r.debit, r.credit, r.amount, r.code, r.digest] for r in rows], op.memo)
+        except TypeError as exc:
+            content = f"<not computable: {exc}>"
+        if content != op.content_hash:
+            self.problems.append(f"{where}: rows no longer match the posted content hash")
+        try:
+            transfers = [Transfer(r.debit, r.credit, r.amount, Code(r.code), r.digest) for r in rows]
+        except Exception as exc:  # a row no Transfer can hold is a finding, named by _Chain too
+            self.problems.append(f"{where}: not replayable ({type(exc).__name__}: {exc})")
+            return
+        if self.genesis is None:  # no rules to authorize by: keep the money rules at least
+            try:
+                apply_in_place(self.state, transfers, epoch=op.epoch, unbonding_epochs=op.unbonding_epochs)
+            except Exception as exc:  # any refusal is a finding: the stored rows break a rule
+                self.problems.append(f"{where}: replay breaks the money rules ({type(exc).__name__}: {exc})")
+            return
+        g = self.genesis
+        self.facts.now_epoch = epoch_at(rows[0].created_at, g.start_s, g.policy.tokenomics.epoch_length_s)
+        if op.epoch != self.facts.now_epoch or op.unbonding_epochs != g.policy.bonding.unbonding_epochs:
+            self.problems.append(
+                f"{where}: stored epoch {op.epoch} and unbonding period {op.unbonding_epochs}; its time says "
+                f"epoch {self.facts.now_epoch} and the policy {g.policy.bonding.unbonding_epochs}"
+            )
+        names = {t.debit for t in transfers} | {t.credit for t in transfers} | {ISSUANCE, BURNED}
+        names |= {a for m in (self.facts.messages.get(t.digest) for t in transfers) if m is not None for a in _reads(m, self.facts)}
+        try:
+            part, effects, used = authorize_operation(self.state.subset(names), self.facts, transfers)
+        except Exception as exc:  # any refusal is a finding: the stored rows were not authorized
+            self.problems.append(f"{where}: not authorized ({type(exc).__name__}: {exc})")
+            return
+        self.state.merge(part)
+        self.facts.apply(effects, used)
+        for e in effects:
+            table, row = index_row(e, op.op_id)
+            self.rows[table].append(row)
 
 
-def _replay(state: LedgerState, op: OperationRow, rows: list[list[Any]]) -> str | None:
-    """Apply operation ``op`` (its rows: [seq, debit, credit, amount, code, digest]) to ``state``
-    under the money rules; None if it keeps them, else the problem (``state`` is then unchanged)."""
-    try:
-        transfers = [Transfer(r[1], r[2], r[3], Code(r[4]), r[5]) for r in sorted(rows, key=lambda r: r[0])]
-        apply_in_place(state, transfers, epoch=op.epoch, unbonding_epochs=op.unbonding_epochs)
-    except Exception as exc:  # any refusal is a finding: the stored rows break a rule
-        return f"operation {op.op_id!r}: replay breaks the money rules ({type(exc).__name__}: {exc})"
-    return None
+def _reads(msg: Msg, facts: Facts) -> set[str]:
+    from gpucoin.ledger.authorize import accounts_read
+
+    return accounts_read(msg, facts)
+
+
+@dataclass
+class _Chain:
+    """Ids, the hash chain, times and per-row checks of every transfer row, streamed in id order.
+
+    Calls ``on_operation(op, rows)`` once all rows of an operation are in (an operation's rows
+    are consecutive, so memory stays O(operations), not O(transfers)), and recomputes balances.
+    """
+
+    now_us: int
+    operations: dict[str, OperationRow]
+    on_operation: Callable[[OperationRow, list[TransferRow]], None]
+    problems: list[str]
+    balances: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    minted: int = 0
+    prev_hash: str = GENESIS_HASH
+    last_id: int = 0
+    last_time: int = 0
+    chain_ok: bool = True
+    pending: dict[str, list[TransferRow]] = field(default_factory=lambda: defaultdict(list))
+    done: set[str] = field(default_factory=set)
+
+    def row(self, t: TransferRow) -> None:
+        where = f"transfer #{t.id} (op {t.op_id!r} seq {t.seq})"
+        if t.id != self.last_id + 1:
+            self.problems.append(f"{where}: follows transfer #{self.last_id}; ids must run without gaps")
+        self.last_id = t.id
+        if not self.last_time <= t.created_at <= self.now_us + MAX_CLOCK_SKEW_US:
+            self.problems.append(
+                f"{where}: created at {t.created_at} µs, before the row before it ({self.last_time} µs) "
+                f"or in the future (now {self.now_us} µs)"
+            )
+        self.last_time = max(self.last_time, t.created_at)
+        amount_ok = isinstance(t.amount, int) and not isinstance(t.amount, bool) and 1 <= t.amount <= INT64_MAX
+        if not amount_ok:
+            self.problems.append(f"{where}: amount {t.amount!r} is not an integer of µGPC in [1, {INT64_MAX}]")
+        self._chain(t, where)
+        for acct in (t.debit, t.credit):
+            if not is_valid_account(acct):
+                self.problems.append(f"{where}: {acct!r} is not a ledger account")
+        if t.code not in {c.value for c in Code}:
+            self.problems.append(f"{where}: unknown code {t.code!r}")
+        op = self.operations.get(t.op_id)
+        if op is None:
+            self.problems.append(f"{where}: operation {t.op_id!r} is not stored")
+        elif t.op_id in self.done:
+            self.problems.append(f"{where}: operation {t.op_id!r} already has its {op.n_transfers} rows")
+        else:
+            self.pending[t.op_id].append(t)
+            if len(self.pending[t.op_id]) == op.n_transfers:
+                rows = sorted(self.pending.pop(t.op_id), key=lambda r: r.seq)
+                self.done.add(t.op_id)
+                if [r.seq for r in rows] != list(range(op.n_transfers)):
+                    self.problems.append(f"operation {op.op_id!r}: its rows have seq {[r.seq for r in rows]}")
+                else:
+                    self.on_operation(op, rows)
+        if amount_ok:
+            self.balances[t.debit] -= t.amount
+            self.balances[t.credit] += t.amount
+            if t.debit == ISSUANCE:
+                self.minted += t.amount
+
+    def _chain(self, t: TransferRow, where: str) -> None:
+        if self.chain_ok:
+            try:
+                expected = chain_hash(
+                    self.prev_hash, id=t.id, op_id=t.op_id, seq=t.seq, debit=t.debit, credit=t.credit,
+                    amount=t.amount, code=t.code, digest=t.digest, created_at=t.created_at,
+                )
+            except (TypeError, ValueError) as exc:
+                expected = f"<not computable: {exc}>"
+            if t.prev_hash != self.prev_hash or t.row_hash != expected:
+                self.problems.append(
+                    f"{where}: first row that does not chain (prev_hash {t.prev_hash[:16]}..., expected "
+                    f"{self.prev_hash[:16]}...; row_hash {t.row_hash[:16]}..., recomputed {expected[:16]}...)"
+                )
+                self.chain_ok = False
+        self.prev_hash = t.row_hash
+
+    def finish(self, head: ChainHead | None) -> None:
+        if head is None:
+            self.problems.append("chain head: missing")
+        elif head.last_transfer_id != self.last_id or head.last_hash != self.prev_hash:
+            self.problems.append(
+                f"chain head: names transfer #{head.last_transfer_id} ({head.last_hash[:16]}...), "
+                f"but the last row is #{self.last_id} ({self.prev_hash[:16]}...)"
+            )
+        for op_id in sorted(set(self.operations) - self.done):
+            op = self.operations[op_id]
+            self.problems.append(
+                f"operation {op_id!r}: has {len(self.pending.get(op_id, []))} transfer rows, posted with {op.n_transfers}"
+            )
+
+
+def _check_balances(session: Session, chain: _Chain, genesis: GenesisInfo | None, hard_cap: int | None, problems: list[str]) -> None:
+    """Recomputed balances against the stored ones, and the invariants of SPEC.md (Money)."""
+    stored = {a.name: a.balance for a in session.exec(select(AccountRow).execution_options(yield_per=_BATCH))}
+    balances = chain.balances
+    for acct in sorted(set(stored) | set(balances)):
+        if stored.get(acct, 0) != balances.get(acct, 0):
+            problems.append(
+                f"account {acct}: stored balance {stored.get(acct, 0)} µGPC, recomputed from transfers {balances.get(acct, 0)} µGPC"
+            )
+    problems.extend(f"recomputed {p}" for p in check_balances(dict(balances)))
+    supply = supply_of(balances)
+    burned = balances.get(BURNED, 0)
+    if supply != chain.minted - burned:
+        problems.append(
+            f"supply {supply} µGPC != minted {chain.minted} - burned {burned} = {chain.minted - burned} µGPC "
+            f"(something was credited back to {ISSUANCE})"
+        )
+    caps = [c for c in (hard_cap, genesis.policy.tokenomics.hard_cap_ugpc if genesis else None) if c is not None]
+    if caps and supply > min(caps):
+        problems.append(f"supply {supply} µGPC is above the hard cap {min(caps)} µGPC")
 
 
 def _compare_state(session: Session, replayed: LedgerState) -> list[str]:
@@ -186,193 +347,52 @@ def _compare_state(session: Session, replayed: LedgerState) -> list[str]:
     return problems
 
 
-def run_audit(session: Session, hard_cap_ugpc: int | None = None) -> list[str]:
-    """Re-check the ledger behind ``session`` from genesis (see the module docstring).
-
-    Args:
-        session: a session whose transaction gives one consistent view of the ledger.
-        hard_cap_ugpc: the policy's hard cap on supply in µGPC, or None to skip that check.
-
-    Returns:
-        One line per problem, each naming the message, transfer row, operation or account;
-        an empty list means the ledger is sound. Reading stops at nothing: every row is read.
-    """
-    problems: list[str] = []
-
-    # Messages: authenticity, and what MINT_* transfers need to find.
-    message_types: dict[str, str] = {}
-    receipts: set[str] = set()
-    settlement_subjects: dict[str, str | None] = {}
-    market = session.get(MarketRow, 1)
-    bound = json.loads(market.domain) if market is not None else None
-    admission = Admission(domain=None, now_s=0)
-    for m in session.exec(select(MessageRow).order_by(MessageRow.id).execution_options(yield_per=_BATCH)):
-        typed, problem = verify_message(m)
-        if problem is not None:
-            problems.append(f"message #{m.id} ({m.primary_type} {m.digest}): {problem}")
-        else:
-            admission.now_s = m.recorded_at // 1_000_000
-            # held to the market's domain from the first message recorded after the ledger was bound
-            admission.domain = bound if market is not None and m.id >= market.first_message_id else None
-            try:
-                admission.admit(m.primary_type, typed["domain"], typed["message"], m.digest, m.signer)
-            except GpucoinError as exc:
-                problems.append(f"message #{m.id} ({m.primary_type} {m.digest}): not admissible: {exc}")
-        message_types[m.digest] = m.primary_type
-        if m.primary_type == WORK_RECEIPT:
-            receipts.add(m.digest.lower())
-        elif m.primary_type == SETTLEMENT:
-            try:
-                settlement_subjects[m.digest] = _hex_text(typed["message"]["subject"])  # type: ignore[index]
-            except (TypeError, KeyError):
-                settlement_subjects[m.digest] = None
-
-    operations = {
-        op.op_id: op for op in session.exec(select(OperationRow).execution_options(yield_per=_BATCH))
-    }
-    # An operation's rows are consecutive, so each is checked (and forgotten) once all its rows
-    # are in: memory stays O(operations), not O(transfers).
-    op_rows: dict[str, list[list[Any]]] = defaultdict(list)
-    ops_checked: set[str] = set()
-
-    # Transfers: ids, chain, per-row rules, recomputed balances.
-    balances: dict[str, int] = defaultdict(int)
-    replayed = LedgerState()
-    minted = 0
-    prev_hash = GENESIS_HASH
-    last_id = 0
-    chain_ok = True
-    for t in session.exec(select(TransferRow).order_by(TransferRow.id).execution_options(yield_per=_BATCH)):
-        where = f"transfer #{t.id} (op {t.op_id!r} seq {t.seq})"
-        if t.id != last_id + 1:
-            problems.append(f"{where}: follows transfer #{last_id}; ids must run without gaps")
-        last_id = t.id
-        amount_ok = isinstance(t.amount, int) and not isinstance(t.amount, bool) and 1 <= t.amount <= INT64_MAX
-        if not amount_ok:
-            problems.append(f"{where}: amount {t.amount!r} is not an integer of µGPC in [1, {INT64_MAX}]")
-        if chain_ok:
-            try:
-                expected = chain_hash(
-                    prev_hash,
-                    id=t.id,
-                    op_id=t.op_id,
-                    seq=t.seq,
-                    debit=t.debit,
-                    credit=t.credit,
-                    amount=t.amount,
-                    code=t.code,
-                    digest=t.digest,
-                    created_at=t.created_at,
-                )
-            except (TypeError, ValueError) as exc:
-                expected = f"<not computable: {exc}>"
-            if t.prev_hash != prev_hash or t.row_hash != expected:
-                problems.append(
-                    f"{where}: first row that does not chain (prev_hash {t.prev_hash[:16]}..., "
-                    f"expected {prev_hash[:16]}...; row_hash {t.row_hash[:16]}..., recomputed {expected[:16]}...)"
-                )
-                chain_ok = False
-        prev_hash = t.row_hash
-        for acct in (t.debit, t.credit):
-            if not is_valid_account(acct):
-                problems.append(f"{where}: {acct!r} is not a ledger account")
-        try:
-            code = Code(t.code)
-        except ValueError:
-            problems.append(f"{where}: unknown code {t.code!r}")
-            code = None
-        if t.digest not in message_types:
-            problems.append(f"{where}: digest {t.digest} names no stored message")
-        elif code in MINT_CODES:
-            if message_types[t.digest] != SETTLEMENT:
-                problems.append(f"{where}: {code.value} authorized by a {message_types[t.digest]}, not a Settlement")
-            else:
-                subject = settlement_subjects.get(t.digest)
-                if subject is None or subject not in receipts:
-                    problems.append(
-                        f"{where}: {code.value} Settlement {t.digest} has subject {subject}, no stored WorkReceipt"
-                    )
-        if t.op_id not in operations:
-            problems.append(f"{where}: operation {t.op_id!r} is not stored")
-        elif t.op_id in ops_checked:
-            problems.append(f"{where}: operation {t.op_id!r} already has its {operations[t.op_id].n_transfers} rows")
-        else:
-            op_rows[t.op_id].append([t.seq, t.debit, t.credit, t.amount, t.code, t.digest])
-            if len(op_rows[t.op_id]) == operations[t.op_id].n_transfers:
-                rows = op_rows.pop(t.op_id)
-                problem = _operation_problem(operations[t.op_id], rows)
-                if problem is not None:
-                    problems.append(problem)
-                problem = _replay(replayed, operations[t.op_id], rows)
-                if problem is not None:
-                    problems.append(problem)
-                ops_checked.add(t.op_id)
-        if amount_ok:
-            balances[t.debit] -= t.amount
-            balances[t.credit] += t.amount
-            if t.debit == ISSUANCE:
-                minted += t.amount
-
-    head = session.get(ChainHead, 1)
-    if head is None:
-        problems.append("chain head: missing")
-    elif head.last_transfer_id != last_id or head.last_hash != prev_hash:
-        problems.append(
-            f"chain head: names transfer #{head.last_transfer_id} ({head.last_hash[:16]}...), "
-            f"but the last row is #{last_id} ({prev_hash[:16]}...)"
-        )
-
-    for op_id in sorted(set(operations) - ops_checked):
-        op = operations[op_id]
-        problems.append(
-            f"operation {op_id!r}: has {len(op_rows.get(op_id, []))} transfer rows, posted with {op.n_transfers}"
-        )
-
-    # Balances: recomputed vs stored, and the invariants.
-    stored = {a.name: a.balance for a in session.exec(select(AccountRow).execution_options(yield_per=_BATCH))}
-    for acct in sorted(set(stored) | set(balances)):
-        if stored.get(acct, 0) != balances.get(acct, 0):
-            problems.append(
-                f"account {acct}: stored balance {stored.get(acct, 0)} µGPC, "
-                f"recomputed from transfers {balances.get(acct, 0)} µGPC"
-            )
-    problems.extend(f"recomputed {p}" for p in check_balances(dict(balances)))
-    problems.extend(_compare_state(session, replayed))
-    problems.extend(_compare_index(session, admission))
-    supply = supply_of(balances)
-    burned = balances.get(BURNED, 0)
-    if supply != minted - burned:
-        problems.append(
-            f"supply {supply} µGPC != minted {minted} - burned {burned} = {minted - burned} µGPC "
-            f"(something was credited back to {ISSUANCE})"
-        )
-    if hard_cap_ugpc is not None and supply > hard_cap_ugpc:
-        problems.append(f"supply {supply} µGPC is above the hard cap {hard_cap_ugpc} µGPC")
-    return problems
+def _diff(table: str, stored: dict[Any, Any], replayed: dict[Any, Any], label: Callable[[Any], str] = repr) -> list[str]:
+    """Rows of ``table`` (key -> values) that differ from what the replay produced, each named by ``label(key)``."""
+    out: list[str] = []
+    for key in sorted(set(stored) | set(replayed), key=repr):
+        where = f"{table} {label(key)}"
+        if key not in replayed:
+            out.append(f"{where}: stored, but nothing admitted or settled produces it")
+        elif key not in stored:
+            out.append(f"{where}: missing")
+        elif stored[key] != replayed[key]:
+            out.append(f"{where}: stored {stored[key]}, the replay gives {replayed[key]}")
+    return out
 
 
-def _compare_index(session: Session, admission: Admission) -> list[str]:
-    """Differences between the stored job_order / work_receipt rows and the admission replay."""
-    problems: list[str] = []
-    jobs = {r.job_id: r.digest for r in session.exec(select(JobOrderRow))}
-    for job in sorted(set(jobs) | set(admission.jobs)):
-        if job not in admission.jobs:
-            problems.append(f"job_order {job!r}: stored, but no admitted JobOrder names it")
-        elif job not in jobs:
-            problems.append(f"job_order {job!r}: missing")
-        elif jobs[job] != admission.jobs[job]:
-            problems.append(f"job_order {job!r}: names {jobs[job]}, but its JobOrder is {admission.jobs[job]}")
-    stored = {
+def _compare_admission(session: Session, a: Admission) -> list[str]:
+    """The index rows the admission rules keep, against the admission replay."""
+    problems = _diff("job_order", dict(session.exec(select(JobOrderRow.job_id, JobOrderRow.digest)).all()), a.jobs)
+    stored_receipts = {
         (r.job_id, int(r.rank), int(r.step_start)): (int(r.step_end), r.digest)
         for r in session.exec(select(WorkReceiptRow).execution_options(yield_per=_BATCH))
     }
-    for key in sorted(set(stored) ^ set(admission.receipts)):
-        where = f"work_receipt (job {key[0]!r}, rank {key[1]}, step {key[2]})"
-        problems.append(f"{where}: " + ("stored, but no admitted WorkReceipt" if key in stored else "missing"))
-    for key in sorted(set(stored) & set(admission.receipts)):
-        if stored[key] != admission.receipts[key]:
-            problems.append(
-                f"work_receipt (job {key[0]!r}, rank {key[1]}, step {key[2]}): stored (end, digest) {stored[key]}, "
-                f"the receipt says {admission.receipts[key]}"
-            )
+    problems += _diff("work_receipt", stored_receipts, a.receipts, lambda k: f"(job {k[0]!r}, rank {k[1]}, step {k[2]})")
+    problems += _diff(
+        "node_registration",
+        {r.digest: (r.provider, r.node_id) for r in session.exec(select(NodeRegistrationRow))},
+        a.registered,
+    )
+    problems += _diff(
+        "assignment",
+        {r.digest: (r.job_id, int(r.rank), r.provider, r.node_id, int(r.from_step)) for r in session.exec(select(AssignmentRow))},
+        a.assigned,
+    )
+    problems += _diff(
+        "verification_report",
+        {r.digest: (r.receipt_digest, r.verifier, r.verdict) for r in session.exec(select(VerificationReportRow))},
+        a.reported,
+    )
+    return problems
+
+
+def _compare_effects(session: Session, replayed: dict[type, list[dict[str, Any]]]) -> list[str]:
+    """interval_charge, slash and epoch_close rows against the effects of the replayed operations."""
+    problems: list[str] = []
+    for table, key in ((IntervalChargeRow, "settlement"), (SlashRow, "receipt"), (EpochCloseRow, "epoch")):
+        columns = [c.name for c in table.__table__.columns]
+        stored = {getattr(r, key): tuple(getattr(r, c) for c in columns) for r in session.exec(select(table))}
+        want = {row[key]: tuple(row[c] for c in columns) for row in replayed.get(table, [])}
+        problems += _diff(table.__tablename__, stored, want)
     return problems

@@ -2,7 +2,10 @@
 
 The export holds everything needed to re-verify the ledger with one's own tools, without gpucoin:
 
-- ``{"kind": "header", "format": "gpucoin-ledger-export-v1", "schema": <revision>, ...}`` first;
+- ``{"kind": "header", "format": "gpucoin-ledger-export-v2", "schema": <revision>, ...}`` first;
+- one ``{"kind": "policy", "hash", "policy"}`` per policy the ledger applies (the Genesis names it
+  by ``policyHash``; ``hash`` is keccak256 of the canonical JSON of ``policy``, sorted keys, no
+  spaces), so a reader can recompute what every Settlement and EpochClose may move;
 - one ``{"kind": "message", ...}`` per signed message, in recording order, with its full EIP-712
   typed data (``typed_data``, the ``eth_signTypedData_v4`` JSON), ``digest``, ``signature`` and
   ``signer``: ``eth_account.Account.recover_message(encode_typed_data(full_message=typed_data),
@@ -26,9 +29,9 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from gpucoin.ledger.models import MessageRow, OperationRow, TransferRow
+from gpucoin.ledger.models import MessageRow, OperationRow, PolicyRow, TransferRow
 
-EXPORT_FORMAT = "gpucoin-ledger-export-v1"
+EXPORT_FORMAT = "gpucoin-ledger-export-v2"
 """The ``format`` of the header line; a change in any record's fields gets a new version."""
 
 _BATCH = 5000
@@ -38,6 +41,8 @@ _BATCH = 5000
 def iter_export(session: Session, schema_revision: str | None) -> Iterator[dict[str, Any]]:
     """Yield the export's records (see the module docstring) from the ledger behind ``session``."""
     yield {"kind": "header", "format": EXPORT_FORMAT, "schema": schema_revision, "amount_unit": "µGPC"}
+    for p in session.exec(select(PolicyRow).order_by(PolicyRow.hash)):
+        yield {"kind": "policy", "hash": p.hash, "policy": json.loads(p.body)}
     for m in session.exec(select(MessageRow).order_by(MessageRow.id).execution_options(yield_per=_BATCH)):
         yield {
             "kind": "message",

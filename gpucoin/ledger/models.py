@@ -13,14 +13,20 @@ so a write that bypasses the code is refused by the database too.
     escrow       each job's escrow: the pending hold of its budget, posted or voided
     unbonding    stake on its way out of a bond, by the epoch it matures
     chain_head   one row: the last transfer id and hash (locking it serializes posts)
-    market       at most one row: the EIP-712 domain the ledger admits messages from
+    market       at most one row: the EIP-712 domain, the Genesis and the policy of the market
+    policy       each policy named by hash (canonical JSON), so the rules can be re-applied
     job_order    the one JobOrder of each job id
     work_receipt each admitted WorkReceipt's job, rank and step range (contiguous per rank)
+    node_registration, assignment, verification_report
+                 the admitted NodeRegistrations, Assignments and VerificationReports
+    interval_charge  each interval a Settlement charged, with its epoch (what emission reads)
+    slash        each receipt whose worker a Settlement slashed
+    epoch_close  each closed epoch and what its EpochClose minted
 
 The schema is created and upgraded by the Alembic migrations in ``gpucoin/ledger/migrations``
 (``gpucoin.ledger.migrate``); these classes are the ORM's view of it and must match the head
-revision (a test compares them). message, operation, transfer, market, job_order and
-work_receipt are append-only: triggers refuse UPDATE and DELETE on them.
+revision (a test compares them). Every table but account, escrow, unbonding and chain_head is
+append-only: triggers refuse UPDATE and DELETE on them.
 """
 
 from __future__ import annotations
@@ -77,8 +83,9 @@ class OperationRow(SQLModel, table=True):
         first_transfer_id: id of its first transfer row; its rows are consecutive.
         n_transfers: how many transfer rows it wrote (>= 1).
         created_at: µs since the Unix epoch.
-        epoch: the emission epoch it was posted in (None if the poster gave none).
-        unbonding_epochs: the unbonding period in force for its UNBOND transfers, in epochs.
+        epoch: the ledger's emission epoch when it was posted (None: posted before Genesis
+            messages existed, when the poster chose it).
+        unbonding_epochs: the policy's unbonding period in force for its UNBOND transfers, in epochs.
     """
 
     __tablename__ = "operation"
@@ -203,14 +210,16 @@ class ChainHead(SQLModel, table=True):
 
 
 class MarketRow(SQLModel, table=True):
-    """The market a ledger belongs to: the single row (id 1), written when it is first bound.
+    """The market a ledger belongs to: the single row (id 1), written with its Genesis.
 
     Attributes:
         domain: the EIP-712 domain (name, version, chainId, verifyingContract) as canonical JSON;
             every message recorded afterwards must be signed in it.
         bound_at: µs since the Unix epoch.
-        first_message_id: the first message id recorded under the domain (the ids before were
-            recorded while the ledger was bound to none; the audit does not hold them to it).
+        first_message_id: the first message id recorded under the domain (the Genesis's; a
+            ledger bound before Genesis messages existed may have older messages).
+        genesis_digest: the Genesis message's digest (None: a ledger bound before they existed).
+        policy_hash: the Genesis's ``policyHash``, a key of ``policy``.
     """
 
     __tablename__ = "market"
@@ -220,6 +229,23 @@ class MarketRow(SQLModel, table=True):
     domain: str = Field(sa_column=Column(Text, nullable=False))
     bound_at: int = Field(sa_column=Column(BIGINT, nullable=False))
     first_message_id: int = Field(sa_column=Column(BIGINT, nullable=False))
+    genesis_digest: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
+    policy_hash: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class PolicyRow(SQLModel, table=True):
+    """An incentive policy the ledger applies, by its hash.
+
+    Attributes:
+        hash: ``gpucoin.policy.model.policy_hash`` of it (0x + 64 hex).
+        body: its canonical JSON (``gpucoin.policy.model.canonical_json``), which hashes to ``hash``.
+    """
+
+    __tablename__ = "policy"
+    __table_args__ = (_STRICT,)
+
+    hash: str = Field(sa_column=Column(Text, primary_key=True))
+    body: str = Field(sa_column=Column(Text, nullable=False))
 
 
 class JobOrderRow(SQLModel, table=True):
@@ -261,14 +287,113 @@ class WorkReceiptRow(SQLModel, table=True):
     step_end: int = Field(sa_column=Column(BIGINT, nullable=False))
 
 
+class NodeRegistrationRow(SQLModel, table=True):
+    """One admitted NodeRegistration: ``provider`` offers the Ray node ``node_id``."""
+
+    __tablename__ = "node_registration"
+    __table_args__ = (_STRICT,)
+
+    digest: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), primary_key=True))
+    provider: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    node_id: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class AssignmentRow(SQLModel, table=True):
+    """One admitted Assignment: ``provider``'s node ``node_id`` holds ``rank`` of ``job_id`` from ``from_step``."""
+
+    __tablename__ = "assignment"
+    __table_args__ = (_STRICT,)
+
+    digest: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), primary_key=True))
+    job_id: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    rank: int = Field(sa_column=Column(BIGINT, nullable=False))
+    provider: str = Field(sa_column=Column(Text, nullable=False))
+    node_id: str = Field(sa_column=Column(Text, nullable=False))
+    from_step: int = Field(sa_column=Column(BIGINT, nullable=False))
+
+
+class VerificationReportRow(SQLModel, table=True):
+    """One admitted VerificationReport: ``verifier``'s ``verdict`` (pass or fail) on ``receipt_digest``."""
+
+    __tablename__ = "verification_report"
+    __table_args__ = (_STRICT,)
+
+    digest: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), primary_key=True))
+    receipt_digest: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    verifier: str = Field(sa_column=Column(Text, nullable=False))
+    verdict: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class IntervalChargeRow(SQLModel, table=True):
+    """An interval a Settlement charged to its job's escrow, counted in ``epoch``'s emission.
+
+    Attributes:
+        settlement: the Settlement's digest.
+        job_id / step_start: the interval (unique: an interval is charged once).
+        epoch: the ledger's epoch when it was charged.
+        payment: µGPC charged (the Settlement's ``paid``).
+        verifier: the verifier whose passing reports it was checked by, None if unchecked.
+        receipts / workers: JSON lists of its receipts' digests and their workers, rank order.
+        op_id: the operation that charged it.
+    """
+
+    __tablename__ = "interval_charge"
+    __table_args__ = (
+        UniqueConstraint("job_id", "step_start", name="uq_interval_charge_interval"),
+        CheckConstraint("payment > 0", name="ck_interval_charge_payment_positive"),
+        _STRICT,
+    )
+
+    settlement: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), primary_key=True))
+    job_id: str = Field(sa_column=Column(Text, nullable=False))
+    step_start: int = Field(sa_column=Column(BIGINT, nullable=False))
+    epoch: int = Field(sa_column=Column(BIGINT, nullable=False, index=True))
+    payment: int = Field(sa_column=Column(BIGINT, nullable=False))
+    verifier: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
+    receipts: str = Field(sa_column=Column(Text, nullable=False))
+    workers: str = Field(sa_column=Column(Text, nullable=False))
+    op_id: str = Field(sa_column=Column(Text, ForeignKey("operation.op_id"), nullable=False))
+
+
+class SlashRow(SQLModel, table=True):
+    """A slash: the worker of ``receipt`` lost stake by ``settlement`` on the failing ``report``."""
+
+    __tablename__ = "slash"
+    __table_args__ = (_STRICT,)
+
+    receipt: str = Field(sa_column=Column(Text, primary_key=True))
+    settlement: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), nullable=False, unique=True))
+    report: str = Field(sa_column=Column(Text, nullable=False))
+    op_id: str = Field(sa_column=Column(Text, ForeignKey("operation.op_id"), nullable=False))
+
+
+class EpochCloseRow(SQLModel, table=True):
+    """A closed epoch: its EpochClose ``digest`` minted ``minted`` of ``emission`` µGPC, pro rata
+    to ``payments`` µGPC charged in it."""
+
+    __tablename__ = "epoch_close"
+    __table_args__ = (_STRICT,)
+
+    epoch: int = Field(sa_column=Column(BIGINT, primary_key=True, autoincrement=False))
+    digest: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), nullable=False, unique=True))
+    emission: int = Field(sa_column=Column(BIGINT, nullable=False))
+    minted: int = Field(sa_column=Column(BIGINT, nullable=False))
+    payments: int = Field(sa_column=Column(BIGINT, nullable=False))
+    op_id: str = Field(sa_column=Column(Text, ForeignKey("operation.op_id"), nullable=False))
+
+
 LEDGER_TABLES = [
     SQLModel.metadata.tables[name]
     for name in (
         "message", "operation", "transfer", "account", "escrow", "unbonding", "chain_head",
-        "market", "job_order", "work_receipt",
+        "market", "job_order", "work_receipt", "policy", "node_registration", "assignment",
+        "verification_report", "interval_charge", "slash", "epoch_close",
     )
 ]
 """The ledger's tables, in creation order."""
 
-APPEND_ONLY_TABLES = ("message", "operation", "transfer", "market", "job_order", "work_receipt")
+APPEND_ONLY_TABLES = (
+    "message", "operation", "transfer", "market", "job_order", "work_receipt", "policy", "node_registration",
+    "assignment", "verification_report", "interval_charge", "slash", "epoch_close",
+)
 """Tables whose rows are never updated or deleted (a trigger refuses it)."""

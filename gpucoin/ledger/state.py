@@ -56,6 +56,7 @@ def _shape(debit: str, credit: str, owner: Literal["same", "other"] | None = Non
 
 
 SHAPES: dict[Code, Shape] = {
+    Code.GENESIS: _shape("issuance", "available"),
     Code.FAUCET: _shape("issuance", "available"),
     Code.BOND: _shape("available", "bonded", "same"),
     Code.UNBOND: _shape("bonded", "unbonding", "same"),

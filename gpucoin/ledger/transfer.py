@@ -13,7 +13,8 @@ from gpucoin.money import check_amount
 class Code(str, Enum):
     """Why a transfer happened; stored with it."""
 
-    FAUCET = "faucet"  # issuance -> wallet available (embedded local mode only)
+    GENESIS = "genesis"  # issuance -> wallet available: an allocation of the market's Genesis
+    FAUCET = "faucet"  # issuance -> wallet available (a dev market only)
     BOND = "bond"  # available -> bonded
     UNBOND = "unbond"  # bonded -> unbonding
     WITHDRAW = "withdraw"  # unbonding -> available, after the unbonding period
@@ -75,17 +76,17 @@ class Operation:
             with the same content returns the original result, with other content is a conflict.
         transfers: applied in order; at least one.
         memo: free text stored with it (part of its content).
-        epoch: the current emission epoch (required by UNBOND and WITHDRAW); not part of its
-            content, so a retry in a later epoch is still the same operation.
+
+    The emission epoch an operation falls in is the ledger's own (its clock and its Genesis), never
+    the caller's.
 
     Raises:
-        LedgerError: for a bad id, memo or epoch, no transfers, or an item that is not a Transfer.
+        LedgerError: for a bad id or memo, no transfers, or an item that is not a Transfer.
     """
 
     op_id: str
     transfers: tuple[Transfer, ...]
     memo: str = ""
-    epoch: int | None = None
 
     def __post_init__(self) -> None:
         from gpucoin.exceptions import LedgerError
@@ -95,9 +96,6 @@ class Operation:
             raise LedgerError(f"operation id must be 1-{MAX_OP_ID_LEN} printable characters, got {op_id!r}")
         if not isinstance(self.memo, str):
             raise LedgerError(f"memo must be text, got {type(self.memo).__name__}")
-        epoch = self.epoch
-        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < 2**63):
-            raise LedgerError(f"epoch must be a non-negative integer, got {epoch!r}")
         transfers = tuple(self.transfers)
         if not transfers:
             raise LedgerError(f"operation {op_id!r} has no transfers")

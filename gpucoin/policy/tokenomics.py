@@ -60,21 +60,6 @@ def split_payment(payment: int, tokenomics: TokenomicsPolicy) -> tuple[int, int]
     return payment - treasury, treasury
 
 
-def epoch_of(t_s: float, genesis_s: float, tokenomics: TokenomicsPolicy) -> int:
-    """The emission epoch (0-based) that time ``t_s`` falls in: ``(t_s - genesis_s) // epoch_length_s``.
-
-    Args:
-        t_s: a time, Unix seconds.
-        genesis_s: the start of epoch 0, Unix seconds.
-
-    Raises:
-        ValueError: if ``t_s`` is before ``genesis_s``.
-    """
-    if t_s < genesis_s:
-        raise ValueError(f"time {t_s} s is before genesis {genesis_s} s")
-    return int((t_s - genesis_s) // tokenomics.epoch_length_s)
-
-
 def emission_ugpc(epoch: int, tokenomics: TokenomicsPolicy, supply_ugpc: int) -> int:
     """µGPC epoch ``epoch`` may mint given the current supply (minted - burned).
 

@@ -46,6 +46,8 @@ except ImportError:  # pragma: no cover - exercised only where coincurve is abse
 __all__ = [
     "Domain",
     "MESSAGE_TYPES",
+    "STRUCT_TYPES",
+    "MAX_ARRAY_ITEMS",
     "EIP712_DOMAIN_TYPE",
     "SIGNER_FIELD",
     "AMOUNT_FIELDS",
@@ -57,6 +59,7 @@ __all__ = [
     "MessageAmountError",
     "SignedMessage",
     "validate_message",
+    "type_string",
     "build_typed_data",
     "digest_of",
     "digest_of_typed_data",
@@ -130,13 +133,36 @@ MESSAGE_TYPES: dict[str, list[dict[str, str]]] = {
         ("address", "admin"), ("bytes32", "policyHash"), ("uint64", "effectiveEpoch"), ("uint64", "nonce"),
     ),
     "Faucet": _fields(("address", "recipient"), ("uint64", "amount"), ("uint64", "nonce")),
+    "Genesis": _fields(
+        ("address", "coordinator"), ("address", "admin"), ("uint256", "chainId"), ("bool", "dev"),
+        ("bytes32", "policyHash"), ("uint64", "startTime"), ("Allocation[]", "allocations"),
+    ),
+    "Assignment": _fields(
+        ("string", "jobId"), ("uint32", "rank"), ("address", "provider"), ("string", "nodeId"),
+        ("uint64", "fromStep"), ("uint64", "nonce"),
+    ),
+    "Unbond": _fields(("address", "provider"), ("uint64", "amount"), ("uint64", "nonce")),
+    "Withdraw": _fields(("address", "provider"), ("uint64", "amount"), ("uint64", "nonce")),
+    "EpochClose": _fields(
+        ("address", "coordinator"), ("uint64", "epoch"), ("uint64", "emission"), ("uint64", "minted"),
+        ("uint64", "payments"), ("bytes32", "policyHash"), ("uint64", "nonce"),
+    ),
 }
 """EIP-712 field lists per primary type (the ``types[primaryType]`` entry of the typed data).
 
-Amounts are µGPC, ``deadline`` unix seconds, ``computeTimeMs`` milliseconds, ``stepEnd`` exclusive,
-``distanceE9`` the relative L2 distance x 1e9 (see ``distance_e9``). ``Faucet`` exists only in the
-embedded local dev mode.
+Amounts are µGPC, ``deadline`` and ``startTime`` unix seconds, ``computeTimeMs`` milliseconds,
+``stepEnd`` exclusive, ``distanceE9`` the relative L2 distance x 1e9 (see ``distance_e9``).
+``Faucet`` exists only in a market whose Genesis says ``dev``. docs/protocol.md says what each
+type authorizes.
 """
+
+STRUCT_TYPES: dict[str, list[dict[str, str]]] = {
+    "Allocation": _fields(("address", "recipient"), ("uint64", "amount")),
+}
+"""Struct types that primary types reference (``Genesis.allocations`` is an ``Allocation[]``)."""
+
+MAX_ARRAY_ITEMS = 1000
+"""Most items an array field holds (``Genesis.allocations``): bounds a message's size."""
 
 SIGNER_FIELD: dict[str, str | None] = {
     "JobOrder": "consumer",
@@ -145,7 +171,12 @@ SIGNER_FIELD: dict[str, str | None] = {
     "VerificationReport": "verifier",
     "Settlement": "coordinator",
     "PolicyChange": "admin",
-    "Faucet": None,  # signed by the dev faucet key, for the recipient
+    "Faucet": None,  # signed by the market's coordinator, for the recipient
+    "Genesis": "coordinator",
+    "Assignment": None,  # signed by the market's coordinator, naming the provider
+    "Unbond": "provider",
+    "Withdraw": "provider",
+    "EpochClose": "coordinator",
 }
 """The address field that must equal the signer, per primary type (None: no such field)."""
 
@@ -157,8 +188,14 @@ AMOUNT_FIELDS: dict[str, frozenset[str]] = {
     "Settlement": frozenset({"paid", "burned", "treasury", "minted", "slashed", "refunded"}),
     "PolicyChange": frozenset(),
     "Faucet": frozenset({"amount"}),
+    "Genesis": frozenset(),
+    "Assignment": frozenset(),
+    "Unbond": frozenset({"amount"}),
+    "Withdraw": frozenset({"amount"}),
+    "EpochClose": frozenset({"emission", "minted", "payments"}),
+    "Allocation": frozenset({"amount"}),
 }
-"""The µGPC fields per primary type; out of range they raise ``MessageAmountError``."""
+"""The µGPC fields per primary or struct type; out of range they raise ``MessageAmountError``."""
 
 
 class MessageFieldError(SignatureError, ValueError):
@@ -299,7 +336,8 @@ def validate_message(primary_type: str, message: Mapping[str, Any]) -> dict[str,
     """Check ``message`` against ``MESSAGE_TYPES[primary_type]`` and return its canonical form.
 
     The result has exactly the type's fields in the type's order: ints, checksum addresses,
-    lowercase 0x-hex bytes32 and non-empty strings of at most 4096 UTF-8 bytes.
+    lowercase 0x-hex bytes32, non-empty strings of at most 4096 UTF-8 bytes, booleans, and
+    lists of at most ``MAX_ARRAY_ITEMS`` structs (``STRUCT_TYPES``) in the same canonical form.
     ``VerificationReport.verdict`` must be "pass" or "fail".
 
     Raises:
@@ -307,34 +345,55 @@ def validate_message(primary_type: str, message: Mapping[str, Any]) -> dict[str,
             uintN out of range (any uint64 above 2**63 - 1), bad address or bytes32.
         MessageAmountError: a µGPC field that is not an int in [0, 2**63 - 1].
     """
-    fields = _known_type(primary_type)
+    out = _validate_struct(primary_type, _known_type(primary_type), message, primary_type)
+    if primary_type == "VerificationReport" and out["verdict"] not in VERDICTS:
+        raise MessageFieldError(f"VerificationReport.verdict must be one of {VERDICTS}, got {out['verdict']!r}")
+    return out
+
+
+def _validate_struct(type_name: str, fields: list[dict[str, str]], message: Any, where: str) -> dict[str, Any]:
+    """The canonical form of one struct value of type ``type_name``, named ``where`` in errors."""
     if not isinstance(message, Mapping):
-        raise MessageFieldError(f"{primary_type} message must be a mapping, got {type(message).__name__}")
+        raise MessageFieldError(f"{where} message must be a mapping, got {type(message).__name__}")
     names = [f["name"] for f in fields]
     unknown = sorted(set(message) - set(names), key=str)
     if unknown:
-        raise MessageFieldError(f"{primary_type} has no field(s) {unknown}; its fields are {names}")
+        raise MessageFieldError(f"{where} has no field(s) {unknown}; its fields are {names}")
     missing = [n for n in names if n not in message]
     if missing:
-        raise MessageFieldError(f"{primary_type} is missing field(s) {missing}")
-    amounts = AMOUNT_FIELDS[primary_type]
+        raise MessageFieldError(f"{where} is missing field(s) {missing}")
+    amounts = AMOUNT_FIELDS[type_name]
     out: dict[str, Any] = {}
     for f in fields:
         name, typ, value = f["name"], f["type"], message[f["name"]]
-        what = f"{primary_type}.{name}"
+        what = f"{where}.{name}"
         if typ == "address":
             out[name] = parse_address(value, what)
         elif typ == "bytes32":
             out[name] = _bytes32(value, what)
         elif typ == "string":
             out[name] = _string(value, what)
+        elif typ == "bool":
+            if not isinstance(value, bool):
+                raise MessageFieldError(f"{what} must be true or false, got {value!r}")
+            out[name] = value
+        elif typ.endswith("[]"):
+            out[name] = _array(typ[:-2], value, what)
         else:
             m = _UINT_TYPE.match(typ)
-            assert m is not None, typ  # MESSAGE_TYPES holds only these four kinds
+            assert m is not None, typ  # MESSAGE_TYPES holds only these kinds
             out[name] = _uint(value, int(m.group(1)), what, amount=name in amounts)
-    if primary_type == "VerificationReport" and out["verdict"] not in VERDICTS:
-        raise MessageFieldError(f"VerificationReport.verdict must be one of {VERDICTS}, got {out['verdict']!r}")
     return out
+
+
+def _array(item_type: str, value: Any, what: str) -> list[dict[str, Any]]:
+    """The canonical form of an array of ``STRUCT_TYPES[item_type]`` values (at most ``MAX_ARRAY_ITEMS``)."""
+    if not isinstance(value, (list, tuple)):
+        raise MessageFieldError(f"{what} must be a list, got {type(value).__name__}")
+    if len(value) > MAX_ARRAY_ITEMS:
+        raise MessageFieldError(f"{what} has {len(value)} items; at most {MAX_ARRAY_ITEMS}")
+    fields = STRUCT_TYPES[item_type]
+    return [_validate_struct(item_type, fields, item, f"{what}[{i}]") for i, item in enumerate(value)]
 
 
 @dataclass(frozen=True)
@@ -395,15 +454,24 @@ def _domain_dict(domain: Domain | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def typed_data_types(primary_type: str) -> dict[str, list[dict[str, str]]]:
-    """The ``types`` object of a gpucoin message's typed data: EIP712Domain and ``primary_type`` (fresh copies).
+    """The ``types`` object of a gpucoin message's typed data: EIP712Domain, ``primary_type`` and the
+    struct types it references (fresh copies).
 
     Raises:
         KeyError: for a primary type not in ``MESSAGE_TYPES``.
     """
-    return {
+    types = {
         "EIP712Domain": [dict(f) for f in EIP712_DOMAIN_TYPE],
         primary_type: [dict(f) for f in MESSAGE_TYPES[primary_type]],
     }
+    for name in _referenced(primary_type):
+        types[name] = [dict(f) for f in STRUCT_TYPES[name]]
+    return types
+
+
+def _referenced(primary_type: str) -> list[str]:
+    """The struct types a primary type's fields reference, sorted by name (EIP-712 ``encodeType`` order)."""
+    return sorted({f["type"].removesuffix("[]") for f in MESSAGE_TYPES[primary_type]} & set(STRUCT_TYPES))
 
 
 def build_typed_data(
@@ -445,7 +513,7 @@ def _digest_bytes(typed_data: Mapping[str, Any]) -> bytes:
     if primary in MESSAGE_TYPES:
         # A gpucoin type must be ours exactly, with a canonical message: one digest, one stored message.
         declared = {k: v for k, v in types.items() if k != "EIP712Domain"}
-        if declared != {primary: MESSAGE_TYPES[primary]}:
+        if declared != {primary: MESSAGE_TYPES[primary], **{n: STRUCT_TYPES[n] for n in _referenced(primary)}}:
             raise MessageFieldError(f"typed data declares types for {primary} that differ from gpucoin's")
         if "EIP712Domain" in types and list(types["EIP712Domain"]) != EIP712_DOMAIN_TYPE:
             raise MessageFieldError("typed data declares an EIP712Domain that differs from gpucoin's")
@@ -460,24 +528,30 @@ def _digest_bytes(typed_data: Mapping[str, Any]) -> bytes:
         raise MessageFieldError(f"malformed EIP-712 typed data: {type(e).__name__}: {e}") from None
 
 
-def _type_string(primary_type: str, fields: list[dict[str, str]]) -> str:
-    """EIP-712 ``encodeType`` of a struct that references no other struct: ``Name(type name,...)``."""
-    return f"{primary_type}(" + ",".join(f"{f['type']} {f['name']}" for f in fields) + ")"
+_ALL_TYPES: dict[str, list[dict[str, str]]] = {**MESSAGE_TYPES, **STRUCT_TYPES, "EIP712Domain": EIP712_DOMAIN_TYPE}
 
 
-_TYPE_HASHES: dict[str, bytes] = {
-    name: keccak(_type_string(name, fields).encode()) for name, fields in {
-        **MESSAGE_TYPES, "EIP712Domain": EIP712_DOMAIN_TYPE
-    }.items()
-}
+def type_string(type_name: str) -> str:
+    """EIP-712 ``encodeType`` of a gpucoin type: ``Name(type name,...)`` followed by the struct
+    types it references, sorted by name (e.g. Genesis's ends with ``Allocation(...)``)."""
+
+    def one(name: str) -> str:
+        return f"{name}(" + ",".join(f"{f['type']} {f['name']}" for f in _ALL_TYPES[name]) + ")"
+
+    refs = _referenced(type_name) if type_name in MESSAGE_TYPES else []
+    return one(type_name) + "".join(one(r) for r in refs)
+
+
+_TYPE_HASHES: dict[str, bytes] = {name: keccak(type_string(name).encode()) for name in _ALL_TYPES}
 """keccak256 of each gpucoin type string (EIP-712 ``typeHash``)."""
 
 
 def _encode_value(kind: str, value: Any) -> bytes:
-    """EIP-712 ``encodeData`` of one atomic field of a validated message: 32 bytes.
+    """EIP-712 ``encodeData`` of one field of a validated message: 32 bytes.
 
-    Strings hash to keccak256 of their UTF-8 bytes; addresses are left-padded; uintN are
-    big-endian; bytes32 are as-is (EIP-712, Definition of encodeData).
+    Strings hash to keccak256 of their UTF-8 bytes; addresses are left-padded; uintN and bool
+    are big-endian; bytes32 are as-is; an array of structs is keccak256 of its items'
+    ``hashStruct`` concatenated (EIP-712, Definition of encodeData).
     """
     if kind == "string":
         return keccak(value.encode("utf-8"))
@@ -485,14 +559,15 @@ def _encode_value(kind: str, value: Any) -> bytes:
         return bytes(12) + bytes.fromhex(value[2:])
     if kind == "bytes32":
         return bytes.fromhex(value[2:])
-    return value.to_bytes(32, "big")  # uint32 / uint64 / uint256, already range-checked
+    if kind.endswith("[]"):
+        return keccak(b"".join(_hash_struct(kind[:-2], item) for item in value))
+    return int(value).to_bytes(32, "big")  # bool / uint32 / uint64 / uint256, already range-checked
 
 
-def _hash_struct(primary_type: str, message: Mapping[str, Any]) -> bytes:
-    """EIP-712 ``hashStruct`` of a validated gpucoin message (flat: no nested structs or arrays)."""
-    fields = MESSAGE_TYPES[primary_type] if primary_type in MESSAGE_TYPES else EIP712_DOMAIN_TYPE
-    parts = [_TYPE_HASHES[primary_type]]
-    parts.extend(_encode_value(f["type"], message[f["name"]]) for f in fields)
+def _hash_struct(type_name: str, message: Mapping[str, Any]) -> bytes:
+    """EIP-712 ``hashStruct`` of a validated gpucoin message or struct value."""
+    parts = [_TYPE_HASHES[type_name]]
+    parts.extend(_encode_value(f["type"], message[f["name"]]) for f in _ALL_TYPES[type_name])
     return keccak(b"".join(parts))
 
 

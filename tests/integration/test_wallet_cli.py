@@ -21,7 +21,7 @@ from eth_account import Account
 
 from gpucoin.cli.main import cli
 from gpucoin.exceptions import WalletError
-from gpucoin.ledger import Code, Ledger, Transfer, wallet_account
+from gpucoin.ledger import Ledger
 from gpucoin.wallet.keystore import (
     check_new_wallet,
     find_wallet,
@@ -32,7 +32,7 @@ from gpucoin.wallet.keystore import (
     parse_private_key,
     save_keystore,
 )
-from tests.ledger.helpers import GPC, Signer, fund
+from tests.ledger.helpers import GPC, Market, open_market
 
 REPO = Path(__file__).resolve().parents[2]
 FAST_N = "1024"
@@ -320,15 +320,11 @@ def test_balance_reads_the_ledger(run: WalletCli) -> None:
     assert "no ledger at" in run.fail("balance", "alice")
 
     # A real SQLite ledger at the default place under --home: a faucet grant, a bond, an unbond.
-    with Ledger(f"sqlite:///{run.home / 'ledger.db'}") as lg:
-        s = Signer()
-        fund(lg, s, alice, 1000 * GPC + 5, "faucet-alice")
-        reg = s.registration(500 * GPC, who=alice)
-        lg.record_message(reg)
-        lg.post("bond-alice", [Transfer(wallet_account(alice.address), wallet_account(alice.address, "bonded"), 500 * GPC, Code.BOND, reg.digest)])
-        unreg = s.registration(1, who=alice)
-        lg.record_message(unreg)
-        lg.post("unbond-alice", [Transfer(wallet_account(alice.address, "bonded"), wallet_account(alice.address, "unbonding"), 100 * GPC, Code.UNBOND, unreg.digest)], epoch=3)
+    with open_market(f"sqlite:///{run.home / 'ledger.db'}") as lg:
+        m = Market(lg)
+        m.fund(alice, 1000 * GPC + 5)
+        m.register(alice, 500 * GPC)
+        m.unbond(alice, 100 * GPC)
 
     expected_alice = {
         "available": ("500.000005", 500_000_005),

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from gpucoin.ledger import Ledger
+from tests.ledger.helpers import open_market
 
 PG_BASE = os.environ.get("GPUCOIN_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -66,6 +67,7 @@ def ledger_url(backend: str, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def ledger(ledger_url: str) -> Iterator[Ledger]:
-    led = Ledger(ledger_url)
+    """A fresh ledger with a dev market's Genesis (``helpers.open_market``), on a test clock (``ledger.clock``)."""
+    led = open_market(ledger_url)
     yield led
     led.close()

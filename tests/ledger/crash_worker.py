@@ -14,6 +14,7 @@ so a re-run after a crash posts exactly the same content under the same ids.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import Counter
 
@@ -21,8 +22,8 @@ from gpucoin.ledger import ISSUANCE, Code, Ledger, Operation, Transfer
 from gpucoin.wallet.messages import SignedMessage
 from tests.ledger.helpers import CONSUMER, VERIFIER, WORKER, Signer, avail, bonded
 
-BATCH_SIZE = 400
-"""Operations per batch."""
+BATCH_SIZE = 200
+"""Operations per batch (each with its own four signed messages: one message authorizes one operation)."""
 
 N_BATCHES = 5
 """Batches a full run posts."""
@@ -31,10 +32,17 @@ TRANSFERS_PER_OP = 4
 """Linked transfers in every operation (three faucet mints and a bond that spends one of them)."""
 
 
+@functools.lru_cache(maxsize=1)
 def messages() -> list[SignedMessage]:
-    """The signed messages the transfers cite: a Faucet per wallet, then the worker's NodeRegistration."""
+    """The signed messages the transfers cite, four per operation in batch order: a Faucet to each
+    of consumer, worker and verifier, and a NodeRegistration of the worker whose stake is the bond."""
     s = Signer(start=9000)
-    return [s.faucet(CONSUMER, 1), s.faucet(WORKER, 1), s.faucet(VERIFIER, 1), s.registration(1, who=WORKER)]
+    out: list[SignedMessage] = []
+    for b in range(N_BATCHES):
+        for i in range(BATCH_SIZE):
+            c, w, v, bond = amounts(b, i)
+            out += [s.faucet(CONSUMER, c), s.faucet(WORKER, w), s.faucet(VERIFIER, v), s.registration(bond, who=WORKER)]
+    return out
 
 
 def amounts(b: int, i: int) -> tuple[int, int, int, int]:
@@ -46,11 +54,11 @@ def amounts(b: int, i: int) -> tuple[int, int, int, int]:
 
 def batch(b: int, digests: list[str]) -> list[Operation]:
     """The operations of batch ``b``; ``digests`` are those of ``messages()``, in order."""
-    faucet_c, faucet_w, faucet_v, reg = digests
     consumer, worker, verifier, worker_bonded = avail(CONSUMER), avail(WORKER), avail(VERIFIER), bonded(WORKER)
     ops = []
     for i in range(BATCH_SIZE):
         c, w, v, bond = amounts(b, i)
+        faucet_c, faucet_w, faucet_v, reg = digests[4 * (b * BATCH_SIZE + i):][:4]
         transfers = (
             Transfer(ISSUANCE, consumer, c, Code.FAUCET, faucet_c),
             Transfer(ISSUANCE, worker, w, Code.FAUCET, faucet_w),

@@ -1,13 +1,14 @@
 """Messages the ledger refuses on arrival (issue 4's list), each with its own error and no change.
 
-Every test runs on SQLite and PostgreSQL against a ledger bound to the market's domain
-(``Ledger(url, domain=DOMAIN)``) whose clock stands at ``NOW``. Messages are signed for real; the
+Every test runs on SQLite and PostgreSQL against a ledger holding the market's Genesis (which binds
+it to the market's domain) whose clock stands at ``NOW``. Messages are signed for real; the
 malformed ones are built by hand with plain eth-account, as an attacker would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from gpucoin.exceptions import (
     DomainMismatch,
     LedgerError,
     MessageExpired,
+    NoGenesis,
     NonceReused,
     ReceiptOutOfOrder,
     SignatureError,
@@ -26,15 +28,17 @@ from gpucoin.exceptions import (
 )
 from gpucoin.ledger import Ledger
 from gpucoin.wallet.messages import EIP712_DOMAIN_TYPE, MESSAGE_TYPES, SECP256K1_N, ZERO_BYTES32, Domain, SignedMessage, sign
-from tests.ledger.helpers import CONSUMER, COORDINATOR, DOMAIN, GPC, JOB, WORKER, Signer
+from gpucoin.policy.model import load_policy
+from tests.ledger.helpers import CONSUMER, COORDINATOR, DOMAIN, GPC, JOB, POLICY, WORKER, Clock, Signer, open_market
 
-NOW = 1_900_000_000
-"""The ledger's clock in these tests, unix seconds."""
+NOW = 1_700_000_000
+"""The ledger's clock in these tests, unix seconds (in the past: a later real-clock audit sees nothing in its future)."""
+POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 
 
 @pytest.fixture
 def market(ledger_url: str) -> Iterator[Ledger]:
-    led = Ledger(ledger_url, domain=DOMAIN, clock=lambda: NOW)
+    led = open_market(ledger_url, Clock(NOW))
     yield led
     led.close()
 
@@ -46,8 +50,8 @@ def s() -> Signer:
 
 @pytest.fixture
 def ready(market: Ledger, s: Signer) -> Ledger:
-    """The market with JOB ordered and WORKER registered: receipts for them may arrive."""
-    market.record_messages([s.order(100 * GPC), s.registration(10 * GPC)])
+    """The market with JOB ordered, WORKER registered and assigned rank 0: its receipts may arrive."""
+    market.record_messages([s.order(100 * GPC), s.registration(10 * GPC), s.assignment()])
     return market
 
 
@@ -154,13 +158,35 @@ def test_receipts_in_one_batch_are_admitted_in_order(ready: Ledger, s: Signer) -
     assert ready.record_messages([r0, r1]) == 2
 
 
-def test_a_receipt_for_an_unknown_job_or_node_is_refused(market: Ledger, s: Signer) -> None:
+def test_a_receipt_for_an_unknown_job_or_an_unassigned_node_is_refused(market: Ledger, s: Signer) -> None:
     refused(market, s.receipt(0), UnknownParty, f"no JobOrder for job {JOB!r}")
     market.record_message(s.order(GPC))
-    refused(market, s.receipt(0), UnknownParty, f"worker {WORKER.address} has no recorded NodeRegistration")
+    refused(market, s.receipt(0), UnknownParty, f"job {JOB!r} rank 0 has no recorded Assignment")
+    refused(market, s.assignment(), UnknownParty, f"provider {WORKER.address} has no recorded NodeRegistration")
     refused(market, s.receipt(0, job="job-2"), UnknownParty, "no JobOrder for job 'job-2'")
-    market.record_message(s.registration(GPC))
+    market.record_messages([s.registration(GPC), s.registration(GPC, CONSUMER, "n2"), s.assignment()])
+    refused(market, s.receipt(0, who=CONSUMER), UnknownParty, f"assigned to {WORKER.address}")  # registered, not assigned
+    refused(market, s.assignment(rank=1), UnknownParty, "rank 1 of job 'job-1', which has 1 ranks")
     market.record_message(s.receipt(0))
+
+
+def test_nothing_is_recorded_or_posted_before_the_genesis_and_no_second_genesis(ledger_url: str, s: Signer) -> None:
+    with Ledger(ledger_url, clock=lambda: NOW) as bare:
+        with pytest.raises(NoGenesis, match="no Genesis yet"):
+            bare.record_message(s.faucet(CONSUMER, 1))
+        with pytest.raises(NoGenesis, match="Ledger.init_genesis"):
+            bare.record_message(s.genesis(start=NOW))
+        assert bare.messages() == [] and bare.genesis is None
+        with pytest.raises(LedgerError, match="hashes to"):  # the policy given must be the one the Genesis names
+            bare.init_genesis(s.genesis(start=NOW), load_policy(POLICY_DIR / "default.toml"))
+        genesis = s.genesis(start=NOW)
+        bare.init_genesis(genesis, POLICY)
+        bare.init_genesis(genesis, POLICY)  # again: a no-op
+        with pytest.raises(NoGenesis, match="already has the Genesis"):
+            bare.init_genesis(s.genesis(start=NOW - 1), POLICY)
+        assert [m.primary_type for m in bare.messages()] == ["Genesis"]
+        assert bare.genesis.start_s == NOW and bare.policy == POLICY and bare.current_epoch() == 0
+        assert bare.audit() == []
 
 
 def test_an_amount_above_int64_is_refused(market: Ledger) -> None:
@@ -195,7 +221,7 @@ def test_only_the_markets_coordinator_signs_settlements_and_faucets(ready: Ledge
                burned=0, treasury=0, minted=10**12, slashed=0, refunded=0, policyHash="0x" + "cc" * 32)
     refused(ready, forged, UnknownParty, f"signed by {WORKER.address}, not by this market's coordinator")
     refused(ready, s(WORKER, "Faucet", recipient=WORKER.address, amount=10**12), UnknownParty, "not by this market's coordinator")
-    ready.record_message(s.settlement(r.digest, minted=5))  # signed by COORDINATOR, the domain's verifyingContract
+    ready.record_message(s.settlement(r.digest, epoch=0, paid=5))  # signed by COORDINATOR, the domain's verifyingContract
 
 
 def test_a_foreign_message_is_a_domain_error_even_if_it_also_reuses_a_nonce(ready: Ledger, s: Signer) -> None:
@@ -205,14 +231,13 @@ def test_a_foreign_message_is_a_domain_error_even_if_it_also_reuses_a_nonce(read
     refused(ready, elsewhere, DomainMismatch, "signed for another market")
 
 
-def test_a_ledger_bound_by_another_process_is_enforced_at_once(ledger_url: str, s: Signer) -> None:
-    with Ledger(ledger_url, clock=lambda: NOW) as early:  # opened while the ledger is bound to no market
-        early.record_message(sign(CONSUMER, "Faucet", Domain(1, CONSUMER.address),
-                                  {"recipient": CONSUMER.address, "amount": 1, "nonce": 1}))  # unbound: any domain
-        with Ledger(ledger_url, domain=DOMAIN, clock=lambda: NOW):  # another process binds it
+def test_a_genesis_recorded_by_another_process_is_enforced_at_once(ledger_url: str, s: Signer) -> None:
+    foreign = sign(COORDINATOR, "Faucet", Domain(1, COORDINATOR.address), {"recipient": CONSUMER.address, "amount": 1, "nonce": 1})
+    with Ledger(ledger_url, clock=lambda: NOW) as early:  # opened while the ledger has no Genesis
+        with pytest.raises(NoGenesis):
+            early.record_message(s.faucet(CONSUMER, 1))
+        with open_market(ledger_url, Clock(NOW)):  # another process records the Genesis
             pass
-        refused(early, sign(CONSUMER, "Faucet", Domain(1, CONSUMER.address),
-                            {"recipient": CONSUMER.address, "amount": 1, "nonce": 2}),
-                DomainMismatch, "signed for another market")
-        # what was recorded before the binding is not held to the domain by the audit
+        refused(early, foreign, DomainMismatch, "signed for another market")
+        early.record_message(s.faucet(CONSUMER, 1))
         assert early.audit() == []

@@ -15,15 +15,15 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 
 from gpucoin.cli.main import cli
-from gpucoin.ledger import Ledger, Transfer, Code
+from gpucoin.ledger import Ledger
 from tests.ledger.helpers import (
     CONSUMER,
     ESCROW,
     GPC,
     WORKER,
+    Market,
     Signer,
     avail,
-    bonded,
     normal_history,
     raw_sql,
     tamper,
@@ -39,9 +39,7 @@ def run(*args: str) -> Any:
 def history(ledger: Ledger) -> Ledger:
     s = Signer()
     normal_history(ledger, s)
-    reg = s.registration(1)  # authorizes an unbond; the worker still has 450 GPC bonded
-    ledger.record_message(reg)
-    ledger.post("unbond-1", [Transfer(bonded(WORKER), unbonding(WORKER), 100 * GPC, Code.UNBOND, reg.digest)], epoch=3)
+    Market(ledger, s).unbond(WORKER, 100 * GPC)  # the worker still has 250 GPC bonded after its slash
     return ledger
 
 
@@ -61,7 +59,7 @@ def test_export_lets_anyone_reverify_messages_and_the_chain_without_gpucoin(hist
     r = run("ledger", "export", "--format", "jsonl", "--ledger-url", ledger_url, "-o", str(out))
     assert r.exit_code == 0, r.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert records[0]["kind"] == "header" and records[0]["format"] == "gpucoin-ledger-export-v1"
+    assert records[0]["kind"] == "header" and records[0]["format"] == "gpucoin-ledger-export-v2"
     messages = [x for x in records if x["kind"] == "message"]
     transfers = [x for x in records if x["kind"] == "transfer"]
     assert len(messages) == len(history.messages()) and len(transfers) == len(history.transfers()) == 12
@@ -97,7 +95,7 @@ TAMPERS = [
     ("transfer code", "UPDATE transfer SET code = 'pay' WHERE id = 5", "transfer #5 "),
     ("message signature", "UPDATE message SET signature = :sig WHERE id = 3", "message #3 "),
     ("message signer", f"UPDATE message SET signer = '{CONSUMER.address}' WHERE id = 2", "message #2 "),
-    ("message typed data", "UPDATE message SET typed_data = replace(typed_data, :old, :new) WHERE id = 2", "message #2 "),
+    ("message typed data", "UPDATE message SET typed_data = replace(typed_data, :old, :new) WHERE id = 3", "message #3 "),
     ("account balance", f"UPDATE account SET balance = balance + 5 WHERE name = '{avail(CONSUMER)}'", f"account {avail(CONSUMER)}"),
     ("escrow amount", f"UPDATE escrow SET amount = amount + 1 WHERE account = '{ESCROW}'", f"escrow {ESCROW}"),
     ("unbonding amount", f"UPDATE unbonding SET amount = amount + 1 WHERE account = '{unbonding(WORKER)}'", f"unbonding {unbonding(WORKER)}"),

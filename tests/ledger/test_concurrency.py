@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from gpucoin.ledger import Code, Ledger, Transfer, escrow_account
-from tests.ledger.helpers import CONSUMER, GPC, Signer, avail, bonded, fund
+from tests.ledger.helpers import CONSUMER, GPC, Signer, avail, bonded, fund, open_market
 
 N_PROCS = 8
 
@@ -168,7 +168,7 @@ def test_eight_processes_spend_the_same_balance_once(ledger_url: str, spenders: 
     x = 7 * GPC
     affordable = 5
     s = Signer()
-    ledger = Ledger(ledger_url)
+    ledger = open_market(ledger_url, time.time)  # the spenders post on the real clock
     try:
         fund(ledger, s, CONSUMER, affordable * x, "faucet-consumer")
         orders = [s.order(budget=x, job=f"job-{i}") for i in range(N_PROCS)]
@@ -201,13 +201,16 @@ def test_eight_processes_each_spending_in_a_loop_drain_exactly_the_balance(ledge
     """8 processes x 10 bonds of 1 µGPC against 37 µGPC: exactly 37 succeed in total."""
     balance, attempts = 37, 10
     s = Signer()
-    ledger = Ledger(ledger_url)
+    ledger = open_market(ledger_url, time.time)  # the spenders post on the real clock
     try:
         fund(ledger, s, CONSUMER, balance, "faucet-consumer")
-        reg = s.registration(1, who=CONSUMER)
-        ledger.record_message(reg)
-        bond = (Transfer(avail(CONSUMER), bonded(CONSUMER), 1, Code.BOND, reg.digest),)
-        plans = [[(f"bond-{i}-{k}", bond) for k in range(attempts)] for i in range(N_PROCS)]
+        regs = [[s.registration(1, who=CONSUMER, node=f"n{i}-{k}") for k in range(attempts)] for i in range(N_PROCS)]
+        ledger.record_messages([r for row in regs for r in row])  # one registration authorizes one bond
+        plans = [
+            [(f"bond-{i}-{k}", (Transfer(avail(CONSUMER), bonded(CONSUMER), 1, Code.BOND, regs[i][k].digest),))
+             for k in range(attempts)]
+            for i in range(N_PROCS)
+        ]
 
         outcomes, windows = spenders.run(ledger_url, plans)
 

@@ -29,6 +29,7 @@ from sqlmodel import Session, select
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.models import OperationRow
 from tests.ledger import crash_worker as cw
+from tests.ledger.helpers import open_market
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,7 +122,7 @@ def _check_crash_state(ledger: Ledger, killed_in: int) -> tuple[int, dict[str, l
 
 def test_sigkill_mid_batch_leaves_whole_batches_and_retries_are_idempotent(ledger_url: str, tmp_path: Path) -> None:
     rng = random.Random(20240611)
-    setup = Ledger(ledger_url)
+    setup = open_market(ledger_url)
     setup.record_messages(cw.messages())  # the worker re-signs them identically; it only cites digests
     setup.close()
 

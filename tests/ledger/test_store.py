@@ -22,13 +22,18 @@ from gpucoin.exceptions import (
     LedgerError,
     RuleViolation,
     SignatureError,
+    Unauthorized,
     UnknownAccount,
 )
 from gpucoin.ledger import BURNED, ISSUANCE, BalanceOverflow, Code, Ledger, Operation, Transfer
+from gpucoin.ledger.accounts import escrow_account
 from gpucoin.ledger.models import MessageRow
-from gpucoin.ledger.store import _COPY_MIN_ROWS, _insert_rows
+from gpucoin.ledger.record import check_messages
+from gpucoin.ledger.db import COPY_MIN_ROWS as _COPY_MIN_ROWS, insert_rows as _insert_rows
 from gpucoin.wallet.messages import SignedMessage, sign
 from tests.ledger.helpers import (
+    POLICY,
+    open_market,
     CONSUMER,
     COORDINATOR,
     DOMAIN,
@@ -56,7 +61,7 @@ def db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def sqlite_ledger(db: Path) -> Ledger:
-    led = Ledger(f"sqlite:///{db}")
+    led = open_market(f"sqlite:///{db}")
     yield led
     led.close()
 
@@ -82,7 +87,7 @@ def test_schema_is_created_strict_and_in_wal_mode(sqlite_ledger: Ledger, db: Pat
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # opening the same file again finds the schema and keeps the data
     led2 = Ledger(f"sqlite:///{db}")
-    assert led2.balances() == {} and led2.audit() == []
+    assert led2.balances() == {} and led2.audit() == [] and led2.genesis == sqlite_ledger.genesis
     led2.close()
 
 
@@ -117,18 +122,19 @@ def test_record_message_is_idempotent_by_digest(ledger: Ledger, s: Signer) -> No
     ledger.record_message(m)
     ledger.record_message(m)
     rows = ledger.messages()
-    assert len(rows) == 1
-    assert rows[0].digest == m.digest and rows[0].signer == FAUCET.address and rows[0].nonce == "1"
-    assert ledger.messages("Faucet") == rows and ledger.messages("JobOrder") == []
+    assert len(rows) == 2 and rows[0].primary_type == "Genesis"  # a ledger's first message
+    assert rows[1].digest == m.digest and rows[1].signer == COORDINATOR.address and rows[1].nonce == "1"
+    assert ledger.messages("Faucet") == rows[1:] and ledger.messages("JobOrder") == []
 
 
 def test_a_second_message_with_the_same_signer_and_nonce_is_a_conflict(ledger: Ledger, s: Signer) -> None:
-    ledger.record_message(s(FAUCET, "Faucet", recipient=CONSUMER.address, amount=5, nonce=7))
+    ledger.record_message(s(COORDINATOR, "Faucet", recipient=CONSUMER.address, amount=5, nonce=7))
     with pytest.raises(ConflictError, match="nonce 7"):
-        ledger.record_message(s(FAUCET, "Faucet", recipient=CONSUMER.address, amount=6, nonce=7))
+        ledger.record_message(s(COORDINATOR, "Faucet", recipient=CONSUMER.address, amount=6, nonce=7))
     # another signer may use the same nonce
-    ledger.record_message(s(COORDINATOR, "Faucet", recipient=CONSUMER.address, amount=6, nonce=7))
-    assert len(ledger.messages()) == 2
+    ledger.record_message(s(WORKER, "NodeRegistration", provider=WORKER.address, nodeId="n1", resources="cpu=1",
+                            askPerWorkerHour=1, stake=0, deadline=2**40, nonce=7))
+    assert len(ledger.messages()) == 3
 
 
 def test_a_bad_signature_or_an_impersonation_is_refused(ledger: Ledger, s: Signer) -> None:
@@ -141,38 +147,39 @@ def test_a_bad_signature_or_an_impersonation_is_refused(ledger: Ledger, s: Signe
                                                   workers=1, bidPerWorkerHour=1, budget=1, nonce=1, deadline=2**40))
     with pytest.raises(SignatureError, match="consumer"):
         ledger.record_message(order)
-    assert ledger.messages() == []
+    assert [m.primary_type for m in ledger.messages()] == ["Genesis"]
 
 
 # -- post ----------------------------------------------------------------------------------
 
 
 def test_a_retry_with_identical_content_returns_the_original_ids(ledger: Ledger, s: Signer) -> None:
-    m = s.faucet(CONSUMER, 300)
-    ledger.record_message(m)
-    ops = [Transfer(ISSUANCE, avail(CONSUMER), 100, Code.FAUCET, m.digest),
-           Transfer(ISSUANCE, avail(CONSUMER), 200, Code.FAUCET, m.digest.upper().replace("0X", "0x"))]
+    fund(ledger, s, CONSUMER, 300, "fund")
+    a, b = s.order(100, "job-a"), s.order(200, "job-b")
+    record(ledger, a, b)
+    ops = [Transfer(avail(CONSUMER), escrow_account("job-a"), 100, Code.ESCROW, a.digest),
+           Transfer(avail(CONSUMER), escrow_account("job-b"), 200, Code.ESCROW, b.digest.upper().replace("0X", "0x"))]
     ids = ledger.post("op-1", ops, memo="hello")
-    assert ids == [1, 2]
+    assert ids == [2, 3]
     assert ledger.post("op-1", ops, memo="hello") == ids
     assert ledger.post("op-1", tuple(ops), memo="hello") == ids
-    assert ledger.balance(avail(CONSUMER)) == 300
-    assert len(ledger.transfers()) == 2
+    assert ledger.balance(avail(CONSUMER)) == 0
+    assert len(ledger.transfers()) == 3
     assert ledger.audit() == []
 
 
 def test_the_same_op_id_with_different_content_is_a_conflict(ledger: Ledger, s: Signer) -> None:
     m = s.faucet(CONSUMER, 300)
     ledger.record_message(m)
-    t = Transfer(ISSUANCE, avail(CONSUMER), 100, Code.FAUCET, m.digest)
+    t = Transfer(ISSUANCE, avail(CONSUMER), 300, Code.FAUCET, m.digest)
     ledger.post("op-1", [t])
     with pytest.raises(ConflictError, match="op-1"):
-        ledger.post("op-1", [Transfer(ISSUANCE, avail(CONSUMER), 101, Code.FAUCET, m.digest)])
+        ledger.post("op-1", [Transfer(ISSUANCE, avail(CONSUMER), 301, Code.FAUCET, m.digest)])
     with pytest.raises(ConflictError):
         ledger.post("op-1", [t], memo="different memo")
     with pytest.raises(ConflictError):
         ledger.post("op-1", [t, t])
-    assert ledger.balance(avail(CONSUMER)) == 100 and len(ledger.transfers()) == 1
+    assert ledger.balance(avail(CONSUMER)) == 300 and len(ledger.transfers()) == 1
 
 
 def test_an_operation_is_all_or_nothing(ledger: Ledger, s: Signer) -> None:
@@ -201,14 +208,15 @@ def test_a_digest_that_names_no_recorded_message_is_refused(ledger: Ledger, s: S
     assert ledger.balances() == {} and ledger.transfers() == []
 
 
-def test_an_overflowing_balance_is_refused(ledger: Ledger, s: Signer) -> None:
-    fund(ledger, s, CONSUMER, 2**63 - 1, "big")
+def test_no_mint_takes_the_supply_past_the_hard_cap(ledger: Ledger, s: Signer) -> None:
+    cap = POLICY.tokenomics.hard_cap_ugpc
+    fund(ledger, s, CONSUMER, cap - 1, "big")
+    fund(ledger, s, WORKER, 1, "to-the-cap")
     m = s.faucet(CONSUMER, 1)
     ledger.record_message(m)
-    with pytest.raises(BalanceOverflow) as e:
+    with pytest.raises(Unauthorized, match="above the hard cap"):
         ledger.post("one-more", [Transfer(ISSUANCE, avail(CONSUMER), 1, Code.FAUCET, m.digest)])
-    assert isinstance(e.value, AmountError)
-    assert ledger.balance(avail(CONSUMER)) == 2**63 - 1
+    assert ledger.totals()["supply"] == cap
     assert ledger.audit() == []
 
 
@@ -225,7 +233,7 @@ def test_malformed_posts_are_refused(ledger: Ledger) -> None:
 
 
 def test_concurrent_writers_in_threads_serialize(ledger_url: str, s: Signer) -> None:
-    ledgers = [Ledger(ledger_url) for _ in range(2)]
+    ledgers = [open_market(ledger_url), Ledger(ledger_url)]
     msgs = [s.faucet(CONSUMER, 1) for _ in range(40)]
     for m in msgs:
         ledgers[0].record_message(m)
@@ -254,23 +262,30 @@ def test_concurrent_writers_in_threads_serialize(ledger_url: str, s: Signer) -> 
 # -- reads and totals ----------------------------------------------------------------------
 
 
+EMISSION = POLICY.tokenomics.initial_emission_ugpc  # epoch 0 of the local policy: one interval gets it all
+WORKER_REWARD = EMISSION * POLICY.tokenomics.worker_share_bps // 10_000
+VERIFIER_REWARD = EMISSION * POLICY.tokenomics.verifier_share_bps // 10_000
+
+
 def test_totals_and_reads_on_a_normal_history(ledger: Ledger, s: Signer) -> None:
     normal_history(ledger, s)
+    minted = 1600 * GPC + WORKER_REWARD + VERIFIER_REWARD
+    # burned: 90 % of the 10 GPC charge, and 200 of the 250 GPC slashed (half the 500 GPC bond; 50 to the verifier)
     assert ledger.totals() == {
-        "minted": 1605 * GPC,
-        "burned": 49 * GPC,
-        "slashed": 50 * GPC,
+        "minted": minted,
+        "burned": 209 * GPC,
+        "slashed": 250 * GPC,
         "refunded": 190 * GPC,
-        "supply": 1556 * GPC,
+        "supply": minted - 209 * GPC,
         "treasury": 1 * GPC,
     }
     bal = ledger.balances()
     assert sum(bal.values()) == 0
     assert bal[avail(CONSUMER)] == 990 * GPC and bal[ESCROW] == 0
-    assert bal[bonded(WORKER)] == 450 * GPC and bal[avail(VERIFIER)] == 11 * GPC
+    assert bal[bonded(WORKER)] == 250 * GPC and bal[avail(VERIFIER)] == 50 * GPC + VERIFIER_REWARD
     assert ledger.balances(prefix=f"wallet:{WORKER.address}") == {
-        avail(WORKER): 104 * GPC,
-        bonded(WORKER): 450 * GPC,
+        avail(WORKER): 100 * GPC + WORKER_REWARD,
+        bonded(WORKER): 250 * GPC,
     }
     assert ledger.balances(prefix="job:") == {ESCROW: 0}
     esc = ledger.transfers(ESCROW)
@@ -285,10 +300,11 @@ def test_totals_and_reads_on_a_normal_history(ledger: Ledger, s: Signer) -> None
 
 def test_audit_is_clean_on_a_normal_history(ledger: Ledger, s: Signer) -> None:
     normal_history(ledger, s)
+    supply = ledger.totals()["supply"]
     assert ledger.audit() == []
-    assert ledger.audit(hard_cap_ugpc=1556 * GPC) == []
+    assert ledger.audit(hard_cap_ugpc=supply) == []
     problems = ledger.audit(hard_cap_ugpc=1000 * GPC)
-    assert len(problems) == 1 and "hard cap" in problems[0] and str(1556 * GPC) in problems[0]
+    assert len(problems) == 1 and "hard cap" in problems[0] and str(supply) in problems[0]
 
 
 def test_transfers_messages_and_operations_are_append_only(ledger: Ledger, s: Signer) -> None:
@@ -336,26 +352,21 @@ def test_audit_fails_on_a_negative_user_account(ledger: Ledger, s: Signer) -> No
 
 
 def test_audit_checks_signatures_and_what_authorizes_a_mint(ledger: Ledger, s: Signer) -> None:
-    normal_history(ledger, s)
+    history = normal_history(ledger, s)
     m = s.faucet(WORKER, 7)
-    order_digest = ledger.messages("JobOrder")[0].digest
-    not_a_receipt = s.settlement(order_digest, minted=7)
-    record(ledger, m, not_a_receipt)
+    record(ledger, m)
     before = (ledger.balances(), ledger.transfers())
-    # post refuses a mint authorized by anything but a Settlement of a recorded WorkReceipt ...
-    with pytest.raises(RuleViolation, match="authorized by a Faucet; a mint needs a Settlement"):
+    # post refuses a mint authorized by anything but the EpochClose of its epoch ...
+    with pytest.raises(Unauthorized, match="cites a Faucet, which authorizes faucet"):
         ledger.post("bad-mint", [Transfer(ISSUANCE, avail(WORKER), 7, Code.MINT_WORKER, m.digest)])
-    with pytest.raises(RuleViolation, match=f"settles {order_digest}, which is no recorded WorkReceipt"):
-        ledger.post("bad-mint", [Transfer(ISSUANCE, avail(WORKER), 7, Code.MINT_VERIFIER, not_a_receipt.digest)])
+    with pytest.raises(Unauthorized, match="cites a Settlement, which authorizes"):
+        ledger.post("bad-mint", [Transfer(ISSUANCE, avail(WORKER), 7, Code.MINT_VERIFIER, history["st1"].digest)])
     assert (ledger.balances(), ledger.transfers()) == before
     # ... and the audit names such a row written with plain SQL
     mint = next(t for t in ledger.transfers() if t.code == Code.MINT_WORKER.value)
     tamper(ledger, "UPDATE transfer SET digest = :d WHERE id = :id", {"d": m.digest, "id": mint.id})
     problems = ledger.audit()
-    assert any(p.startswith(f"transfer #{mint.id} ") and "not a Settlement" in p for p in problems), problems
-    tamper(ledger, "UPDATE transfer SET digest = :d WHERE id = :id", {"d": not_a_receipt.digest, "id": mint.id})
-    problems = ledger.audit()
-    assert any(p.startswith(f"transfer #{mint.id} ") and "no stored WorkReceipt" in p for p in problems), problems
+    assert any("epoch-close" in p and "cites a Faucet" in p for p in problems), problems
     tamper(ledger, "UPDATE transfer SET digest = :d WHERE id = :id", {"d": mint.digest, "id": mint.id})
     assert ledger.audit() == []
     # a stored signature altered with plain SQL
@@ -397,11 +408,11 @@ def test_post_batch_records_its_messages_in_the_same_transaction(ledger: Ledger,
 def test_a_duplicate_bulk_insert_is_an_integrity_error_on_both_backends(ledger: Ledger, s: Signer) -> None:
     # The store retries a write that lost a uniqueness race only if it sees SQLAlchemy's
     # IntegrityError; PostgreSQL's COPY path must raise that too, not the driver's own error.
-    checked = Ledger._message_rows(ledger, [s.faucet(CONSUMER, 1) for _ in range(_COPY_MIN_ROWS)])
+    checked = check_messages([s.faucet(CONSUMER, 1) for _ in range(_COPY_MIN_ROWS)])
     rows = [{**c.row, "recorded_at": 1} for c in checked.values()]
     with Session(ledger.engine) as session, session.begin():
         _insert_rows(session, MessageRow.__table__, rows)
     with pytest.raises(IntegrityError):
         with Session(ledger.engine) as session, session.begin():
             _insert_rows(session, MessageRow.__table__, rows)
-    assert len(ledger.messages()) == _COPY_MIN_ROWS
+    assert len(ledger.messages("Faucet")) == _COPY_MIN_ROWS

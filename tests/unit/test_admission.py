@@ -2,49 +2,165 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from gpucoin.exceptions import ConflictError, DomainMismatch, MessageExpired, ReceiptOutOfOrder, UnknownParty
-from gpucoin.ledger.admission import Admission, ReceiptHead
+from gpucoin.exceptions import (
+    ConflictError,
+    DomainMismatch,
+    MessageExpired,
+    NoGenesis,
+    ReceiptOutOfOrder,
+    UnknownParty,
+)
+from gpucoin.ledger.admission import Admission, AssignmentHead, ReceiptHead
+from gpucoin.policy.model import load_policy
 from gpucoin.wallet.messages import ZERO_BYTES32
 
+POLICY = load_policy(Path(__file__).resolve().parents[2] / "policies" / "local.toml")
 DOMAIN = {"name": "gpucoin", "version": "1", "chainId": 31337, "verifyingContract": "0x" + "11" * 20}
-WORKER = "0x" + "22" * 20
 COORDINATOR = DOMAIN["verifyingContract"]
-
-
-def receipt(start: int, end: int, previous: str = ZERO_BYTES32, job: str = "j", rank: int = 0) -> dict:
-    return {"jobId": job, "worker": WORKER, "rank": rank, "stepStart": start, "stepEnd": end, "previousReceipt": previous}
+ADMIN = "0x" + "33" * 20
+WORKER = "0x" + "22" * 20
+OTHER = "0x" + "44" * 20
 
 
 def digest(i: int) -> str:
     return "0x" + f"{i:064x}"
 
 
+def genesis(**over) -> dict:
+    return {"coordinator": COORDINATOR, "admin": ADMIN, "chainId": 31337, "dev": True, "policyHash": digest(7),
+            "startTime": 100, "allocations": [], **over}
+
+
+def market(now_s: int = 100, dev: bool = True) -> Admission:
+    """An admission state past a Genesis, with job 'j' (2 ranks) and WORKER registered as node 'n1'."""
+    a = Admission(domain=None, now_s=now_s, empty=True)
+    a.admit_genesis(DOMAIN, genesis(dev=dev, startTime=min(now_s, 100)), digest(100), POLICY)
+    a.admit("JobOrder", DOMAIN, {"jobId": "j", "workers": 2, "deadline": 10**9}, digest(101), OTHER)
+    a.admit("NodeRegistration", DOMAIN, {"provider": WORKER, "nodeId": "n1", "deadline": 10**9}, digest(102), WORKER)
+    return a
+
+
+def assignment(rank: int = 0, provider: str = WORKER, node: str = "n1", start: int = 0, job: str = "j") -> dict:
+    return {"jobId": job, "rank": rank, "provider": provider, "nodeId": node, "fromStep": start}
+
+
+def receipt(start: int, end: int, previous: str = ZERO_BYTES32, rank: int = 0, worker: str = WORKER) -> dict:
+    return {"jobId": "j", "worker": worker, "rank": rank, "stepStart": start, "stepEnd": end, "previousReceipt": previous}
+
+
+# -- Genesis ---------------------------------------------------------------------------------
+
+
+def test_nothing_is_admitted_before_a_genesis_and_a_genesis_only_first() -> None:
+    with pytest.raises(NoGenesis, match="no Genesis yet"):
+        Admission(domain=None, now_s=0, empty=True).admit("Faucet", DOMAIN, {}, digest(1), COORDINATOR)
+    with pytest.raises(NoGenesis, match="first message"):
+        Admission(domain=None, now_s=100, empty=False).admit_genesis(DOMAIN, genesis(), digest(1), POLICY)
+    a = market()
+    with pytest.raises(NoGenesis, match="first message"):
+        a.admit_genesis(DOMAIN, genesis(), digest(2), POLICY)
+    with pytest.raises(NoGenesis, match="only as a ledger's first message"):
+        a.admit("Genesis", DOMAIN, genesis(), digest(2), COORDINATOR)
+
+
+@pytest.mark.parametrize(
+    ("over", "error", "why"),
+    [
+        ({"coordinator": OTHER}, UnknownParty, "not the domain's verifyingContract"),
+        ({"chainId": 1}, DomainMismatch, "differs from its domain's"),
+        ({"startTime": 101}, ConflictError, "in the future"),
+        ({"allocations": [{"recipient": WORKER, "amount": 1}, {"recipient": WORKER, "amount": 2}]}, ConflictError, "twice"),
+        ({"allocations": [{"recipient": WORKER, "amount": 0}]}, ConflictError, "of 0"),
+        ({"allocations": [{"recipient": WORKER, "amount": POLICY.tokenomics.hard_cap_ugpc + 1}]}, ConflictError, "hard cap"),
+    ],
+)
+def test_a_bad_genesis_is_refused(over: dict, error: type, why: str) -> None:
+    with pytest.raises(error, match=why):
+        Admission(domain=None, now_s=100, empty=True).admit_genesis(DOMAIN, genesis(**over), digest(1), POLICY)
+
+
+# -- every message ---------------------------------------------------------------------------
+
+
 def test_domain_must_be_the_markets_and_the_error_names_the_field() -> None:
-    a = Admission(domain=DOMAIN, now_s=0)
     with pytest.raises(DomainMismatch, match=r"chainId=1\); this ledger's domain has chainId=31337"):
-        a.admit("Faucet", {**DOMAIN, "chainId": 1}, {}, digest(1), COORDINATOR)
-    Admission(domain=None, now_s=0).admit("Faucet", {**DOMAIN, "chainId": 1}, {}, digest(1), WORKER)  # unbound: any
+        market().admit("Faucet", {**DOMAIN, "chainId": 1}, {}, digest(1), COORDINATOR)
 
 
 @pytest.mark.parametrize("kind", ["JobOrder", "NodeRegistration"])
 def test_deadline_is_inclusive(kind: str) -> None:
-    message = {"jobId": "j", "provider": WORKER, "deadline": 100}
-    Admission(domain=None, now_s=100).admit(kind, DOMAIN, message, digest(1), WORKER)
+    message = {"jobId": "k", "workers": 1, "provider": WORKER, "nodeId": "n2", "deadline": 200}
+    market(now_s=200).admit(kind, DOMAIN, message, digest(1), WORKER)
     with pytest.raises(MessageExpired, match="passed 1 s ago"):
-        Admission(domain=None, now_s=101).admit(kind, DOMAIN, message, digest(1), WORKER)
+        market(now_s=201).admit(kind, DOMAIN, message, digest(1), WORKER)
 
 
 def test_one_order_per_job() -> None:
-    a = Admission(domain=None, now_s=0)
-    a.admit("JobOrder", DOMAIN, {"jobId": "j", "deadline": 1}, digest(1), WORKER)
-    with pytest.raises(ConflictError, match=f"already has a JobOrder \\({digest(1)}\\)"):
-        a.admit("JobOrder", DOMAIN, {"jobId": "j", "deadline": 1}, digest(2), WORKER)
+    with pytest.raises(ConflictError, match=f"already has a JobOrder \\({digest(101)}\\)"):
+        market().admit("JobOrder", DOMAIN, {"jobId": "j", "workers": 1, "deadline": 10**9}, digest(2), WORKER)
+
+
+@pytest.mark.parametrize("kind", ["Settlement", "Faucet", "Assignment", "EpochClose"])
+def test_only_the_markets_coordinator_signs_coordinator_messages(kind: str) -> None:
+    with pytest.raises(UnknownParty, match=f"signed by {WORKER}, not by this market's coordinator {COORDINATOR}"):
+        market().admit(kind, DOMAIN, {}, digest(1), WORKER)
+
+
+def test_only_the_admin_changes_the_policy_and_only_a_dev_market_has_a_faucet() -> None:
+    market().admit("PolicyChange", DOMAIN, {}, digest(1), ADMIN)
+    with pytest.raises(UnknownParty, match="not by this market's admin"):
+        market().admit("PolicyChange", DOMAIN, {}, digest(1), COORDINATOR)
+    market(dev=True).admit("Faucet", DOMAIN, {}, digest(1), COORDINATOR)
+    with pytest.raises(UnknownParty, match="not dev"):
+        market(dev=False).admit("Faucet", DOMAIN, {}, digest(1), COORDINATOR)
+
+
+# -- assignments and receipts ----------------------------------------------------------------
+
+
+def test_an_assignment_names_a_known_job_rank_and_registered_node() -> None:
+    cases = [
+        (assignment(job="nope"), UnknownParty, "no JobOrder for job 'nope'"),
+        (assignment(rank=2), UnknownParty, "rank 2 of job 'j', which has 2 ranks"),
+        (assignment(provider=OTHER), UnknownParty, "no recorded NodeRegistration of node 'n1'"),
+        (assignment(node="n9"), UnknownParty, "no recorded NodeRegistration of node 'n9'"),
+    ]
+    for message, error, why in cases:
+        with pytest.raises(error, match=why):
+            market().admit("Assignment", DOMAIN, message, digest(1), COORDINATOR)
+    a = market()
+    with pytest.raises(ConflictError, match="leave steps nobody may receipt"):
+        a.admit("Assignment", DOMAIN, assignment(start=4), digest(1), COORDINATOR)
+    a.admit("Assignment", DOMAIN, assignment(), digest(1), COORDINATOR)
+    assert a.assignments[("j", 0)] == AssignmentHead(WORKER, "n1", 0, digest(1))
+    a.admit("Assignment", DOMAIN, assignment(), digest(2), COORDINATOR)  # a replacement before any receipt
+
+
+def test_a_receipt_comes_only_from_the_provider_its_rank_is_assigned_to() -> None:
+    a = market()
+    a.admit("NodeRegistration", DOMAIN, {"provider": OTHER, "nodeId": "n2", "deadline": 10**9}, digest(3), OTHER)
+    with pytest.raises(UnknownParty, match="has no recorded Assignment"):
+        a.admit("WorkReceipt", DOMAIN, receipt(0, 4), digest(1), WORKER)
+    a.admit("Assignment", DOMAIN, assignment(), digest(4), COORDINATOR)
+    with pytest.raises(UnknownParty, match=f"assigned to {WORKER}"):
+        a.admit("WorkReceipt", DOMAIN, receipt(0, 4, worker=OTHER), digest(1), OTHER)
+    a.admit("WorkReceipt", DOMAIN, receipt(0, 4), digest(5), WORKER)
+    with pytest.raises(ConflictError, match="reassign receipted steps"):
+        a.admit("Assignment", DOMAIN, assignment(provider=OTHER, node="n2", start=2), digest(6), COORDINATOR)
+    a.admit("Assignment", DOMAIN, assignment(provider=OTHER, node="n2", start=4), digest(6), COORDINATOR)
+    with pytest.raises(UnknownParty, match=f"assigned to {OTHER} from step 4"):  # WORKER was replaced
+        a.admit("WorkReceipt", DOMAIN, receipt(4, 8, digest(5)), digest(7), WORKER)
+    a.admit("WorkReceipt", DOMAIN, receipt(4, 8, digest(5), worker=OTHER), digest(7), OTHER)
 
 
 def test_receipts_tile_each_rank_from_zero_and_chain() -> None:
-    a = Admission(domain=None, now_s=0, jobs={"j": digest(0)}, nodes={WORKER})
+    a = market()
+    a.admit("Assignment", DOMAIN, assignment(rank=0), digest(10), COORDINATOR)
+    a.admit("Assignment", DOMAIN, assignment(rank=1), digest(11), COORDINATOR)
     with pytest.raises(ReceiptOutOfOrder, match="empty"):
         a.admit("WorkReceipt", DOMAIN, receipt(0, 0), digest(1), WORKER)
     a.admit("WorkReceipt", DOMAIN, receipt(0, 4), digest(1), WORKER)
@@ -58,16 +174,24 @@ def test_receipts_tile_each_rank_from_zero_and_chain() -> None:
     assert a.receipts == {("j", 0, 0): (4, digest(1)), ("j", 1, 0): (4, digest(2)), ("j", 0, 4): (8, digest(3))}
 
 
-def test_receipts_need_a_known_job_and_worker() -> None:
-    with pytest.raises(UnknownParty, match="no JobOrder for job 'j'"):
-        Admission(domain=None, now_s=0, nodes={WORKER}).admit("WorkReceipt", DOMAIN, receipt(0, 4), digest(1), WORKER)
+# -- references ------------------------------------------------------------------------------
+
+
+def test_reports_settlements_unbonds_name_what_the_ledger_holds() -> None:
+    a = market()
+    a.admit("Assignment", DOMAIN, assignment(), digest(10), COORDINATOR)
+    a.admit("WorkReceipt", DOMAIN, receipt(0, 4), digest(11), WORKER)
+    report = {"verifier": OTHER, "receiptDigest": digest(11), "verdict": "fail"}
+    with pytest.raises(UnknownParty, match="no recorded WorkReceipt"):
+        a.admit("VerificationReport", DOMAIN, {**report, "receiptDigest": digest(101)}, digest(1), OTHER)
+    a.admit("VerificationReport", DOMAIN, report, digest(12), OTHER)
+    assert a.reported[digest(12)] == (digest(11), OTHER, "fail")
+    for subject in (digest(11), digest(12), digest(101)):  # a receipt, a report of it, the order: all of job 'j'
+        a.admit("Settlement", DOMAIN, {"jobId": "j", "subject": subject}, digest(int(subject, 16) + 1000), COORDINATOR)
+    with pytest.raises(UnknownParty, match="its subject is of job 'j'"):
+        a.admit("Settlement", DOMAIN, {"jobId": "k", "subject": digest(11)}, digest(2), COORDINATOR)
+    with pytest.raises(UnknownParty, match="is no recorded"):
+        a.admit("Settlement", DOMAIN, {"jobId": "j", "subject": digest(102)}, digest(2), COORDINATOR)  # a registration
+    a.admit("Unbond", DOMAIN, {"provider": WORKER}, digest(3), WORKER)
     with pytest.raises(UnknownParty, match="no recorded NodeRegistration"):
-        Admission(domain=None, now_s=0, jobs={"j": digest(0)}).admit("WorkReceipt", DOMAIN, receipt(0, 4), digest(1), WORKER)
-
-
-@pytest.mark.parametrize("kind", ["Settlement", "Faucet"])
-def test_only_the_markets_coordinator_settles_or_mints_dev_funds(kind: str) -> None:
-    Admission(domain=DOMAIN, now_s=0).admit(kind, DOMAIN, {}, digest(1), COORDINATOR)
-    with pytest.raises(UnknownParty, match=f"signed by {WORKER}, not by this market's coordinator {COORDINATOR}"):
-        Admission(domain=DOMAIN, now_s=0).admit(kind, DOMAIN, {}, digest(1), WORKER)
-    Admission(domain=None, now_s=0).admit(kind, DOMAIN, {}, digest(1), WORKER)  # an unbound ledger knows no coordinator
+        a.admit("Withdraw", DOMAIN, {"provider": OTHER}, digest(4), OTHER)

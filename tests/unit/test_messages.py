@@ -60,6 +60,13 @@ def sample(primary_type: str, signer: str = ALICE.address) -> dict:
                            nonce=12),
         "PolicyChange": dict(admin=signer, policyHash=h32("policy"), effectiveEpoch=10, nonce=2),
         "Faucet": dict(recipient=BOB.address, amount=1_000_000_000, nonce=1),
+        "Genesis": dict(coordinator=signer, admin=BOB.address, chainId=31337, dev=False, policyHash=h32("policy"),
+                        startTime=1_760_000_000, allocations=[dict(recipient=BOB.address, amount=5_000_000)]),
+        "Assignment": dict(jobId="shakespeare-1", rank=1, provider=BOB.address, nodeId="ab" * 28, fromStep=0, nonce=13),
+        "Unbond": dict(provider=signer, amount=100_000_000, nonce=14),
+        "Withdraw": dict(provider=signer, amount=100_000_000, nonce=15),
+        "EpochClose": dict(coordinator=signer, epoch=4, emission=5_787_037, minted=5_787_035, payments=1_000,
+                           policyHash=h32("policy"), nonce=16),
     }[primary_type]
 
 
@@ -68,7 +75,8 @@ ALL_TYPES = sorted(MESSAGE_TYPES)
 
 def test_every_type_has_a_sample_and_a_signer_rule():
     assert set(ALL_TYPES) == {"JobOrder", "NodeRegistration", "WorkReceipt", "VerificationReport",
-                              "Settlement", "PolicyChange", "Faucet"}
+                              "Settlement", "PolicyChange", "Faucet", "Genesis", "Assignment", "Unbond",
+                              "Withdraw", "EpochClose"}
     assert set(SIGNER_FIELD) == set(ALL_TYPES)
     for t in ALL_TYPES:
         assert [f["name"] for f in MESSAGE_TYPES[t]] == list(sample(t))
@@ -185,7 +193,8 @@ def test_faucet_has_no_signer_field_and_is_signed_by_the_faucet_key():
 @pytest.mark.parametrize("primary_type", ALL_TYPES)
 def test_one_flipped_field_is_refused(primary_type):
     signed = sign(ALICE, primary_type, DOMAIN, sample(primary_type))
-    flipped = dict(signed.message, nonce=signed.message["nonce"] + 1)
+    field = "nonce" if "nonce" in signed.message else "startTime"  # a Genesis has no nonce (one per ledger)
+    flipped = dict(signed.message, **{field: signed.message[field] + 1})
     with pytest.raises(SignatureError, match="digest mismatch"):
         verify(dataclasses.replace(signed, message=flipped))
     # Even with the digest recomputed, the signature no longer recovers ALICE.
@@ -331,7 +340,9 @@ _KEYS = [ALICE, BOB, COW]
 _UINT = {"uint32": st.integers(0, 2**32 - 1), "uint64": st.integers(0, 2**63 - 1)}
 _ADDRESS = st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex())
 _BYTES32 = st.binary(min_size=32, max_size=32).map(lambda b: "0x" + b.hex())
-_TEXT = st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=40)  # NUL is refused
+# NUL and lone surrogates (category Cs: JSON can carry them, UTF-8 cannot) are refused
+_TEXT = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), min_size=1, max_size=40)
+_ALLOCATIONS = st.lists(st.fixed_dictionaries({"recipient": _ADDRESS, "amount": st.integers(0, 2**63 - 1)}), max_size=3)
 
 
 @st.composite
@@ -351,8 +362,12 @@ def _signed_inputs(draw):
             msg[name] = draw(_BYTES32)
         elif typ == "string":
             msg[name] = draw(_TEXT)
+        elif typ == "bool":
+            msg[name] = draw(st.booleans())
+        elif typ == "Allocation[]":
+            msg[name] = draw(_ALLOCATIONS)
         else:
-            msg[name] = draw(_UINT[typ])
+            msg[name] = draw(_UINT.get(typ, st.integers(0, 2**63 - 1)))
     domain = Domain(chain_id=draw(st.integers(0, 2**63 - 1)), verifying_contract=draw(_ADDRESS))
     return primary_type, account, domain, msg
 

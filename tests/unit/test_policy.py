@@ -56,12 +56,12 @@ def test_local_policy_differs_from_default_only_in_name_epoch_window_and_rescale
     d = load_policy(DEFAULT).model_dump()
     loc = load_policy(LOCAL).model_dump()
     assert loc["name"] == "local"
-    assert loc["tokenomics"]["epoch_length_s"] == 60
+    assert loc["tokenomics"]["epoch_length_s"] == 10
     assert loc["verification"]["challenge_window_s"] == 0
     loc["name"] = "default"
     loc["tokenomics"]["epoch_length_s"] = d["tokenomics"]["epoch_length_s"]
     loc["verification"]["challenge_window_s"] = d["verification"]["challenge_window_s"]
-    epochs_per_default_epoch = d["tokenomics"]["epoch_length_s"] // 60
+    epochs_per_default_epoch = d["tokenomics"]["epoch_length_s"] // 10
     # same emission per second (to the µGPC) and the same halving time in days
     assert loc["tokenomics"]["initial_emission_ugpc"] == d["tokenomics"]["initial_emission_ugpc"] // epochs_per_default_epoch
     assert loc["tokenomics"]["emission_halving_epochs"] == d["tokenomics"]["emission_halving_epochs"] * epochs_per_default_epoch

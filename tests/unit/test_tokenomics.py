@@ -16,7 +16,10 @@ from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, escrow_account, 
 from gpucoin.ledger.transfer import Code, Transfer
 from gpucoin.money import MAX_AMOUNT_UGPC
 from gpucoin.policy.model import Policy, SlashingPolicy, TokenomicsPolicy, load_policy
-from gpucoin.policy.settlement import (
+from gpucoin.ledger.epochs import epoch_at, epoch_end_s
+from gpucoin.ledger.plans import (
+    charge_amounts,
+    plan_genesis,
     plan_bond,
     plan_escrow,
     plan_faucet,
@@ -26,13 +29,14 @@ from gpucoin.policy.settlement import (
     plan_slash,
     plan_unbond,
     plan_withdraw,
+    slash_split,
+    split_equally,
 )
 from gpucoin.policy.tokenomics import (
     SettledInterval,
     check_probability,
     distribute_emission,
     emission_ugpc,
-    epoch_of,
     interval_payment_ugpc,
     slash_amounts,
     split_payment,
@@ -118,13 +122,14 @@ def test_split_payment_default_shares() -> None:
 # --- epochs and emission -------------------------------------------------------------------
 
 
-def test_epoch_of() -> None:
-    assert epoch_of(1000, 1000, TOK) == 0
-    assert epoch_of(1000 + 86399.9, 1000, TOK) == 0
-    assert epoch_of(1000 + 86400, 1000, TOK) == 1
-    assert epoch_of(1000 + 10 * 86400 + 5, 1000, TOK) == 10
-    with pytest.raises(ValueError):
-        epoch_of(999, 1000, TOK)
+def test_epochs_follow_the_clock_from_the_genesis_start() -> None:
+    us = 1_000_000
+    assert epoch_at(1000 * us, 1000, 86400) == 0
+    assert epoch_at((1000 + 86400) * us - 1, 1000, 86400) == 0
+    assert epoch_at((1000 + 86400) * us, 1000, 86400) == 1
+    assert epoch_at((1000 + 10 * 86400 + 5) * us, 1000, 86400) == 10
+    assert epoch_at(999 * us, 1000, 86400) == -1
+    assert epoch_end_s(0, 1000, 86400) == 1000 + 86400 and epoch_end_s(9, 1000, 10) == 1100
 
 
 def test_emission_schedule_halves() -> None:
@@ -275,43 +280,51 @@ def test_check_probability_is_adaptive() -> None:
 
 
 def test_plan_interval_burn_and_mint() -> None:
-    plan = plan_interval("job-1", 1_000_001, 5_000_000, TOK, DIGEST, [ADDR[0]])
+    plan = plan_interval("job-1", 1_000_001, TOK, DIGEST, [ADDR[0]])
     esc = escrow_account("job-1")
     assert plan == [
         Transfer(esc, BURNED, 900_001, Code.BURN, DIGEST),
         Transfer(esc, TREASURY, 100_000, Code.TREASURY, DIGEST),
     ]
-
-
-def test_plan_interval_is_capped_at_the_escrow() -> None:
-    plan = plan_interval("job-1", 1_000_000, 300, TOK, DIGEST)
-    assert net_changes(plan)[escrow_account("job-1")] == -300
-    assert plan_interval("job-1", 1_000_000, 0, TOK, DIGEST) == []
+    assert charge_amounts(1_000_001, TOK).fields() == dict(
+        paid=1_000_001, burned=900_001, treasury=100_000, minted=0, slashed=0, refunded=0
+    )
+    assert plan_interval("job-1", 0, TOK, DIGEST) == []
 
 
 def test_plan_interval_direct_pays_workers_with_remainder_to_rank_0() -> None:
-    plan = plan_interval("job-1", 1_000_000, 10**9, DIRECT, DIGEST, ADDR[:3])
+    plan = plan_interval("job-1", 1_000_000, DIRECT, DIGEST, ADDR[:3])
     delta = net_changes(plan)
     # 900_000 to the workers: 300_000 each; 100_000 to the treasury.
     assert [delta[wallet_account(a)] for a in ADDR[:3]] == [300_000] * 3
     assert delta[TREASURY] == 100_000 and delta[BURNED] == 0
-    plan = plan_interval("job-1", 1_000_002, 10**9, DIRECT, DIGEST, ADDR[:3])
+    plan = plan_interval("job-1", 1_000_002, DIRECT, DIGEST, ADDR[:3])
     delta = net_changes(plan)
     assert [delta[wallet_account(a)] for a in ADDR[:3]] == [300_002, 300_000, 300_000]
     assert all(t.code in (Code.PAY, Code.TREASURY) for t in plan)
+    assert charge_amounts(1_000_002, DIRECT).burned == 0  # the Settlement of a direct payment burns nothing
     with pytest.raises(ValueError):
-        plan_interval("job-1", 1_000_000, 10**9, DIRECT, DIGEST, [])
+        plan_interval("job-1", 1_000_000, DIRECT, DIGEST, [])
 
 
-@given(tokenomics(), amounts, amounts, st.integers(min_value=1, max_value=8))
-def test_planned_interval_conserves_and_never_overdraws_escrow(
-    tok: TokenomicsPolicy, payment: int, escrow_left: int, workers: int
+@given(amounts, st.integers(min_value=1, max_value=64))
+def test_split_equally_sums_exactly_with_the_remainder_to_rank_0(amount: int, ranks: int) -> None:
+    parts = split_equally(amount, ranks)
+    assert sum(parts) == amount and len(parts) == ranks
+    assert all(p == parts[-1] for p in parts[1:]) and 0 <= parts[0] - parts[-1] < ranks
+
+
+@given(tokenomics(), amounts, st.integers(min_value=1, max_value=8))
+def test_planned_interval_conserves_and_charges_exactly_the_payment(
+    tok: TokenomicsPolicy, payment: int, workers: int
 ) -> None:
-    plan = plan_interval("j", payment, escrow_left, tok, DIGEST, ADDR[:workers])
+    plan = plan_interval("j", payment, tok, DIGEST, ADDR[:workers])
     assert_no_empty_transfers(plan)
     delta = net_changes(plan)
-    assert delta[escrow_account("j")] == -min(payment, escrow_left)
+    assert delta[escrow_account("j")] == -payment
     assert all(t.debit == escrow_account("j") for t in plan)
+    amounts_ = charge_amounts(payment, tok)
+    assert delta[BURNED] == amounts_.burned and delta[TREASURY] == amounts_.treasury
     if tok.mode == "burn_and_mint":
         assert all(t.code in (Code.BURN, Code.TREASURY) for t in plan)
 
@@ -321,37 +334,45 @@ def test_planned_mint_credits_exactly_the_rewards(
     emission: int, intervals: list[SettledInterval], tok: TokenomicsPolicy
 ) -> None:
     rewards = distribute_emission(emission, intervals, tok)
-    digests = [f"0x{i:064x}" for i in range(len(rewards))]
-    plan = plan_mint(rewards, digests)
+    plan = plan_mint(rewards, DIGEST)
     assert_no_empty_transfers(plan)
     assert -net_changes(plan)[ISSUANCE] == sum(r.amount_ugpc for r in rewards) <= emission
-    assert [t.digest for t in plan] == digests
+    assert all(t.digest == DIGEST for t in plan)
     assert {t.code for t in plan} <= {Code.MINT_WORKER, Code.MINT_VERIFIER}
     assert all((t.code == Code.MINT_WORKER) == (r.role == "worker") for t, r in zip(plan, rewards))
 
 
-def test_plan_mint_needs_one_digest_per_reward() -> None:
-    rewards = distribute_emission(100, [SettledInterval((DIGEST,), (ADDR[0],), None, 1)], TOK)
-    with pytest.raises(ValueError):
-        plan_mint(rewards, [])
-
-
-@given(amounts, st.booleans())
-def test_planned_slash_takes_at_most_the_bond(bond: int, with_verifier: bool) -> None:
+@given(amounts, amounts, st.booleans())
+def test_planned_slash_takes_at_most_the_stake_bonded_first(bonded: int, unbonding: int, with_verifier: bool) -> None:
+    unbonding = min(unbonding, MAX_AMOUNT_UGPC - bonded)
     verifier = ADDR[1] if with_verifier else None
-    plan = plan_slash(ADDR[0], verifier, bond, POLICY.slashing, DIGEST)
+    burned, whistle = slash_split(bonded + unbonding, POLICY.slashing, whistleblower=with_verifier)
+    plan = plan_slash(ADDR[0], verifier, bonded, unbonding, burned, whistle, DIGEST)
     assert_no_empty_transfers(plan)
     delta = net_changes(plan)
-    taken = -delta[wallet_account(ADDR[0], "bonded")]
-    assert taken == sum(slash_amounts(bond, POLICY.slashing)) <= bond
-    assert delta[BURNED] + delta[wallet_account(ADDR[1])] == taken
+    from_bonded = -delta[wallet_account(ADDR[0], "bonded")]
+    from_unbonding = -delta[wallet_account(ADDR[0], "unbonding")]
+    taken = from_bonded + from_unbonding
+    assert taken == sum(slash_amounts(bonded + unbonding, POLICY.slashing)) <= bonded + unbonding
+    assert from_bonded == min(taken, bonded)  # bonded stake goes first
+    assert delta[BURNED] == burned and delta[wallet_account(ADDR[1])] == whistle
     if verifier is None:
         assert delta[BURNED] == taken
 
 
-def test_slash_refuses_a_verifier_slashing_itself() -> None:
+def test_slash_refuses_a_verifier_slashing_itself_and_more_than_the_stake() -> None:
     with pytest.raises(ValueError):
-        plan_slash(ADDR[0], ADDR[0].upper().replace("0X", "0x"), 100_000_000, POLICY.slashing, DIGEST)
+        plan_slash(ADDR[0], ADDR[0].upper().replace("0X", "0x"), 100_000_000, 0, 40, 10, DIGEST)
+    with pytest.raises(ValueError):
+        plan_slash(ADDR[0], ADDR[1], 30, 10, 40, 1, DIGEST)
+
+
+def test_plan_genesis_mints_each_allocation() -> None:
+    allocations = [{"recipient": ADDR[0], "amount": 5}, {"recipient": ADDR[1], "amount": 7}]
+    assert plan_genesis(allocations, DIGEST) == [
+        Transfer(ISSUANCE, wallet_account(ADDR[0]), 5, Code.GENESIS, DIGEST),
+        Transfer(ISSUANCE, wallet_account(ADDR[1]), 7, Code.GENESIS, DIGEST),
+    ]
 
 
 def test_simple_plans_move_the_right_accounts() -> None:

@@ -1,0 +1,165 @@
+"""What the ledger's authorization rules read, as plain records (pure: no database, no I/O).
+
+``Ledger.post`` loads a ``Facts`` for the operations of one batch (only the messages and index
+rows they need) inside its write transaction; ``gpucoin ledger audit`` builds one for the whole
+ledger and keeps it up to date while it replays every operation. The rules
+(``gpucoin.ledger.authorize``) cannot tell the two apart, so both apply the same rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpucoin.policy.model import Policy
+from gpucoin.policy.tokenomics import SettledInterval
+
+
+@dataclass(frozen=True)
+class Msg:
+    """One recorded signed message as the rules read it.
+
+    Attributes:
+        digest: its EIP-712 digest (0x + 64 lower-case hex).
+        type: its primary type (``JobOrder``, ``Settlement``, ...).
+        signer: the checksum address its signature recovers to.
+        fields: its canonical message fields (``gpucoin.wallet.messages.validate_message``).
+    """
+
+    digest: str
+    type: str
+    signer: str
+    fields: Mapping[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+
+@dataclass(frozen=True)
+class GenesisInfo:
+    """The market's Genesis and the policy it names.
+
+    Attributes:
+        digest: the Genesis message's digest.
+        coordinator: the coordinator's address (the domain's verifyingContract).
+        admin: the address whose PolicyChange messages count.
+        dev: whether this is a dev market (only a dev market admits Faucet messages).
+        start_s: unix second at which epoch 0 starts.
+        policy: the incentive policy the Genesis names by hash.
+        policy_hash: that hash (0x + 64 hex, ``gpucoin.policy.model.policy_hash``).
+    """
+
+    digest: str
+    coordinator: str
+    admin: str
+    dev: bool
+    start_s: int
+    policy: Policy
+    policy_hash: str
+
+    @classmethod
+    def of(cls, genesis: Msg, policy: Policy) -> GenesisInfo:
+        """The info of a recorded Genesis and the policy stored under its ``policyHash``."""
+        m = genesis.fields
+        return cls(genesis.digest, m["coordinator"], m["admin"], m["dev"], m["startTime"], policy, m["policyHash"])
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A Settlement charged an interval to its job's escrow (it counts in ``epoch``'s emission).
+
+    Attributes:
+        settlement: the Settlement's digest.
+        job_id / step_start: the interval (its receipts' job and first step).
+        epoch: the epoch it was charged in.
+        interval: its receipts, workers, verifier and payment, as the emission reads them.
+    """
+
+    settlement: str
+    job_id: str
+    step_start: int
+    epoch: int
+    interval: SettledInterval
+
+
+@dataclass(frozen=True)
+class Slash:
+    """A Settlement slashed the worker of ``receipt`` on the evidence of the failing ``report``."""
+
+    settlement: str
+    receipt: str
+    report: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """An EpochClose minted ``epoch``'s emission (µGPC ``emission`` allowed, ``minted`` paid out,
+    pro rata to ``payments`` µGPC charged in it)."""
+
+    digest: str
+    epoch: int
+    emission: int
+    minted: int
+    payments: int
+
+
+Effect = Charge | Slash | Close
+"""What an authorized operation adds to the facts besides the digests it used."""
+
+
+@dataclass
+class Facts:
+    """Everything the authorization rules read besides balances (those are a ``LedgerState``).
+
+    Attributes:
+        genesis: the market's Genesis, or None for a ledger that has none yet.
+        now_epoch: the epoch the ledger's clock is in (the operation's time).
+        messages: digest -> recorded message, at least every one the rules of a batch look at.
+        orders: job id -> digest of its JobOrder.
+        interval_receipts: (job id, stepStart) -> {rank: receipt digest} of recorded WorkReceipts.
+        reports: receipt digest -> digests of the VerificationReports naming it, in recording order.
+        used: digests of messages that already authorized an operation (each authorizes one).
+        charges: (job id, stepStart) -> the Charge of that interval (an interval is charged once).
+        slashed: receipt digests whose worker was slashed (one slash per receipt).
+        epoch_charges: epoch -> the Charges counted in it (at least for the epochs a batch closes).
+        closed: epochs already closed.
+        last_closed: the newest closed epoch, -1 if none.
+    """
+
+    genesis: GenesisInfo | None
+    now_epoch: int
+    messages: dict[str, Msg] = field(default_factory=dict)
+    orders: dict[str, str] = field(default_factory=dict)
+    interval_receipts: dict[tuple[str, int], dict[int, str]] = field(default_factory=dict)
+    reports: dict[str, list[str]] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
+    charges: dict[tuple[str, int], Charge] = field(default_factory=dict)
+    slashed: set[str] = field(default_factory=set)
+    epoch_charges: dict[int, list[Charge]] = field(default_factory=dict)
+    closed: set[int] = field(default_factory=set)
+    last_closed: int = -1
+
+    def add_message(self, msg: Msg) -> None:
+        """Index a recorded message (the audit calls this for every message, in recording order)."""
+        self.messages[msg.digest] = msg
+        m = msg.fields
+        if msg.type == "JobOrder":
+            self.orders.setdefault(m["jobId"], msg.digest)
+        elif msg.type == "WorkReceipt":
+            self.interval_receipts.setdefault((m["jobId"], m["stepStart"]), {}).setdefault(m["rank"], msg.digest)
+        elif msg.type == "VerificationReport":
+            self.reports.setdefault(m["receiptDigest"], []).append(msg.digest)
+
+    def apply(self, effects: list[Effect], digests: set[str]) -> None:
+        """Count an authorized operation: the digests it used and what it settled."""
+        self.used |= digests
+        for e in effects:
+            if isinstance(e, Charge):
+                self.charges[(e.job_id, e.step_start)] = e
+                self.epoch_charges.setdefault(e.epoch, []).append(e)
+            elif isinstance(e, Slash):
+                self.slashed.add(e.receipt)
+            else:
+                self.closed.add(e.epoch)
+                self.last_closed = max(self.last_closed, e.epoch)

@@ -1,0 +1,288 @@
+"""Posting operations: idempotent ids, authorization, the money rules, the hash chain, in one transaction.
+
+``apply_batch`` runs inside the caller's write transaction. It locks the chain head (which
+serializes writers and fixes the lock order), sorts out operation ids already posted (same
+content: their original ids; other content: ``ConflictError``), loads what the rules of the new
+operations read (``load_facts``: the cited messages and the index rows behind them;
+``load_state``: the balances, escrows and unbonding entries, locked in name order), runs each
+operation through ``gpucoin.ledger.authorize.authorize_operation`` and writes the transfer rows,
+the operations, the new state and the index rows of what they settled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import bindparam, delete, func, insert, tuple_, update
+from sqlmodel import Session, select
+
+from gpucoin.exceptions import ConflictError, LedgerError
+from gpucoin.ledger.accounts import BURNED, ISSUANCE, account_kind
+from gpucoin.ledger.authorize import accounts_read, authorize_operation
+from gpucoin.ledger.db import insert_rows
+from gpucoin.ledger.epochs import epoch_at
+from gpucoin.ledger.facts import Charge, Close, Facts, GenesisInfo, Slash
+from gpucoin.ledger.market import msg_of
+from gpucoin.ledger.models import (
+    AccountRow,
+    ChainHead,
+    EpochCloseRow,
+    EscrowRow,
+    IntervalChargeRow,
+    JobOrderRow,
+    MessageRow,
+    OperationRow,
+    SlashRow,
+    TransferRow,
+    UnbondingRow,
+    VerificationReportRow,
+    WorkReceiptRow,
+)
+from gpucoin.ledger.rules import chain_hash
+from gpucoin.ledger.state import Escrow, LedgerState, touched_accounts
+from gpucoin.ledger.transfer import Code, Operation
+from gpucoin.policy.tokenomics import SettledInterval
+
+
+def apply_batch(
+    s: Session, ops: list[Operation], contents: list[str], genesis: GenesisInfo | None, now_us: int
+) -> list[list[int]]:
+    """Post ``ops`` (with their content hashes) in the write transaction of ``s``.
+
+    Args:
+        genesis: the market's Genesis, read in this transaction (None: the ledger has none, and
+            every new operation is refused).
+        now_us: the ledger's clock (µs): each transfer's ``created_at`` (never before the last
+            row's, so times along the chain never run backwards whichever writer's clock was
+            read first), from which its epoch follows.
+
+    Returns:
+        The transfer ids of each operation, in the order given.
+
+    Raises:
+        ConflictError: an operation id posted before with other content.
+        As ``authorize_operation``, prefixed with the refused operation's id.
+    """
+    # The chain head first, always: this serializes writers and fixes the lock order.
+    head = s.exec(select(ChainHead).where(ChainHead.id == 1).with_for_update()).one()
+    stored = {
+        o.op_id: o for o in s.exec(select(OperationRow).where(OperationRow.op_id.in_({op.op_id for op in ops}))).all()
+    }
+    results: list[list[int] | None] = [None] * len(ops)
+    fresh: dict[str, int] = {}  # op id -> index of the new operation in this batch
+    for i, (op, content) in enumerate(zip(ops, contents)):
+        prior = stored.get(op.op_id)
+        prior_content = prior.content_hash if prior is not None else None
+        if prior is None and op.op_id in fresh:
+            prior_content = contents[fresh[op.op_id]]
+        if prior_content is not None:
+            if prior_content != content:
+                raise ConflictError(
+                    f"operation {op.op_id!r} was posted with different content "
+                    f"(hash {prior_content[:16]}...; now {len(op.transfers)} transfers, hash {content[:16]}...)"
+                )
+            if prior is not None:  # posted before: its original ids
+                results[i] = list(range(prior.first_transfer_id, prior.first_transfer_id + prior.n_transfers))
+            continue
+        fresh[op.op_id] = i
+    new_ops = [ops[i] for i in sorted(fresh.values())]
+    if new_ops:
+        if genesis is None:
+            raise LedgerError("this ledger has no Genesis yet: it posts no transfer (Ledger.init_genesis)")
+        if head.last_transfer_id:
+            now_us = max(now_us, s.exec(select(TransferRow.created_at).where(TransferRow.id == head.last_transfer_id)).one())
+        tokenomics = genesis.policy.tokenomics
+        facts = load_facts(s, new_ops, genesis, epoch_at(now_us, genesis.start_s, tokenomics.epoch_length_s))
+        reads = {ISSUANCE, BURNED}.union(*(accounts_read(m, facts) for m in facts.messages.values()))
+        state, before = load_state(s, set().union(reads, *(touched_accounts(op.transfers) for op in new_ops)))
+        next_id, prev = head.last_transfer_id + 1, head.last_hash
+        op_rows: list[dict[str, Any]] = []
+        transfer_rows: list[dict[str, Any]] = []
+        index: dict[type, list[dict[str, Any]]] = {IntervalChargeRow: [], SlashRow: [], EpochCloseRow: []}
+        created: dict[str, str] = {}
+        for op in new_ops:
+            had = set(state.escrows)
+            try:
+                state, effects, used = authorize_operation(state, facts, op.transfers)
+            except LedgerError as exc:
+                raise type(exc)(f"operation {op.op_id!r}: {exc}") from None
+            facts.apply(effects, used)
+            for e in effects:
+                table, row = index_row(e, op.op_id)
+                index[table].append(row)
+            created.update({a: op.op_id for a in set(state.escrows) - had})
+            first = next_id
+            for seq, t in enumerate(op.transfers):
+                fields = dict(
+                    id=next_id, op_id=op.op_id, seq=seq, debit=t.debit, credit=t.credit, amount=t.amount,
+                    code=Code(t.code).value, digest=t.digest.lower(), created_at=now_us,
+                )
+                row_hash = chain_hash(prev, **fields)
+                transfer_rows.append({**fields, "prev_hash": prev, "row_hash": row_hash})
+                prev = row_hash
+                next_id += 1
+            op_rows.append(
+                dict(
+                    op_id=op.op_id, content_hash=contents[fresh[op.op_id]], memo=op.memo, first_transfer_id=first,
+                    n_transfers=len(op.transfers), created_at=now_us, epoch=facts.now_epoch,
+                    unbonding_epochs=genesis.policy.bonding.unbonding_epochs,
+                )
+            )
+            results[fresh[op.op_id]] = list(range(first, next_id))
+        insert_rows(s, OperationRow.__table__, op_rows)
+        insert_rows(s, TransferRow.__table__, transfer_rows)
+        for table, rows in index.items():
+            insert_rows(s, table.__table__, rows)
+        write_state(s, state, before, created)
+        head.last_transfer_id = next_id - 1
+        head.last_hash = prev
+        s.add(head)
+    for i, op in enumerate(ops):  # repeats of an id new in this batch
+        if results[i] is None:
+            results[i] = results[fresh[op.op_id]]
+    return [list(r) for r in results if r is not None]
+
+
+def index_row(effect: Charge | Slash | Close, op_id: str) -> tuple[type, dict[str, Any]]:
+    """The index table and row that record one effect of operation ``op_id``."""
+    if isinstance(effect, Charge):
+        iv = effect.interval
+        return IntervalChargeRow, dict(
+            settlement=effect.settlement, job_id=effect.job_id, step_start=effect.step_start, epoch=effect.epoch,
+            payment=iv.payment_ugpc, verifier=iv.verifier, receipts=json.dumps(list(iv.receipt_digests)),
+            workers=json.dumps(list(iv.workers)), op_id=op_id,
+        )
+    if isinstance(effect, Slash):
+        return SlashRow, dict(receipt=effect.receipt, settlement=effect.settlement, report=effect.report, op_id=op_id)
+    return EpochCloseRow, dict(
+        epoch=effect.epoch, digest=effect.digest, emission=effect.emission, minted=effect.minted,
+        payments=effect.payments, op_id=op_id,
+    )
+
+
+def charge_of(row: IntervalChargeRow) -> Charge:
+    """The ``Charge`` an ``interval_charge`` row records."""
+    interval = SettledInterval(tuple(json.loads(row.receipts)), tuple(json.loads(row.workers)), row.verifier, int(row.payment))
+    return Charge(row.settlement, row.job_id, int(row.step_start), int(row.epoch), interval)
+
+
+def _messages(s: Session, digests: Iterable[str]) -> list[Any]:
+    wanted = sorted(set(digests))
+    if not wanted:
+        return []
+    return list(s.exec(select(MessageRow).where(MessageRow.digest.in_(wanted))).all())
+
+
+def load_facts(s: Session, ops: list[Operation], genesis: GenesisInfo, now_epoch: int) -> Facts:
+    """What the authorization rules of ``ops`` read, from the database (inside the write transaction).
+
+    The cited messages; a Settlement's subject and, for a report, its receipt; every receipt of
+    the intervals those belong to and every report of them; the jobs' JobOrders; which cited
+    digests already authorized an operation; the charges and slashes of those intervals and
+    receipts; and, for an EpochClose, every charge of its epoch and the closed epochs.
+    """
+    facts = Facts(genesis, now_epoch)
+    cited = {t.digest.lower() for op in ops for t in op.transfers}
+    loaded = {r.digest: r for r in _messages(s, cited)}
+    msgs = [msg_of(r) for r in loaded.values()]
+    subjects = {m["subject"] for m in msgs if m.type == "Settlement"}
+    for r in _messages(s, subjects - set(loaded)):
+        loaded[r.digest] = r
+    receipts_of_reports = {msg_of(loaded[d])["receiptDigest"] for d in subjects if d in loaded and loaded[d].primary_type == "VerificationReport"}
+    for r in _messages(s, receipts_of_reports - set(loaded)):
+        loaded[r.digest] = r
+    parsed = {d: msg_of(r) for d, r in loaded.items()}
+    intervals = {(m["jobId"], m["stepStart"]) for m in parsed.values() if m.type == "WorkReceipt"}
+    jobs = {m["jobId"] for m in parsed.values() if "jobId" in m.fields}
+    if intervals:
+        rows = s.exec(
+            select(WorkReceiptRow.digest).where(tuple_(WorkReceiptRow.job_id, WorkReceiptRow.step_start).in_(sorted(intervals)))
+        ).all()
+        receipt_digests = set(rows)
+        reports = s.exec(
+            select(VerificationReportRow.digest).where(VerificationReportRow.receipt_digest.in_(sorted(receipt_digests)))
+        ).all()
+        orders = s.exec(select(JobOrderRow.digest).where(JobOrderRow.job_id.in_(sorted(jobs)))).all()
+        for r in _messages(s, (receipt_digests | set(reports) | set(orders)) - set(loaded)):
+            loaded[r.digest] = r
+            parsed[r.digest] = msg_of(r)
+        for row in s.exec(
+            select(IntervalChargeRow).where(tuple_(IntervalChargeRow.job_id, IntervalChargeRow.step_start).in_(sorted(intervals)))
+        ).all():
+            facts.charges[(row.job_id, int(row.step_start))] = charge_of(row)
+        facts.slashed.update(s.exec(select(SlashRow.receipt).where(SlashRow.receipt.in_(sorted(receipt_digests)))).all())
+    for d in sorted(parsed, key=lambda d: loaded[d].id):  # recording order: reports keep theirs
+        facts.add_message(parsed[d])
+    facts.used.update(s.exec(select(TransferRow.digest).where(TransferRow.digest.in_(sorted(cited))).distinct()).all())
+    closing = sorted({m["epoch"] for m in msgs if m.type == "EpochClose"})
+    if closing:
+        for row in s.exec(select(IntervalChargeRow).where(IntervalChargeRow.epoch.in_(closing))).all():
+            facts.epoch_charges.setdefault(int(row.epoch), []).append(charge_of(row))
+        facts.closed.update(s.exec(select(EpochCloseRow.epoch).where(EpochCloseRow.epoch.in_(closing))).all())
+    last = s.exec(select(func.max(EpochCloseRow.epoch))).one()
+    facts.last_closed = -1 if last is None else int(last)
+    return facts
+
+
+def load_state(s: Session, names: set[str]) -> tuple[LedgerState, LedgerState]:
+    """Lock and read every account, escrow and unbonding row of ``names``, each set in name order.
+
+    Returns the state to apply operations to and a copy of it as read (to diff on write).
+    """
+    ordered = sorted(names)
+    escrows = [n for n in ordered if account_kind(n) == "escrow"]
+    unbonding = [n for n in ordered if account_kind(n) == "unbonding"]
+    state = LedgerState()
+    for r in s.exec(select(AccountRow).where(AccountRow.name.in_(ordered)).order_by(AccountRow.name).with_for_update()).all():
+        state.balances[r.name] = int(r.balance)
+    if escrows:
+        for r in s.exec(
+            select(EscrowRow).where(EscrowRow.account.in_(escrows)).order_by(EscrowRow.account).with_for_update()
+        ).all():
+            state.escrows[r.account] = Escrow(source=r.source, amount=int(r.amount), phase=r.phase)
+    if unbonding:
+        for r in s.exec(
+            select(UnbondingRow)
+            .where(UnbondingRow.account.in_(unbonding))
+            .order_by(UnbondingRow.account, UnbondingRow.mature_epoch)
+            .with_for_update()
+        ).all():
+            state.unbonding.setdefault(r.account, {})[int(r.mature_epoch)] = int(r.amount)
+    return state, state.copy()
+
+
+def write_state(s: Session, state: LedgerState, before: LedgerState, created: dict[str, str]) -> None:
+    """Write what changed between ``before`` and ``state`` (balances, escrows, unbonding)."""
+    changed = [(n, v) for n, v in state.balances.items() if before.balances.get(n) != v]
+    updates = [{"n": n, "b": v} for n, v in changed if n in before.balances]
+    inserts = [{"name": n, "balance": v} for n, v in changed if n not in before.balances]
+    table = AccountRow.__table__
+    if updates:
+        s.execute(update(table).where(table.c.name == bindparam("n")).values(balance=bindparam("b")), updates)
+    if inserts:
+        s.execute(insert(table), inserts)
+    esc_new = [
+        dict(account=a, source=e.source, amount=e.amount, phase=e.phase, op_id=created[a])
+        for a, e in state.escrows.items()
+        if a not in before.escrows
+    ]
+    esc_changed = [{"a": a, "p": e.phase} for a, e in state.escrows.items() if a in before.escrows and before.escrows[a] != e]
+    etable = EscrowRow.__table__
+    if esc_new:
+        s.execute(insert(etable), esc_new)
+    if esc_changed:
+        s.execute(update(etable).where(etable.c.account == bindparam("a")).values(phase=bindparam("p")), esc_changed)
+    touched = [a for a, e in state.unbonding.items() if before.unbonding.get(a) != e]
+    if touched:
+        utable = UnbondingRow.__table__
+        s.execute(delete(utable).where(utable.c.account.in_(touched)))
+        rows = [
+            dict(account=a, mature_epoch=epoch, amount=amount)
+            for a in touched
+            for epoch, amount in sorted(state.unbonding[a].items())
+            if amount > 0
+        ]
+        if rows:
+            s.execute(insert(utable), rows)
