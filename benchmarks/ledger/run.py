@@ -59,10 +59,12 @@ from sqlalchemy.engine import make_url  # noqa: E402
 
 from gpucoin.ledger import BURNED, ISSUANCE, TREASURY, Ledger, Operation, escrow_account, wallet_account  # noqa: E402
 from gpucoin.ledger.models import MessageRow, TransferRow  # noqa: E402
-from gpucoin.ledger.store import MAX_BATCH, normalize_url  # noqa: E402
+from gpucoin.ledger.db import normalize_url  # noqa: E402
+from gpucoin.ledger.plans import plan_escrow, plan_faucet, plan_interval  # noqa: E402
+from gpucoin.ledger.record import check_message  # noqa: E402
+from gpucoin.ledger.store import MAX_BATCH  # noqa: E402
 from gpucoin.money import MICRO_PER_GPC  # noqa: E402
 from gpucoin.policy.model import Policy, load_policy, policy_hash  # noqa: E402
-from gpucoin.policy.settlement import plan_escrow, plan_faucet, plan_interval  # noqa: E402
 from gpucoin.policy.tokenomics import split_payment  # noqa: E402
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign  # noqa: E402
 from benchmarks.common import clock, ecc_environment, print_rows  # noqa: E402
@@ -104,9 +106,11 @@ class Workload:
     burn: int  # burn share of one payment (paid to the worker in direct mode)
     treasury: int  # treasury share of one payment
     budget: int  # µGPC faucet to the consumer and escrowed for the job
+    genesis: SignedMessage  # the market's: a dev one (its faucet funds the consumer), epochs of the policy
     faucet: SignedMessage
     order: SignedMessage
-    registration: SignedMessage  # the worker's NodeRegistration: the ledger admits receipts only from known nodes
+    registration: SignedMessage  # the worker's NodeRegistration and the coordinator's Assignment of rank 0 to
+    assignment: SignedMessage  # it: the ledger admits rank 0's receipts only from the provider assigned
     warmup: list[Item]
     items: list[Item]
 
@@ -119,8 +123,10 @@ def build_workload(n: int, warmup: int, policy: Policy, payment: int) -> Workloa
     """Sign the faucet, the job order and ``warmup + n`` receipts with their Settlements (not timed).
 
     Mirrors ``gpucoin.coordinator.settle.Coordinator.settle_interval``: the Settlement names the
-    receipt's digest as subject, carries paid / burned / treasury and the policy hash; the operation
-    is ``settle:<receipt digest>`` with the transfers of ``plan_interval``.
+    receipt's digest as subject (an unchecked interval), carries paid / burned / treasury, epoch 0
+    and the policy hash; the operation is ``settle:<receipt digest>`` with the transfers of
+    ``plan_interval``. The Genesis starts epoch 0 now: the default policy's day-long epoch 0 covers
+    the run.
     """
     nonce = itertools.count(1)
     tok = policy.tokenomics
@@ -130,11 +136,15 @@ def build_workload(n: int, warmup: int, policy: Policy, payment: int) -> Workloa
 
     total = n + warmup
     budget = (total + 1) * payment  # one payment of slack: the escrow stays pending throughout
+    genesis = sign(COORDINATOR, "Genesis", DOMAIN, dict(
+        coordinator=COORDINATOR.address, admin=COORDINATOR.address, chainId=DOMAIN.chain_id, dev=True,
+        policyHash=policy_hash(policy), startTime=int(time.time()), allocations=[]))
     faucet = s(COORDINATOR, "Faucet", recipient=CONSUMER.address, amount=budget)  # the market's coordinator mints dev funds
     order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
               bidPerWorkerHour=2 * GPC, budget=budget, deadline=2**40)
     registration = s(WORKER, "NodeRegistration", provider=WORKER.address, nodeId="bench-node", resources="cpu=2",
                      askPerWorkerHour=GPC, stake=0, deadline=2**40)
+    assignment = s(COORDINATOR, "Assignment", jobId=JOB, rank=0, provider=WORKER.address, nodeId="bench-node", fromStep=0)
     burn, treasury = split_payment(payment, tok)
     phash = policy_hash(policy)
     items: list[Item] = []
@@ -147,12 +157,13 @@ def build_workload(n: int, warmup: int, policy: Policy, payment: int) -> Workloa
               checkpointHash="0x" + "bb" * 32, previousReceipt=previous)
         st = s(COORDINATOR, "Settlement", coordinator=COORDINATOR.address, jobId=JOB, subject=r.digest, epoch=0,
                paid=payment, burned=burn, treasury=treasury, minted=0, slashed=0, refunded=0, policyHash=phash)
-        transfers = plan_interval(JOB, payment, left, tok, st.digest, [WORKER.address])
+        transfers = plan_interval(JOB, min(payment, left), tok, st.digest, [WORKER.address])
         left -= payment
         op = Operation(f"settle:{r.digest}", tuple(transfers), f"settle steps {step}-{step + STEPS_PER_INTERVAL}")
         items.append(Item(r, st, op))
         previous = r.digest
-    return Workload(policy, payment, burn, treasury, budget, faucet, order, registration, items[:warmup], items[warmup:])
+    return Workload(policy, payment, burn, treasury, budget, genesis, faucet, order, registration, assignment,
+                    items[:warmup], items[warmup:])
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -204,11 +215,11 @@ def recover_digest_eth_account(pairs: Sequence[tuple[bytes, str, str]]) -> None:
 def verify_like_the_ledger(items: Sequence[Item]) -> None:
     """For information: the ledger's own check of receipt + Settlement, no database.
 
-    ``Ledger._message_fields`` is what ``record_messages`` runs on every message before it opens a
-    transaction (canonical JSON of the typed data, digest recomputed from it, signature recovered,
-    signer field compared: ``gpucoin.ledger.audit.verify_typed_message``).
+    ``gpucoin.ledger.record.check_message`` is what ``record_messages`` runs on every message before
+    it opens a transaction (canonical JSON of the typed data, digest recomputed from it, signature
+    recovered, signer field compared: ``gpucoin.ledger.authenticity.verify_typed_message``).
     """
-    check = Ledger._message_fields
+    check = check_message
     for it in items:
         check(it.receipt)
         check(it.settlement)
@@ -228,9 +239,8 @@ def baseline_specs(work: Workload) -> list[BaselineSpec]:
         ("info: _recover_hash(digest) only", "info", 1,
          lambda: recover_digest_eth_account(warm_pairs), lambda: recover_digest_eth_account(digest_pairs)),
     ]
-    if hasattr(Ledger, "_message_fields"):  # a private helper of the store: skipped if it goes away
-        specs.append(("info: ledger verification only, no DB (2 msgs/receipt)", "info", 2,
-                      lambda: verify_like_the_ledger(work.warmup), lambda: verify_like_the_ledger(work.items)))
+    specs.append(("info: ledger verification only, no DB (2 msgs/receipt)", "info", 2,
+                  lambda: verify_like_the_ledger(work.warmup), lambda: verify_like_the_ledger(work.items)))
     return specs
 
 
@@ -264,8 +274,10 @@ def _settle(ledger: Ledger, items: Sequence[Item], mode: str, batch_size: int) -
 
 
 def _setup(ledger: Ledger, work: Workload) -> None:
-    """Record the worker's registration, faucet the consumer and escrow the budget (not timed)."""
-    ledger.record_messages([work.faucet, work.order, work.registration])
+    """Record the Genesis, the worker's registration and assignment, faucet the consumer and escrow
+    the budget (not timed)."""
+    ledger.init_genesis(work.genesis, work.policy)
+    ledger.record_messages([work.faucet, work.order, work.registration, work.assignment])
     ledger.post("faucet:consumer", plan_faucet(CONSUMER.address, work.budget, work.faucet.digest), memo="dev faucet")
     ledger.post(f"escrow:{JOB}", plan_escrow(JOB, CONSUMER.address, work.budget, work.order.digest), memo="escrow budget")
 
@@ -293,16 +305,16 @@ def _check(ledger: Ledger, work: Workload) -> str:
     with ledger.engine.connect() as conn:
         n_msgs = conn.execute(select(func.count()).select_from(MessageRow.__table__)).scalar_one()
         n_rows = conn.execute(select(func.count()).select_from(TransferRow.__table__)).scalar_one()
-    if (n_msgs, n_rows) != (3 + 2 * k, 2 + n_transfers):
+    if (n_msgs, n_rows) != (5 + 2 * k, 2 + n_transfers):
         raise AssertionError(f"{ledger.backend}: {n_msgs} messages and {n_rows} transfers stored, "
-                             f"expected {3 + 2 * k} and {2 + n_transfers}")
+                             f"expected {5 + 2 * k} and {2 + n_transfers}")
     return f"audit ok; {n_msgs} msgs, {n_rows} transfers, balances ok"
 
 
 def settlement_case(url: str, work: Workload, mode: str, batch_size: int,
                     profiler: cProfile.Profile | None = None) -> tuple[float, float, float, str]:
     """One case on a fresh ledger at ``url``: (wall s, CPU s, audit s, check summary)."""
-    ledger = Ledger(url, domain=DOMAIN)
+    ledger = Ledger(url)
     try:
         _setup(ledger, work)
         _settle(ledger, work.warmup, mode, batch_size)  # warm-up: pool, statement caches, page cache
@@ -388,18 +400,20 @@ _BUCKETS: list[tuple[str, tuple[str, ...]]] = [
 
 _PHASES: list[tuple[str, str, str]] = [
     ("Ledger.record_messages (verify + store messages)", "gpucoin/ledger/store.py", "record_messages"),
-    ("  Ledger._message_fields (all checks, per message)", "gpucoin/ledger/store.py", "_message_fields"),
+    ("  record.check_message (all checks, per message)", "gpucoin/ledger/record.py", "check_message"),
     ("    SignedMessage.typed_data (build + validate)", "gpucoin/wallet/messages.py", "typed_data"),
     ("    rules.canonical_json (all callers)", "gpucoin/ledger/rules.py", "canonical_json"),
     ("    eth_utils to_checksum_address (all callers)", "eth_utils/address.py", "to_checksum_address"),
     ("    MessageRow(...) construction", "MessageRow", "__init__"),
-    ("    audit.verify_typed_message", "gpucoin/ledger/audit.py", "verify_typed_message"),
+    ("    authenticity.verify_typed_message", "gpucoin/ledger/authenticity.py", "verify_typed_message"),
     ("      messages.recover_typed", "gpucoin/wallet/messages.py", "recover_typed"),
     ("        _digest_bytes (validate + EIP-712 hash)", "gpucoin/wallet/messages.py", "_digest_bytes"),
     ("        _recover_from_digest (secp256k1 + address)", "gpucoin/wallet/messages.py", "_recover_from_digest"),
-    ("  Ledger._insert_messages (SQL)", "gpucoin/ledger/store.py", "_insert_messages"),
+    ("  record.insert_messages (admission + SQL)", "gpucoin/ledger/record.py", "insert_messages"),
     ("Ledger.post_batch (post operations)", "gpucoin/ledger/store.py", "post_batch"),
-    ("  Ledger._apply_batch", "gpucoin/ledger/store.py", "_apply_batch"),
+    ("  post.apply_batch", "gpucoin/ledger/post.py", "apply_batch"),
+    ("    post.load_facts (what the rules read)", "gpucoin/ledger/post.py", "load_facts"),
+    ("    authorize.authorize_operation", "gpucoin/ledger/authorize.py", "authorize_operation"),
     ("    rules.chain_hash", "gpucoin/ledger/rules.py", "chain_hash"),
     ("    state.apply_operation", "gpucoin/ledger/state.py", "apply_operation"),
     ("transaction commits (SQLAlchemy Connection.commit)", "sqlalchemy/engine/base.py", "_commit_impl"),

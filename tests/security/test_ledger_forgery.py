@@ -21,7 +21,7 @@ from eth_account import Account
 from gpucoin.cli.main import cli
 from gpucoin.exceptions import RuleViolation, SignatureError, StaleEpoch, Unauthorized, UnknownParty
 from gpucoin.ledger import BURNED, ISSUANCE, TREASURY, Code, Ledger, Operation, Transfer
-from gpucoin.ledger.accounts import escrow_account, wallet_account
+from gpucoin.ledger.accounts import escrow_account
 from gpucoin.ledger.plans import charge_amounts, plan_bond, plan_escrow, plan_faucet, plan_interval, plan_refund
 from gpucoin.policy.model import policy_hash
 from tests.ledger.helpers import (
