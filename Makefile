@@ -20,8 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/gpucoin train jobs/shakespeare_char/job.yaml --summary-json out/demo-summary.json
 
-## The whole test suite (unit, ledger on SQLite and PostgreSQL, integration with Ray, the main job end to end, small).
+## Lint and format checks (ruff, config in pyproject.toml), then the whole test suite (unit, ledger and security on
+## SQLite and PostgreSQL, integration with Ray, the main job end to end, small).
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	@[ -n "$$GPUCOIN_TEST_POSTGRES" ] || scripts/ensure-postgres
 	$(BIN)/python -m pytest -q tests
 

@@ -26,7 +26,9 @@ def ecc_environment(packages: Sequence[str] = ()) -> dict[str, Any]:
     try:
         import coincurve
     except ImportError as exc:
-        raise RuntimeError(f"coincurve is not importable ({exc}); install it: pip install 'coincurve>=21,<22'") from None
+        raise RuntimeError(
+            f"coincurve is not importable ({exc}); install it: pip install 'coincurve>=21,<22'"
+        ) from None
     from importlib.metadata import version
 
     import eth_keys
@@ -69,8 +71,9 @@ def clock(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     return t1 - t0, c1 - c0, out
 
 
-def print_rows(headers: Sequence[str], rows: Sequence[Sequence[str]], groups: Sequence[Any] | None = None,
-               out: Any = sys.stdout) -> None:
+def print_rows(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], groups: Sequence[Any] | None = None, out: Any = sys.stdout
+) -> None:
     """Print an aligned text table: first column left-aligned, the others right-aligned.
 
     ``groups``, if given, holds one key per row; a blank line separates rows whose keys differ.

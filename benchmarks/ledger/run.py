@@ -57,9 +57,10 @@ from eth_account.messages import encode_typed_data  # noqa: E402
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from benchmarks.common import clock, ecc_environment, print_rows  # noqa: E402
 from gpucoin.ledger import BURNED, ISSUANCE, TREASURY, Ledger, Operation, escrow_account, wallet_account  # noqa: E402
-from gpucoin.ledger.models import MessageRow, TransferRow  # noqa: E402
 from gpucoin.ledger.db import normalize_url  # noqa: E402
+from gpucoin.ledger.models import MessageRow, TransferRow  # noqa: E402
 from gpucoin.ledger.plans import plan_escrow, plan_faucet, plan_interval  # noqa: E402
 from gpucoin.ledger.record import check_message  # noqa: E402
 from gpucoin.ledger.store import MAX_BATCH  # noqa: E402
@@ -67,7 +68,6 @@ from gpucoin.money import MICRO_PER_GPC  # noqa: E402
 from gpucoin.policy.model import Policy, load_policy, policy_hash  # noqa: E402
 from gpucoin.policy.tokenomics import split_payment  # noqa: E402
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign  # noqa: E402
-from benchmarks.common import clock, ecc_environment, print_rows  # noqa: E402
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_POLICY = _REPO / "policies" / "default.toml"
@@ -136,15 +136,47 @@ def build_workload(n: int, warmup: int, policy: Policy, payment: int) -> Workloa
 
     total = n + warmup
     budget = (total + 1) * payment  # one payment of slack: the escrow stays pending throughout
-    genesis = sign(COORDINATOR, "Genesis", DOMAIN, dict(
-        coordinator=COORDINATOR.address, admin=COORDINATOR.address, chainId=DOMAIN.chain_id, dev=True,
-        policyHash=policy_hash(policy), startTime=int(time.time()), allocations=[]))
-    faucet = s(COORDINATOR, "Faucet", recipient=CONSUMER.address, amount=budget)  # the market's coordinator mints dev funds
-    order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
-              bidPerWorkerHour=2 * GPC, budget=budget, deadline=2**40)
-    registration = s(WORKER, "NodeRegistration", provider=WORKER.address, nodeId="bench-node", resources="cpu=2",
-                     askPerWorkerHour=GPC, stake=0, deadline=2**40)
-    assignment = s(COORDINATOR, "Assignment", jobId=JOB, rank=0, provider=WORKER.address, nodeId="bench-node", fromStep=0)
+    genesis = sign(
+        COORDINATOR,
+        "Genesis",
+        DOMAIN,
+        dict(
+            coordinator=COORDINATOR.address,
+            admin=COORDINATOR.address,
+            chainId=DOMAIN.chain_id,
+            dev=True,
+            policyHash=policy_hash(policy),
+            startTime=int(time.time()),
+            allocations=[],
+        ),
+    )
+    faucet = s(
+        COORDINATOR, "Faucet", recipient=CONSUMER.address, amount=budget
+    )  # the market's coordinator mints dev funds
+    order = s(
+        CONSUMER,
+        "JobOrder",
+        consumer=CONSUMER.address,
+        jobId=JOB,
+        specHash="0x" + "dd" * 32,
+        workers=1,
+        bidPerWorkerHour=2 * GPC,
+        budget=budget,
+        deadline=2**40,
+    )
+    registration = s(
+        WORKER,
+        "NodeRegistration",
+        provider=WORKER.address,
+        nodeId="bench-node",
+        resources="cpu=2",
+        askPerWorkerHour=GPC,
+        stake=0,
+        deadline=2**40,
+    )
+    assignment = s(
+        COORDINATOR, "Assignment", jobId=JOB, rank=0, provider=WORKER.address, nodeId="bench-node", fromStep=0
+    )
     burn, treasury = split_payment(payment, tok)
     phash = policy_hash(policy)
     items: list[Item] = []
@@ -152,18 +184,54 @@ def build_workload(n: int, warmup: int, policy: Policy, payment: int) -> Workloa
     previous = ZERO_BYTES32
     for i in range(total):
         step = i * STEPS_PER_INTERVAL
-        r = s(WORKER, "WorkReceipt", jobId=JOB, worker=WORKER.address, rank=0, stepStart=step,
-              stepEnd=step + STEPS_PER_INTERVAL, samples=320, computeTimeMs=5000, sketchRoot="0x" + "aa" * 32,
-              checkpointHash="0x" + "bb" * 32, previousReceipt=previous)
-        st = s(COORDINATOR, "Settlement", coordinator=COORDINATOR.address, jobId=JOB, subject=r.digest, epoch=0,
-               paid=payment, burned=burn, treasury=treasury, minted=0, slashed=0, refunded=0, policyHash=phash)
+        r = s(
+            WORKER,
+            "WorkReceipt",
+            jobId=JOB,
+            worker=WORKER.address,
+            rank=0,
+            stepStart=step,
+            stepEnd=step + STEPS_PER_INTERVAL,
+            samples=320,
+            computeTimeMs=5000,
+            sketchRoot="0x" + "aa" * 32,
+            checkpointHash="0x" + "bb" * 32,
+            previousReceipt=previous,
+        )
+        st = s(
+            COORDINATOR,
+            "Settlement",
+            coordinator=COORDINATOR.address,
+            jobId=JOB,
+            subject=r.digest,
+            epoch=0,
+            paid=payment,
+            burned=burn,
+            treasury=treasury,
+            minted=0,
+            slashed=0,
+            refunded=0,
+            policyHash=phash,
+        )
         transfers = plan_interval(JOB, min(payment, left), tok, st.digest, [WORKER.address])
         left -= payment
         op = Operation(f"settle:{r.digest}", tuple(transfers), f"settle steps {step}-{step + STEPS_PER_INTERVAL}")
         items.append(Item(r, st, op))
         previous = r.digest
-    return Workload(policy, payment, burn, treasury, budget, genesis, faucet, order, registration, assignment,
-                    items[:warmup], items[warmup:])
+    return Workload(
+        policy,
+        payment,
+        burn,
+        treasury,
+        budget,
+        genesis,
+        faucet,
+        order,
+        registration,
+        assignment,
+        items[:warmup],
+        items[warmup:],
+    )
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -192,7 +260,11 @@ class Result:
         return self.receipts / self.seconds if self.seconds > 0 else float("inf")
 
     def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "receipts_per_s": self.rate, "messages_verified_per_s": self.messages_verified / self.seconds}
+        return {
+            **asdict(self),
+            "receipts_per_s": self.rate,
+            "messages_verified_per_s": self.messages_verified / self.seconds,
+        }
 
 
 def recover_typed_data_eth_account(items: Sequence[Item]) -> None:
@@ -231,16 +303,35 @@ BaselineSpec = tuple[str, str, int, Callable[[], Any], Callable[[], Any]]
 
 def baseline_specs(work: Workload) -> list[BaselineSpec]:
     """The baseline and the information-only verification rates, as calls to time."""
-    digest_pairs = [(bytes.fromhex(it.receipt.digest[2:]), it.receipt.signature, it.receipt.signer) for it in work.items]
+    digest_pairs = [
+        (bytes.fromhex(it.receipt.digest[2:]), it.receipt.signature, it.receipt.signer) for it in work.items
+    ]
     warm_pairs = [(bytes.fromhex(it.receipt.digest[2:]), it.receipt.signature, it.receipt.signer) for it in work.warmup]
     specs: list[BaselineSpec] = [
-        (BASELINE, "baseline", 1,
-         lambda: recover_typed_data_eth_account(work.warmup), lambda: recover_typed_data_eth_account(work.items)),
-        ("info: _recover_hash(digest) only", "info", 1,
-         lambda: recover_digest_eth_account(warm_pairs), lambda: recover_digest_eth_account(digest_pairs)),
+        (
+            BASELINE,
+            "baseline",
+            1,
+            lambda: recover_typed_data_eth_account(work.warmup),
+            lambda: recover_typed_data_eth_account(work.items),
+        ),
+        (
+            "info: _recover_hash(digest) only",
+            "info",
+            1,
+            lambda: recover_digest_eth_account(warm_pairs),
+            lambda: recover_digest_eth_account(digest_pairs),
+        ),
     ]
-    specs.append(("info: ledger verification only, no DB (2 msgs/receipt)", "info", 2,
-                  lambda: verify_like_the_ledger(work.warmup), lambda: verify_like_the_ledger(work.items)))
+    specs.append(
+        (
+            "info: ledger verification only, no DB (2 msgs/receipt)",
+            "info",
+            2,
+            lambda: verify_like_the_ledger(work.warmup),
+            lambda: verify_like_the_ledger(work.items),
+        )
+    )
     return specs
 
 
@@ -252,7 +343,9 @@ def sample_baselines(specs: Sequence[BaselineSpec], repeat: int, samples: dict[s
             samples.setdefault(name, []).append(clock(measure)[:2])
 
 
-def baseline_results(specs: Sequence[BaselineSpec], samples: dict[str, list[tuple[float, float]]], n: int) -> list[Result]:
+def baseline_results(
+    specs: Sequence[BaselineSpec], samples: dict[str, list[tuple[float, float]]], n: int
+) -> list[Result]:
     """One Result per spec: its fastest sample."""
     results = []
     for name, kind, per_receipt, _warm, _measure in specs:
@@ -269,7 +362,7 @@ def _settle(ledger: Ledger, items: Sequence[Item], mode: str, batch_size: int) -
             ledger.post(it.op.op_id, it.op.transfers, it.op.memo)
         return
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         ledger.post_batch([it.op for it in chunk], messages=[m for it in chunk for m in (it.receipt, it.settlement)])
 
 
@@ -279,7 +372,9 @@ def _setup(ledger: Ledger, work: Workload) -> None:
     ledger.init_genesis(work.genesis, work.policy)
     ledger.record_messages([work.faucet, work.order, work.registration, work.assignment])
     ledger.post("faucet:consumer", plan_faucet(CONSUMER.address, work.budget, work.faucet.digest), memo="dev faucet")
-    ledger.post(f"escrow:{JOB}", plan_escrow(JOB, CONSUMER.address, work.budget, work.order.digest), memo="escrow budget")
+    ledger.post(
+        f"escrow:{JOB}", plan_escrow(JOB, CONSUMER.address, work.budget, work.order.digest), memo="escrow budget"
+    )
 
 
 def _check(ledger: Ledger, work: Workload) -> str:
@@ -306,13 +401,16 @@ def _check(ledger: Ledger, work: Workload) -> str:
         n_msgs = conn.execute(select(func.count()).select_from(MessageRow.__table__)).scalar_one()
         n_rows = conn.execute(select(func.count()).select_from(TransferRow.__table__)).scalar_one()
     if (n_msgs, n_rows) != (5 + 2 * k, 2 + n_transfers):
-        raise AssertionError(f"{ledger.backend}: {n_msgs} messages and {n_rows} transfers stored, "
-                             f"expected {5 + 2 * k} and {2 + n_transfers}")
+        raise AssertionError(
+            f"{ledger.backend}: {n_msgs} messages and {n_rows} transfers stored, "
+            f"expected {5 + 2 * k} and {2 + n_transfers}"
+        )
     return f"audit ok; {n_msgs} msgs, {n_rows} transfers, balances ok"
 
 
-def settlement_case(url: str, work: Workload, mode: str, batch_size: int,
-                    profiler: cProfile.Profile | None = None) -> tuple[float, float, float, str]:
+def settlement_case(
+    url: str, work: Workload, mode: str, batch_size: int, profiler: cProfile.Profile | None = None
+) -> tuple[float, float, float, str]:
     """One case on a fresh ledger at ``url``: (wall s, CPU s, audit s, check summary)."""
     ledger = Ledger(url)
     try:
@@ -395,7 +493,10 @@ _BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("SQLAlchemy / sqlmodel (statement building, ORM, results)", ("sqlalchemy", "sqlmodel", "pydantic")),
     ("sqlite3 driver (execute, commit, fsync)", ("sqlite3",)),
     ("psycopg driver + wait on the server", ("psycopg",)),
-    ("isinstance / ABC checks (rules._plain's Mapping test, ...)", ("builtins.isinstance", "_abc_instancecheck", "<frozen abc>")),
+    (
+        "isinstance / ABC checks (rules._plain's Mapping test, ...)",
+        ("builtins.isinstance", "_abc_instancecheck", "<frozen abc>"),
+    ),
 ]
 
 _PHASES: list[tuple[str, str, str]] = [
@@ -440,7 +541,8 @@ def profile_report(profiler: cProfile.Profile, wall: float, top: int = 20) -> st
     lines = [f"cumulative time of the main steps (profiled wall {wall:.2f} s, profiler overhead included):"]
     for label, path_part, func_name in _PHASES:
         hits = [
-            (nc, ct) for (filename, _line, name), (_cc, nc, _tt, ct, _callers) in stats.stats.items()  # type: ignore[attr-defined]
+            (nc, ct)
+            for (filename, _line, name), (_cc, nc, _tt, ct, _callers) in stats.stats.items()  # type: ignore[attr-defined]
             if name == func_name and path_part in filename.replace("\\", "/")
         ]
         if hits:
@@ -466,16 +568,18 @@ def print_table(results: Sequence[Result], out: Any = sys.stdout) -> None:
     headers = ["case", "receipts", "msgs verified", "seconds", "CPU s", "receipts/s", "msgs/s", "x baseline"]
     rows = []
     for r in results:
-        rows.append([
-            r.case,
-            str(r.receipts),
-            str(r.messages_verified),
-            f"{r.seconds:.3f}",
-            f"{r.cpu_seconds:.3f}",
-            f"{r.rate:,.0f}",
-            f"{r.messages_verified / r.seconds:,.0f}",
-            f"{r.ratio:.2f}" if r.ratio is not None else "",
-        ])
+        rows.append(
+            [
+                r.case,
+                str(r.receipts),
+                str(r.messages_verified),
+                f"{r.seconds:.3f}",
+                f"{r.cpu_seconds:.3f}",
+                f"{r.rate:,.0f}",
+                f"{r.messages_verified / r.seconds:,.0f}",
+                f"{r.ratio:.2f}" if r.ratio is not None else "",
+            ]
+        )
     print_rows(headers, rows, out=out)
 
 
@@ -488,33 +592,85 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Ledger settlement throughput (receipts verified and posted per second) on SQLite and "
         "PostgreSQL, single and batched, next to a baseline of eth-account signature recovery alone.",
     )
-    p.add_argument("--receipts", type=int, default=1000, metavar="N",
-                   help="receipts settled in each timed section (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=200, metavar="B",
-                   help="receipts per batch in the batched cases (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=50, metavar="W",
-                   help="extra receipts settled untimed before each timed section (default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=3, metavar="R",
-                   help="time the baseline (R times before and R times after the settlement cases) and each batched "
-                   "case (a fresh database each) R times and keep the fastest (default: %(default)s)")
-    p.add_argument("--single-repeat", type=int, default=1, metavar="R",
-                   help="the same for the single cases, which are ~10x slower (default: %(default)s)")
-    p.add_argument("--postgres", default=os.environ.get("GPUCOIN_BENCH_POSTGRES", DEFAULT_POSTGRES), metavar="URL",
-                   help="PostgreSQL server (a fresh bench_<random> schema per case is created and dropped) "
-                   "(default: $GPUCOIN_BENCH_POSTGRES or %(default)s)")
+    p.add_argument(
+        "--receipts",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="receipts settled in each timed section (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=200,
+        metavar="B",
+        help="receipts per batch in the batched cases (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=50,
+        metavar="W",
+        help="extra receipts settled untimed before each timed section (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        metavar="R",
+        help="time the baseline (R times before and R times after the settlement cases) and each batched "
+        "case (a fresh database each) R times and keep the fastest (default: %(default)s)",
+    )
+    p.add_argument(
+        "--single-repeat",
+        type=int,
+        default=1,
+        metavar="R",
+        help="the same for the single cases, which are ~10x slower (default: %(default)s)",
+    )
+    p.add_argument(
+        "--postgres",
+        default=os.environ.get("GPUCOIN_BENCH_POSTGRES", DEFAULT_POSTGRES),
+        metavar="URL",
+        help="PostgreSQL server (a fresh bench_<random> schema per case is created and dropped) "
+        "(default: $GPUCOIN_BENCH_POSTGRES or %(default)s)",
+    )
     p.add_argument("--skip-postgres", action="store_true", help="measure SQLite only")
-    p.add_argument("--skip-single", action="store_true",
-                   help="measure only the batched cases (the single ones take most of the run's time)")
-    p.add_argument("--policy", type=Path, default=DEFAULT_POLICY,
-                   help="policy TOML whose tokenomics shape the settlement (default: policies/default.toml)")
-    p.add_argument("--mode", choices=["burn_and_mint", "direct"], default=None,
-                   help="override the policy's tokenomics.mode: BURN+TREASURY or PAY+TREASURY per settlement")
-    p.add_argument("--payment", type=int, default=GPC, metavar="UGPC",
-                   help="µGPC charged per settled interval (default: %(default)s = 1 GPC)")
-    p.add_argument("--min-ratio", type=float, default=0.5,
-                   help="batched settlement must reach this fraction of the baseline (default: %(default)s)")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile a batched run per backend (done anyway for a backend below --min-ratio)")
+    p.add_argument(
+        "--skip-single",
+        action="store_true",
+        help="measure only the batched cases (the single ones take most of the run's time)",
+    )
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=DEFAULT_POLICY,
+        help="policy TOML whose tokenomics shape the settlement (default: policies/default.toml)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["burn_and_mint", "direct"],
+        default=None,
+        help="override the policy's tokenomics.mode: BURN+TREASURY or PAY+TREASURY per settlement",
+    )
+    p.add_argument(
+        "--payment",
+        type=int,
+        default=GPC,
+        metavar="UGPC",
+        help="µGPC charged per settled interval (default: %(default)s = 1 GPC)",
+    )
+    p.add_argument(
+        "--min-ratio",
+        type=float,
+        default=0.5,
+        help="batched settlement must reach this fraction of the baseline (default: %(default)s)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile a batched run per backend (done anyway for a backend below --min-ratio)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.receipts < 1:
@@ -544,21 +700,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "postgresql" in backends:
         problem = check_postgres(args.postgres)
         if problem is not None:
-            print(f"error: PostgreSQL at {make_url(normalize_url(args.postgres)).render_as_string()} is not "
-                  f"reachable ({problem}); start it or pass --postgres URL or --skip-postgres", file=sys.stderr)
+            print(
+                f"error: PostgreSQL at {make_url(normalize_url(args.postgres)).render_as_string()} is not "
+                f"reachable ({problem}); start it or pass --postgres URL or --skip-postgres",
+                file=sys.stderr,
+            )
             return 2
         env["postgresql_server"] = server_version(args.postgres)
 
-    print(f"eth-account {env['eth_account']}, eth-keys {env['eth_keys']} with backend {env['eth_keys_backend']} "
-          f"(coincurve {env['coincurve']}); python {env['python']}, {env['cpus']} CPUs")
+    print(
+        f"eth-account {env['eth_account']}, eth-keys {env['eth_keys']} with backend {env['eth_keys_backend']} "
+        f"(coincurve {env['coincurve']}); python {env['python']}, {env['cpus']} CPUs"
+    )
     t0 = time.perf_counter()
     work = build_workload(args.receipts, args.warmup, policy, args.payment)
     sign_s = time.perf_counter() - t0
     per_op = len(work.items[0].op.transfers)
     codes = "+".join(t.code.value.upper() for t in work.items[0].op.transfers)
-    print(f"signed {len(work.all_items)} WorkReceipts + {len(work.all_items)} Settlements "
-          f"({args.warmup} of each for warm-up) in {sign_s:.1f} s, untimed; tokenomics mode "
-          f"{policy.tokenomics.mode}: {per_op} transfers per settlement ({codes})")
+    print(
+        f"signed {len(work.all_items)} WorkReceipts + {len(work.all_items)} Settlements "
+        f"({args.warmup} of each for warm-up) in {sign_s:.1f} s, untimed; tokenomics mode "
+        f"{policy.tokenomics.mode}: {per_op} transfers per settlement ({codes})"
+    )
     if "postgresql" in backends:
         print(f"PostgreSQL {env['postgresql_server']} at {make_url(normalize_url(args.postgres)).render_as_string()}")
     print()
@@ -568,8 +731,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = baseline_specs(work)
     baseline_samples: dict[str, list[tuple[float, float]]] = {}
     sample_baselines(specs, args.repeat, baseline_samples)
-    print(f"  baseline (first {args.repeat} sample(s)): "
-          f"{len(work.items) / min(baseline_samples[BASELINE])[0]:9,.0f} receipts/s", flush=True)
+    print(
+        f"  baseline (first {args.repeat} sample(s)): "
+        f"{len(work.items) / min(baseline_samples[BASELINE])[0]:9,.0f} receipts/s",
+        flush=True,
+    )
 
     settled: list[Result] = []
     profiles: dict[str, str] = {}
@@ -588,9 +754,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wall, cpu, audit_s, summary = min(samples)
                 label = f"{backend} {mode}" + (f" (B={args.batch_size})" if mode == "batched" else "")
                 res = Result(
-                    f"settle: {label}", "settlement", len(work.items), 2 * len(work.items), wall, cpu,
-                    [s[0] for s in samples], backend, mode, args.batch_size if mode == "batched" else None,
-                    audit_seconds=audit_s, checks=summary,
+                    f"settle: {label}",
+                    "settlement",
+                    len(work.items),
+                    2 * len(work.items),
+                    wall,
+                    cpu,
+                    [s[0] for s in samples],
+                    backend,
+                    mode,
+                    args.batch_size if mode == "batched" else None,
+                    audit_seconds=audit_s,
+                    checks=summary,
                 )
                 settled.append(res)
                 print(f"  {res.case:<34} {res.rate:9,.0f} receipts/s   [{summary}; audit {audit_s:.2f} s]", flush=True)
@@ -601,7 +776,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in results:
             r.ratio = r.rate / baseline_rate
 
-        failing = [r.backend for r in results if r.mode == "batched" and r.ratio is not None and r.ratio < args.min_ratio]
+        failing = [
+            r.backend for r in results if r.mode == "batched" and r.ratio is not None and r.ratio < args.min_ratio
+        ]
         for backend in backends:
             if args.profile or backend in failing:
                 profiler = cProfile.Profile()
@@ -631,21 +808,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for backend, v in verdicts.items():
         status = "PASS" if v["ok"] else "FAIL"
-        print(f"{status}: {backend} batched settlement runs at {v['ratio']:.2f}x the baseline (needs >= {args.min_ratio})")
+        print(
+            f"{status}: {backend} batched settlement runs at {v['ratio']:.2f}x the baseline (needs >= {args.min_ratio})"
+        )
     total_s = time.perf_counter() - started
     env["loadavg_at_end"] = list(os.getloadavg())
-    print(f"total {total_s:.1f} s; load average {env['loadavg_at_start'][0]:.2f} at start, "
-          f"{env['loadavg_at_end'][0]:.2f} at end ({env['cpus']} CPUs: above ~0.5 the numbers are noisy)")
+    print(
+        f"total {total_s:.1f} s; load average {env['loadavg_at_start'][0]:.2f} at start, "
+        f"{env['loadavg_at_end'][0]:.2f} at end ({env['cpus']} CPUs: above ~0.5 the numbers are noisy)"
+    )
 
     if args.json is not None:
         doc = {
             "benchmark": "ledger settlement vs signature recovery",
             "config": {
-                "receipts": args.receipts, "batch_size": args.batch_size, "warmup": args.warmup,
-                "repeat": args.repeat, "single_repeat": args.single_repeat, "backends": backends, "policy": str(args.policy),
-                "tokenomics_mode": policy.tokenomics.mode, "transfers_per_settlement": per_op,
-                "payment_ugpc": args.payment, "min_ratio": args.min_ratio,
-                "postgres": make_url(normalize_url(args.postgres)).render_as_string() if "postgresql" in backends else None,
+                "receipts": args.receipts,
+                "batch_size": args.batch_size,
+                "warmup": args.warmup,
+                "repeat": args.repeat,
+                "single_repeat": args.single_repeat,
+                "backends": backends,
+                "policy": str(args.policy),
+                "tokenomics_mode": policy.tokenomics.mode,
+                "transfers_per_settlement": per_op,
+                "payment_ugpc": args.payment,
+                "min_ratio": args.min_ratio,
+                "postgres": make_url(normalize_url(args.postgres)).render_as_string()
+                if "postgresql" in backends
+                else None,
             },
             "environment": env,
             "signing_seconds": sign_s,

@@ -108,14 +108,19 @@ def _value(rng: random.Random, primary_type: str, name: str, typ: str, i: int) -
         if primary_type == "VerificationReport" and name == "verdict":
             return rng.choice(VERDICTS)
         if name == "resources":
-            return json.dumps({"CPU": rng.randint(1, 64), "GPU": rng.randint(0, 8), "memory": rng.randint(1, 512) << 30})
+            return json.dumps(
+                {"CPU": rng.randint(1, 64), "GPU": rng.randint(0, 8), "memory": rng.randint(1, 512) << 30}
+            )
         if name == "nodeId":
             return rng.randbytes(28).hex()
         return f"{name}-{rng.randint(0, 99):02d}-shakespeare-char"
     if typ == "bool":
         return rng.random() < 0.5
     if typ == "Allocation[]":  # a Genesis: a few allocations
-        return [{"recipient": "0x" + rng.randbytes(20).hex(), "amount": rng.randint(1, 10**12)} for _ in range(rng.randint(0, 4))]
+        return [
+            {"recipient": "0x" + rng.randbytes(20).hex(), "amount": rng.randint(1, 10**12)}
+            for _ in range(rng.randint(0, 4))
+        ]
     bits = int(typ.removeprefix("uint"))
     if name == "nonce":
         return i
@@ -131,12 +136,23 @@ def build_items(n: int, accounts: Sequence[Any], rng: random.Random, start: int 
         field_name = SIGNER_FIELD[primary_type]
         account = FAUCET if field_name is None else accounts[i % len(accounts)]
         message = {
-            f["name"]: account.address if f["name"] == field_name else _value(rng, primary_type, f["name"], f["type"], i)
+            f["name"]: account.address
+            if f["name"] == field_name
+            else _value(rng, primary_type, f["name"], f["type"], i)
             for f in MESSAGE_TYPES[primary_type]
         }
         signed = sign(account, primary_type, DOMAIN, message)
-        items.append(Item(account, primary_type, signed.message, signed.typed_data(), signed,
-                          bytes.fromhex(signed.signature[2:]), bytes.fromhex(signed.digest[2:])))
+        items.append(
+            Item(
+                account,
+                primary_type,
+                signed.message,
+                signed.typed_data(),
+                signed,
+                bytes.fromhex(signed.signature[2:]),
+                bytes.fromhex(signed.digest[2:]),
+            )
+        )
     return items
 
 
@@ -150,11 +166,15 @@ def check_agreement(items: Sequence[Item]) -> None:
         signable = encode_typed_data(full_message=it.typed)
         digest = bytes(_hash_eip191_message(signable))
         if digest != it.digest:
-            raise AssertionError(f"{it.primary_type} nonce {it.message.get('nonce')}: eth-account digest 0x{digest.hex()} "
-                                 f"!= gpucoin {it.signed.digest}")
+            raise AssertionError(
+                f"{it.primary_type} nonce {it.message.get('nonce')}: eth-account digest 0x{digest.hex()} "
+                f"!= gpucoin {it.signed.digest}"
+            )
         theirs = bytes(Account.sign_message(signable, it.account.key).signature)
         if theirs != it.signature:
-            raise AssertionError(f"{it.primary_type}: eth-account signature 0x{theirs.hex()} != gpucoin {it.signed.signature}")
+            raise AssertionError(
+                f"{it.primary_type}: eth-account signature 0x{theirs.hex()} != gpucoin {it.signed.signature}"
+            )
         if bytes(Account.sign_typed_data(it.account.key, full_message=it.typed).signature) != it.signature:
             raise AssertionError(f"{it.primary_type}: eth-account sign_typed_data disagrees with sign_message")
         if Account.recover_message(signable, signature=it.signature) != it.account.address:
@@ -168,8 +188,9 @@ def check_agreement(items: Sequence[Item]) -> None:
 
 
 def sign_eth_account_message(items: Sequence[Item]) -> list[bytes]:
-    return [bytes(Account.sign_message(encode_typed_data(full_message=it.typed), it.account.key).signature)
-            for it in items]
+    return [
+        bytes(Account.sign_message(encode_typed_data(full_message=it.typed), it.account.key).signature) for it in items
+    ]
 
 
 def sign_eth_account_typed(items: Sequence[Item]) -> list[bytes]:
@@ -228,16 +249,33 @@ class Case:
 
 CASES: list[Case] = [
     Case(SIGN_BASELINE, "sign", "baseline", sign_eth_account_message, lambda it: it.signature),
-    Case("sign: eth-account sign_typed_data(key, full_message=typed)", "sign", "info", sign_eth_account_typed,
-         lambda it: it.signature),
-    Case("sign: gpucoin sign(account, type, domain, message)", "sign", "gpucoin", sign_gpucoin, lambda it: it.signature),
+    Case(
+        "sign: eth-account sign_typed_data(key, full_message=typed)",
+        "sign",
+        "info",
+        sign_eth_account_typed,
+        lambda it: it.signature,
+    ),
+    Case(
+        "sign: gpucoin sign(account, type, domain, message)", "sign", "gpucoin", sign_gpucoin, lambda it: it.signature
+    ),
     Case(VERIFY_BASELINE, "verify", "baseline", recover_eth_account, lambda it: it.account.address),
     Case(GPUCOIN_VERIFY, "verify", "gpucoin", verify_gpucoin, lambda it: it.account.address),
     Case(GPUCOIN_RECOVER, "verify", "gpucoin", recover_gpucoin, lambda it: it.account.address),
-    Case("info: gpucoin verify(signed), EIP-55 checksum cache bypassed", "verify", "info", verify_gpucoin_uncached,
-         lambda it: it.account.address),
-    Case("info: eth-account _recover_hash(digest, sig) only", "verify", "info", recover_eth_account_hash,
-         lambda it: it.account.address),
+    Case(
+        "info: gpucoin verify(signed), EIP-55 checksum cache bypassed",
+        "verify",
+        "info",
+        verify_gpucoin_uncached,
+        lambda it: it.account.address,
+    ),
+    Case(
+        "info: eth-account _recover_hash(digest, sig) only",
+        "verify",
+        "info",
+        recover_eth_account_hash,
+        lambda it: it.account.address,
+    ),
 ]
 
 
@@ -265,10 +303,12 @@ class Result:
 def _check(case: Case, items: Sequence[Item], got: list) -> None:
     if len(got) != len(items):
         raise AssertionError(f"{case.name}: {len(got)} results for {len(items)} messages")
-    for it, g in zip(items, got):
+    for it, g in zip(items, got, strict=True):
         if g != case.expected(it):
-            raise AssertionError(f"{case.name}: {it.primary_type} nonce {it.message.get('nonce')} gave {g!r}, "
-                                 f"expected {case.expected(it)!r}")
+            raise AssertionError(
+                f"{case.name}: {it.primary_type} nonce {it.message.get('nonce')} gave {g!r}, "
+                f"expected {case.expected(it)!r}"
+            )
 
 
 def measure(cases: Sequence[Case], items: Sequence[Item], warmup: Sequence[Item], repeat: int) -> list[Result]:
@@ -278,7 +318,7 @@ def measure(cases: Sequence[Case], items: Sequence[Item], warmup: Sequence[Item]
         for case in cases:
             _check(case, warmup, case.fn(warmup))
             gc.collect()
-            wall, cpu, got = clock(lambda: case.fn(items))
+            wall, cpu, got = clock(lambda case=case: case.fn(items))
             _check(case, items, got)
             samples[case.name].append((wall, cpu))
     results = []
@@ -311,8 +351,18 @@ def profile_report(fn: Callable[[], Any], top: int = 15) -> str:
 
 def print_table(results: Sequence[Result], out: Any = sys.stdout) -> None:
     headers = ["case", "messages", "seconds", "CPU s", "µs/msg", "msgs/s", "x eth-account"]
-    rows = [[r.case, str(r.messages), f"{r.seconds:.3f}", f"{r.cpu_seconds:.3f}", f"{1e6 * r.seconds / r.messages:.0f}",
-             f"{r.rate:,.0f}", f"{r.ratio:.2f}" if r.ratio is not None else ""] for r in results]
+    rows = [
+        [
+            r.case,
+            str(r.messages),
+            f"{r.seconds:.3f}",
+            f"{r.cpu_seconds:.3f}",
+            f"{1e6 * r.seconds / r.messages:.0f}",
+            f"{r.rate:,.0f}",
+            f"{r.ratio:.2f}" if r.ratio is not None else "",
+        ]
+        for r in results
+    ]
     print_rows(headers, rows, groups=[r.op for r in results], out=out)
 
 
@@ -325,20 +375,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="EIP-712 sign and verify rates (messages/s) of gpucoin.wallet.messages and of plain eth-account "
         "on the same messages of every gpucoin type, with coincurve as the ECC backend.",
     )
-    p.add_argument("--messages", type=int, default=1000, metavar="N",
-                   help="messages signed and verified in each timed sample (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=50, metavar="W",
-                   help="other messages run through each case, untimed, before each sample (default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=5, metavar="R",
-                   help="samples per case, cases interleaved round-robin; the fastest is kept (default: %(default)s)")
-    p.add_argument("--keys", type=int, default=4, metavar="K",
-                   help="signing keys the messages rotate through (default: %(default)s)")
+    p.add_argument(
+        "--messages",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="messages signed and verified in each timed sample (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=50,
+        metavar="W",
+        help="other messages run through each case, untimed, before each sample (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        metavar="R",
+        help="samples per case, cases interleaved round-robin; the fastest is kept (default: %(default)s)",
+    )
+    p.add_argument(
+        "--keys",
+        type=int,
+        default=4,
+        metavar="K",
+        help="signing keys the messages rotate through (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=712, help="seed of the message contents (default: %(default)s)")
-    p.add_argument("--min-ratio", type=float, default=1.0,
-                   help="each gpucoin verification row must reach this multiple of eth-account's "
-                   "recover_message rate (default: %(default)s)")
-    p.add_argument("--profile", action="store_true",
-                   help="also print a cProfile of one gpucoin verify pass (done anyway when below --min-ratio)")
+    p.add_argument(
+        "--min-ratio",
+        type=float,
+        default=1.0,
+        help="each gpucoin verification row must reach this multiple of eth-account's "
+        "recover_message rate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print a cProfile of one gpucoin verify pass (done anyway when below --min-ratio)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.messages < 1 or args.keys < 1 or args.repeat < 1 or args.warmup < 0:
@@ -355,9 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     env["loadavg_at_start"] = list(os.getloadavg())
-    print(f"eth-account {env['eth_account']}, eth-keys {env['eth_keys']} with backend {env['eth_keys_backend']} "
-          f"(coincurve {env['coincurve']}); gpucoin recovers with {env['gpucoin_recovers_with']}; "
-          f"python {env['python']}, {env['cpus']} CPUs")
+    print(
+        f"eth-account {env['eth_account']}, eth-keys {env['eth_keys']} with backend {env['eth_keys_backend']} "
+        f"(coincurve {env['coincurve']}); gpucoin recovers with {env['gpucoin_recovers_with']}; "
+        f"python {env['python']}, {env['cpus']} CPUs"
+    )
 
     rng = random.Random(args.seed)
     accounts = [Account.from_key(keccak(text=f"bench-signatures-{i}")) for i in range(args.keys)]
@@ -371,8 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     prep_s = time.perf_counter() - t0
     mix = Counter(it.primary_type for it in items)
-    print(f"built, signed and cross-checked {len(items)} messages (+{len(warmup)} for warm-up) in {prep_s:.1f} s, "
-          f"untimed: " + ", ".join(f"{n} {t}" for t, n in sorted(mix.items())))
+    print(
+        f"built, signed and cross-checked {len(items)} messages (+{len(warmup)} for warm-up) in {prep_s:.1f} s, "
+        f"untimed: " + ", ".join(f"{n} {t}" for t, n in sorted(mix.items()))
+    )
     print(f"timing {len(CASES)} cases x {args.repeat} samples, round-robin, best kept ...", flush=True)
 
     try:
@@ -387,10 +468,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sign_base, verify_base = by_name[SIGN_BASELINE], by_name[VERIFY_BASELINE]
     print()
     print("msgs/s: messages signed (sign rows) or whose signer was recovered / verified (verify rows) per second,")
-    print(f"best of {args.repeat}. 'x eth-account' = that rate over eth-account's rate for the same operation: "
-          f"sign_message {sign_base.rate:,.0f}/s,")
-    print(f"recover_message {verify_base.rate:,.0f}/s. eth-account rows start from the full typed data (built untimed);")
-    print("gpucoin sign also validates and builds it; gpucoin verify rebuilds and re-validates it from the SignedMessage,")
+    print(
+        f"best of {args.repeat}. 'x eth-account' = that rate over eth-account's rate for the same operation: "
+        f"sign_message {sign_base.rate:,.0f}/s,"
+    )
+    print(
+        f"recover_message {verify_base.rate:,.0f}/s. eth-account rows start from the full typed data (built untimed);"
+    )
+    print(
+        "gpucoin sign also validates and builds it; gpucoin verify rebuilds and re-validates it from the SignedMessage,"
+    )
     print("compares digest, signer and signer field, and refuses high s. CPU s is this process only.")
 
     gated = [r for r in results if r.op == "verify" and r.kind == "gpucoin"]
@@ -406,15 +493,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{status}: {name} runs at {v['ratio']:.2f}x eth-account recover_message (needs >= {args.min_ratio})")
     total_s = time.perf_counter() - started
     env["loadavg_at_end"] = list(os.getloadavg())
-    print(f"total {total_s:.1f} s; load average {env['loadavg_at_start'][0]:.2f} at start, "
-          f"{env['loadavg_at_end'][0]:.2f} at end ({env['cpus']} CPUs: above ~0.5 the numbers are noisy)")
+    print(
+        f"total {total_s:.1f} s; load average {env['loadavg_at_start'][0]:.2f} at start, "
+        f"{env['loadavg_at_end'][0]:.2f} at end ({env['cpus']} CPUs: above ~0.5 the numbers are noisy)"
+    )
 
     if args.json is not None:
         doc = {
             "benchmark": "EIP-712 sign and verify: gpucoin.wallet.messages vs plain eth-account",
-            "config": {"messages": args.messages, "warmup": args.warmup, "repeat": args.repeat, "keys": args.keys,
-                       "seed": args.seed, "min_ratio": args.min_ratio, "type_mix": dict(sorted(mix.items())),
-                       "domain": DOMAIN.as_dict()},
+            "config": {
+                "messages": args.messages,
+                "warmup": args.warmup,
+                "repeat": args.repeat,
+                "keys": args.keys,
+                "seed": args.seed,
+                "min_ratio": args.min_ratio,
+                "type_mix": dict(sorted(mix.items())),
+                "domain": DOMAIN.as_dict(),
+            },
             "environment": env,
             "preparation_seconds": prep_s,
             "baselines_messages_per_s": {"sign": sign_base.rate, "verify": verify_base.rate},

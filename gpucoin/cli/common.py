@@ -22,8 +22,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def ledger_url(url: str | None, home: Path) -> str:
     """The ledger to open: ``url`` if given (a SQLite file must exist), else the one under ``home``."""
     if url:
-        if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not Path(url[len("sqlite:///"):]).exists():
-            fail(f"no ledger at {url[len('sqlite:///'):]} (a SQLite ledger is created by `gpucoin train`)")
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not Path(url[len("sqlite:///") :]).exists():
+            fail(f"no ledger at {url[len('sqlite:///') :]} (a SQLite ledger is created by `gpucoin train`)")
         return url
     db = home / "ledger.db"
     if not db.exists():

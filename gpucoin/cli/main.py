@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from gpucoin.cli.common import DEFAULT_HOME, url_option as _url_opt
+from gpucoin.cli.common import DEFAULT_HOME
 from gpucoin.cli.common import fail as _fail
 from gpucoin.cli.common import ledger_url as _ledger_url
+from gpucoin.cli.common import url_option as _url_opt
 from gpucoin.cli.wallet import wallet
 from gpucoin.exceptions import AmountError, GpucoinError
 
@@ -71,21 +72,102 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("job_spec", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--address", default=None, metavar="HEAD", help="Ray head of a running gpucoin cluster. Without it, an embedded local cluster is started on this host, with dev wallets funded by a dev faucet.")
-@click.option("--volunteers", default=2, show_default=True, type=click.IntRange(1, 16), help="Embedded mode: volunteer Ray nodes to start (each is one worker slot).")
-@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Data-parallel ranks; overrides `workers` in the spec.")
+@click.option(
+    "--address",
+    default=None,
+    metavar="HEAD",
+    help="Ray head of a running gpucoin cluster. Without it, an embedded local cluster is started on this host, with dev wallets funded by a dev faucet.",
+)
+@click.option(
+    "--volunteers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Embedded mode: volunteer Ray nodes to start (each is one worker slot).",
+)
+@click.option(
+    "--workers", type=click.IntRange(1, 256), default=None, help="Data-parallel ranks; overrides `workers` in the spec."
+)
 @click.option("--steps", type=click.IntRange(1), default=None, help="Optimizer steps; overrides `steps` in the spec.")
-@click.option("--interval", "interval", type=click.IntRange(1), default=None, help="Steps per checkpoint interval (one receipt per rank each); overrides `checkpoint_interval_steps`.")
-@click.option("--bid", default=None, metavar="GPC", help="Highest price you pay, GPC per worker-hour; overrides `bid_gpc_per_worker_hour`.")
-@click.option("--budget", default=None, metavar="GPC", help="Most the job may cost, GPC, escrowed up front (unused part refunded); overrides `budget_gpc`.")
-@click.option("--data", "data_source", default=None, metavar="SOURCE", help='Corpus: "pypi" or a .txt path; overrides `data.source`.')
-@click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Incentive policy TOML of a new local market (default: policies/local.toml, 10 s epochs); an existing local ledger keeps the policy its Genesis names.")
-@click.option("--stake", default="500", show_default=True, metavar="GPC", help="Embedded mode: stake each dev volunteer bonds.")
-@click.option("--ask", default="0.8", show_default=True, metavar="GPC", help="Embedded mode: each dev volunteer's ask, GPC per worker-hour.")
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOME, show_default=True, help="Embedded mode state: ledger, dev wallets, checkpoints (env GPUCOIN_HOME).")
-@click.option("--head-port", type=click.IntRange(1024, 65535), default=None, help="Embedded mode: GCS port of the local Ray head (default: a free port; 6379 is often Redis).")
-@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the summary as JSON to this file.")
-def train(job_spec, address, volunteers, workers, steps, interval, bid, budget, data_source, policy_path, stake, ask, home, head_port, summary_json):
+@click.option(
+    "--interval",
+    "interval",
+    type=click.IntRange(1),
+    default=None,
+    help="Steps per checkpoint interval (one receipt per rank each); overrides `checkpoint_interval_steps`.",
+)
+@click.option(
+    "--bid",
+    default=None,
+    metavar="GPC",
+    help="Highest price you pay, GPC per worker-hour; overrides `bid_gpc_per_worker_hour`.",
+)
+@click.option(
+    "--budget",
+    default=None,
+    metavar="GPC",
+    help="Most the job may cost, GPC, escrowed up front (unused part refunded); overrides `budget_gpc`.",
+)
+@click.option(
+    "--data",
+    "data_source",
+    default=None,
+    metavar="SOURCE",
+    help='Corpus: "pypi" or a .txt path; overrides `data.source`.',
+)
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Incentive policy TOML of a new local market (default: policies/local.toml, 10 s epochs); an existing local ledger keeps the policy its Genesis names.",
+)
+@click.option(
+    "--stake", default="500", show_default=True, metavar="GPC", help="Embedded mode: stake each dev volunteer bonds."
+)
+@click.option(
+    "--ask",
+    default="0.8",
+    show_default=True,
+    metavar="GPC",
+    help="Embedded mode: each dev volunteer's ask, GPC per worker-hour.",
+)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_HOME,
+    show_default=True,
+    help="Embedded mode state: ledger, dev wallets, checkpoints (env GPUCOIN_HOME).",
+)
+@click.option(
+    "--head-port",
+    type=click.IntRange(1024, 65535),
+    default=None,
+    help="Embedded mode: GCS port of the local Ray head (default: a free port; 6379 is often Redis).",
+)
+@click.option(
+    "--summary-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the summary as JSON to this file.",
+)
+def train(
+    job_spec,
+    address,
+    volunteers,
+    workers,
+    steps,
+    interval,
+    bid,
+    budget,
+    data_source,
+    policy_path,
+    stake,
+    ask,
+    home,
+    head_port,
+    summary_json,
+):
     """Train JOB_SPEC (a job YAML) on volunteer nodes, spot-check it and settle it in the ledger.
 
     \b
@@ -105,8 +187,17 @@ def train(job_spec, address, volunteers, workers, steps, interval, bid, budget, 
     bid, budget = _gpc_option(bid, "--bid"), _gpc_option(budget, "--budget")
     stake, ask = _gpc_option(stake, "--stake"), _gpc_option(ask, "--ask")
     if address is not None:
-        _fail("joining a running cluster (--address) is not available yet; run without --address for the embedded local cluster", 2)
-    overrides = {"workers": workers, "steps": steps, "checkpoint_interval_steps": interval, "bid_gpc_per_worker_hour": bid, "budget_gpc": budget}
+        _fail(
+            "joining a running cluster (--address) is not available yet; run without --address for the embedded local cluster",
+            2,
+        )
+    overrides = {
+        "workers": workers,
+        "steps": steps,
+        "checkpoint_interval_steps": interval,
+        "bid_gpc_per_worker_hour": bid,
+        "budget_gpc": budget,
+    }
     if data_source is not None and data_source != "pypi":
         data_source = str(Path(data_source).resolve())  # a path on the command line is relative to here
     console = Console()
@@ -117,7 +208,14 @@ def train(job_spec, address, volunteers, workers, steps, interval, bid, budget, 
             spec = loaded.spec.model_copy(update={"data": loaded.spec.data.model_copy(update={"source": data_source})})
             loaded = loaded.model_copy(update={"spec": spec})
         policy = load_policy(policy_path or REPO_POLICIES / "local.toml")
-        opts = LocalOptions(policy=policy, home=home, volunteers=volunteers, stake_ugpc=parse_gpc(stake), ask_ugpc_per_worker_hour=parse_gpc(ask), head_port=head_port)
+        opts = LocalOptions(
+            policy=policy,
+            home=home,
+            volunteers=volunteers,
+            stake_ugpc=parse_gpc(stake),
+            ask_ugpc_per_worker_hour=parse_gpc(ask),
+            head_port=head_port,
+        )
         summary = train_local(loaded, opts, RichUI())
     except GpucoinError as e:
         _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
@@ -138,7 +236,13 @@ def ledger() -> None:
     """Inspect and audit the ledger (default: the embedded mode's SQLite ledger)."""
 
 
-_home_opt = click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOME, show_default=True, help="Embedded mode state directory (env GPUCOIN_HOME).")
+_home_opt = click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_HOME,
+    show_default=True,
+    help="Embedded mode state directory (env GPUCOIN_HOME).",
+)
 
 
 @ledger.command()
@@ -168,7 +272,9 @@ def audit(ledger_url, home):
 @click.argument("account", required=False)
 @_url_opt
 @_home_opt
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000), help="Most recent transfers to list.")
+@click.option(
+    "--limit", default=20, show_default=True, type=click.IntRange(1, 10000), help="Most recent transfers to list."
+)
 def show(account, ledger_url, home, limit):
     """Balances and the most recent transfers, in GPC, as tables.
 
@@ -215,14 +321,31 @@ def show(account, ledger_url, home, limit):
     for r in rows:
         tr.add_row(str(r.id), r.op_id, r.code, r.debit, r.credit, format_gpc(r.amount))
     console.print(tr)
-    console.print("supply {} GPC = minted {} - burned {}".format(format_gpc(totals["supply"]), format_gpc(totals["minted"]), format_gpc(totals["burned"])))
+    console.print(
+        "supply {} GPC = minted {} - burned {}".format(
+            format_gpc(totals["supply"]), format_gpc(totals["minted"]), format_gpc(totals["burned"])
+        )
+    )
 
 
 @ledger.command()
 @_url_opt
 @_home_opt
-@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True, help="Output format: one JSON object per line.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to this file instead of standard output (written whole, then renamed into place).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl"]),
+    default="jsonl",
+    show_default=True,
+    help="Output format: one JSON object per line.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write to this file instead of standard output (written whole, then renamed into place).",
+)
 def export(ledger_url, home, fmt, output):
     """Every signed message, operation and transfer, to re-verify the ledger with your own tools.
 
@@ -265,9 +388,25 @@ def receipt() -> None:
 
 @receipt.command("verify")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--signer", "expected_signer", default=None, metavar="ADDRESS", help="Also require the message to be signed by this address.")
-@click.option("--chain-id", type=click.IntRange(0), default=None, help="Also require this EIP-712 domain chainId (needs --verifying-contract).")
-@click.option("--verifying-contract", default=None, metavar="ADDRESS", help="Also require this domain verifyingContract, the coordinator's settlement address (needs --chain-id).")
+@click.option(
+    "--signer",
+    "expected_signer",
+    default=None,
+    metavar="ADDRESS",
+    help="Also require the message to be signed by this address.",
+)
+@click.option(
+    "--chain-id",
+    type=click.IntRange(0),
+    default=None,
+    help="Also require this EIP-712 domain chainId (needs --verifying-contract).",
+)
+@click.option(
+    "--verifying-contract",
+    default=None,
+    metavar="ADDRESS",
+    help="Also require this domain verifyingContract, the coordinator's settlement address (needs --chain-id).",
+)
 def receipt_verify(file, expected_signer, chain_id, verifying_contract):
     """Check one exported signed message and print its signer and verdict.
 
@@ -310,7 +449,9 @@ def receipt_verify(file, expected_signer, chain_id, verifying_contract):
     d = signed.domain
     click.echo(f"type       {signed.primary_type}")
     click.echo(f"digest     {signed.digest}")
-    click.echo(f"domain     {d['name']} v{d['version']}, chainId {d['chainId']}, verifyingContract {d['verifyingContract']}")
+    click.echo(
+        f"domain     {d['name']} v{d['version']}, chainId {d['chainId']}, verifyingContract {d['verifyingContract']}"
+    )
     click.echo(f"signer     {verdict.recovered or 'none (no key recovers from this signature)'}")
     if verdict.valid:
         click.echo(f"verdict    valid: signed by {verdict.recovered}")

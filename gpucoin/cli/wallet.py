@@ -71,7 +71,10 @@ _name_opt = click.option(
     help="Wallet name: letters, digits, _ . - (up to 64). Default: the first free wallet-N.",
 )
 _scrypt_opt = click.option(
-    "--scrypt-n", type=click.IntRange(2), default=None, hidden=True,
+    "--scrypt-n",
+    type=click.IntRange(2),
+    default=None,
+    hidden=True,
     help="scrypt work factor N of the new keystore, for tests only (default: DEFAULT_SCRYPT_N).",
 )
 
@@ -83,7 +86,9 @@ def _password(prompt: str, *, confirm: bool) -> str:
         if not value:
             _fail(f"{PASSWORD_ENV} is set but empty", 2)
         return value
-    return click.prompt(prompt, hide_input=True, confirmation_prompt="Repeat the password" if confirm else False, err=True)
+    return click.prompt(
+        prompt, hide_input=True, confirmation_prompt="Repeat the password" if confirm else False, err=True
+    )
 
 
 @click.group()
@@ -118,7 +123,9 @@ def new(name, home, wallets_dir, scrypt_n):
         password = _password(f"Password for the new wallet {name}", confirm=True)
         info = create_wallet(folder, name, password, scrypt_n=scrypt_n or DEFAULT_SCRYPT_N)
     click.echo(f"created wallet {info.name} {info.address}")
-    click.echo(f"keystore {info.path} (scrypt n={info.work}); back it up and keep the password: neither can be recovered")
+    click.echo(
+        f"keystore {info.path} (scrypt n={info.work}); back it up and keep the password: neither can be recovered"
+    )
 
 
 @wallet.command("import")
@@ -261,9 +268,9 @@ def balance(wallet_ref, ledger_url, home, wallets_dir):
     """
     import re
 
+    from eth_utils import to_checksum_address
     from rich.console import Console
     from rich.markup import escape
-    from eth_utils import to_checksum_address
     from rich.table import Table
 
     from gpucoin.ledger import WALLET_KINDS, Ledger, wallet_account
@@ -294,7 +301,10 @@ def balance(wallet_ref, ledger_url, home, wallets_dir):
                 rows.append((name, to_checksum_address(address), amounts))
     console = Console()
     for name, address, amounts in rows:
-        console.print(f"[bold]{name}[/] {address}" if name else f"{address} [dim](no wallet in {escape(str(folder))})[/]", highlight=False)
+        console.print(
+            f"[bold]{name}[/] {address}" if name else f"{address} [dim](no wallet in {escape(str(folder))})[/]",
+            highlight=False,
+        )
         t = Table()
         t.add_column("account")
         t.add_column("GPC", justify="right")

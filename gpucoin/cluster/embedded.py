@@ -96,7 +96,9 @@ class EmbeddedCluster:
         ClusterError: if a node does not come up within ``START_TIMEOUT_S`` (its log's tail is quoted).
     """
 
-    def __init__(self, workdir: Path, nodes: list[NodeSpec], head_port: int | None = None, runtime_env: dict | None = None):
+    def __init__(
+        self, workdir: Path, nodes: list[NodeSpec], head_port: int | None = None, runtime_env: dict | None = None
+    ):
         self.runtime_env = runtime_env
         self.workdir = Path(workdir)
         self.node_specs = [NodeSpec("head", num_cpus=0)] + list(nodes)
@@ -120,7 +122,14 @@ class EmbeddedCluster:
         return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
     def _launch(self, spec: NodeSpec, head: bool) -> RunningNode:
-        args = [self._ray_bin(), "start", "--block", "--disable-usage-stats", f"--num-cpus={spec.num_cpus}", f"--num-gpus={0 if spec.gpu is None else 1}"]
+        args = [
+            self._ray_bin(),
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            f"--num-cpus={spec.num_cpus}",
+            f"--num-gpus={0 if spec.gpu is None else 1}",
+        ]
         args += [
             f"--resources={json.dumps({NODE_MARKER_PREFIX + spec.name: 1})}",
             f"--node-manager-port={free_port()}",
@@ -132,7 +141,13 @@ class EmbeddedCluster:
             "--object-store-memory=200000000",
         ]
         if head:
-            args += ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
+            args += [
+                "--head",
+                f"--port={self.port}",
+                "--node-ip-address=127.0.0.1",
+                "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}",
+            ]
         else:
             args += [f"--address={self.address}", "--node-ip-address=127.0.0.1"]
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +165,9 @@ class EmbeddedCluster:
         for n in self.nodes.values():
             if n.process.poll() is not None:
                 tail = n.log_path.read_text(errors="replace")[-1500:]
-                raise ClusterError(f"ray node {n.spec.name} exited with {n.process.returncode} while starting; log tail:\n{tail}")
+                raise ClusterError(
+                    f"ray node {n.spec.name} exited with {n.process.returncode} while starting; log tail:\n{tail}"
+                )
 
     def start(self) -> None:
         """Start the head, then every node, and wait until all are alive in the GCS; connect this process."""
@@ -165,7 +182,9 @@ class EmbeddedCluster:
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise ClusterError(f"the Ray head did not listen on {self.address} within {START_TIMEOUT_S:.0f} s") from None
+                    raise ClusterError(
+                        f"the Ray head did not listen on {self.address} within {START_TIMEOUT_S:.0f} s"
+                    ) from None
                 time.sleep(0.5)
         ray.init(address=self.address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
         # One node at a time: nodes started together on one host race in the shared session dir.
@@ -193,7 +212,7 @@ class EmbeddedCluster:
                     continue
                 for key in n.get("Resources", {}):
                     if key.startswith(NODE_MARKER_PREFIX):
-                        found[key[len(NODE_MARKER_PREFIX):]] = n["NodeID"]
+                        found[key[len(NODE_MARKER_PREFIX) :]] = n["NodeID"]
             if all(name in found for name in self.nodes):
                 for name, node in self.nodes.items():
                     node.node_id = found[name]
@@ -223,7 +242,9 @@ class EmbeddedCluster:
                 ray.shutdown()
         except Exception:  # noqa: BLE001 - stopping must go on whatever the driver's state
             pass
-        order = [n for name, n in self.nodes.items() if name != "head"] + ([self.nodes["head"]] if "head" in self.nodes else [])
+        order = [n for name, n in self.nodes.items() if name != "head"] + (
+            [self.nodes["head"]] if "head" in self.nodes else []
+        )
         for n in order:
             if n.process.poll() is None:
                 try:

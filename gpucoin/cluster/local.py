@@ -59,7 +59,9 @@ def fund_engineer(coord: Coordinator, engineer: Participant) -> None:
     coord.faucet(engineer.address, ENGINEER_FAUCET_UGPC, f"faucet:{engineer.address}")
 
 
-def register_volunteer(coord: Coordinator, vol: Participant, node_id: str, ask_ugpc: int, stake_ugpc: int) -> SignedMessage:
+def register_volunteer(
+    coord: Coordinator, vol: Participant, node_id: str, ask_ugpc: int, stake_ugpc: int
+) -> SignedMessage:
     """Fund (faucet) a dev volunteer up to its stake, sign its NodeRegistration and bond the stake.
 
     A volunteer that already has ``stake_ugpc`` bonded from an earlier run bonds nothing more; its

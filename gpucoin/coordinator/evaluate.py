@@ -29,7 +29,10 @@ def evaluate(spec: JobSpec, module, corpus, ckpt_dir: Path, step: int) -> tuple[
     if spec.deepspeed.zero_stage == 0:
         state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     else:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # it prints per shard
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):  # it prints per shard
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag_for(step))
     model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
     model.load_state_dict(state)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-
 from gpucoin.cluster.embedded import EmbeddedCluster, NodeSpec, sigint_ignored
 from gpucoin.cluster.local import engineer_available_after_faucet, fund_engineer, participant, register_volunteer
 from gpucoin.coordinator.settle import Coordinator, genesis_message
@@ -116,14 +115,20 @@ def preflight(loaded: LoadedSpec, opts: LocalOptions, coord: Coordinator, engine
         InsufficientFunds: a budget the engineer's wallet cannot cover.
     """
     spec = loaded.spec
-    offers = [Offer(f"vol{i}", f"vol{i}", opts.ask_ugpc_per_worker_hour, 1, opts.stake_ugpc) for i in range(opts.volunteers)]
+    offers = [
+        Offer(f"vol{i}", f"vol{i}", opts.ask_ugpc_per_worker_hour, 1, opts.stake_ugpc) for i in range(opts.volunteers)
+    ]
     order = Order(spec.name, spec.bid_ugpc_per_worker_hour, spec.workers, 1, 0.0)
     result = clear([order], offers, opts.policy.market)
     if not result.placements:
-        raise NoPlacement(f"job {spec.name!r} cannot be placed on {opts.volunteers} local volunteers: {result.unplaced[spec.name]}")
+        raise NoPlacement(
+            f"job {spec.name!r} cannot be placed on {opts.volunteers} local volunteers: {result.unplaced[spec.name]}"
+        )
     have = engineer_available_after_faucet(coord, engineer)
     if spec.budget_ugpc > have:
-        raise InsufficientFunds(f"budget {format_gpc(spec.budget_ugpc)} GPC exceeds the {format_gpc(have)} GPC available in the engineer's wallet {engineer.address}")
+        raise InsufficientFunds(
+            f"budget {format_gpc(spec.budget_ugpc)} GPC exceeds the {format_gpc(have)} GPC available in the engineer's wallet {engineer.address}"
+        )
 
 
 def open_ledger(opts: LocalOptions, coordinator) -> Ledger:
@@ -215,7 +220,9 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
         )
         coord.escrow(order)
         try:
-            summary = _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, module, corpus, source)
+            summary = _run(
+                loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, module, corpus, source
+            )
         finally:
             with sigint_ignored():  # a second Ctrl-C must not leave the budget in escrow
                 refunded = coord.refund(job_id, order)
@@ -227,7 +234,9 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
             if after.get(a, 0) != before.get(a, 0)
         }
         totals = ledger.totals()
-        summary["ledger"].update({"supply": totals["supply"], "total_minted": totals["minted"], "total_burned": totals["burned"]})
+        summary["ledger"].update(
+            {"supply": totals["supply"], "total_minted": totals["minted"], "total_burned": totals["burned"]}
+        )
         problems = ledger.audit()
         summary["audit"] = "ok" if not problems else problems
         return summary
@@ -247,20 +256,35 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
     spec, policy, ledger = loaded.spec, opts.policy, coord.ledger
     host_gpus = _host_gpu_count()
     nodes = [
-        NodeSpec(p.name, 1, {**p.node_env(), **opts.node_env.get(p.name, {})}, gpu=i if i < host_gpus and p in volunteers else None)
+        NodeSpec(
+            p.name,
+            1,
+            {**p.node_env(), **opts.node_env.get(p.name, {})},
+            gpu=i if i < host_gpus and p in volunteers else None,
+        )
         for i, p in enumerate([*volunteers, verifier])
     ]
     ui.status(f"starting a local Ray cluster: head + {len(volunteers)} volunteers + 1 verifier")
     t0 = time.monotonic()
-    with EmbeddedCluster(job_dir / "logs", nodes, head_port=opts.head_port, runtime_env={"py_modules": [str(loaded.module_dir)]}) as cluster:
+    with EmbeddedCluster(
+        job_dir / "logs", nodes, head_port=opts.head_port, runtime_env={"py_modules": [str(loaded.module_dir)]}
+    ) as cluster:
         cluster_s = time.monotonic() - t0
         for v in volunteers:
             register_volunteer(coord, v, cluster.node_id(v.name), opts.ask_ugpc_per_worker_hour, opts.stake_ugpc)
         offers = [
-            Offer(cluster.node_id(v.name), v.address, opts.ask_ugpc_per_worker_hour, 1, ledger.balance(wallet_account(v.address, "bonded")))
+            Offer(
+                cluster.node_id(v.name),
+                v.address,
+                opts.ask_ugpc_per_worker_hour,
+                1,
+                ledger.balance(wallet_account(v.address, "bonded")),
+            )
             for v in volunteers
         ]
-        result = clear([Order(job_id, spec.bid_ugpc_per_worker_hour, spec.workers, 1, time.time())], offers, policy.market)
+        result = clear(
+            [Order(job_id, spec.bid_ugpc_per_worker_hour, spec.workers, 1, time.time())], offers, policy.market
+        )
         if not result.placements:
             raise NoPlacement(f"job {job_id} could not be placed: {result.unplaced[job_id]}")
         placement = result.placements[0]
@@ -272,20 +296,39 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
         )
         for rank, node_id in enumerate(placement.node_ids):
             coord.assign(job_id, rank, provider_of[node_id], node_id)
-        inbox = ray.remote(JobInbox).options(num_cpus=0, label_selector={"ray.io/node-id": cluster.node_id("head")}).remote()
+        inbox = (
+            ray.remote(JobInbox)
+            .options(num_cpus=0, label_selector={"ray.io/node-id": cluster.node_id("head")})
+            .remote()
+        )
         ckpt_dir = job_dir / "checkpoints"
         job = JobRun(
-            spec=spec, job_id=job_id, coord=coord, inbox=inbox,
+            spec=spec,
+            job_id=job_id,
+            coord=coord,
+            inbox=inbox,
             rank_worker=[provider_of[n] for n in placement.node_ids],
             price_ugpc_per_worker_hour=placement.price_ugpc_per_worker_hour,
             verifier_address=verifier.address,
-            replay=ray.remote(num_cpus=1, max_retries=0)(check_interval).options(label_selector={"ray.io/node-id": cluster.node_id(verifier.name)}),
-            ckpt_dir=ckpt_dir, sketch_dir=job_dir / "sketches", data_source=source, ui=ui, secret=opts.seed_secret,
+            replay=ray.remote(num_cpus=1, max_retries=0)(check_interval).options(
+                label_selector={"ray.io/node-id": cluster.node_id(verifier.name)}
+            ),
+            ckpt_dir=ckpt_dir,
+            sketch_dir=job_dir / "sketches",
+            data_source=source,
+            ui=ui,
+            secret=opts.seed_secret,
         )
         t1 = time.monotonic()
         training = launch(
-            loaded, job_id=job_id, node_ids=list(placement.node_ids), inbox=inbox, ckpt_dir=ckpt_dir,
-            storage_dir=job_dir / "ray_train", domain=coord.domain.as_dict(), buckets=policy.verification.sketch_buckets,
+            loaded,
+            job_id=job_id,
+            node_ids=list(placement.node_ids),
+            inbox=inbox,
+            ckpt_dir=ckpt_dir,
+            storage_dir=job_dir / "ray_train",
+            domain=coord.domain.as_dict(),
+            buckets=policy.verification.sketch_buckets,
             data_source=source,
         )
         try:
@@ -308,8 +351,12 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
         "stopped": job.stopped,
         "sample": sample,
         "receipts": {k: job.counts[k] for k in ("signed", "checked", "passed", "failed", "rejected")},
-        "intervals": [{"steps": [iv.start, iv.end], "outcome": iv.outcome, "wall_ms": iv.wall_ms} for iv in job.intervals.values()],
-        "unsettled_intervals": [f"{iv.start}-{iv.end}" for iv in job.intervals.values() if iv.outcome in ("pending", "held")],
+        "intervals": [
+            {"steps": [iv.start, iv.end], "outcome": iv.outcome, "wall_ms": iv.wall_ms} for iv in job.intervals.values()
+        ],
+        "unsettled_intervals": [
+            f"{iv.start}-{iv.end}" for iv in job.intervals.values() if iv.outcome in ("pending", "held")
+        ],
         "max_replay_distance": max(job.distances, default=None),
         "price_ugpc_per_worker_hour": placement.price_ugpc_per_worker_hour,
         "ledger": {k: job.money[k] for k in ("escrowed", "paid", "burned", "treasury", "minted", "slashed")},

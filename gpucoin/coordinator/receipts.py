@@ -51,7 +51,9 @@ def check_receipt(
     if m["jobId"] != job_id or m["rank"] != rank:
         raise ReceiptRejected(f"receipt names job {m['jobId']!r} rank {m['rank']}, expected {job_id!r} rank {rank}")
     if (m["stepStart"], m["stepEnd"]) != (step_start, step_end):
-        raise ReceiptRejected(f"rank {rank}: receipt covers steps {m['stepStart']}-{m['stepEnd']}, expected {step_start}-{step_end}")
+        raise ReceiptRejected(
+            f"rank {rank}: receipt covers steps {m['stepStart']}-{m['stepEnd']}, expected {step_start}-{step_end}"
+        )
     if already_have:
         raise ReceiptRejected(f"rank {rank} already sent a receipt for steps {step_start}-{step_end}")
     expected_prev = previous_digest or ZERO_BYTES32

@@ -86,7 +86,14 @@ class JobRun:
         self.failed_nodes: set[str] = set()
         self.open_epochs: set[int] = set()  # epochs this job's charges count in, not closed yet
         self.counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "rejected": 0}
-        self.money = {"escrowed": self.spec.budget_ugpc, "paid": 0, "burned": 0, "treasury": 0, "minted": 0, "slashed": 0}
+        self.money = {
+            "escrowed": self.spec.budget_ugpc,
+            "paid": 0,
+            "burned": 0,
+            "treasury": 0,
+            "minted": 0,
+            "slashed": 0,
+        }
         self.distances: list[float] = []
         self.stopped: str | None = None
         self.fraud_at: int | None = None
@@ -127,7 +134,9 @@ class JobRun:
         end_s = self.ledger.epoch_end_s(max(self.open_epochs))
         wait_s = end_s - time.time()
         if wait_s > 0:
-            self.ui.status(f"waiting {wait_s:.0f} s for epoch {max(self.open_epochs)} to end, so its emission can be minted")
+            self.ui.status(
+                f"waiting {wait_s:.0f} s for epoch {max(self.open_epochs)} to end, so its emission can be minted"
+            )
             time.sleep(min(wait_s, self.policy.tokenomics.epoch_length_s) + 0.05)
         self.close_epochs()
 
@@ -168,10 +177,17 @@ class JobRun:
                 raise ReceiptRejected(f"rank {rank}: no interval starts at step {receipt.message['stepStart']}")
             prev = self.intervals.get(iv.start - self.spec.checkpoint_interval_steps) if iv.start else None
             check_receipt(
-                receipt, sketches, job_id=self.job_id, rank=rank, worker=self.rank_worker[rank], step_start=iv.start,
-                step_end=iv.end, buckets=self.policy.verification.sketch_buckets,
+                receipt,
+                sketches,
+                job_id=self.job_id,
+                rank=rank,
+                worker=self.rank_worker[rank],
+                step_start=iv.start,
+                step_end=iv.end,
+                buckets=self.policy.verification.sketch_buckets,
                 previous_digest=prev.receipts[rank].digest if prev and rank in prev.receipts else None,
-                already_have=rank in iv.receipts or iv.outcome != "open", domain=self.coord.domain,
+                already_have=rank in iv.receipts or iv.outcome != "open",
+                domain=self.coord.domain,
             )
             # the ledger's own admission rules (known job and node, contiguous steps) get the last word
             self.coord.record(receipt)
@@ -200,7 +216,10 @@ class JobRun:
             self.ui.note(f"steps {iv.start}-{iv.end}: ranks named {len(hashes)} different checkpoints; not settled")
             return
         digests = [iv.receipts[r].digest for r in range(self.spec.workers)]
-        p = max(check_probability(self.policy.verification, self.passed_by_node[w], w in self.failed_nodes) for w in self.rank_worker)
+        p = max(
+            check_probability(self.policy.verification, self.passed_by_node[w], w in self.failed_nodes)
+            for w in self.rank_worker
+        )
         if is_checked(self.secret, digests, p):
             iv.outcome = "pending"
             self.counts["checked"] += 1
@@ -208,15 +227,27 @@ class JobRun:
             start_hash = prev.receipts[0].message["checkpointHash"] if prev else None
             committed = np.stack([iv.sketches[r] for r in range(self.spec.workers)])  # (W, K, B)
             iv.pending = self.replay.remote(
-                self.spec.model_dump(mode="json"), self.data_source, str(self.ckpt_dir), iv.start, iv.end,
-                self.policy.verification.sketch_buckets, committed, digests, start_hash,
-                self.policy.verification.tolerance_rel_l2, self.coord.domain.as_dict(),
+                self.spec.model_dump(mode="json"),
+                self.data_source,
+                str(self.ckpt_dir),
+                iv.start,
+                iv.end,
+                self.policy.verification.sketch_buckets,
+                committed,
+                digests,
+                start_hash,
+                self.policy.verification.tolerance_rel_l2,
+                self.coord.domain.as_dict(),
             )
-            self.ui.note(f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; drawn for replay (p={p:.2f})")
+            self.ui.note(
+                f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; drawn for replay (p={p:.2f})"
+            )
         else:
             iv.outcome = "held"
             iv.settle_at = now + self.policy.verification.challenge_window_s
-            self.ui.note(f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; not drawn (p={p:.2f})")
+            self.ui.note(
+                f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; not drawn (p={p:.2f})"
+            )
             self.settle_held(force=False)
 
     # -- replays --------------------------------------------------------------
@@ -252,7 +283,9 @@ class JobRun:
             rep = SignedMessage.from_json(rep_json)
             verify(rep, expected_signer=self.verifier_address, domain=self.coord.domain)
             if rep.message["receiptDigest"] != iv.receipts[rank].digest:
-                raise SignatureError(f"verification report for rank {rank} names receipt {rep.message['receiptDigest']}")
+                raise SignatureError(
+                    f"verification report for rank {rank} names receipt {rep.message['receiptDigest']}"
+                )
             self.coord.record(rep)
             reports.append(rep)
         iv.reports = reports
@@ -273,7 +306,9 @@ class JobRun:
             cheater = self.rank_worker[rank]
             self.failed_nodes.add(cheater)
             self.money["slashed"] += self.coord.slash(self.job_id, rep)
-            self.ui.note(f"steps {iv.start}-{iv.end}: rank {rank} FAILED replay (relative L2 {rep.message['distanceE9'] / 1e9:.2e}); its bond was slashed")
+            self.ui.note(
+                f"steps {iv.start}-{iv.end}: rank {rank} FAILED replay (relative L2 {rep.message['distanceE9'] / 1e9:.2e}); its bond was slashed"
+            )
         self.fraud_at = iv.start if self.fraud_at is None else min(self.fraud_at, iv.start)
         # intervals after the fraud that are not settled yet earn nothing (SPEC.md, Money)
         for later in self.intervals.values():
@@ -318,7 +353,9 @@ class JobRun:
             minted = sum(r.amount_ugpc for r in rewards)
             self.money["minted"] += minted
             if rewards:
-                self.ui.note(f"epoch {ep} closed: minted {format_gpc(minted)} GPC to {len({r.address for r in rewards})} accounts of this job")
+                self.ui.note(
+                    f"epoch {ep} closed: minted {format_gpc(minted)} GPC to {len({r.address for r in rewards})} accounts of this job"
+                )
 
     def last_complete_step(self) -> int:
         """The end of the last interval every rank delivered (the newest checkpoint all ranks saved)."""

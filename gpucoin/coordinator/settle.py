@@ -1,8 +1,11 @@
 """Every ledger write of the coordinator: sign the authorizing message, record it, post the transfers.
 
-Each write is one ledger operation with a client-chosen id derived from what it settles
-(``escrow:<job>``, ``settle:<subject digest>``, ``epoch:<epoch>``...), so a retry after a crash
-returns the original result instead of paying twice. The transfers are the ``gpucoin.ledger.plans``
+Each write is one ledger operation whose id names the message that authorizes it
+(``escrow:<JobOrder digest>``, ``settle:<Settlement digest>``, ``close:<EpochClose digest>``...):
+a retry of the same message returns the original result, and nobody can take an id the
+coordinator will need, since nobody knows a digest before the coordinator signs it. That nothing
+is paid twice is the ledger's rules' doing (each message authorizes one operation; an interval is
+charged once, a receipt's worker slashed once, an epoch closed once). The transfers are the ``gpucoin.ledger.plans``
 list of the signed message, the very list the ledger's authorization rules recompute.
 """
 
@@ -38,8 +41,16 @@ STALE_EPOCH_RETRIES = 3
 """Times a Settlement is signed again when the ledger's epoch moved on while it was being signed."""
 
 
-def genesis_message(account: object, domain: Domain, policy: Policy, *, dev: bool, admin: str | None = None,
-                    allocations: Sequence[tuple[str, int]] = (), start_s: int | None = None) -> SignedMessage:
+def genesis_message(
+    account: object,
+    domain: Domain,
+    policy: Policy,
+    *,
+    dev: bool,
+    admin: str | None = None,
+    allocations: Sequence[tuple[str, int]] = (),
+    start_s: int | None = None,
+) -> SignedMessage:
     """A market's Genesis signed by its coordinator ``account`` (the domain's verifyingContract).
 
     Args:
@@ -105,18 +116,26 @@ class Coordinator:
             "Settlement",
             self.domain,
             {
-                "coordinator": self.account.address, "jobId": job_id, "subject": subject,
-                "epoch": self.ledger.current_epoch(), **amounts.fields(), "policyHash": self.policy_hash,
+                "coordinator": self.account.address,
+                "jobId": job_id,
+                "subject": subject,
+                "epoch": self.ledger.current_epoch(),
+                **amounts.fields(),
+                "policyHash": self.policy_hash,
                 "nonce": self.nonces.next(),
             },
         )
 
-    def _settle(self, op_id: str, job_id: str, subject: str, amounts: SettlementAmounts, plan, memo: str) -> SignedMessage:
-        """Sign a Settlement of ``subject`` and post ``plan(digest)``; signed again if the epoch moved on."""
+    def _settle(
+        self, kind: str, job_id: str, subject: str, amounts: SettlementAmounts, plan, memo: str
+    ) -> SignedMessage:
+        """Sign a Settlement of ``subject`` and post ``plan(digest)`` as operation ``<kind>:<digest>``;
+        signed again if the epoch moved on. At most once comes from the ledger's rules (an interval
+        is charged once, a receipt's worker slashed once, an escrow refunded once), not the id."""
         for attempt in range(STALE_EPOCH_RETRIES):
             msg = self._settlement(job_id, subject, amounts)
             try:
-                self._post(op_id, plan(msg.digest), memo, [msg])
+                self._post(f"{kind}:{msg.digest}", plan(msg.digest), memo, [msg])
                 return msg
             except StaleEpoch:
                 if attempt + 1 == STALE_EPOCH_RETRIES:
@@ -128,13 +147,23 @@ class Coordinator:
         """Dev faucet (a dev market only): mint ``amount_ugpc`` to ``address``; once per ``op_id``."""
         if self.ledger.operation(op_id) is not None:
             return
-        msg = sign(self.account, "Faucet", self.domain, {"recipient": address, "amount": amount_ugpc, "nonce": self.nonces.next()})
+        msg = sign(
+            self.account,
+            "Faucet",
+            self.domain,
+            {"recipient": address, "amount": amount_ugpc, "nonce": self.nonces.next()},
+        )
         self._post(op_id, plan_faucet(address, amount_ugpc, msg.digest), "dev faucet", [msg])
 
     def bond(self, registration: SignedMessage) -> None:
         """Record a volunteer's signed NodeRegistration and bond its stake (available -> bonded)."""
         m = registration.message
-        self._post(f"bond:{registration.digest}", plan_bond(m["provider"], m["stake"], registration.digest), f"bond {m['nodeId']}", [registration])
+        self._post(
+            f"bond:{registration.digest}",
+            plan_bond(m["provider"], m["stake"], registration.digest),
+            f"bond {m['nodeId']}",
+            [registration],
+        )
 
     def escrow(self, order: SignedMessage) -> None:
         """Record an engineer's signed JobOrder and escrow its budget.
@@ -147,19 +176,37 @@ class Coordinator:
             raise InsufficientFunds("a job needs a budget above 0 GPC")
         have = self.ledger.balance(wallet_account(m["consumer"]))
         if have < m["budget"]:
-            raise InsufficientFunds(f"budget {format_gpc(m['budget'])} GPC exceeds the {format_gpc(have)} GPC available in wallet {m['consumer']}")
-        self._post(f"escrow:{m['jobId']}", plan_escrow(m["jobId"], m["consumer"], m["budget"], order.digest), "escrow budget", [order])
+            raise InsufficientFunds(
+                f"budget {format_gpc(m['budget'])} GPC exceeds the {format_gpc(have)} GPC available in wallet {m['consumer']}"
+            )
+        self._post(
+            f"escrow:{order.digest}",
+            plan_escrow(m["jobId"], m["consumer"], m["budget"], order.digest),
+            "escrow budget",
+            [order],
+        )
 
     def assign(self, job_id: str, rank: int, provider: str, node_id: str, from_step: int = 0) -> SignedMessage:
         """Sign and record the Assignment of ``rank`` of ``job_id`` to ``provider``'s node ``node_id``
         from ``from_step`` on: the ledger admits that rank's receipts from this provider only."""
-        msg = sign(self.account, "Assignment", self.domain, {
-            "jobId": job_id, "rank": rank, "provider": provider, "nodeId": node_id, "fromStep": from_step,
-            "nonce": self.nonces.next(),
-        })
+        msg = sign(
+            self.account,
+            "Assignment",
+            self.domain,
+            {
+                "jobId": job_id,
+                "rank": rank,
+                "provider": provider,
+                "nodeId": node_id,
+                "fromStep": from_step,
+                "nonce": self.nonces.next(),
+            },
+        )
         return self.record(msg)
 
-    def settle_interval(self, job_id: str, receipts: list[SignedMessage], reports: list[SignedMessage] | None, payment_ugpc: int) -> tuple[int, int, int, int]:
+    def settle_interval(
+        self, job_id: str, receipts: list[SignedMessage], reports: list[SignedMessage] | None, payment_ugpc: int
+    ) -> tuple[int, int, int, int]:
         """Charge a settled interval to the escrow: burn and treasury (or pay, in direct mode) shares.
 
         Args:
@@ -181,8 +228,14 @@ class Coordinator:
         workers = [r.message["worker"] for r in receipts]
         tok = self.policy.tokenomics
         steps = f"{receipts[0].message['stepStart']}-{receipts[0].message['stepEnd']}"
-        msg = self._settle(f"settle:{job_id}:{receipts[0].message['stepStart']}", job_id, subject, amounts,
-                           lambda d: plan_interval(job_id, pay, tok, d, workers), f"settle steps {steps}")
+        msg = self._settle(
+            "settle",
+            job_id,
+            subject,
+            amounts,
+            lambda d: plan_interval(job_id, pay, tok, d, workers),
+            f"settle steps {steps}",
+        )
         return pay, amounts.burned, amounts.treasury, msg.message["epoch"]
 
     def slash(self, job_id: str, report: SignedMessage) -> int:
@@ -200,8 +253,14 @@ class Coordinator:
             return 0
         assert burned + whistle <= bonded + unbonding, (burned, whistle, bonded, unbonding)
         amounts = SettlementAmounts(burned=burned, slashed=burned + whistle)
-        self._settle(f"slash:{report.message['receiptDigest']}", job_id, report.digest, amounts,
-                     lambda d: plan_slash(cheater, paid_to, bonded, unbonding, burned, whistle, d), "slash")
+        self._settle(
+            "slash",
+            job_id,
+            report.digest,
+            amounts,
+            lambda d: plan_slash(cheater, paid_to, bonded, unbonding, burned, whistle, d),
+            "slash",
+        )
         return burned + whistle
 
     def close_epochs(self) -> list[EpochPlan]:
@@ -214,15 +273,27 @@ class Coordinator:
         closed: list[EpochPlan] = []
         for epoch in self.ledger.closable_epochs():
             supply = self.ledger.totals()["supply"]
-            plan = plan_epoch(epoch, [c.interval for c in self.ledger.epoch_charges(epoch)], self.policy.tokenomics, supply)
+            plan = plan_epoch(
+                epoch, [c.interval for c in self.ledger.epoch_charges(epoch)], self.policy.tokenomics, supply
+            )
             if not plan.rewards:
                 continue  # nothing to mint (the hard cap is reached): nothing to post
-            msg = sign(self.account, "EpochClose", self.domain, {
-                "coordinator": self.account.address, "epoch": epoch, "emission": plan.emission, "minted": plan.minted,
-                "payments": plan.payments, "policyHash": self.policy_hash, "nonce": self.nonces.next(),
-            })
+            msg = sign(
+                self.account,
+                "EpochClose",
+                self.domain,
+                {
+                    "coordinator": self.account.address,
+                    "epoch": epoch,
+                    "emission": plan.emission,
+                    "minted": plan.minted,
+                    "payments": plan.payments,
+                    "policyHash": self.policy_hash,
+                    "nonce": self.nonces.next(),
+                },
+            )
             try:
-                self._post(f"epoch:{epoch}", plan_mint(plan.rewards, msg.digest), f"epoch {epoch} emission", [msg])
+                self._post(f"close:{msg.digest}", plan_mint(plan.rewards, msg.digest), f"epoch {epoch} emission", [msg])
             except (ConflictError, Unauthorized):
                 if self.ledger.epoch_close(epoch) is not None:
                     continue  # closed by another coordinator process in between
@@ -236,6 +307,12 @@ class Coordinator:
         if left == 0:
             return 0
         consumer = order.message["consumer"]
-        self._settle(f"refund:{job_id}", job_id, order.digest, SettlementAmounts(refunded=left),
-                     lambda d: plan_refund(job_id, consumer, left, d), "refund unused escrow")
+        self._settle(
+            "refund",
+            job_id,
+            order.digest,
+            SettlementAmounts(refunded=left),
+            lambda d: plan_refund(job_id, consumer, left, d),
+            "refund unused escrow",
+        )
         return left

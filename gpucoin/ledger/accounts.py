@@ -21,9 +21,8 @@ from typing import Literal
 
 from eth_utils import is_address
 
-from gpucoin.wallet.messages import checksum_address as to_checksum_address
-
 from gpucoin.exceptions import UnknownAccount
+from gpucoin.wallet.messages import checksum_address as to_checksum_address
 
 ISSUANCE = "system:issuance"
 BURNED = "system:burned"

@@ -183,7 +183,9 @@ class Admission:
             raise ConflictError(f"{what}: an allocation of 0 µGPC")
         total = sum(a["amount"] for a in message["allocations"])
         if total > policy.tokenomics.hard_cap_ugpc:
-            raise ConflictError(f"{what}: allocates {total} µGPC, above the policy's hard cap {policy.tokenomics.hard_cap_ugpc}")
+            raise ConflictError(
+                f"{what}: allocates {total} µGPC, above the policy's hard cap {policy.tokenomics.hard_cap_ugpc}"
+            )
         self.genesis, self.domain, self.empty = dict(message), dict(domain), False
 
     def admit(

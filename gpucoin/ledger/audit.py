@@ -7,15 +7,18 @@ recomputed, append-only triggers dropped) is caught by the same rule that would 
 write:
 
 - messages (``_Messages``): every digest recomputes and every signature recovers its signer
-  (``gpucoin.ledger.authenticity``); replayed in recording order through the admission rules
-  (``gpucoin.ledger.admission``: the Genesis first, the market's domain, who signs what,
-  deadlines against the time each was recorded, assignments, contiguous receipts, references);
+  (``gpucoin.ledger.authenticity``); their recording times never run backwards nor into the
+  future; replayed in recording order through the admission rules (``gpucoin.ledger.admission``:
+  the Genesis first, the market's domain, who signs what, deadlines against the time each was
+  recorded, assignments, contiguous receipts, references);
 - transfers (``_Chain``): ids run 1, 2, 3, ... and each row chains to the one before, times never
   run backwards nor into the future (beyond ``MAX_CLOCK_SKEW_US``), and the chain head names the
   last row;
 - operations (``_Replay``): each still matches its content hash, and replayed in order through
-  ``gpucoin.ledger.authorize.authorize_operation`` in the epoch its time falls in, every transfer
-  is authorized by the message it cites and keeps the money rules;
+  ``gpucoin.ledger.authorize.authorize_operation`` in the epoch its time falls in, seeing only the
+  messages recorded by then, every transfer is authorized by the message it cites and keeps the
+  money rules; every coordinator decision (Settlement, EpochClose, Faucet, a Genesis's
+  allocations) authorized an operation;
 - balances: recomputed from the transfers they equal the stored ones, sum to zero, leave no
   account but issuance below zero, and supply = minted - burned <= the policy's hard cap;
 - derived rows: escrows, unbonding entries and every index table (job_order, work_receipt,
@@ -58,7 +61,14 @@ from gpucoin.ledger.models import (
     WorkReceiptRow,
 )
 from gpucoin.ledger.post import index_row
-from gpucoin.ledger.rules import GENESIS_HASH, INT64_MAX, chain_hash, check_balances, operation_hash_of_fields, supply_of
+from gpucoin.ledger.rules import (
+    GENESIS_HASH,
+    INT64_MAX,
+    chain_hash,
+    check_balances,
+    operation_hash_of_fields,
+    supply_of,
+)
 from gpucoin.ledger.state import Escrow, LedgerState, apply_in_place
 from gpucoin.ledger.transfer import Code, Transfer
 from gpucoin.wallet.messages import validate_message
@@ -91,7 +101,7 @@ def run_audit(session: Session, *, now_us: int, hard_cap_ugpc: int | None = None
         problems.append(f"market: {exc}")
         binding = None
     genesis = binding.genesis if binding is not None else None
-    messages = _Messages(binding, problems)
+    messages = _Messages(binding, problems, now_us)
     for m in session.exec(select(MessageRow).order_by(MessageRow.id).execution_options(yield_per=_BATCH)):
         messages.check(m)
     if genesis is None and (messages.count or session.exec(select(TransferRow.id).limit(1)).first() is not None):
@@ -100,7 +110,7 @@ def run_audit(session: Session, *, now_us: int, hard_cap_ugpc: int | None = None
             "market row was removed): no transfer can be authorized; start a new ledger"
         )
     operations = {op.op_id: op for op in session.exec(select(OperationRow).execution_options(yield_per=_BATCH))}
-    replay = _Replay(genesis, messages.facts, problems)
+    replay = _Replay(genesis, messages.facts, messages.admitted, problems)
     chain = _Chain(now_us, operations, replay.operation, problems)
     for t in session.exec(select(TransferRow).order_by(TransferRow.id).execution_options(yield_per=_BATCH)):
         chain.row(t)
@@ -108,6 +118,7 @@ def run_audit(session: Session, *, now_us: int, hard_cap_ugpc: int | None = None
     _check_balances(session, chain, genesis, hard_cap_ugpc, problems)
     problems.extend(_compare_state(session, replay.state))
     if genesis is not None:  # without a Genesis there were no rules to produce these rows
+        problems.extend(replay.unused_decisions())
         problems.extend(_compare_admission(session, messages.admission))
         problems.extend(_compare_effects(session, replay.rows))
     return problems
@@ -119,9 +130,14 @@ class _Messages:
 
     binding: Binding | None
     problems: list[str]
+    now_us: int
     admission: Admission = field(default_factory=lambda: Admission(domain=None, now_s=0, empty=True))
     facts: Facts = field(init=False)
     count: int = 0
+    last_time: int = 0
+    admitted: list[tuple[int, Msg]] = field(default_factory=list)
+    """(recorded_at µs, message) of every admitted message, in recording order: the replay of the
+    operations hands them to the facts as its time reaches theirs."""
 
     def __post_init__(self) -> None:
         self.facts = Facts(self.binding.genesis if self.binding is not None else None, now_epoch=-1)
@@ -129,6 +145,12 @@ class _Messages:
     def check(self, m: MessageRow) -> None:
         self.count += 1
         where = f"message #{m.id} ({m.primary_type} {m.digest})"
+        if not self.last_time <= m.recorded_at <= self.now_us + MAX_CLOCK_SKEW_US:
+            self.problems.append(
+                f"{where}: recorded at {m.recorded_at} µs, before the message before it ({self.last_time} µs) "
+                f"or in the future (now {self.now_us} µs)"
+            )
+        self.last_time = max(self.last_time, m.recorded_at)
         typed, problem = verify_message(m)
         if problem is not None or typed is None:
             self.problems.append(f"{where}: {problem}")
@@ -141,14 +163,16 @@ class _Messages:
         try:
             if m.primary_type == GENESIS:
                 if m.digest != genesis.digest or m.id != self.binding.first_message_id:
-                    raise GpucoinError(f"the market's Genesis is {genesis.digest}, recorded as message #{self.binding.first_message_id}")
+                    raise GpucoinError(
+                        f"the market's Genesis is {genesis.digest}, recorded as message #{self.binding.first_message_id}"
+                    )
                 self.admission.admit_genesis(typed["domain"], fields, m.digest, genesis.policy)
             else:
                 self.admission.admit(m.primary_type, typed["domain"], fields, m.digest, m.signer)
         except GpucoinError as exc:
             self.problems.append(f"{where}: not admissible: {exc}")
             return
-        self.facts.add_message(Msg(m.digest, m.primary_type, m.signer, fields))
+        self.admitted.append((m.recorded_at, Msg(m.digest, m.primary_type, m.signer, fields)))
 
 
 @dataclass
@@ -157,9 +181,32 @@ class _Replay:
 
     genesis: GenesisInfo | None
     facts: Facts
+    admitted: list[tuple[int, Msg]]
     problems: list[str]
     state: LedgerState = field(default_factory=LedgerState)
     rows: dict[type, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    seen: int = 0
+
+    def known_until(self, time_us: int) -> None:
+        """Hand the facts every admitted message recorded no later than ``time_us``: an operation
+        may rely only on what was recorded when it was posted (``post.ledger_time_us``)."""
+        while self.seen < len(self.admitted) and self.admitted[self.seen][0] <= time_us:
+            self.facts.add_message(self.admitted[self.seen][1])
+            self.seen += 1
+
+    def unused_decisions(self) -> list[str]:
+        """Coordinator decisions that authorized no operation. A Settlement, an EpochClose, a Faucet
+        or a Genesis with allocations is recorded in the transaction that posts its operation, so
+        one left unused is what remains of an operation removed from the chain."""
+        self.known_until(1 << 62)
+        out = []
+        for _, m in self.admitted:
+            decision = m.type in ("Settlement", "EpochClose", "Faucet") or (m.type == GENESIS and m["allocations"])
+            if decision and m.digest not in self.facts.used:
+                out.append(
+                    f"message {m.type} {m.digest}: recorded, but authorized no operation (was its operation removed?)"
+                )
+        return out
 
     def operation(self, op: OperationRow, rows: list[TransferRow]) -> None:
         """Check and replay operation ``op`` whose transfer rows are ``rows`` (in seq order)."""
@@ -182,6 +229,7 @@ class _Replay:
                 self.problems.append(f"{where}: replay breaks the money rules ({type(exc).__name__}: {exc})")
             return
         g = self.genesis
+        self.known_until(rows[0].created_at)
         self.facts.now_epoch = epoch_at(rows[0].created_at, g.start_s, g.policy.tokenomics.epoch_length_s)
         if op.epoch != self.facts.now_epoch or op.unbonding_epochs != g.policy.bonding.unbonding_epochs:
             self.problems.append(
@@ -189,7 +237,12 @@ class _Replay:
                 f"epoch {self.facts.now_epoch} and the policy {g.policy.bonding.unbonding_epochs}"
             )
         names = {t.debit for t in transfers} | {t.credit for t in transfers} | {ISSUANCE, BURNED}
-        names |= {a for m in (self.facts.messages.get(t.digest) for t in transfers) if m is not None for a in _reads(m, self.facts)}
+        names |= {
+            a
+            for m in (self.facts.messages.get(t.digest) for t in transfers)
+            if m is not None
+            for a in _reads(m, self.facts)
+        }
         try:
             part, effects, used = authorize_operation(self.state.subset(names), self.facts, transfers)
         except Exception as exc:  # any refusal is a finding: the stored rows were not authorized
@@ -273,8 +326,16 @@ class _Chain:
         if self.chain_ok:
             try:
                 expected = chain_hash(
-                    self.prev_hash, id=t.id, op_id=t.op_id, seq=t.seq, debit=t.debit, credit=t.credit,
-                    amount=t.amount, code=t.code, digest=t.digest, created_at=t.created_at,
+                    self.prev_hash,
+                    id=t.id,
+                    op_id=t.op_id,
+                    seq=t.seq,
+                    debit=t.debit,
+                    credit=t.credit,
+                    amount=t.amount,
+                    code=t.code,
+                    digest=t.digest,
+                    created_at=t.created_at,
                 )
             except (TypeError, ValueError) as exc:
                 expected = f"<not computable: {exc}>"
@@ -301,7 +362,9 @@ class _Chain:
             )
 
 
-def _check_balances(session: Session, chain: _Chain, genesis: GenesisInfo | None, hard_cap: int | None, problems: list[str]) -> None:
+def _check_balances(
+    session: Session, chain: _Chain, genesis: GenesisInfo | None, hard_cap: int | None, problems: list[str]
+) -> None:
     """Recomputed balances against the stored ones, and the invariants of SPEC.md (Money)."""
     stored = {a.name: a.balance for a in session.exec(select(AccountRow).execution_options(yield_per=_BATCH))}
     balances = chain.balances
@@ -347,7 +410,9 @@ def _compare_state(session: Session, replayed: LedgerState) -> list[str]:
     return problems
 
 
-def _diff(table: str, stored: dict[Any, Any], replayed: dict[Any, Any], label: Callable[[Any], str] = repr) -> list[str]:
+def _diff(
+    table: str, stored: dict[Any, Any], replayed: dict[Any, Any], label: Callable[[Any], str] = repr
+) -> list[str]:
     """Rows of ``table`` (key -> values) that differ from what the replay produced, each named by ``label(key)``."""
     out: list[str] = []
     for key in sorted(set(stored) | set(replayed), key=repr):
@@ -368,7 +433,9 @@ def _compare_admission(session: Session, a: Admission) -> list[str]:
         (r.job_id, int(r.rank), int(r.step_start)): (int(r.step_end), r.digest)
         for r in session.exec(select(WorkReceiptRow).execution_options(yield_per=_BATCH))
     }
-    problems += _diff("work_receipt", stored_receipts, a.receipts, lambda k: f"(job {k[0]!r}, rank {k[1]}, step {k[2]})")
+    problems += _diff(
+        "work_receipt", stored_receipts, a.receipts, lambda k: f"(job {k[0]!r}, rank {k[1]}, step {k[2]})"
+    )
     problems += _diff(
         "node_registration",
         {r.digest: (r.provider, r.node_id) for r in session.exec(select(NodeRegistrationRow))},
@@ -376,7 +443,10 @@ def _compare_admission(session: Session, a: Admission) -> list[str]:
     )
     problems += _diff(
         "assignment",
-        {r.digest: (r.job_id, int(r.rank), r.provider, r.node_id, int(r.from_step)) for r in session.exec(select(AssignmentRow))},
+        {
+            r.digest: (r.job_id, int(r.rank), r.provider, r.node_id, int(r.from_step))
+            for r in session.exec(select(AssignmentRow))
+        },
         a.assigned,
     )
     problems += _diff(

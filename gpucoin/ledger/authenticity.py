@@ -6,22 +6,23 @@ The check ``Ledger.record_messages`` runs on each message before storing it, and
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from gpucoin.ledger.models import MessageRow
+from gpucoin.wallet.messages import loads_json
 
 
 def verify_message(row: MessageRow) -> tuple[dict[str, Any] | None, str | None]:
     """Check one stored message against its own typed data.
 
-    Parses the stored canonical JSON and runs ``verify_typed_message`` on it with the row's columns.
+    Parses the stored canonical JSON (depth- and size-bounded: a stored row is as hostile as any
+    input) and runs ``verify_typed_message`` on it with the row's columns.
 
     Returns:
         (the parsed typed data, or None if it is not a JSON object; the problem, or None if it holds).
     """
     try:
-        typed = json.loads(row.typed_data)
+        typed = loads_json(row.typed_data)
     except (TypeError, ValueError) as exc:
         return None, f"typed data is not JSON ({exc})"
     problem = verify_typed_message(

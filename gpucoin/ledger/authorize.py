@@ -61,9 +61,7 @@ AUTHORIZES: dict[str, frozenset[Code]] = {
     "NodeRegistration": frozenset({Code.BOND}),
     "Unbond": frozenset({Code.UNBOND}),
     "Withdraw": frozenset({Code.WITHDRAW}),
-    "Settlement": frozenset(
-        {Code.BURN, Code.TREASURY, Code.PAY, Code.SLASH, Code.WHISTLEBLOWER, Code.REFUND}
-    ),
+    "Settlement": frozenset({Code.BURN, Code.TREASURY, Code.PAY, Code.SLASH, Code.WHISTLEBLOWER, Code.REFUND}),
     "EpochClose": frozenset({Code.MINT_WORKER, Code.MINT_VERIFIER}),
 }
 """The transfer codes each primary type may authorize; other types (WorkReceipt,
@@ -140,9 +138,13 @@ def _rule_withdraw(msg: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[lis
 def _rule_settlement(msg: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[list[Transfer], Effect | None]:
     g = _genesis(f)
     if msg["policyHash"] != g.policy_hash:
-        raise Unauthorized(f"Settlement {msg.digest} is signed under policy {msg['policyHash']}, not the market's {g.policy_hash}")
+        raise Unauthorized(
+            f"Settlement {msg.digest} is signed under policy {msg['policyHash']}, not the market's {g.policy_hash}"
+        )
     if msg["epoch"] != f.now_epoch:
-        raise StaleEpoch(f"Settlement {msg.digest} is signed for epoch {msg['epoch']}; the ledger's clock is in epoch {f.now_epoch}")
+        raise StaleEpoch(
+            f"Settlement {msg.digest} is signed for epoch {msg['epoch']}; the ledger's clock is in epoch {f.now_epoch}"
+        )
     subject = _message(f, msg["subject"], f"Settlement {msg.digest}: its subject")
     if subject.type == "JobOrder":
         return _refund(msg, subject, state)
@@ -155,22 +157,30 @@ def _rule_settlement(msg: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[l
 
 def _same_job(msg: Msg, job: str) -> None:
     if msg["jobId"] != job:
-        raise Unauthorized(f"Settlement {msg.digest} names job {msg['jobId']!r}, but its subject belongs to job {job!r}")
+        raise Unauthorized(
+            f"Settlement {msg.digest} names job {msg['jobId']!r}, but its subject belongs to job {job!r}"
+        )
 
 
 def _charge(msg: Msg, subject: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[list[Transfer], Effect | None]:
     """An interval charged to its escrow: unchecked (subject: a receipt) or checked (a passing report)."""
-    receipt = subject if subject.type == "WorkReceipt" else _message(f, subject["receiptDigest"], "the report's receipt")
+    receipt = (
+        subject if subject.type == "WorkReceipt" else _message(f, subject["receiptDigest"], "the report's receipt")
+    )
     job, start = receipt["jobId"], receipt["stepStart"]
     _same_job(msg, job)
     where = f"Settlement {msg.digest} (job {job!r} steps {start}-{receipt['stepEnd']})"
     order = _message(f, f.orders.get(job, ""), f"{where}: the JobOrder of job {job!r}")
     ranks = f.interval_receipts.get((job, start), {})
     if sorted(ranks) != list(range(order["workers"])):
-        raise Unauthorized(f"{where}: the interval has receipts of ranks {sorted(ranks)}; the job has {order['workers']} ranks")
+        raise Unauthorized(
+            f"{where}: the interval has receipts of ranks {sorted(ranks)}; the job has {order['workers']} ranks"
+        )
     receipts = [f.messages[ranks[r]] for r in range(order["workers"])]
     if {r["stepEnd"] for r in receipts} != {receipt["stepEnd"]}:
-        raise Unauthorized(f"{where}: its ranks' receipts end at different steps {sorted({r['stepEnd'] for r in receipts})}")
+        raise Unauthorized(
+            f"{where}: its ranks' receipts end at different steps {sorted({r['stepEnd'] for r in receipts})}"
+        )
     verifier = None
     if subject.type == "VerificationReport":
         verifier = subject["verifier"]
@@ -184,7 +194,9 @@ def _charge(msg: Msg, subject: Msg, f: Facts, state: LedgerState, op: _Op) -> tu
     paid = msg["paid"]
     left = state.balances.get(escrow_account(job), 0)
     if not 0 < paid <= left:
-        raise Unauthorized(f"{where}: charges {paid} µGPC; the escrow holds {left} µGPC (a charge is 1 µGPC to all of it)")
+        raise Unauthorized(
+            f"{where}: charges {paid} µGPC; the escrow holds {left} µGPC (a charge is 1 µGPC to all of it)"
+        )
     tokenomics = _genesis(f).policy.tokenomics
     _expect(msg, **charge_amounts(paid, tokenomics).fields())
     workers = [r["worker"] for r in receipts]
@@ -198,7 +210,9 @@ def _slash(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -> tupl
     receipt = _message(f, report["receiptDigest"], "the report's receipt")
     _same_job(msg, receipt["jobId"])
     if receipt.digest in f.slashed or op.slashed(receipt.digest):
-        raise Unauthorized(f"Settlement {msg.digest}: the worker of receipt {receipt.digest} was already slashed for it")
+        raise Unauthorized(
+            f"Settlement {msg.digest}: the worker of receipt {receipt.digest} was already slashed for it"
+        )
     cheater = receipt["worker"]
     bonded = state.balances.get(wallet_account(cheater, "bonded"), 0)
     unbonding = state.balances.get(wallet_account(cheater, "unbonding"), 0)
@@ -226,11 +240,14 @@ def _rule_close(msg: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[list[T
         raise Unauthorized(f"{where} is signed under policy {msg['policyHash']}, not the market's {g.policy_hash}")
     if e >= f.now_epoch:
         end = epoch_end_s(e, g.start_s, g.policy.tokenomics.epoch_length_s)
-        raise Unauthorized(f"{where}: the epoch ends at unix second {end}; the ledger's clock is in epoch {f.now_epoch}")
+        raise Unauthorized(
+            f"{where}: the epoch ends at unix second {end}; the ledger's clock is in epoch {f.now_epoch}"
+        )
     if e in f.closed or op.closed(e):
         raise Unauthorized(f"{where}: the epoch is already closed")
-    if e < f.last_closed:
-        raise Unauthorized(f"{where}: epoch {f.last_closed} is already closed; epochs close in order")
+    last = max([f.last_closed, *(c.epoch for c in op.effects if isinstance(c, Close))])
+    if e < last:
+        raise Unauthorized(f"{where}: epoch {last} is already closed; epochs close in order")
     charges = f.epoch_charges.get(e, [])
     if not charges:
         raise Unauthorized(f"{where}: no interval was charged in it, so it mints nothing")
@@ -278,7 +295,9 @@ def groups_of(transfers: Sequence[Transfer]) -> list[tuple[str, int, list[Transf
             runs[-1][2].append(t)
             continue
         if d in seen:
-            raise Unauthorized(f"transfer #{i} cites {d} apart from the other transfers that cite it; keep them together")
+            raise Unauthorized(
+                f"transfer #{i} cites {d} apart from the other transfers that cite it; keep them together"
+            )
         seen.add(d)
         runs.append((d, i, [t]))
     return runs

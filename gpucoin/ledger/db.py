@@ -139,6 +139,7 @@ def insert_rows(s: Session, table: Table, rows: list[dict[str, Any]]) -> None:
     finally:
         cur.close()
 
+
 def install_sqlite_hooks(engine: Engine) -> None:
     """WAL, foreign keys, and SQLAlchemy-controlled BEGIN / BEGIN IMMEDIATE on every SQLite connection."""
 
@@ -168,9 +169,9 @@ def normalize_url(url: str) -> str:
     if not isinstance(url, str) or not url:
         raise LedgerError(f"ledger URL must be text like sqlite:///path or postgresql://host/db, got {url!r}")
     if url.startswith("postgres://"):
-        url = "postgresql://" + url[len("postgres://"):]
+        url = "postgresql://" + url[len("postgres://") :]
     if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
     try:
         backend = make_url(url).get_backend_name()
     except Exception:
@@ -178,7 +179,6 @@ def normalize_url(url: str) -> str:
     if backend not in ("sqlite", "postgresql"):
         raise LedgerError(f"ledger backend {backend!r} is not supported; use sqlite or postgresql")
     return url
-
 
 
 @contextmanager

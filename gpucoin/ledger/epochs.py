@@ -8,6 +8,7 @@ when it is posted; an epoch may be closed only once it has ended, only once, and
 every epoch closed before it. Closing epoch ``e`` mints ``emission_ugpc(e)`` (never past the hard
 cap) pro rata to the payment of every interval charged in ``e``, across all jobs
 (``distribute_emission``, Render's rule: emission never depends on what was burned in the epoch).
+In ``direct`` mode the workers are paid from escrow instead, and epochs mint nothing.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class EpochPlan:
         return sum(r.amount_ugpc for r in self.rewards)
 
 
-def plan_epoch(epoch: int, intervals: Sequence[SettledInterval], tokenomics: TokenomicsPolicy, supply_ugpc: int) -> EpochPlan:
+def plan_epoch(
+    epoch: int, intervals: Sequence[SettledInterval], tokenomics: TokenomicsPolicy, supply_ugpc: int
+) -> EpochPlan:
     """What closing ``epoch`` mints, given every interval charged in it and the supply before.
 
     Args:
@@ -72,6 +75,7 @@ def plan_epoch(epoch: int, intervals: Sequence[SettledInterval], tokenomics: Tok
     Raises:
         ValueError / AmountError: as ``emission_ugpc`` and ``distribute_emission``.
     """
-    emission = emission_ugpc(epoch, tokenomics, supply_ugpc)
+    # direct mode pays the workers from escrow instead of emission (SPEC.md, Money): nothing to mint
+    emission = 0 if tokenomics.mode == "direct" else emission_ugpc(epoch, tokenomics, supply_ugpc)
     rewards = tuple(distribute_emission(emission, intervals, tokenomics))
     return EpochPlan(epoch, emission, sum(iv.payment_ugpc for iv in intervals), rewards)

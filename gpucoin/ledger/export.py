@@ -23,13 +23,13 @@ Rows are read in one read transaction and streamed, so memory does not grow with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
 from sqlmodel import Session, select
 
 from gpucoin.ledger.models import MessageRow, OperationRow, PolicyRow, TransferRow
+from gpucoin.wallet.messages import loads_json
 
 EXPORT_FORMAT = "gpucoin-ledger-export-v2"
 """The ``format`` of the header line; a change in any record's fields gets a new version."""
@@ -42,7 +42,7 @@ def iter_export(session: Session, schema_revision: str | None) -> Iterator[dict[
     """Yield the export's records (see the module docstring) from the ledger behind ``session``."""
     yield {"kind": "header", "format": EXPORT_FORMAT, "schema": schema_revision, "amount_unit": "µGPC"}
     for p in session.exec(select(PolicyRow).order_by(PolicyRow.hash)):
-        yield {"kind": "policy", "hash": p.hash, "policy": json.loads(p.body)}
+        yield {"kind": "policy", "hash": p.hash, "policy": loads_json(p.body)}
     for m in session.exec(select(MessageRow).order_by(MessageRow.id).execution_options(yield_per=_BATCH)):
         yield {
             "kind": "message",
@@ -52,7 +52,7 @@ def iter_export(session: Session, schema_revision: str | None) -> Iterator[dict[
             "signer": m.signer,
             "nonce": m.nonce,
             "signature": m.signature,
-            "typed_data": json.loads(m.typed_data),
+            "typed_data": loads_json(m.typed_data),
             "recorded_at_us": m.recorded_at,
         }
     for op in session.exec(

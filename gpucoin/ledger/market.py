@@ -9,7 +9,6 @@ never from the caller.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from gpucoin.ledger import migrate
 from gpucoin.ledger.facts import GenesisInfo, Msg
 from gpucoin.ledger.models import MarketRow, MessageRow, PolicyRow
 from gpucoin.policy.model import Policy, parse_policy, policy_hash
+from gpucoin.wallet.messages import loads_json
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def msg_of(row: Any) -> Msg:
         LedgerError: for stored typed data that is not a JSON object with a ``message`` object.
     """
     try:
-        fields = json.loads(row.typed_data)["message"]
+        fields = loads_json(row.typed_data)["message"]
     except (TypeError, ValueError, KeyError) as exc:
         raise LedgerError(f"message {row.digest}: stored typed data does not parse ({exc})") from None
     if not isinstance(fields, dict):
@@ -63,7 +63,7 @@ def load_policy_row(conn: Any, hash_: str) -> Policy:
     if row is None:
         raise LedgerError(f"the ledger's policy {hash_} is not stored")
     try:
-        policy = parse_policy(json.loads(row[0]), f"stored policy {hash_}")
+        policy = parse_policy(loads_json(row[0]), f"stored policy {hash_}")
     except (ValueError, PolicyError) as exc:
         raise LedgerError(f"the ledger's policy {hash_} does not parse: {exc}") from None
     if policy_hash(policy) != hash_:
@@ -88,7 +88,7 @@ def read_binding(conn: Any, *, lock: bool = False) -> Binding | None:
     row = conn.execute(select(table).where(table.c.id == 1)).first()
     if row is None:
         return None
-    domain = json.loads(row.domain)
+    domain = loads_json(row.domain)
     if row.genesis_digest is None:
         return Binding(domain, int(row.first_message_id), None)
     mtable = MessageRow.__table__
@@ -98,5 +98,10 @@ def read_binding(conn: Any, *, lock: bool = False) -> Binding | None:
     genesis = msg_of(grow)
     policy = load_policy_row(conn, row.policy_hash)
     if genesis.fields.get("policyHash") != row.policy_hash:
-        raise LedgerError(f"the ledger's Genesis names policy {genesis.fields.get('policyHash')}, the market row {row.policy_hash}")
+        raise LedgerError(
+            f"the ledger's Genesis names policy {genesis.fields.get('policyHash')}, the market row {row.policy_hash}"
+        )
+    signed_domain = loads_json(grow.typed_data).get("domain")
+    if signed_domain != domain:  # the row is a copy; the Genesis's signature is what binds the market
+        raise LedgerError(f"the market row names the domain {domain}, but the Genesis is signed in {signed_domain}")
     return Binding(domain, int(row.first_message_id), GenesisInfo.of(genesis, policy))

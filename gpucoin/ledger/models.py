@@ -385,15 +385,40 @@ class EpochCloseRow(SQLModel, table=True):
 LEDGER_TABLES = [
     SQLModel.metadata.tables[name]
     for name in (
-        "message", "operation", "transfer", "account", "escrow", "unbonding", "chain_head",
-        "market", "job_order", "work_receipt", "policy", "node_registration", "assignment",
-        "verification_report", "interval_charge", "slash", "epoch_close",
+        "message",
+        "operation",
+        "transfer",
+        "account",
+        "escrow",
+        "unbonding",
+        "chain_head",
+        "market",
+        "job_order",
+        "work_receipt",
+        "policy",
+        "node_registration",
+        "assignment",
+        "verification_report",
+        "interval_charge",
+        "slash",
+        "epoch_close",
     )
 ]
 """The ledger's tables, in creation order."""
 
 APPEND_ONLY_TABLES = (
-    "message", "operation", "transfer", "market", "job_order", "work_receipt", "policy", "node_registration",
-    "assignment", "verification_report", "interval_charge", "slash", "epoch_close",
+    "message",
+    "operation",
+    "transfer",
+    "market",
+    "job_order",
+    "work_receipt",
+    "policy",
+    "node_registration",
+    "assignment",
+    "verification_report",
+    "interval_charge",
+    "slash",
+    "epoch_close",
 )
 """Tables whose rows are never updated or deleted (a trigger refuses it)."""

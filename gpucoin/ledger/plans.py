@@ -42,8 +42,14 @@ class SettlementAmounts:
 
     def fields(self) -> dict[str, int]:
         """The Settlement message fields, by name."""
-        return {"paid": self.paid, "burned": self.burned, "treasury": self.treasury, "minted": self.minted,
-                "slashed": self.slashed, "refunded": self.refunded}
+        return {
+            "paid": self.paid,
+            "burned": self.burned,
+            "treasury": self.treasury,
+            "minted": self.minted,
+            "slashed": self.slashed,
+            "refunded": self.refunded,
+        }
 
 
 def charge_amounts(paid: int, tokenomics: TokenomicsPolicy) -> SettlementAmounts:

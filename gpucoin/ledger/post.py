@@ -44,6 +44,7 @@ from gpucoin.ledger.rules import chain_hash
 from gpucoin.ledger.state import Escrow, LedgerState, touched_accounts
 from gpucoin.ledger.transfer import Code, Operation
 from gpucoin.policy.tokenomics import SettledInterval
+from gpucoin.wallet.messages import loads_json
 
 
 def apply_batch(
@@ -59,9 +60,8 @@ def apply_batch(
     Args:
         genesis: the market's Genesis, read in this transaction (None: the ledger has none, and
             every new operation is refused).
-        now_us: the ledger's clock (µs): each transfer's ``created_at`` (never before the last
-            row's, so times along the chain never run backwards whichever writer's clock was
-            read first), from which its epoch follows.
+        now_us: the ledger's time (µs, ``ledger_time_us``): each transfer's ``created_at``, from
+            which its epoch follows.
         known: messages recorded in this transaction (``load_facts``), so they are not read back.
 
     Returns:
@@ -72,13 +72,13 @@ def apply_batch(
         As ``authorize_operation``, prefixed with the refused operation's id.
     """
     # The chain head first, always: this serializes writers and fixes the lock order.
-    head = s.exec(select(ChainHead).where(ChainHead.id == 1).with_for_update()).one()
+    head = lock_head(s)
     stored = {
         o.op_id: o for o in s.exec(select(OperationRow).where(OperationRow.op_id.in_({op.op_id for op in ops}))).all()
     }
     results: list[list[int] | None] = [None] * len(ops)
     fresh: dict[str, int] = {}  # op id -> index of the new operation in this batch
-    for i, (op, content) in enumerate(zip(ops, contents)):
+    for i, (op, content) in enumerate(zip(ops, contents, strict=True)):
         prior = stored.get(op.op_id)
         prior_content = prior.content_hash if prior is not None else None
         if prior is None and op.op_id in fresh:
@@ -97,10 +97,10 @@ def apply_batch(
     if new_ops:
         if genesis is None:
             raise LedgerError("this ledger has no Genesis yet: it posts no transfer (Ledger.init_genesis)")
-        if head.last_transfer_id:
-            now_us = max(now_us, s.exec(select(TransferRow.created_at).where(TransferRow.id == head.last_transfer_id)).one())
         tokenomics = genesis.policy.tokenomics
-        facts = load_facts(s, new_ops, genesis, epoch_at(now_us, genesis.start_s, tokenomics.epoch_length_s), known or {})
+        facts = load_facts(
+            s, new_ops, genesis, epoch_at(now_us, genesis.start_s, tokenomics.epoch_length_s), known or {}
+        )
         reads = {ISSUANCE, BURNED}.union(*(accounts_read(m, facts) for m in facts.messages.values()))
         state, before = load_state(s, set().union(reads, *(touched_accounts(op.transfers) for op in new_ops)))
         next_id, prev = head.last_transfer_id + 1, head.last_hash
@@ -122,8 +122,15 @@ def apply_batch(
             first = next_id
             for seq, t in enumerate(op.transfers):
                 fields = dict(
-                    id=next_id, op_id=op.op_id, seq=seq, debit=t.debit, credit=t.credit, amount=t.amount,
-                    code=Code(t.code).value, digest=t.digest.lower(), created_at=now_us,
+                    id=next_id,
+                    op_id=op.op_id,
+                    seq=seq,
+                    debit=t.debit,
+                    credit=t.credit,
+                    amount=t.amount,
+                    code=Code(t.code).value,
+                    digest=t.digest.lower(),
+                    created_at=now_us,
                 )
                 row_hash = chain_hash(prev, **fields)
                 transfer_rows.append({**fields, "prev_hash": prev, "row_hash": row_hash})
@@ -131,8 +138,13 @@ def apply_batch(
                 next_id += 1
             op_rows.append(
                 dict(
-                    op_id=op.op_id, content_hash=contents[fresh[op.op_id]], memo=op.memo, first_transfer_id=first,
-                    n_transfers=len(op.transfers), created_at=now_us, epoch=facts.now_epoch,
+                    op_id=op.op_id,
+                    content_hash=contents[fresh[op.op_id]],
+                    memo=op.memo,
+                    first_transfer_id=first,
+                    n_transfers=len(op.transfers),
+                    created_at=now_us,
+                    epoch=facts.now_epoch,
                     unbonding_epochs=genesis.policy.bonding.unbonding_epochs,
                 )
             )
@@ -151,26 +163,59 @@ def apply_batch(
     return [list(r) for r in results if r is not None]
 
 
+def lock_head(s: Session) -> ChainHead:
+    """Lock the chain head row (``SELECT ... FOR UPDATE``): every write takes it first, so writers
+    serialize and messages are admitted against what the writers before them stored (SQLite's
+    ``BEGIN IMMEDIATE`` already holds the whole database)."""
+    return s.exec(select(ChainHead).where(ChainHead.id == 1).with_for_update()).one()
+
+
+def ledger_time_us(s: Session, now_us: int) -> int:
+    """The ledger's time for a write at clock time ``now_us`` (µs): never before the newest stored
+    transfer's ``created_at`` nor the newest message's ``recorded_at``, so times along the chain and
+    along the messages never run backwards, and a message is always recorded no later than any
+    operation posted after it (the audit checks both), whichever writer's clock was read first."""
+    head = s.exec(select(ChainHead.last_transfer_id).where(ChainHead.id == 1)).first()
+    last = s.exec(select(TransferRow.created_at).where(TransferRow.id == head)).first() if head else None
+    last_message = s.exec(select(func.max(MessageRow.id))).one()
+    recorded = (
+        s.exec(select(MessageRow.recorded_at).where(MessageRow.id == last_message)).first() if last_message else None
+    )
+    return max(now_us, last or 0, recorded or 0)
+
+
 def index_row(effect: Charge | Slash | Close, op_id: str) -> tuple[type, dict[str, Any]]:
     """The index table and row that record one effect of operation ``op_id``."""
     if isinstance(effect, Charge):
         iv = effect.interval
         return IntervalChargeRow, dict(
-            settlement=effect.settlement, job_id=effect.job_id, step_start=effect.step_start, epoch=effect.epoch,
-            payment=iv.payment_ugpc, verifier=iv.verifier, receipts=json.dumps(list(iv.receipt_digests)),
-            workers=json.dumps(list(iv.workers)), op_id=op_id,
+            settlement=effect.settlement,
+            job_id=effect.job_id,
+            step_start=effect.step_start,
+            epoch=effect.epoch,
+            payment=iv.payment_ugpc,
+            verifier=iv.verifier,
+            receipts=json.dumps(list(iv.receipt_digests)),
+            workers=json.dumps(list(iv.workers)),
+            op_id=op_id,
         )
     if isinstance(effect, Slash):
         return SlashRow, dict(receipt=effect.receipt, settlement=effect.settlement, report=effect.report, op_id=op_id)
     return EpochCloseRow, dict(
-        epoch=effect.epoch, digest=effect.digest, emission=effect.emission, minted=effect.minted,
-        payments=effect.payments, op_id=op_id,
+        epoch=effect.epoch,
+        digest=effect.digest,
+        emission=effect.emission,
+        minted=effect.minted,
+        payments=effect.payments,
+        op_id=op_id,
     )
 
 
 def charge_of(row: Any) -> Charge:
     """The ``Charge`` an ``interval_charge`` row records."""
-    interval = SettledInterval(tuple(json.loads(row.receipts)), tuple(json.loads(row.workers)), row.verifier, int(row.payment))
+    interval = SettledInterval(
+        tuple(loads_json(row.receipts)), tuple(loads_json(row.workers)), row.verifier, int(row.payment)
+    )
     return Charge(row.settlement, row.job_id, int(row.step_start), int(row.epoch), interval)
 
 
@@ -188,7 +233,9 @@ class _Messages:
             return
         t = MessageRow.__table__
         rows = self.s.execute(
-            select(t.c.id, t.c.digest, t.c.primary_type, t.c.signer, t.c.typed_data).where(in_(self.s, t.c.digest, wanted))
+            select(t.c.id, t.c.digest, t.c.primary_type, t.c.signer, t.c.typed_data).where(
+                in_(self.s, t.c.digest, wanted)
+            )
         ).all()
         for row in rows:
             self.found[row.digest] = (int(row.id), msg_of(row))
@@ -237,7 +284,9 @@ def load_facts(
             ).all()
             if (r.job_id, int(r.step_start)) in wanted
         }
-        reports = set(s.execute(select(vr.c.digest).where(in_(s, vr.c.receipt_digest, sorted(receipt_digests)))).scalars())
+        reports = set(
+            s.execute(select(vr.c.digest).where(in_(s, vr.c.receipt_digest, sorted(receipt_digests)))).scalars()
+        )
         jo = JobOrderRow.__table__
         orders = set(s.execute(select(jo.c.digest).where(in_(s, jo.c.job_id, jobs))).scalars())
         msgs.load(receipt_digests | reports | orders)
@@ -248,7 +297,9 @@ def load_facts(
             if (row.job_id, int(row.step_start)) in wanted:
                 facts.charges[(row.job_id, int(row.step_start))] = charge_of(row)
         sl = SlashRow.__table__
-        facts.slashed.update(s.execute(select(sl.c.receipt).where(in_(s, sl.c.receipt, sorted(receipt_digests)))).scalars())
+        facts.slashed.update(
+            s.execute(select(sl.c.receipt).where(in_(s, sl.c.receipt, sorted(receipt_digests)))).scalars()
+        )
     for _, m in sorted(msgs.found.values(), key=lambda found: found[0]):  # recording order: reports keep theirs
         facts.add_message(m)
     tr = TransferRow.__table__
@@ -274,7 +325,9 @@ def load_state(s: Session, names: set[str]) -> tuple[LedgerState, LedgerState]:
     escrows = [n for n in ordered if account_kind(n) == "escrow"]
     unbonding = [n for n in ordered if account_kind(n) == "unbonding"]
     state = LedgerState()
-    for r in s.exec(select(AccountRow).where(AccountRow.name.in_(ordered)).order_by(AccountRow.name).with_for_update()).all():
+    for r in s.exec(
+        select(AccountRow).where(AccountRow.name.in_(ordered)).order_by(AccountRow.name).with_for_update()
+    ).all():
         state.balances[r.name] = int(r.balance)
     if escrows:
         for r in s.exec(
@@ -307,7 +360,9 @@ def write_state(s: Session, state: LedgerState, before: LedgerState, created: di
         for a, e in state.escrows.items()
         if a not in before.escrows
     ]
-    esc_changed = [{"a": a, "p": e.phase} for a, e in state.escrows.items() if a in before.escrows and before.escrows[a] != e]
+    esc_changed = [
+        {"a": a, "p": e.phase} for a, e in state.escrows.items() if a in before.escrows and before.escrows[a] != e
+    ]
     etable = EscrowRow.__table__
     if esc_new:
         s.execute(insert(etable), esc_new)

@@ -9,7 +9,6 @@ nonce, admits each message in order, and stores it with the index rows the rules
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -42,7 +41,7 @@ from gpucoin.ledger.models import (
     VerificationReportRow,
     WorkReceiptRow,
 )
-from gpucoin.wallet.messages import SignedMessage, checksum_address
+from gpucoin.wallet.messages import SignedMessage, checksum_address, loads_json
 
 
 class Checked(NamedTuple):
@@ -58,12 +57,14 @@ def check_message(signed: Any) -> Checked:
     """One signed message's row and typed data, after checking it on its canonical stored text.
 
     Args:
-        signed: a ``SignedMessage`` or any object with ``primary_type``, ``digest``, ``signature``,
-            ``signer`` and ``typed_data()``.
+        signed: a ``SignedMessage`` (``SignedMessage.from_json`` parses one from untrusted text).
 
     Raises:
-        SignatureError: if the digest, signature, signer or primary type does not check.
+        SignatureError: if it is not a SignedMessage, or the digest, signature, signer or primary
+            type does not check.
     """
+    if not isinstance(signed, SignedMessage):  # what it builds must be bounded and canonical: ours only
+        raise SignatureError(f"a signed message must be a SignedMessage, got {type(signed).__name__}")
     typed = signed.typed_data()
     digest = hex_bytes(signed.digest, 32, "digest")
     if not (isinstance(signed.signer, str) and is_address(signed.signer)):
@@ -79,7 +80,7 @@ def check_message(signed: Any) -> Checked:
     # Checked on the text as stored, so what the audit later re-verifies is what passed here.
     # typed_data() of a SignedMessage is built of fresh dicts, lists, str, int and bool only,
     # which JSON round-trips exactly: parsing the text back would give an equal object.
-    stored = typed if type(signed) is SignedMessage else json.loads(fields["typed_data"])
+    stored = typed
     problem = verify_typed_message(
         stored,
         primary_type=fields["primary_type"],
@@ -144,7 +145,9 @@ def insert_messages(s: Session, new: list[Checked], binding: Binding | None, now
 
 def insert_index_rows(s: Session, admission: Admission, digests: set[str]) -> None:
     """Store the index rows of the admitted messages ``digests`` (job_order, work_receipt, ...)."""
-    insert_rows(s, JobOrderRow.__table__, [{"job_id": j, "digest": d} for j, d in admission.jobs.items() if d in digests])
+    insert_rows(
+        s, JobOrderRow.__table__, [{"job_id": j, "digest": d} for j, d in admission.jobs.items() if d in digests]
+    )
     insert_rows(
         s,
         WorkReceiptRow.__table__,
@@ -191,7 +194,9 @@ def check_nonces(s: Session, new: list[dict[str, Any]]) -> None:
         if r["nonce"] is not None:
             key = (r["signer"], r["nonce"])
             if key in seen:
-                raise NonceReused(f"{r['signer']} used nonce {r['nonce']} in two messages ({seen[key]} and {r['digest']})")
+                raise NonceReused(
+                    f"{r['signer']} used nonce {r['nonce']} in two messages ({seen[key]} and {r['digest']})"
+                )
             seen[key] = r["digest"]
             by_signer.setdefault(r["signer"], []).append(r["nonce"])
     if not by_signer:
@@ -238,7 +243,7 @@ def load_admission(s: Session, new: list[Checked], binding: Binding | None, now_
         ).all()
         for job, digest, text in orders:
             admission.jobs[job] = digest
-            admission.workers[job] = json.loads(text)["message"]["workers"]
+            admission.workers[job] = loads_json(text)["message"]["workers"]
     if providers:
         for provider, node in s.exec(
             select(NodeRegistrationRow.provider, NodeRegistrationRow.node_id).where(
@@ -256,7 +261,8 @@ def load_admission(s: Session, new: list[Checked], binding: Binding | None, now_
 def _load_rank_heads(s: Session, admission: Admission, jobs: list[str]) -> None:
     """The latest Assignment and receipt of every rank of ``jobs``."""
     for row in s.exec(
-        select(AssignmentRow).join(MessageRow, MessageRow.digest == AssignmentRow.digest)
+        select(AssignmentRow)
+        .join(MessageRow, MessageRow.digest == AssignmentRow.digest)
         .where(AssignmentRow.job_id.in_(jobs))
         .order_by(MessageRow.id)
     ).all():  # in recording order: the last one per rank wins
@@ -284,17 +290,23 @@ def _load_rank_heads(s: Session, admission: Admission, jobs: list[str]) -> None:
 
 def _load_known(s: Session, admission: Admission, digests: list[str]) -> None:
     """Type and job of the recorded messages ``digests`` (a report's job is its receipt's)."""
-    rows = s.exec(select(MessageRow.digest, MessageRow.primary_type, MessageRow.typed_data).where(MessageRow.digest.in_(digests))).all()
+    rows = s.exec(
+        select(MessageRow.digest, MessageRow.primary_type, MessageRow.typed_data).where(MessageRow.digest.in_(digests))
+    ).all()
     receipt_of: dict[str, str] = {}
     for digest, kind, text in rows:
-        message = json.loads(text)["message"]
+        message = loads_json(text)["message"]
         if kind == VERIFICATION_REPORT:
             receipt_of[digest] = message["receiptDigest"]
         else:
             admission.known[digest] = Known(kind, message.get("jobId"))
     if receipt_of:
         jobs = dict(
-            s.exec(select(WorkReceiptRow.digest, WorkReceiptRow.job_id).where(WorkReceiptRow.digest.in_(sorted(set(receipt_of.values()))))).all()
+            s.exec(
+                select(WorkReceiptRow.digest, WorkReceiptRow.job_id).where(
+                    WorkReceiptRow.digest.in_(sorted(set(receipt_of.values())))
+                )
+            ).all()
         )
         for digest, receipt in receipt_of.items():
             admission.known[digest] = Known(VERIFICATION_REPORT, jobs.get(receipt))

@@ -109,9 +109,7 @@ class LedgerState:
 
     def copy(self) -> LedgerState:
         """A copy deep enough that applying an operation to it never changes this one."""
-        return LedgerState(
-            dict(self.balances), dict(self.escrows), {k: dict(v) for k, v in self.unbonding.items()}
-        )
+        return LedgerState(dict(self.balances), dict(self.escrows), {k: dict(v) for k, v in self.unbonding.items()})
 
     def subset(self, accounts: set[str]) -> LedgerState:
         """A copy holding only what concerns ``accounts`` (cheap: O(len(accounts)))."""

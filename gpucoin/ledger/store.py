@@ -43,13 +43,13 @@ from gpucoin.ledger.models import (
     TransferRow,
 )
 from gpucoin.ledger.plans import plan_genesis
-from gpucoin.ledger.post import apply_batch, charge_of
+from gpucoin.ledger.post import apply_batch, charge_of, ledger_time_us, lock_head
 from gpucoin.ledger.record import Checked, check_message, check_messages, insert_messages, new_messages
 from gpucoin.ledger.rules import SLASH_CODES, canonical_json, operation_hash
 from gpucoin.ledger.transfer import Code, Operation, Transfer
 from gpucoin.policy.model import Policy, policy_hash
-from gpucoin.policy.tokenomics import Reward, distribute_emission
 from gpucoin.policy.model import canonical_json as policy_json
+from gpucoin.policy.tokenomics import Reward, distribute_emission
 from gpucoin.wallet.messages import Domain
 
 MAX_BATCH = db.MAX_BATCH
@@ -90,7 +90,9 @@ class Ledger:
         domain: Domain | Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        wanted = None if domain is None else (domain if isinstance(domain, Domain) else Domain.from_dict(domain)).as_dict()
+        wanted = (
+            None if domain is None else (domain if isinstance(domain, Domain) else Domain.from_dict(domain)).as_dict()
+        )
         self._clock = clock
         url = db.normalize_url(url)
         parsed = make_url(url)
@@ -123,10 +125,14 @@ class Ledger:
             self._engine.dispose()
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             where = parsed.render_as_string(hide_password=True)
-            raise LedgerError(f"cannot open the ledger at {where}: {reason[-1] if reason else type(exc).__name__}") from exc
+            raise LedgerError(
+                f"cannot open the ledger at {where}: {reason[-1] if reason else type(exc).__name__}"
+            ) from exc
         if wanted is not None and self._binding is not None and self._binding.domain != wanted:
             self._engine.dispose()
-            raise LedgerError(f"this ledger belongs to the market with EIP-712 domain {self._binding.domain}, not {wanted}")
+            raise LedgerError(
+                f"this ledger belongs to the market with EIP-712 domain {self._binding.domain}, not {wanted}"
+            )
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -196,13 +202,16 @@ class Ledger:
         return None if binding is None else Domain.from_dict(binding.domain)
 
     def current_epoch(self) -> int:
-        """The emission epoch the ledger's clock is in now (a Settlement must name it).
+        """The emission epoch the ledger's time is in now (a Settlement must name it): its clock,
+        never before the newest row's time (``post.ledger_time_us``), as a post now would see it.
 
         Raises:
             NoGenesis: the ledger has no Genesis yet.
         """
         g = self._require_genesis()
-        return epoch_at(self._now_us(), g.start_s, g.policy.tokenomics.epoch_length_s)
+        with self._session(write=False) as s:
+            now_us = ledger_time_us(s, self._now_us())
+        return epoch_at(now_us, g.start_s, g.policy.tokenomics.epoch_length_s)
 
     def epoch_end_s(self, epoch: int) -> int:
         """Unix second at which ``epoch`` ends (an EpochClose is admitted from then on)."""
@@ -263,7 +272,9 @@ class Ledger:
             raise SignatureError(f"init_genesis takes a Genesis, got a {row['primary_type']}")
         m = typed["message"]
         if policy_hash(policy) != m["policyHash"]:
-            raise LedgerError(f"the Genesis names policy {m['policyHash']}, the policy given hashes to {policy_hash(policy)}")
+            raise LedgerError(
+                f"the Genesis names policy {m['policyHash']}, the policy given hashes to {policy_hash(policy)}"
+            )
         plan = plan_genesis(m["allocations"], row["digest"])
         for attempt in range(db.MAX_ATTEMPTS):
             try:
@@ -296,8 +307,12 @@ class Ledger:
         first = s.exec(select(MessageRow.id).where(MessageRow.digest == row["digest"])).one()
         s.execute(
             insert(MarketRow.__table__).values(
-                id=1, domain=canonical_json(typed["domain"]), bound_at=now_us, first_message_id=first,
-                genesis_digest=row["digest"], policy_hash=h,
+                id=1,
+                domain=canonical_json(typed["domain"]),
+                bound_at=now_us,
+                first_message_id=first,
+                genesis_digest=row["digest"],
+                policy_hash=h,
             )
         )
         info = GenesisInfo.of(Msg(row["digest"], GENESIS, row["signer"], typed["message"]), policy)
@@ -352,7 +367,9 @@ class Ledger:
             return 0
         return self._write(rows, [], [])[0]
 
-    def _write(self, rows: dict[str, Checked], ops: list[Operation], contents: list[str]) -> tuple[int, list[list[int]]]:
+    def _write(
+        self, rows: dict[str, Checked], ops: list[Operation], contents: list[str]
+    ) -> tuple[int, list[list[int]]]:
         """Record the checked messages ``rows``, then apply ``ops``, in one write transaction.
 
         Retried (at most ``db.MAX_ATTEMPTS`` times) when it lost a race: another writer stored the
@@ -366,14 +383,18 @@ class Ledger:
         for attempt in range(db.MAX_ATTEMPTS):
             try:
                 with self._session(write=True) as s:
+                    lock_head(s)
                     binding = self._current_binding(s.connection())
-                    now_us = self._now_us()
+                    now_us = ledger_time_us(s, self._now_us())
                     new = new_messages(s, rows) if rows else []
                     n_new = insert_messages(s, new, binding, now_us) if new else 0
                     genesis = binding.genesis if binding is not None else None
                     # what was just recorded need not be read back: after every stored message, in order
                     known = {
-                        r["digest"]: (_AFTER_STORED + i, Msg(r["digest"], r["primary_type"], r["signer"], typed["message"]))
+                        r["digest"]: (
+                            _AFTER_STORED + i,
+                            Msg(r["digest"], r["primary_type"], r["signer"], typed["message"]),
+                        )
                         for i, (r, typed) in enumerate(new)
                     }
                     return n_new, (apply_batch(s, ops, contents, genesis, now_us, known) if ops else [])
@@ -381,7 +402,9 @@ class Ledger:
                 if not db.retryable(exc):
                     raise LedgerError(f"the database refused the write: {exc.orig}") from None
                 if attempt + 1 == db.MAX_ATTEMPTS:
-                    raise LedgerError(f"the write was refused, concurrent writes kept conflicting: {exc.orig}") from None
+                    raise LedgerError(
+                        f"the write was refused, concurrent writes kept conflicting: {exc.orig}"
+                    ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def post(self, op_id: str, transfers: Sequence[Transfer], memo: str = "") -> list[int]:

@@ -66,6 +66,9 @@ class Transfer:
 MAX_OP_ID_LEN = 256
 """Longest operation id accepted, in characters."""
 
+MAX_MEMO_LEN = 1024
+"""Longest memo accepted, in characters (printable, no NUL: PostgreSQL text cannot hold it)."""
+
 
 @dataclass(frozen=True)
 class Operation:
@@ -75,7 +78,8 @@ class Operation:
         op_id: 1-256 printable characters, chosen by the client so a retry is safe: the same id
             with the same content returns the original result, with other content is a conflict.
         transfers: applied in order; at least one.
-        memo: free text stored with it (part of its content).
+        memo: free text stored with it (part of its content): at most ``MAX_MEMO_LEN`` printable
+            characters (newlines and tabs allowed).
 
     The emission epoch an operation falls in is the ledger's own (its clock and its Genesis), never
     the caller's.
@@ -96,6 +100,12 @@ class Operation:
             raise LedgerError(f"operation id must be 1-{MAX_OP_ID_LEN} printable characters, got {op_id!r}")
         if not isinstance(self.memo, str):
             raise LedgerError(f"memo must be text, got {type(self.memo).__name__}")
+        if len(self.memo) > MAX_MEMO_LEN or not all(c.isprintable() or c in "\n\t" for c in self.memo):
+            raise LedgerError(f"memo must be at most {MAX_MEMO_LEN} printable characters, got {self.memo[:40]!r}")
+        try:
+            self.memo.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LedgerError(f"memo is not valid Unicode text (a lone surrogate): {self.memo[:40]!r}") from None
         transfers = tuple(self.transfers)
         if not transfers:
             raise LedgerError(f"operation {op_id!r} has no transfers")

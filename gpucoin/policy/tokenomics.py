@@ -104,9 +104,7 @@ class SettledInterval:
         if not self.receipt_digests:
             raise ValueError("a settled interval needs at least one rank")
         if len(self.workers) != len(self.receipt_digests):
-            raise ValueError(
-                f"{len(self.receipt_digests)} receipt digests but {len(self.workers)} worker addresses"
-            )
+            raise ValueError(f"{len(self.receipt_digests)} receipt digests but {len(self.workers)} worker addresses")
         if len(set(self.receipt_digests)) != len(self.receipt_digests):
             raise ValueError("an interval lists the same receipt digest twice")
         check_amount(self.payment_ugpc)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def window_offsets(seed: int, step: int, rank: int, micro_step: int, batch_size: int, data_len: int, block_size: int) -> np.ndarray:
+def window_offsets(
+    seed: int, step: int, rank: int, micro_step: int, batch_size: int, data_len: int, block_size: int
+) -> np.ndarray:
     """Start offsets of the ``batch_size`` windows rank ``rank`` reads at (``step``, ``micro_step``).
 
     Uses numpy's Philox generator keyed by the four integers, so the result does not depend on

@@ -20,7 +20,13 @@ def deepspeed_config(spec: JobSpec) -> dict:
         "train_batch_size": spec.global_batch_size,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay, "torch_adam": True},
+            "params": {
+                "lr": opt.lr,
+                "betas": list(opt.betas),
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+                "torch_adam": True,
+            },
         },
         "zero_optimization": {"stage": ds.zero_stage},
         "gradient_clipping": opt.gradient_clipping,

@@ -38,7 +38,9 @@ class JobInbox:
 
     def submit_receipt(self, rank: int, receipt_json: str, sketches: np.ndarray, losses: list[float]) -> None:
         """A rank hands in its signed WorkReceipt for an interval and the sketches it commits to."""
-        self._events.append(("receipt", int(rank), receipt_json, np.asarray(sketches, dtype=np.float64), [float(x) for x in losses]))
+        self._events.append(
+            ("receipt", int(rank), receipt_json, np.asarray(sketches, dtype=np.float64), [float(x) for x in losses])
+        )
 
     def poll(self, max_events: int = 1000) -> list[tuple]:
         """Remove and return up to ``max_events`` events in arrival order."""

@@ -27,7 +27,9 @@ class TrainingRun:
         self.thread.join(timeout_s)
         if self.error:
             e = self.error[0]
-            raise TrainingError(f"training failed on the workers: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+            raise TrainingError(
+                f"training failed on the workers: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            ) from e
 
 
 def launch(
@@ -57,10 +59,9 @@ def launch(
     Returns:
         A ``TrainingRun``; progress and receipts arrive in ``inbox``.
     """
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    import ray
 
     spec = loaded.spec
     if len(node_ids) != spec.workers:

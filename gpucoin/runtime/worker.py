@@ -76,7 +76,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(spec.seed)
     model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(spec))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(spec)
+    )
     device = engine.device
     sketch = CountSketch(model.parameters(), config["buckets"], spec.seed)
     sketch.attach()

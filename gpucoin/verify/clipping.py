@@ -27,7 +27,9 @@ def _sum_over_ranks(values: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def clip_zero12_(grads: dict[str, torch.Tensor], partitions: list[list[tuple[str, int]]], max_norm: float) -> torch.Tensor:
+def clip_zero12_(
+    grads: dict[str, torch.Tensor], partitions: list[list[tuple[str, int]]], max_norm: float
+) -> torch.Tensor:
     """Clip ``grads`` (name -> averaged gradient, in place) as ZeRO stage 1/2 does.
 
     Args:

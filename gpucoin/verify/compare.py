@@ -47,7 +47,9 @@ class RankVerdict:
     first_bad_step: int | None
 
 
-def compare_interval(step_start: int, committed: np.ndarray, replayed: np.ndarray, tolerance: float) -> list[RankVerdict]:
+def compare_interval(
+    step_start: int, committed: np.ndarray, replayed: np.ndarray, tolerance: float
+) -> list[RankVerdict]:
     """Compare per rank and per step.
 
     Args:
@@ -80,5 +82,9 @@ def compare_interval(step_start: int, committed: np.ndarray, replayed: np.ndarra
         else:
             failed = bool(bad[r, first_k])
             # up to the first bad step every rank's weights were the replay's, so only that step judges
-            verdicts.append(RankVerdict(r, not failed, float(dist[r, : first_k + 1].max()), step_start + first_k if failed else None))
+            verdicts.append(
+                RankVerdict(
+                    r, not failed, float(dist[r, : first_k + 1].max()), step_start + first_k if failed else None
+                )
+            )
     return verdicts

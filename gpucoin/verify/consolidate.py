@@ -76,7 +76,9 @@ def load_consolidated(tag_dir: str, param_names: list[str]) -> ConsolidatedState
     for f in optim_files:
         osd = _load(f)["optimizer_state_dict"]
         base = osd["base_optimizer_state"]
-        partitions.append([(name, frag.numel) for mapping in osd["param_slice_mappings"] for name, frag in mapping.items()])
+        partitions.append(
+            [(name, frag.numel) for mapping in osd["param_slice_mappings"] for name, frag in mapping.items()]
+        )
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             st = base["state"].get(g)
             for name, frag in mapping.items():
@@ -91,7 +93,9 @@ def load_consolidated(tag_dir: str, param_names: list[str]) -> ConsolidatedState
         for key, out in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             flat = torch.cat(frags[name][key]) if frags[name][key] else torch.empty(0)
             if flat.numel() != shape.numel():
-                raise VerificationError(f"{tag_dir}: {name} {key} fragments hold {flat.numel()} numbers, shape {tuple(shape)} needs {shape.numel()}")
+                raise VerificationError(
+                    f"{tag_dir}: {name} {key} fragments hold {flat.numel()} numbers, shape {tuple(shape)} needs {shape.numel()}"
+                )
             out[name] = flat.view(shape).clone()
     return ConsolidatedState(weights, exp_avg, exp_avg_sq, adam_step or 0, int(ms["global_steps"]), partitions)
 
@@ -103,7 +107,7 @@ def _from_unpartitioned(ms: dict, weights: dict, shapes: dict) -> ConsolidatedSt
     names = list(shapes)
     params = [i for g in osd["param_groups"] for i in g["params"]]
     exp_avg, exp_avg_sq, adam_step = {}, {}, 0
-    for idx, name in zip(params, names):
+    for idx, name in zip(params, names, strict=True):
         st = osd["state"].get(idx)
         if st is None:  # before the first step Adam has no state yet
             exp_avg[name] = torch.zeros(shapes[name])

@@ -22,7 +22,9 @@ from gpucoin.verify.clipping import clip_zero0_, clip_zero12_
 from gpucoin.verify.consolidate import load_consolidated
 
 
-def replay_interval(spec: JobSpec, data_source: str, tag_dir: str, step_start: int, step_end: int, buckets: int, threads: int = 1) -> np.ndarray:
+def replay_interval(
+    spec: JobSpec, data_source: str, tag_dir: str, step_start: int, step_end: int, buckets: int, threads: int = 1
+) -> np.ndarray:
     """Recompute the sketches of steps [step_start, step_end) for every rank.
 
     Args:
@@ -71,10 +73,10 @@ def replay_interval(spec: JobSpec, data_source: str, tag_dir: str, step_start: i
                 _, loss = model(x, y)
                 (loss / ds.gradient_accumulation_steps).backward()
             out[rank, k] = sketch.sketch_params_grad()
-            for t, p in zip(total, params):
+            for t, p in zip(total, params, strict=True):
                 if p.grad is not None:
                     t.add_(p.grad)
-        for t, p in zip(total, params):
+        for t, p in zip(total, params, strict=True):
             p.grad = t.div_(W)  # the data-parallel all-reduce (mean)
         if opt.gradient_clipping > 0:
             if state.partitions is not None:

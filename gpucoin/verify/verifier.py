@@ -62,7 +62,7 @@ def check_interval(
     verdicts = compare_interval(step_start, committed, replayed, tolerance)
     account = load_node_account()
     reports = []
-    for v, digest in zip(verdicts, receipt_digests):
+    for v, digest in zip(verdicts, receipt_digests, strict=True):
         report = sign(
             account,
             "VerificationReport",
@@ -80,4 +80,3 @@ def check_interval(
         "reports": reports,
         "verifier": account.address,
     }
-

@@ -272,7 +272,9 @@ def validate_wallet_name(name: Any) -> str:
         WalletError: otherwise.
     """
     if not isinstance(name, str) or not _WALLET_NAME.match(name):
-        raise WalletError(f"not a valid wallet name: {name!r} (letters, digits, _ . -; up to 64; not starting with . - _)")
+        raise WalletError(
+            f"not a valid wallet name: {name!r} (letters, digits, _ . -; up to 64; not starting with . - _)"
+        )
     if _ADDRESS.match(name):
         raise WalletError(f"not a valid wallet name: {name!r} (an address cannot be a name)")
     return name
@@ -334,7 +336,9 @@ def list_wallets(wallets_dir: str | os.PathLike[str]) -> list[WalletInfo]:
     if not folder.is_dir():
         raise WalletError(f"wallets directory {folder} is not a directory")
     try:
-        paths = sorted(p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith(".") and p.is_file())
+        paths = sorted(
+            p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith(".") and p.is_file()
+        )
     except OSError as e:
         raise WalletError(f"cannot read wallets directory {folder}: {e.strerror or e}") from None
     out = []
@@ -415,7 +419,9 @@ def parse_private_key(text: Any) -> LocalAccount:
         raise WalletError("not a valid secp256k1 private key (zero, or not below the curve order)") from None
 
 
-def _add(wallets_dir: str | os.PathLike[str], name: str, account: LocalAccount, password: str, scrypt_n: int) -> WalletInfo:
+def _add(
+    wallets_dir: str | os.PathLike[str], name: str, account: LocalAccount, password: str, scrypt_n: int
+) -> WalletInfo:
     path = check_new_wallet(wallets_dir, name, account.address)
     save_keystore(account, path, password, scrypt_n=scrypt_n)
     return keystore_info(path)

@@ -25,14 +25,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from eth_account.messages import encode_typed_data
-from functools import lru_cache
-
 from Crypto.Hash import keccak as _pycryptodome_keccak
+from eth_account.messages import encode_typed_data
 from eth_utils import to_checksum_address
 
 from gpucoin.exceptions import AmountError, SignatureError
@@ -72,6 +71,7 @@ __all__ = [
     "parse_address",
 ]
 
+
 def keccak(data: bytes) -> bytes:
     """keccak256 of ``data`` (32 bytes): pycryptodome's, which eth-hash wraps, called directly."""
     return _pycryptodome_keccak.new(digest_bits=256, data=data).digest()
@@ -108,44 +108,92 @@ EIP712_DOMAIN_TYPE: list[dict[str, str]] = _fields(
 
 MESSAGE_TYPES: dict[str, list[dict[str, str]]] = {
     "JobOrder": _fields(
-        ("address", "consumer"), ("string", "jobId"), ("bytes32", "specHash"), ("uint32", "workers"),
-        ("uint64", "bidPerWorkerHour"), ("uint64", "budget"), ("uint64", "nonce"), ("uint64", "deadline"),
+        ("address", "consumer"),
+        ("string", "jobId"),
+        ("bytes32", "specHash"),
+        ("uint32", "workers"),
+        ("uint64", "bidPerWorkerHour"),
+        ("uint64", "budget"),
+        ("uint64", "nonce"),
+        ("uint64", "deadline"),
     ),
     "NodeRegistration": _fields(
-        ("address", "provider"), ("string", "nodeId"), ("string", "resources"),
-        ("uint64", "askPerWorkerHour"), ("uint64", "stake"), ("uint64", "nonce"), ("uint64", "deadline"),
+        ("address", "provider"),
+        ("string", "nodeId"),
+        ("string", "resources"),
+        ("uint64", "askPerWorkerHour"),
+        ("uint64", "stake"),
+        ("uint64", "nonce"),
+        ("uint64", "deadline"),
     ),
     "WorkReceipt": _fields(
-        ("string", "jobId"), ("address", "worker"), ("uint32", "rank"), ("uint64", "stepStart"),
-        ("uint64", "stepEnd"), ("uint64", "samples"), ("uint64", "computeTimeMs"), ("bytes32", "sketchRoot"),
-        ("bytes32", "checkpointHash"), ("bytes32", "previousReceipt"), ("uint64", "nonce"),
+        ("string", "jobId"),
+        ("address", "worker"),
+        ("uint32", "rank"),
+        ("uint64", "stepStart"),
+        ("uint64", "stepEnd"),
+        ("uint64", "samples"),
+        ("uint64", "computeTimeMs"),
+        ("bytes32", "sketchRoot"),
+        ("bytes32", "checkpointHash"),
+        ("bytes32", "previousReceipt"),
+        ("uint64", "nonce"),
     ),
     "VerificationReport": _fields(
-        ("address", "verifier"), ("bytes32", "receiptDigest"), ("string", "verdict"),
-        ("uint64", "distanceE9"), ("uint64", "nonce"),
+        ("address", "verifier"),
+        ("bytes32", "receiptDigest"),
+        ("string", "verdict"),
+        ("uint64", "distanceE9"),
+        ("uint64", "nonce"),
     ),
     "Settlement": _fields(
-        ("address", "coordinator"), ("string", "jobId"), ("bytes32", "subject"), ("uint64", "epoch"),
-        ("uint64", "paid"), ("uint64", "burned"), ("uint64", "treasury"), ("uint64", "minted"),
-        ("uint64", "slashed"), ("uint64", "refunded"), ("bytes32", "policyHash"), ("uint64", "nonce"),
+        ("address", "coordinator"),
+        ("string", "jobId"),
+        ("bytes32", "subject"),
+        ("uint64", "epoch"),
+        ("uint64", "paid"),
+        ("uint64", "burned"),
+        ("uint64", "treasury"),
+        ("uint64", "minted"),
+        ("uint64", "slashed"),
+        ("uint64", "refunded"),
+        ("bytes32", "policyHash"),
+        ("uint64", "nonce"),
     ),
     "PolicyChange": _fields(
-        ("address", "admin"), ("bytes32", "policyHash"), ("uint64", "effectiveEpoch"), ("uint64", "nonce"),
+        ("address", "admin"),
+        ("bytes32", "policyHash"),
+        ("uint64", "effectiveEpoch"),
+        ("uint64", "nonce"),
     ),
     "Faucet": _fields(("address", "recipient"), ("uint64", "amount"), ("uint64", "nonce")),
     "Genesis": _fields(
-        ("address", "coordinator"), ("address", "admin"), ("uint256", "chainId"), ("bool", "dev"),
-        ("bytes32", "policyHash"), ("uint64", "startTime"), ("Allocation[]", "allocations"),
+        ("address", "coordinator"),
+        ("address", "admin"),
+        ("uint256", "chainId"),
+        ("bool", "dev"),
+        ("bytes32", "policyHash"),
+        ("uint64", "startTime"),
+        ("Allocation[]", "allocations"),
     ),
     "Assignment": _fields(
-        ("string", "jobId"), ("uint32", "rank"), ("address", "provider"), ("string", "nodeId"),
-        ("uint64", "fromStep"), ("uint64", "nonce"),
+        ("string", "jobId"),
+        ("uint32", "rank"),
+        ("address", "provider"),
+        ("string", "nodeId"),
+        ("uint64", "fromStep"),
+        ("uint64", "nonce"),
     ),
     "Unbond": _fields(("address", "provider"), ("uint64", "amount"), ("uint64", "nonce")),
     "Withdraw": _fields(("address", "provider"), ("uint64", "amount"), ("uint64", "nonce")),
     "EpochClose": _fields(
-        ("address", "coordinator"), ("uint64", "epoch"), ("uint64", "emission"), ("uint64", "minted"),
-        ("uint64", "payments"), ("bytes32", "policyHash"), ("uint64", "nonce"),
+        ("address", "coordinator"),
+        ("uint64", "epoch"),
+        ("uint64", "emission"),
+        ("uint64", "minted"),
+        ("uint64", "payments"),
+        ("bytes32", "policyHash"),
+        ("uint64", "nonce"),
     ),
 }
 """EIP-712 field lists per primary type (the ``types[primaryType]`` entry of the typed data).
@@ -419,7 +467,9 @@ class Domain:
             raise MessageFieldError(f"domain chainId must be an int, got {self.chain_id!r}")
         if not 0 <= self.chain_id <= MAX_FIELD_INT:
             raise MessageFieldError(f"domain chainId = {self.chain_id} is outside [0, {MAX_FIELD_INT}]")
-        object.__setattr__(self, "verifying_contract", parse_address(self.verifying_contract, "domain verifyingContract"))
+        object.__setattr__(
+            self, "verifying_contract", parse_address(self.verifying_contract, "domain verifyingContract")
+        )
         _string(self.name, "domain name")
         _string(self.version, "domain version")
 
@@ -518,7 +568,9 @@ def _digest_bytes(typed_data: Mapping[str, Any]) -> bytes:
         if "EIP712Domain" in types and list(types["EIP712Domain"]) != EIP712_DOMAIN_TYPE:
             raise MessageFieldError("typed data declares an EIP712Domain that differs from gpucoin's")
         # Hash the validated form: eth-account would silently pad short bytes32 or parse "0x.." as uint.
-        return _digest_of_valid(primary, Domain.from_dict(typed_data["domain"]), validate_message(primary, typed_data["message"]))
+        return _digest_of_valid(
+            primary, Domain.from_dict(typed_data["domain"]), validate_message(primary, typed_data["message"])
+        )
     try:
         full = {k: typed_data[k] for k in ("types", "domain", "message", "primaryType") if k in typed_data}
         signable = encode_typed_data(full_message=full)

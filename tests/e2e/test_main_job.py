@@ -27,9 +27,24 @@ def run(tmp_path_factory):
     spec = write_spec(tmp_path_factory.mktemp("job"), TINY_MODEL)
     summary = home / "summary.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "gpucoin", "train", str(spec), "--home", str(home),
-         "--steps", "12", "--interval", "4", "--summary-json", str(summary)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "gpucoin",
+            "train",
+            str(spec),
+            "--home",
+            str(home),
+            "--steps",
+            "12",
+            "--interval",
+            "4",
+            "--summary-json",
+            str(summary),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return home, json.loads(summary.read_text()), proc.stdout + proc.stderr
@@ -70,9 +85,19 @@ def test_ledger_audit_ok_and_money_adds_up(run):
         assert bal.get(TREASURY, 0) == m["treasury"]
         assert lg.audit() == []
     # and the CLI agrees
-    p = subprocess.run([sys.executable, "-m", "gpucoin", "ledger", "audit", "--home", str(home)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "gpucoin", "ledger", "audit", "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0 and "audit ok" in p.stdout
-    show = subprocess.run([sys.executable, "-m", "gpucoin", "ledger", "show", "--home", str(home)], capture_output=True, text=True, timeout=120)
+    show = subprocess.run(
+        [sys.executable, "-m", "gpucoin", "ledger", "show", "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert show.returncode == 0 and "supply" in show.stdout and "escrow" in show.stdout
 
 

@@ -41,7 +41,9 @@ def _snapshot(home: Path):
 def _train(home: Path, *args: str, spec: Path = JOB):
     return subprocess.run(
         [sys.executable, "-m", "gpucoin", "train", str(spec), "--home", str(home), "--data", str(EXCERPT), *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -87,9 +89,21 @@ def test_zero_budget_is_refused_before_any_write(home):
 def test_help_explains_every_option():
     top = subprocess.run([sys.executable, "-m", "gpucoin", "--help"], capture_output=True, text=True, timeout=60)
     assert top.returncode == 0 and "train" in top.stdout and "ledger" in top.stdout
-    tr = subprocess.run([sys.executable, "-m", "gpucoin", "train", "--help"], capture_output=True, text=True, timeout=60)
+    tr = subprocess.run(
+        [sys.executable, "-m", "gpucoin", "train", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert tr.returncode == 0
-    for flag in ("--address", "--volunteers", "--workers", "--steps", "--bid", "--budget", "--policy", "--summary-json", "--home"):
+    for flag in (
+        "--address",
+        "--volunteers",
+        "--workers",
+        "--steps",
+        "--bid",
+        "--budget",
+        "--policy",
+        "--summary-json",
+        "--home",
+    ):
         assert flag in tr.stdout
     assert "overrides" in tr.stdout
 

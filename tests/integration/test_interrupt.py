@@ -40,9 +40,26 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_ctrl_c_stops_the_cluster_and_refunds(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpucoin", "train", str(JOB), "--home", str(tmp_path), "--data", str(EXCERPT),
-         "--steps", "400", "--interval", "4", "--head-port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gpucoin",
+            "train",
+            str(JOB),
+            "--home",
+            str(tmp_path),
+            "--data",
+            str(EXCERPT),
+            "--steps",
+            "400",
+            "--interval",
+            "4",
+            "--head-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 600
     seen = ""

@@ -35,8 +35,15 @@ def test_a_valid_receipt_prints_its_signer(tmp_path: Path, receipt: SignedMessag
     assert code == 0, out
     assert f"signer     {WORKER.address}" in out and f"verdict    valid: signed by {WORKER.address}" in out
     assert receipt.digest in out and "chainId 31337" in out
-    code, out = run(write(tmp_path, receipt.to_json()), "--signer", WORKER.address,
-                    "--chain-id", "31337", "--verifying-contract", COORDINATOR.address)
+    code, out = run(
+        write(tmp_path, receipt.to_json()),
+        "--signer",
+        WORKER.address,
+        "--chain-id",
+        "31337",
+        "--verifying-contract",
+        COORDINATOR.address,
+    )
     assert code == 0, out
 
 

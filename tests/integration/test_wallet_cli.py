@@ -60,8 +60,9 @@ class WalletCli:
         self.secrets.add(value.hex() if isinstance(value, bytes) else value)
 
     def __call__(self, *args: str, input: str | None = None, **env: str | None) -> Result:
-        r = CliRunner().invoke(cli, ["wallet", *args, "--home", str(self.home)], input=input, env=CLEAN_ENV | env,
-                               catch_exceptions=False)
+        r = CliRunner().invoke(
+            cli, ["wallet", *args, "--home", str(self.home)], input=input, env=CLEAN_ENV | env, catch_exceptions=False
+        )
         self.check_no_secret(r.output, r.stdout, r.stderr)
         assert "Traceback" not in r.output
         return r
@@ -149,7 +150,9 @@ def test_wallets_dir_option_and_env(run: WalletCli, tmp_path: Path) -> None:
 
 
 def test_password_confirmation_is_asked_again_on_mismatch(run: WalletCli) -> None:
-    r = run("new", "--name", "bob", "--scrypt-n", FAST_N, input=f"{PASSWORD}\nother-password-1\n{PASSWORD}\n{PASSWORD}\n")
+    r = run(
+        "new", "--name", "bob", "--scrypt-n", FAST_N, input=f"{PASSWORD}\nother-password-1\n{PASSWORD}\n{PASSWORD}\n"
+    )
     assert r.exit_code == 0, r.output
     assert "do not match" in r.output
     load_keystore(run.wallets / "bob.json", PASSWORD)
@@ -175,13 +178,17 @@ def test_import_private_key_from_prompt_then_env(run: WalletCli, caplog: pytest.
     assert kdf_of(run.wallets / "k.json") == ("scrypt", 1024)
 
     # The same key again, from the environment, without 0x and in upper case: refused, nothing written.
-    error = run.fail("import", "--name", "k2", "--scrypt-n", FAST_N, GPUCOIN_PRIVATE_KEY=KEY[2:].upper(), GPUCOIN_PASSWORD=PASSWORD)
+    error = run.fail(
+        "import", "--name", "k2", "--scrypt-n", FAST_N, GPUCOIN_PRIVATE_KEY=KEY[2:].upper(), GPUCOIN_PASSWORD=PASSWORD
+    )
     assert f"address {KEY_ADDRESS} is already in wallet 'k'" in error
     assert not (run.wallets / "k2.json").exists()
 
     other = Account.create()
     run.secret(other.key)
-    r = run("import", "--name", "k2", "--scrypt-n", FAST_N, GPUCOIN_PRIVATE_KEY=other.key.hex(), GPUCOIN_PASSWORD=PASSWORD)
+    r = run(
+        "import", "--name", "k2", "--scrypt-n", FAST_N, GPUCOIN_PRIVATE_KEY=other.key.hex(), GPUCOIN_PASSWORD=PASSWORD
+    )
     assert r.exit_code == 0 and created_address(r) == other.address, r.output
     run.check_no_secret(caplog.text)
 
@@ -221,7 +228,9 @@ def test_import_keystore(run: WalletCli, tmp_path: Path) -> None:
 
     error = run.fail("import", "--keystore", str(source), "--name", "g2", "--scrypt-n", FAST_N, input=f"{PASSWORD}\n")
     assert "already in wallet 'g'" in error
-    error = run.fail("import", "--keystore", str(source), "--name", "g2", code=2, GPUCOIN_PRIVATE_KEY=KEY, GPUCOIN_PASSWORD=PASSWORD)
+    error = run.fail(
+        "import", "--keystore", str(source), "--name", "g2", code=2, GPUCOIN_PRIVATE_KEY=KEY, GPUCOIN_PASSWORD=PASSWORD
+    )
     assert "both --keystore and GPUCOIN_PRIVATE_KEY" in error
     assert [i.name for i in list_wallets(run.wallets)] == ["g"]
 
@@ -236,7 +245,9 @@ def test_import_keystore(run: WalletCli, tmp_path: Path) -> None:
     ],
     ids=["not-json", "not-keystore", "no-kdf", "missing"],
 )
-def test_corrupt_or_missing_keystore_to_import(run: WalletCli, tmp_path: Path, content: str | None, reason: str) -> None:
+def test_corrupt_or_missing_keystore_to_import(
+    run: WalletCli, tmp_path: Path, content: str | None, reason: str
+) -> None:
     source = tmp_path / "in.json"
     if content is not None:
         source.write_text(content)
@@ -314,7 +325,10 @@ def balance_rows(text: str) -> dict[str, tuple[str, int]]:
 def test_balance_reads_the_ledger(run: WalletCli) -> None:
     assert "no wallets in" in run.fail("balance")
     assert run("new", "--name", "alice", "--scrypt-n", FAST_N, GPUCOIN_PASSWORD=PASSWORD).exit_code == 0
-    assert run("import", "--name", "k", "--scrypt-n", FAST_N, GPUCOIN_PRIVATE_KEY=KEY, GPUCOIN_PASSWORD=PASSWORD).exit_code == 0
+    assert (
+        run("import", "--name", "k", "--scrypt-n", FAST_N, GPUCOIN_PRIVATE_KEY=KEY, GPUCOIN_PASSWORD=PASSWORD).exit_code
+        == 0
+    )
     alice = load_keystore(run.wallets / "alice.json", PASSWORD)
     run.secret(alice.key)
     assert "no ledger at" in run.fail("balance", "alice")
@@ -369,7 +383,13 @@ def test_subprocess_import_and_help(tmp_path: Path) -> None:
     assert p2.returncode == 1 and p2.stderr.startswith("error: ") and len(p2.stderr.splitlines()) == 1, p2.stderr
     for text in (p.stdout, p.stderr, p2.stdout, p2.stderr):
         assert KEY[2:] not in text.lower() and PASSWORD not in text
-    h = subprocess.run([sys.executable, "-m", "gpucoin", "wallet", "import", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    h = subprocess.run(
+        [sys.executable, "-m", "gpucoin", "wallet", "import", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert h.returncode == 0 and "GPUCOIN_PRIVATE_KEY" in h.stdout and "shell history" in h.stdout
     assert "GPUCOIN_PASSWORD" in h.stdout and "--scrypt-n" not in h.stdout
 

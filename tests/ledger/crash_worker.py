@@ -8,8 +8,8 @@ it with SIGKILL between a ``begin`` and its ``done``.
 
 Everything is deterministic: the operation ids (``op-{batch}-{i}``), the transfers and their
 amounts, and the signed messages (fixed keys and nonces; eth-account signatures are RFC 6979, so
-re-signing gives the identical digest). The parent records ``messages()`` before starting a child,
-so a re-run after a crash posts exactly the same content under the same ids.
+re-signing gives the identical digest), so a re-run after a crash posts exactly the same content
+under the same ids; each batch records its messages in its own transaction.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def messages() -> list[SignedMessage]:
     return out
 
 
+def batch_messages(b: int) -> list[SignedMessage]:
+    """The messages batch ``b`` cites, recorded in the same transaction as its operations (as the
+    coordinator records a decision with the operation it authorizes)."""
+    return messages()[4 * b * BATCH_SIZE : 4 * (b + 1) * BATCH_SIZE]
+
+
 def amounts(b: int, i: int) -> tuple[int, int, int, int]:
     """µGPC minted to consumer, worker and verifier, and bonded by the worker, in op ``i`` of batch ``b``."""
     k = b * BATCH_SIZE + i
@@ -58,7 +64,7 @@ def batch(b: int, digests: list[str]) -> list[Operation]:
     ops = []
     for i in range(BATCH_SIZE):
         c, w, v, bond = amounts(b, i)
-        faucet_c, faucet_w, faucet_v, reg = digests[4 * (b * BATCH_SIZE + i):][:4]
+        faucet_c, faucet_w, faucet_v, reg = digests[4 * (b * BATCH_SIZE + i) :][:4]
         transfers = (
             Transfer(ISSUANCE, consumer, c, Code.FAUCET, faucet_c),
             Transfer(ISSUANCE, worker, w, Code.FAUCET, faucet_w),
@@ -91,8 +97,9 @@ def main(argv: list[str]) -> int:
     print("ready", flush=True)
     for b in range(N_BATCHES):
         ops = batch(b, digests)  # built before ``begin``: the window between the lines is the post alone
+        msgs = batch_messages(b)
         print(f"begin {b}", flush=True)
-        ids = ledger.post_batch(ops)
+        ids = ledger.post_batch(ops, messages=msgs)
         print(f"done {b} {ids[0][0]} {ids[-1][-1]}", flush=True)
     ledger.close()
     return 0

@@ -53,7 +53,13 @@ JOB = "job-1"
 ESCROW = escrow_account(JOB)
 
 __all__ = [
-    "BURNED", "ISSUANCE", "TREASURY", "Code", "Operation", "Transfer", "wallet_account",
+    "BURNED",
+    "ISSUANCE",
+    "TREASURY",
+    "Code",
+    "Operation",
+    "Transfer",
+    "wallet_account",
 ]
 
 
@@ -81,49 +87,121 @@ class Signer:
         message.setdefault("nonce", next(self._nonce))
         return sign(account, primary_type, DOMAIN, message)
 
-    def genesis(self, *, dev: bool = True, start: int, allocations: tuple[tuple[Any, int], ...] = (),
-                policy: Policy = POLICY, signer: Any = COORDINATOR) -> SignedMessage:
-        return sign(signer, "Genesis", DOMAIN, dict(
-            coordinator=signer.address, admin=COORDINATOR.address, chainId=DOMAIN.chain_id, dev=dev,
-            policyHash=policy_hash(policy), startTime=start,
-            allocations=[{"recipient": a.address, "amount": n} for a, n in allocations],
-        ))
+    def genesis(
+        self,
+        *,
+        dev: bool = True,
+        start: int,
+        allocations: tuple[tuple[Any, int], ...] = (),
+        policy: Policy = POLICY,
+        signer: Any = COORDINATOR,
+    ) -> SignedMessage:
+        return sign(
+            signer,
+            "Genesis",
+            DOMAIN,
+            dict(
+                coordinator=signer.address,
+                admin=COORDINATOR.address,
+                chainId=DOMAIN.chain_id,
+                dev=dev,
+                policyHash=policy_hash(policy),
+                startTime=start,
+                allocations=[{"recipient": a.address, "amount": n} for a, n in allocations],
+            ),
+        )
 
     def faucet(self, to: Any, amount: int, signer: Any = COORDINATOR) -> SignedMessage:
         return self(signer, "Faucet", recipient=to.address, amount=amount)
 
-    def receipt(self, step: int, job: str = JOB, previous: str = ZERO_BYTES32, who: Any = WORKER, rank: int = 0,
-                steps: int = 10) -> SignedMessage:
+    def receipt(
+        self, step: int, job: str = JOB, previous: str = ZERO_BYTES32, who: Any = WORKER, rank: int = 0, steps: int = 10
+    ) -> SignedMessage:
         """``who``'s receipt for steps step..step+steps of ``rank``; ``previous`` is the rank's receipt before it."""
         return self(
-            who, "WorkReceipt", jobId=job, worker=who.address, rank=rank, stepStart=step, stepEnd=step + steps,
-            samples=320, computeTimeMs=5000, sketchRoot="0x" + "aa" * 32, checkpointHash="0x" + "bb" * 32,
+            who,
+            "WorkReceipt",
+            jobId=job,
+            worker=who.address,
+            rank=rank,
+            stepStart=step,
+            stepEnd=step + steps,
+            samples=320,
+            computeTimeMs=5000,
+            sketchRoot="0x" + "aa" * 32,
+            checkpointHash="0x" + "bb" * 32,
             previousReceipt=previous,
         )
 
     def report(self, receipt: SignedMessage, verdict: str = "pass", verifier: Any = VERIFIER) -> SignedMessage:
-        return self(verifier, "VerificationReport", verifier=verifier.address, receiptDigest=receipt.digest,
-                    verdict=verdict, distanceE9=0 if verdict == "pass" else 90_000_000)
+        return self(
+            verifier,
+            "VerificationReport",
+            verifier=verifier.address,
+            receiptDigest=receipt.digest,
+            verdict=verdict,
+            distanceE9=0 if verdict == "pass" else 90_000_000,
+        )
 
-    def settlement(self, subject: str, epoch: int, job: str = JOB, signer: Any = COORDINATOR,
-                   policy: Policy = POLICY, **amounts: int) -> SignedMessage:
-        return self(signer, "Settlement", coordinator=signer.address, jobId=job, subject=subject, epoch=epoch,
-                    policyHash=policy_hash(policy), **SettlementAmounts(**amounts).fields())
+    def settlement(
+        self,
+        subject: str,
+        epoch: int,
+        job: str = JOB,
+        signer: Any = COORDINATOR,
+        policy: Policy = POLICY,
+        **amounts: int,
+    ) -> SignedMessage:
+        return self(
+            signer,
+            "Settlement",
+            coordinator=signer.address,
+            jobId=job,
+            subject=subject,
+            epoch=epoch,
+            policyHash=policy_hash(policy),
+            **SettlementAmounts(**amounts).fields(),
+        )
 
     def order(self, budget: int, job: str = JOB, consumer: Any = CONSUMER, workers: int = 1) -> SignedMessage:
-        return self(consumer, "JobOrder", consumer=consumer.address, jobId=job, specHash="0x" + "dd" * 32,
-                    workers=workers, bidPerWorkerHour=2 * GPC, budget=budget, deadline=2**40)
+        return self(
+            consumer,
+            "JobOrder",
+            consumer=consumer.address,
+            jobId=job,
+            specHash="0x" + "dd" * 32,
+            workers=workers,
+            bidPerWorkerHour=2 * GPC,
+            budget=budget,
+            deadline=2**40,
+        )
 
     def registration(self, stake: int, who: Any = WORKER, node: str = "n1") -> SignedMessage:
-        return self(who, "NodeRegistration", provider=who.address, nodeId=node, resources="cpu=2",
-                    askPerWorkerHour=GPC, stake=stake, deadline=2**40)
+        return self(
+            who,
+            "NodeRegistration",
+            provider=who.address,
+            nodeId=node,
+            resources="cpu=2",
+            askPerWorkerHour=GPC,
+            stake=stake,
+            deadline=2**40,
+        )
 
-    def assignment(self, rank: int = 0, who: Any = WORKER, job: str = JOB, node: str = "n1", start: int = 0) -> SignedMessage:
+    def assignment(
+        self, rank: int = 0, who: Any = WORKER, job: str = JOB, node: str = "n1", start: int = 0
+    ) -> SignedMessage:
         return self(COORDINATOR, "Assignment", jobId=job, rank=rank, provider=who.address, nodeId=node, fromStep=start)
 
 
-def open_market(url: str, clock: Any = None, *, dev: bool = True,
-                allocations: tuple[tuple[Any, int], ...] = (), policy: Policy = POLICY) -> Ledger:
+def open_market(
+    url: str,
+    clock: Any = None,
+    *,
+    dev: bool = True,
+    allocations: tuple[tuple[Any, int], ...] = (),
+    policy: Policy = POLICY,
+) -> Ledger:
     """A ledger at ``url`` with the market's Genesis recorded (the local policy, COORDINATOR's domain).
 
     The ledger runs on ``clock`` (a new ``Clock`` by default; ``time.time`` where other processes
@@ -185,13 +263,21 @@ class Market:
         self.post(f"escrow:{job}", plan_escrow(job, consumer.address, budget, order.digest), order)
         return order
 
-    def assign(self, rank: int = 0, who: Any = WORKER, job: str = JOB, node: str = "n1", start: int = 0) -> SignedMessage:
+    def assign(
+        self, rank: int = 0, who: Any = WORKER, job: str = JOB, node: str = "n1", start: int = 0
+    ) -> SignedMessage:
         m = self.s.assignment(rank, who, job, node, start)
         self.ledger.record_message(m)
         return m
 
-    def receipts(self, step: int, workers: list[Any], job: str = JOB, previous: list[SignedMessage] | None = None,
-                 steps: int = 10) -> list[SignedMessage]:
+    def receipts(
+        self,
+        step: int,
+        workers: list[Any],
+        job: str = JOB,
+        previous: list[SignedMessage] | None = None,
+        steps: int = 10,
+    ) -> list[SignedMessage]:
         """One receipt per rank (rank i by ``workers[i]``) for steps step..step+steps, recorded."""
         rs = [
             self.s.receipt(step, job, previous[i].digest if previous else ZERO_BYTES32, who, i, steps)
@@ -200,17 +286,25 @@ class Market:
         self.ledger.record_messages(rs)
         return rs
 
-    def reports(self, receipts: list[SignedMessage], verdict: str = "pass", verifier: Any = VERIFIER) -> list[SignedMessage]:
+    def reports(
+        self, receipts: list[SignedMessage], verdict: str = "pass", verifier: Any = VERIFIER
+    ) -> list[SignedMessage]:
         reps = [self.s.report(r, verdict, verifier) for r in receipts]
         self.ledger.record_messages(reps)
         return reps
 
-    def charge(self, receipts: list[SignedMessage], paid: int, reports: list[SignedMessage] | None = None,
-               job: str = JOB) -> SignedMessage:
+    def charge(
+        self, receipts: list[SignedMessage], paid: int, reports: list[SignedMessage] | None = None, job: str = JOB
+    ) -> SignedMessage:
         """Charge an interval ``paid`` µGPC (checked when ``reports`` are given), in the current epoch."""
         subject = (reports[0] if reports else receipts[0]).digest
-        st = self.s.settlement(subject, self.ledger.current_epoch(), job, policy=self.policy,
-                               **charge_amounts(paid, self.policy.tokenomics).fields())
+        st = self.s.settlement(
+            subject,
+            self.ledger.current_epoch(),
+            job,
+            policy=self.policy,
+            **charge_amounts(paid, self.policy.tokenomics).fields(),
+        )
         workers = [r.message["worker"] for r in receipts]
         self.post(f"settle:{st.digest}", plan_interval(job, paid, self.policy.tokenomics, st.digest, workers), st)
         return st
@@ -219,9 +313,19 @@ class Market:
         """Close ``epoch`` (its end must have passed on the ledger's clock)."""
         supply = self.ledger.totals()["supply"]
         plan = plan_epoch(epoch, [c.interval for c in self.ledger.epoch_charges(epoch)], self.policy.tokenomics, supply)
-        m = self.s(COORDINATOR, "EpochClose", coordinator=COORDINATOR.address, epoch=epoch, emission=plan.emission,
-                   minted=plan.minted, payments=plan.payments, policyHash=policy_hash(self.policy))
-        self.post(f"close:{m.digest}", plan_mint(plan.rewards, m.digest), m)  # not the coordinator's epoch:<e> id: the rule, not the id, refuses a second close
+        m = self.s(
+            COORDINATOR,
+            "EpochClose",
+            coordinator=COORDINATOR.address,
+            epoch=epoch,
+            emission=plan.emission,
+            minted=plan.minted,
+            payments=plan.payments,
+            policyHash=policy_hash(self.policy),
+        )
+        self.post(
+            f"close:{m.digest}", plan_mint(plan.rewards, m.digest), m
+        )  # not the coordinator's epoch:<e> id: the rule, not the id, refuses a second close
         return m
 
     def next_epoch(self) -> int:
@@ -236,8 +340,9 @@ class Market:
         b = self.ledger.balance(wallet_account(cheater, "bonded"))
         u = self.ledger.balance(wallet_account(cheater, "unbonding"))
         burned, whistle = slash_split(b + u, self.policy.slashing, whistleblower=verifier is not None)
-        st = self.s.settlement(report.digest, self.ledger.current_epoch(), job, policy=self.policy, burned=burned,
-                               slashed=burned + whistle)
+        st = self.s.settlement(
+            report.digest, self.ledger.current_epoch(), job, policy=self.policy, burned=burned, slashed=burned + whistle
+        )
         self.post(f"slash:{st.digest}", plan_slash(cheater, verifier, b, u, burned, whistle, st.digest), st)
         return st
 
@@ -286,8 +391,16 @@ def normal_history(ledger: Ledger, s: Signer) -> dict[str, SignedMessage]:
     epoch = m.next_epoch()
     supply = ledger.totals()["supply"]
     plan = plan_epoch(epoch, [c.interval for c in ledger.epoch_charges(epoch)], POLICY.tokenomics, supply)
-    close = s(COORDINATOR, "EpochClose", coordinator=COORDINATOR.address, epoch=epoch, emission=plan.emission,
-              minted=plan.minted, payments=plan.payments, policyHash=policy_hash(POLICY))
+    close = s(
+        COORDINATOR,
+        "EpochClose",
+        coordinator=COORDINATOR.address,
+        epoch=epoch,
+        emission=plan.emission,
+        minted=plan.minted,
+        payments=plan.payments,
+        policyHash=policy_hash(POLICY),
+    )
     record(ledger, close)
     ledger.post("epoch-close", plan_mint(plan.rewards, close.digest))
     (r2,) = m.receipts(10, [WORKER], previous=[r1])
@@ -331,14 +444,20 @@ def rechain(ledger: Ledger) -> None:
     from the transfer rows as they now are (run after ``tamper``, whose triggers stay dropped)."""
     from gpucoin.ledger.rules import GENESIS_HASH, chain_hash, operation_hash_of_fields
 
-    rows = raw_sql(ledger, "SELECT id, op_id, seq, debit, credit, amount, code, digest, created_at FROM transfer ORDER BY id")
+    rows = raw_sql(
+        ledger, "SELECT id, op_id, seq, debit, credit, amount, code, digest, created_at FROM transfer ORDER BY id"
+    )
     prev = GENESIS_HASH
     balances: dict[str, int] = {}
     by_op: dict[str, list[list[Any]]] = {}
     for r in rows:
-        fields = dict(id=r[0], op_id=r[1], seq=r[2], debit=r[3], credit=r[4], amount=r[5], code=r[6], digest=r[7], created_at=r[8])
+        fields = dict(
+            id=r[0], op_id=r[1], seq=r[2], debit=r[3], credit=r[4], amount=r[5], code=r[6], digest=r[7], created_at=r[8]
+        )
         h = chain_hash(prev, **fields)
-        raw_sql(ledger, "UPDATE transfer SET prev_hash = :p, row_hash = :h WHERE id = :i", {"p": prev, "h": h, "i": r[0]})
+        raw_sql(
+            ledger, "UPDATE transfer SET prev_hash = :p, row_hash = :h WHERE id = :i", {"p": prev, "h": h, "i": r[0]}
+        )
         prev = h
         balances[r[3]] = balances.get(r[3], 0) - r[5]
         balances[r[4]] = balances.get(r[4], 0) + r[5]
@@ -347,15 +466,19 @@ def rechain(ledger: Ledger) -> None:
         memo = raw_sql(ledger, "SELECT memo FROM operation WHERE op_id = :o", {"o": op_id})[0][0]
         content = operation_hash_of_fields([f[1:] for f in sorted(fields)], memo)
         raw_sql(ledger, "UPDATE operation SET content_hash = :c WHERE op_id = :o", {"c": content, "o": op_id})
-    raw_sql(ledger, "UPDATE chain_head SET last_transfer_id = :i, last_hash = :h WHERE id = 1",
-            {"i": rows[-1][0] if rows else 0, "h": prev})
+    raw_sql(
+        ledger,
+        "UPDATE chain_head SET last_transfer_id = :i, last_hash = :h WHERE id = 1",
+        {"i": rows[-1][0] if rows else 0, "h": prev},
+    )
     raw_sql(ledger, "DELETE FROM account")
     for name, balance in balances.items():
         raw_sql(ledger, "INSERT INTO account (name, balance) VALUES (:n, :b)", {"n": name, "b": balance})
 
 
-def forge_operation(ledger: Ledger, op_id: str, transfers: list[Transfer], *, created_at: int | None = None,
-                    epoch: int | None = None) -> None:
+def forge_operation(
+    ledger: Ledger, op_id: str, transfers: list[Transfer], *, created_at: int | None = None, epoch: int | None = None
+) -> None:
     """Append operation ``op_id`` with ``transfers`` behind the ledger's back, as plain SQL with the
     append-only triggers dropped, the hash chain and the balances recomputed (``rechain``)."""
     last = raw_sql(ledger, "SELECT id, created_at FROM transfer ORDER BY id DESC LIMIT 1")
@@ -366,12 +489,27 @@ def forge_operation(ledger: Ledger, op_id: str, transfers: list[Transfer], *, cr
         from gpucoin.ledger.epochs import epoch_at
 
         epoch = epoch_at(at, g.start_s, g.policy.tokenomics.epoch_length_s)
-    tamper(ledger, "INSERT INTO operation (op_id, content_hash, memo, first_transfer_id, n_transfers, created_at, epoch, "
-           "unbonding_epochs) VALUES (:o, '', '', :f, :n, :t, :e, :u)",
-           {"o": op_id, "f": first, "n": len(transfers), "t": at, "e": epoch, "u": POLICY.bonding.unbonding_epochs})
+    tamper(
+        ledger,
+        "INSERT INTO operation (op_id, content_hash, memo, first_transfer_id, n_transfers, created_at, epoch, "
+        "unbonding_epochs) VALUES (:o, '', '', :f, :n, :t, :e, :u)",
+        {"o": op_id, "f": first, "n": len(transfers), "t": at, "e": epoch, "u": POLICY.bonding.unbonding_epochs},
+    )
     for seq, t in enumerate(transfers):
-        raw_sql(ledger, "INSERT INTO transfer (id, op_id, seq, debit, credit, amount, code, digest, created_at, prev_hash, "
-                "row_hash) VALUES (:i, :o, :s, :d, :c, :a, :k, :g, :t, '', '')",
-                {"i": first + seq, "o": op_id, "s": seq, "d": t.debit, "c": t.credit, "a": t.amount,
-                 "k": Code(t.code).value, "g": t.digest.lower(), "t": at})
+        raw_sql(
+            ledger,
+            "INSERT INTO transfer (id, op_id, seq, debit, credit, amount, code, digest, created_at, prev_hash, "
+            "row_hash) VALUES (:i, :o, :s, :d, :c, :a, :k, :g, :t, '', '')",
+            {
+                "i": first + seq,
+                "o": op_id,
+                "s": seq,
+                "d": t.debit,
+                "c": t.credit,
+                "a": t.amount,
+                "k": Code(t.code).value,
+                "g": t.digest.lower(),
+                "t": at,
+            },
+        )
     rechain(ledger)

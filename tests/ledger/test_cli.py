@@ -54,7 +54,9 @@ def test_show_lists_balances_and_transfers(history: Ledger, ledger_url: str) -> 
     assert r.exit_code == 1 and r.output.startswith("error: ") and "Traceback" not in r.output
 
 
-def test_export_lets_anyone_reverify_messages_and_the_chain_without_gpucoin(history: Ledger, ledger_url: str, tmp_path) -> None:
+def test_export_lets_anyone_reverify_messages_and_the_chain_without_gpucoin(
+    history: Ledger, ledger_url: str, tmp_path
+) -> None:
     out = tmp_path / "ledger.jsonl"
     r = run("ledger", "export", "--format", "jsonl", "--ledger-url", ledger_url, "-o", str(out))
     assert r.exit_code == 0, r.output
@@ -68,8 +70,18 @@ def test_export_lets_anyone_reverify_messages_and_the_chain_without_gpucoin(hist
         assert Account.recover_message(signable, signature=m["signature"]) == m["signer"]
     prev = "00" * 32
     for t in transfers:  # the documented chain rule, with hashlib and json only
-        fields = ["gpucoin-transfer-v1", t["id"], t["op_id"], t["seq"], t["debit"], t["credit"], t["amount"],
-                  t["code"], t["digest"], t["created_at"]]
+        fields = [
+            "gpucoin-transfer-v1",
+            t["id"],
+            t["op_id"],
+            t["seq"],
+            t["debit"],
+            t["credit"],
+            t["amount"],
+            t["code"],
+            t["digest"],
+            t["created_at"],
+        ]
         text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         assert t["prev_hash"] == prev
         prev = hashlib.sha256(bytes.fromhex(prev) + text.encode()).hexdigest()
@@ -95,19 +107,37 @@ TAMPERS = [
     ("transfer code", "UPDATE transfer SET code = 'pay' WHERE id = 5", "transfer #5 "),
     ("message signature", "UPDATE message SET signature = :sig WHERE id = 3", "message #3 "),
     ("message signer", f"UPDATE message SET signer = '{CONSUMER.address}' WHERE id = 2", "message #2 "),
-    ("message typed data", "UPDATE message SET typed_data = replace(typed_data, :old, :new) WHERE id = 3", "message #3 "),
-    ("account balance", f"UPDATE account SET balance = balance + 5 WHERE name = '{avail(CONSUMER)}'", f"account {avail(CONSUMER)}"),
+    (
+        "message typed data",
+        "UPDATE message SET typed_data = replace(typed_data, :old, :new) WHERE id = 3",
+        "message #3 ",
+    ),
+    (
+        "account balance",
+        f"UPDATE account SET balance = balance + 5 WHERE name = '{avail(CONSUMER)}'",
+        f"account {avail(CONSUMER)}",
+    ),
     ("escrow amount", f"UPDATE escrow SET amount = amount + 1 WHERE account = '{ESCROW}'", f"escrow {ESCROW}"),
-    ("unbonding amount", f"UPDATE unbonding SET amount = amount + 1 WHERE account = '{unbonding(WORKER)}'", f"unbonding {unbonding(WORKER)}"),
+    (
+        "unbonding amount",
+        f"UPDATE unbonding SET amount = amount + 1 WHERE account = '{unbonding(WORKER)}'",
+        f"unbonding {unbonding(WORKER)}",
+    ),
     ("operation memo", "UPDATE operation SET memo = 'x' WHERE op_id = 'settle-1'", "operation 'settle-1'"),
-    ("receipt range", "UPDATE work_receipt SET step_end = 12 WHERE step_start = 0", "work_receipt (job 'job-1', rank 0, step 0)"),
+    (
+        "receipt range",
+        "UPDATE work_receipt SET step_end = 12 WHERE step_start = 0",
+        "work_receipt (job 'job-1', rank 0, step 0)",
+    ),
     ("job order row", "DELETE FROM job_order", "job_order 'job-1'"),
     ("message order", "UPDATE message SET id = 1000 WHERE primary_type = 'JobOrder'", "message #"),
 ]
 
 
 @pytest.mark.parametrize("what,sql,named", TAMPERS, ids=[t[0] for t in TAMPERS])
-def test_audit_fails_and_names_a_row_changed_with_plain_sql(history: Ledger, ledger_url: str, what: str, sql: str, named: str) -> None:
+def test_audit_fails_and_names_a_row_changed_with_plain_sql(
+    history: Ledger, ledger_url: str, what: str, sql: str, named: str
+) -> None:
     params: dict[str, Any] = {}
     if ":old" in sql:
         params = {"old": '"amount":600000000', "new": '"amount":700000000'}
@@ -117,6 +147,6 @@ def test_audit_fails_and_names_a_row_changed_with_plain_sql(history: Ledger, led
     tamper(history, sql, params)
     r = run("ledger", "audit", "--ledger-url", ledger_url)
     assert r.exit_code == 1, r.output
-    problems = [line[len("problem: "):] for line in r.output.splitlines() if line.startswith("problem: ")]
+    problems = [line[len("problem: ") :] for line in r.output.splitlines() if line.startswith("problem: ")]
     assert any(p.startswith(named) for p in problems), (what, problems)
     assert "audit failed" in r.output

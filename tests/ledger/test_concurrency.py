@@ -81,8 +81,10 @@ class Spenders:
         self.inboxes = [ctx.Queue() for _ in range(N_PROCS)]
         self.procs = [
             ctx.Process(
-                target=_spender, args=(i, self.inboxes[i], self.ready, self.barrier, self.results),
-                name=f"spender-{i}", daemon=True,
+                target=_spender,
+                args=(i, self.inboxes[i], self.ready, self.barrier, self.results),
+                name=f"spender-{i}",
+                daemon=True,
             )
             for i in range(N_PROCS)
         ]
@@ -102,7 +104,7 @@ class Spenders:
         outcomes: dict[str, tuple[str, str]] = {}
         windows: list[tuple[float, float]] = []
         try:
-            for inbox, plan in zip(self.inboxes, plans):
+            for inbox, plan in zip(self.inboxes, plans, strict=True):
                 inbox.put((url, plan))
             for _ in plans:
                 msg = self.ready.get(timeout=WAIT_S)
@@ -120,7 +122,7 @@ class Spenders:
     def close(self) -> None:
         """Stop the processes: ask them to end, wait a bounded time, kill any left."""
         procs, self.procs = self.procs, []
-        for p, inbox in zip(procs, self.inboxes):
+        for p, inbox in zip(procs, self.inboxes, strict=False):
             if p.is_alive():
                 inbox.put(None)
         deadline = time.monotonic() + 10
@@ -207,8 +209,10 @@ def test_eight_processes_each_spending_in_a_loop_drain_exactly_the_balance(ledge
         regs = [[s.registration(1, who=CONSUMER, node=f"n{i}-{k}") for k in range(attempts)] for i in range(N_PROCS)]
         ledger.record_messages([r for row in regs for r in row])  # one registration authorizes one bond
         plans = [
-            [(f"bond-{i}-{k}", (Transfer(avail(CONSUMER), bonded(CONSUMER), 1, Code.BOND, regs[i][k].digest),))
-             for k in range(attempts)]
+            [
+                (f"bond-{i}-{k}", (Transfer(avail(CONSUMER), bonded(CONSUMER), 1, Code.BOND, regs[i][k].digest),))
+                for k in range(attempts)
+            ]
             for i in range(N_PROCS)
         ]
 
@@ -219,8 +223,10 @@ def test_eight_processes_each_spending_in_a_loop_drain_exactly_the_balance(ledge
         assert kinds == {"ok": balance, "InsufficientFunds": N_PROCS * attempts - balance}, kinds
         assert max_in_flight(windows) >= 2, windows
         won = {op_id for op_id, (what, _) in outcomes.items() if what == "ok"}
-        print(f"{max_in_flight(windows)} of {N_PROCS} processes posting at once; {dict(kinds)}; "
-              f"per process: {sorted(Counter(op.split('-')[1] for op in won).values())}")
+        print(
+            f"{max_in_flight(windows)} of {N_PROCS} processes posting at once; {dict(kinds)}; "
+            f"per process: {sorted(Counter(op.split('-')[1] for op in won).values())}"
+        )
         assert ledger.balance(avail(CONSUMER)) == 0
         assert ledger.balance(bonded(CONSUMER)) == balance
         stored = {t.op_id for t in ledger.transfers()} - {"faucet-consumer"}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+from eth_account import Account
+
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.epochs import plan_epoch
@@ -22,7 +24,6 @@ from tests.ledger.helpers import (
     Market,
     avail,
 )
-from eth_account import Account
 
 TOK = POLICY.tokenomics
 WORKERS = [Account.from_key(bytes([0x20 + i]) * 32) for i in range(10)]
@@ -37,7 +38,7 @@ def ten_jobs(m: Market) -> list[int]:
     different payment in the current epoch; returns the payments, µGPC."""
     m.fund(CONSUMER, 10_000 * GPC)
     payments = [(i + 1) * 1_000_003 for i in range(10)]
-    for i, (w, paid) in enumerate(zip(WORKERS, payments)):
+    for i, (w, paid) in enumerate(zip(WORKERS, payments, strict=True)):
         job = f"job-{i}"
         m.register(w, 0, node=f"n{i}")
         m.escrow(100 * GPC, job)
@@ -66,7 +67,7 @@ def test_ten_jobs_in_one_epoch_share_its_emission_pro_rata(ledger: Ledger) -> No
     emission = TOK.initial_emission_ugpc  # epoch 0: no halving; far below the cap
     assert plan.emission == emission
     total = sum(payments)
-    for w, paid in zip(WORKERS, payments):
+    for w, paid in zip(WORKERS, payments, strict=True):
         share = Fraction(emission * paid, total)
         got = ledger.balance(avail(w))
         assert got == int(share * TOK.worker_share_bps / 10_000)  # floored once, exactly

@@ -3,16 +3,15 @@ and downgrade cleanly. On both backends."""
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlmodel import SQLModel
 
+from gpucoin.exceptions import NoGenesis
 from gpucoin.ledger import Ledger, migrate
 from gpucoin.ledger.models import LEDGER_TABLES
-import pytest
-
-from gpucoin.exceptions import NoGenesis
 from tests.ledger.helpers import CONSUMER, ESCROW, Signer, normal_history, raw_sql
 
 

@@ -37,7 +37,14 @@ import pytest
 from eth_account import Account
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from sqlmodel import Session, select
 
 from gpucoin.coordinator.settle import Coordinator
@@ -106,7 +113,9 @@ class Model:
     unbonding: dict[str, dict[int, int]] = field(default_factory=dict)  # account -> {maturity epoch: µGPC}
     ops: dict[str, tuple[Any, list[int]]] = field(default_factory=dict)  # op id -> (content, ids)
     used: set[str] = field(default_factory=set)  # digests that authorized an operation
-    charges: dict[int, list[tuple[int, str, str | None, str]]] = field(default_factory=dict)  # epoch -> [(paid, worker, verifier, receipt)]
+    charges: dict[int, list[tuple[int, str, str | None, str]]] = field(
+        default_factory=dict
+    )  # epoch -> [(paid, worker, verifier, receipt)]
     closed: set[int] = field(default_factory=set)
     slashed: int = 0
     refunded: int = 0
@@ -201,7 +210,9 @@ class LedgerMachine(RuleBasedStateMachine):
         self.sys0 = {a: self.ledger.balance(a) for a in SYSTEM}
         self.totals0 = self.ledger.totals()
         ledger = self.ledger
-        self.model = Model(dict(self.sys0), last[-1].id if last else 0, lambda: ledger.current_epoch())  # a function: deepcopy keeps it
+        self.model = Model(
+            dict(self.sys0), last[-1].id if last else 0, lambda: ledger.current_epoch()
+        )  # a function: deepcopy keeps it
         self.first_epoch = self.ledger.current_epoch()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -212,7 +223,10 @@ class LedgerMachine(RuleBasedStateMachine):
     @property
     def universe(self) -> list[str]:
         return [self.acct(i, k) for i in range(WALLETS) for k in ("available", "bonded", "unbonding")] + [
-            wallet_account(self.verifier.address), *(escrow_account(j) for j in self.jobs), *SYSTEM]
+            wallet_account(self.verifier.address),
+            *(escrow_account(j) for j in self.jobs),
+            *SYSTEM,
+        ]
 
     def wallet(self, data: st.DataObject, label: str = "wallet", *, having: str | None = None) -> int:
         """A wallet index; with ``having`` (an account kind), mostly one with money there."""
@@ -277,7 +291,8 @@ class LedgerMachine(RuleBasedStateMachine):
             assert refused is not None, f"ledger refused ({type(exc).__name__}: {exc}); the model expected ids {want}"
             assert type(exc) in refused.allowed, (
                 f"ledger raised {type(exc).__name__}: {exc}; the model expected "
-                f"{sorted(c.__name__ for c in refused.allowed)} ({refused})")
+                f"{sorted(c.__name__ for c in refused.allowed)} ({refused})"
+            )
             return False
         assert refused is None, f"ledger accepted (ids {got}); the model refuses: {refused}"
         assert got == want, f"ledger returned ids {got}, the model predicts {want}"
@@ -296,15 +311,22 @@ class LedgerMachine(RuleBasedStateMachine):
         i = data.draw(st.integers(0, WALLETS - 1), label="wallet")
         amount = data.draw(st.integers(1, 10**9), label="amount")
         m = self.s.faucet(self.wallets[i], amount)
-        return Intent(plan_faucet(self.wallets[i].address, amount, m.digest), [m],
-                      lambda model: model.move(ISSUANCE, self.acct(i), amount), "faucet")
+        return Intent(
+            plan_faucet(self.wallets[i].address, amount, m.digest),
+            [m],
+            lambda model: model.move(ISSUANCE, self.acct(i), amount),
+            "faucet",
+        )
 
     def i_bond(self, data: st.DataObject) -> Intent | None:
         i = self.wallet(data, having="available")
         stake = self.amount(data, self.model.bal(self.acct(i)), "stake")
         reg = self.s.registration(stake, self.wallets[i], f"st{self.n}-node{i}")
-        return Intent(plan_bond(self.wallets[i].address, stake, reg.digest), [reg],
-                      lambda model: model.move(self.acct(i), self.acct(i, "bonded"), stake))
+        return Intent(
+            plan_bond(self.wallets[i].address, stake, reg.digest),
+            [reg],
+            lambda model: model.move(self.acct(i), self.acct(i, "bonded"), stake),
+        )
 
     def i_unbond(self, data: st.DataObject) -> Intent:
         i = self.wallet(data, having="bonded")
@@ -323,8 +345,11 @@ class LedgerMachine(RuleBasedStateMachine):
         i = self.wallet(data, having="unbonding")
         src = self.acct(i, "unbonding")
         how = data.draw(st.sampled_from(["matured", "matured", "matured+1", "all"]), label="withdraw how")
-        amount = {"matured": max(self.model.matured(src), 1), "matured+1": self.model.matured(src) + 1,
-                  "all": max(self.model.bal(src), 1)}[how]
+        amount = {
+            "matured": max(self.model.matured(src), 1),
+            "matured+1": self.model.matured(src) + 1,
+            "all": max(self.model.bal(src), 1),
+        }[how]
         m = self.s(self.wallets[i], "Withdraw", provider=self.wallets[i].address, amount=amount)
 
         def effect(model: Model) -> None:
@@ -367,8 +392,9 @@ class LedgerMachine(RuleBasedStateMachine):
             self.ledger.record_message(report)
         esc = escrow_account(name)
         paid = max(1, self.amount(data, self.model.bal(esc), "paid"))
-        st_ = self.s.settlement((report or receipt).digest, self.ledger.current_epoch(), name,
-                                **charge_amounts(paid, TOK).fields())
+        st_ = self.s.settlement(
+            (report or receipt).digest, self.ledger.current_epoch(), name, **charge_amounts(paid, TOK).fields()
+        )
         worker = self.wallets[job.worker].address
 
         def effect(model: Model) -> None:
@@ -390,9 +416,13 @@ class LedgerMachine(RuleBasedStateMachine):
         """Record the next receipt of job ``name`` (assigning its rank first if needed)."""
         job = self.jobs[name]
         if not job.assigned:
-            self.ledger.record_message(self.s.assignment(0, self.wallets[job.worker], name, f"st{self.n}-node{job.worker}"))
+            self.ledger.record_message(
+                self.s.assignment(0, self.wallets[job.worker], name, f"st{self.n}-node{job.worker}")
+            )
             job.assigned = True
-        r = self.s.receipt(job.next_step, name, job.receipt.digest if job.receipt else ZERO_BYTES32, self.wallets[job.worker], 0, 4)
+        r = self.s.receipt(
+            job.next_step, name, job.receipt.digest if job.receipt else ZERO_BYTES32, self.wallets[job.worker], 0, 4
+        )
         self.ledger.record_message(r)
         job.receipt, job.next_step = r, job.next_step + 4
         return r
@@ -417,8 +447,12 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def i_slash(self, data: st.DataObject) -> Intent | None:
         """A failing report of a job's next receipt: half its worker's stake (bonded, then unbonding)."""
-        cheats = [j for j in sorted(self.jobs)
-                  if self.model.bal(self.acct(self.jobs[j].worker, "bonded")) + self.model.bal(self.acct(self.jobs[j].worker, "unbonding"))]
+        cheats = [
+            j
+            for j in sorted(self.jobs)
+            if self.model.bal(self.acct(self.jobs[j].worker, "bonded"))
+            + self.model.bal(self.acct(self.jobs[j].worker, "unbonding"))
+        ]
         if not cheats:
             return None
         name = data.draw(st.sampled_from(cheats), label="job")
@@ -434,7 +468,7 @@ class LedgerMachine(RuleBasedStateMachine):
         def effect(model: Model) -> None:
             assert (model.bal(self.acct(i, "bonded")), model.bal(self.acct(i, "unbonding"))) == (b, u)
             left_burn, left_whistle = taken - whistle, whistle
-            for src, have in ((self.acct(i, "bonded"), b), (self.acct(i, "unbonding"), u)):
+            for src in (self.acct(i, "bonded"), self.acct(i, "unbonding")):
                 for credit, need in ((BURNED, "burn"), (wallet_account(self.verifier.address), "whistle")):
                     part = min(left_burn if need == "burn" else left_whistle, model.bal(src))
                     if part:
@@ -472,11 +506,20 @@ class LedgerMachine(RuleBasedStateMachine):
         epoch = open_[0]
         rewards = self.expected_rewards(self.model, epoch)
         paid = sum(p for p, *_ in self.model.charges[epoch])
-        m = self.s(COORDINATOR, "EpochClose", coordinator=COORDINATOR.address, epoch=epoch,
-                   emission=TOK.initial_emission_ugpc, minted=sum(r[1] for r in rewards), payments=paid,
-                   policyHash=policy_hash(POLICY))
-        plan = plan_mint([Reward(a, n, "worker" if c == "mint_worker" else "verifier", "0x" + "00" * 32)
-                          for a, n, c in rewards], m.digest)
+        m = self.s(
+            COORDINATOR,
+            "EpochClose",
+            coordinator=COORDINATOR.address,
+            epoch=epoch,
+            emission=TOK.initial_emission_ugpc,
+            minted=sum(r[1] for r in rewards),
+            payments=paid,
+            policyHash=policy_hash(POLICY),
+        )
+        plan = plan_mint(
+            [Reward(a, n, "worker" if c == "mint_worker" else "verifier", "0x" + "00" * 32) for a, n, c in rewards],
+            m.digest,
+        )
 
         def effect(model: Model) -> None:
             if epoch >= model.epoch_of():
@@ -500,8 +543,13 @@ class LedgerMachine(RuleBasedStateMachine):
         self.pending_jobs: dict[str, Job] = {}
         for i, amount in enumerate(funds):
             m = self.s.faucet(self.wallets[i], amount)
-            assert self.post(Intent(plan_faucet(self.wallets[i].address, amount, m.digest), [m],
-                                    lambda model, i=i, amount=amount: model.move(ISSUANCE, self.acct(i), amount)))
+            assert self.post(
+                Intent(
+                    plan_faucet(self.wallets[i].address, amount, m.digest),
+                    [m],
+                    lambda model, i=i, amount=amount: model.move(ISSUANCE, self.acct(i), amount),
+                )
+            )
 
     def adopt_jobs(self) -> None:
         """Keep the jobs whose escrow the ledger took; forget the others (their orders were not stored)."""
@@ -558,12 +606,16 @@ class LedgerMachine(RuleBasedStateMachine):
         if data.draw(st.booleans(), label="amount or recipient"):
             bad = replace(t, amount=t.amount + 1)
         else:
-            other = wallet_account(self.wallets[(WALLETS - 1)].address) if t.credit != self.acct(WALLETS - 1) else self.acct(0)
+            other = (
+                wallet_account(self.wallets[(WALLETS - 1)].address)
+                if t.credit != self.acct(WALLETS - 1)
+                else self.acct(0)
+            )
             if t.credit.startswith("wallet:") and t.credit.endswith(":available"):
                 bad = replace(t, credit=other)
             else:
                 bad = replace(t, amount=t.amount + 1)
-        transfers = [*intent.transfers[:k], bad, *intent.transfers[k + 1:]]
+        transfers = [*intent.transfers[:k], bad, *intent.transfers[k + 1 :]]
         assert not self.post(corrupted(intent, transfers, "changed"))
 
     @precondition(lambda self: bool(self.posted))
@@ -641,7 +693,9 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def balances_match(self) -> None:
         stored = self.ledger.balances()
-        wrong = {a: (stored.get(a, 0), self.model.bal(a)) for a in self.universe if stored.get(a, 0) != self.model.bal(a)}
+        wrong = {
+            a: (stored.get(a, 0), self.model.bal(a)) for a in self.universe if stored.get(a, 0) != self.model.bal(a)
+        }
         assert not wrong, f"(ledger, model) balances differ: {wrong}"
 
     def teardown(self) -> None:
@@ -659,8 +713,10 @@ class LedgerMachine(RuleBasedStateMachine):
         escrows = [escrow_account(j) for j in self.jobs]
         unbonding = [self.acct(i, "unbonding") for i in range(WALLETS)]
         with Session(self.ledger.engine) as s:
-            stored = {r.account: MEscrow(r.source, r.amount, r.phase)
-                      for r in s.exec(select(EscrowRow).where(EscrowRow.account.in_(escrows)))}
+            stored = {
+                r.account: MEscrow(r.source, r.amount, r.phase)
+                for r in s.exec(select(EscrowRow).where(EscrowRow.account.in_(escrows)))
+            }
             entries: dict[str, dict[int, int]] = {}
             for r in s.exec(select(UnbondingRow).where(UnbondingRow.account.in_(unbonding))):
                 entries.setdefault(r.account, {})[r.mature_epoch] = r.amount
@@ -678,16 +734,31 @@ def test_the_ledger_agrees_with_an_independent_model(backend: str, tmp_path: Pat
     clock = Clock()
     ledger = open_market(url, clock)
     try:
-        machine = type(f"LedgerMachine_{backend}", (LedgerMachine,),
-                       {"ledger": ledger, "clock": clock, "counter": itertools.count(1)})
+        machine = type(
+            f"LedgerMachine_{backend}",
+            (LedgerMachine,),
+            {"ledger": ledger, "clock": clock, "counter": itertools.count(1)},
+        )
         started = time.perf_counter()
         run_state_machine_as_test(machine, settings=SETTINGS)
         print(f"{backend}: {time.perf_counter() - started:.1f} s")
         assert ledger.audit() == []
         codes = {t.code for t in ledger.transfers()}
         assert len(ledger.transfers()) > 100, "the run posted almost nothing: the machine is too timid"
-        assert {"faucet", "bond", "unbond", "withdraw", "escrow", "burn", "treasury", "refund", "slash",
-                "whistleblower", "mint_worker", "mint_verifier"} <= codes, codes
+        assert {
+            "faucet",
+            "bond",
+            "unbond",
+            "withdraw",
+            "escrow",
+            "burn",
+            "treasury",
+            "refund",
+            "slash",
+            "whistleblower",
+            "mint_worker",
+            "mint_verifier",
+        } <= codes, codes
     finally:
         ledger.close()
         gen.close()

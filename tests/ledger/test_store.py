@@ -25,19 +25,19 @@ from gpucoin.exceptions import (
 )
 from gpucoin.ledger import BURNED, ISSUANCE, Code, Ledger, Operation, Transfer
 from gpucoin.ledger.accounts import escrow_account
+from gpucoin.ledger.db import COPY_MIN_ROWS as _COPY_MIN_ROWS
+from gpucoin.ledger.db import insert_rows as _insert_rows
 from gpucoin.ledger.models import MessageRow
 from gpucoin.ledger.record import check_messages
-from gpucoin.ledger.db import COPY_MIN_ROWS as _COPY_MIN_ROWS, insert_rows as _insert_rows
 from gpucoin.wallet.messages import SignedMessage, sign
 from tests.ledger.helpers import (
-    POLICY,
-    open_market,
     CONSUMER,
     COORDINATOR,
     DOMAIN,
     ESCROW,
     GPC,
     JOB,
+    POLICY,
     VERIFIER,
     WORKER,
     Signer,
@@ -45,6 +45,7 @@ from tests.ledger.helpers import (
     bonded,
     fund,
     normal_history,
+    open_market,
     raw_sql,
     record,
     tamper,
@@ -88,7 +89,9 @@ def test_schema_is_created_strict_and_in_wal_mode(sqlite_ledger: Ledger, db: Pat
     led2.close()
 
 
-def test_strict_tables_refuse_real_and_overflowing_values_written_with_plain_sql(sqlite_ledger: Ledger, db: Path) -> None:
+def test_strict_tables_refuse_real_and_overflowing_values_written_with_plain_sql(
+    sqlite_ledger: Ledger, db: Path
+) -> None:
     con = raw(db)
     for value in ("1e30", str(2**63), "1.5"):
         with pytest.raises(sqlite3.Error, match="REAL"):
@@ -129,8 +132,19 @@ def test_a_second_message_with_the_same_signer_and_nonce_is_a_conflict(ledger: L
     with pytest.raises(ConflictError, match="nonce 7"):
         ledger.record_message(s(COORDINATOR, "Faucet", recipient=CONSUMER.address, amount=6, nonce=7))
     # another signer may use the same nonce
-    ledger.record_message(s(WORKER, "NodeRegistration", provider=WORKER.address, nodeId="n1", resources="cpu=1",
-                            askPerWorkerHour=1, stake=0, deadline=2**40, nonce=7))
+    ledger.record_message(
+        s(
+            WORKER,
+            "NodeRegistration",
+            provider=WORKER.address,
+            nodeId="n1",
+            resources="cpu=1",
+            askPerWorkerHour=1,
+            stake=0,
+            deadline=2**40,
+            nonce=7,
+        )
+    )
     assert len(ledger.messages()) == 3
 
 
@@ -140,8 +154,21 @@ def test_a_bad_signature_or_an_impersonation_is_refused(ledger: Ledger, s: Signe
     with pytest.raises(SignatureError, match="recovers"):
         ledger.record_message(forged)
     # a JobOrder naming Consumer as its consumer but signed by Worker's key
-    order = sign(WORKER, "JobOrder", DOMAIN, dict(consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32,
-                                                  workers=1, bidPerWorkerHour=1, budget=1, nonce=1, deadline=2**40))
+    order = sign(
+        WORKER,
+        "JobOrder",
+        DOMAIN,
+        dict(
+            consumer=CONSUMER.address,
+            jobId=JOB,
+            specHash="0x" + "dd" * 32,
+            workers=1,
+            bidPerWorkerHour=1,
+            budget=1,
+            nonce=1,
+            deadline=2**40,
+        ),
+    )
     with pytest.raises(SignatureError, match="consumer"):
         ledger.record_message(order)
     assert [m.primary_type for m in ledger.messages()] == ["Genesis"]
@@ -154,8 +181,10 @@ def test_a_retry_with_identical_content_returns_the_original_ids(ledger: Ledger,
     fund(ledger, s, CONSUMER, 300, "fund")
     a, b = s.order(100, "job-a"), s.order(200, "job-b")
     record(ledger, a, b)
-    ops = [Transfer(avail(CONSUMER), escrow_account("job-a"), 100, Code.ESCROW, a.digest),
-           Transfer(avail(CONSUMER), escrow_account("job-b"), 200, Code.ESCROW, b.digest.upper().replace("0X", "0x"))]
+    ops = [
+        Transfer(avail(CONSUMER), escrow_account("job-a"), 100, Code.ESCROW, a.digest),
+        Transfer(avail(CONSUMER), escrow_account("job-b"), 200, Code.ESCROW, b.digest.upper().replace("0X", "0x")),
+    ]
     ids = ledger.post("op-1", ops, memo="hello")
     assert ids == [2, 3]
     assert ledger.post("op-1", ops, memo="hello") == ids
@@ -181,16 +210,39 @@ def test_the_same_op_id_with_different_content_is_a_conflict(ledger: Ledger, s: 
 
 def test_an_operation_is_all_or_nothing(ledger: Ledger, s: Signer) -> None:
     fund(ledger, s, CONSUMER, 100, "fund")
-    order = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
-              bidPerWorkerHour=1, budget=60, deadline=2**40)
-    other = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId="job-2", specHash="0x" + "ee" * 32,
-              workers=1, bidPerWorkerHour=1, budget=41, deadline=2**40)
+    order = s(
+        CONSUMER,
+        "JobOrder",
+        consumer=CONSUMER.address,
+        jobId=JOB,
+        specHash="0x" + "dd" * 32,
+        workers=1,
+        bidPerWorkerHour=1,
+        budget=60,
+        deadline=2**40,
+    )
+    other = s(
+        CONSUMER,
+        "JobOrder",
+        consumer=CONSUMER.address,
+        jobId="job-2",
+        specHash="0x" + "ee" * 32,
+        workers=1,
+        bidPerWorkerHour=1,
+        budget=41,
+        deadline=2**40,
+    )
     ledger.record_messages([order, other])
     before = (ledger.balances(), ledger.transfers(), ledger.totals())
     # the first transfer alone is affordable; the second is not, so neither may land
     with pytest.raises(InsufficientFunds, match="short by 1"):
-        ledger.post("escrow", [Transfer(avail(CONSUMER), ESCROW, 60, Code.ESCROW, order.digest),
-                               Transfer(avail(CONSUMER), "job:job-2:escrow", 41, Code.ESCROW, other.digest)])
+        ledger.post(
+            "escrow",
+            [
+                Transfer(avail(CONSUMER), ESCROW, 60, Code.ESCROW, order.digest),
+                Transfer(avail(CONSUMER), "job:job-2:escrow", 41, Code.ESCROW, other.digest),
+            ],
+        )
     assert (ledger.balances(), ledger.transfers(), ledger.totals()) == before
     assert ledger.operation("escrow") is None
     # the refused op_id is free; the chain goes on from the last committed row
@@ -210,11 +262,17 @@ def test_no_mint_takes_the_supply_past_the_hard_cap(ledger: Ledger, s: Signer) -
     fund(ledger, s, CONSUMER, cap - 1, "big")
     fund(ledger, s, WORKER, 1, "to-the-cap")
     m = s.faucet(CONSUMER, 1)
-    ledger.record_message(m)
     with pytest.raises(Unauthorized, match="above the hard cap"):
-        ledger.post("one-more", [Transfer(ISSUANCE, avail(CONSUMER), 1, Code.FAUCET, m.digest)])
-    assert ledger.totals()["supply"] == cap
+        ledger.post_batch(
+            [Operation("one-more", (Transfer(ISSUANCE, avail(CONSUMER), 1, Code.FAUCET, m.digest),))], messages=[m]
+        )
+    assert ledger.totals()["supply"] == cap and ledger.message(m.digest) is None
     assert ledger.audit() == []
+    # recorded on its own, a coordinator's decision that authorized nothing is what the audit names
+    ledger.record_message(m)
+    assert [p for p in ledger.audit() if "authorized no operation" in p] == [
+        f"message Faucet {m.digest}: recorded, but authorized no operation (was its operation removed?)"
+    ]
 
 
 def test_malformed_posts_are_refused(ledger: Ledger) -> None:
@@ -224,6 +282,10 @@ def test_malformed_posts_are_refused(ledger: Ledger) -> None:
         ledger.post("op", [])
     with pytest.raises(LedgerError):
         ledger.post("op", [("a", "b", 1)])  # type: ignore[list-item]
+    t = Transfer(ISSUANCE, avail(CONSUMER), 1, Code.FAUCET, "0x" + "11" * 32)
+    for memo in ("\ud800", "a\x00b", "x" * 1025):  # not UTF-8, not storable in PostgreSQL text, too long
+        with pytest.raises(LedgerError, match="memo"):
+            ledger.post("op", [t], memo=memo)
     with pytest.raises(UnknownAccount):
         ledger.balance("wallet:nobody")
     assert ledger.balance(avail(VERIFIER)) == 0
@@ -306,8 +368,12 @@ def test_audit_is_clean_on_a_normal_history(ledger: Ledger, s: Signer) -> None:
 
 def test_transfers_messages_and_operations_are_append_only(ledger: Ledger, s: Signer) -> None:
     normal_history(ledger, s)
-    for sql in ("UPDATE transfer SET amount = amount + 1 WHERE id = 4", "DELETE FROM transfer WHERE id = 11",
-                "UPDATE message SET signer = 'x' WHERE id = 1", "DELETE FROM operation WHERE op_id = 'refund-1'"):
+    for sql in (
+        "UPDATE transfer SET amount = amount + 1 WHERE id = 4",
+        "DELETE FROM transfer WHERE id = 11",
+        "UPDATE message SET signer = 'x' WHERE id = 1",
+        "DELETE FROM operation WHERE op_id = 'refund-1'",
+    ):
         with pytest.raises(DBAPIError, match="append-only"):
             raw_sql(ledger, sql)
     assert ledger.audit() == []
@@ -350,8 +416,7 @@ def test_audit_fails_on_a_negative_user_account(ledger: Ledger, s: Signer) -> No
 
 def test_audit_checks_signatures_and_what_authorizes_a_mint(ledger: Ledger, s: Signer) -> None:
     history = normal_history(ledger, s)
-    m = s.faucet(WORKER, 7)
-    record(ledger, m)
+    m = ledger.messages("Faucet")[0]  # a Faucet of the history, which authorized its grant
     before = (ledger.balances(), ledger.transfers())
     # post refuses a mint authorized by anything but the EpochClose of its epoch ...
     with pytest.raises(Unauthorized, match="cites a Faucet, which authorizes faucet"):
@@ -378,8 +443,10 @@ def test_post_batch_records_its_messages_in_the_same_transaction(ledger: Ledger,
     # More rows than _COPY_MIN_ROWS, so PostgreSQL takes the COPY path for messages and transfers.
     n = _COPY_MIN_ROWS + 8
     grants = [s.faucet(CONSUMER, 10 + i) for i in range(n)]
-    ops = [Operation(f"grant-{i}", (Transfer(ISSUANCE, avail(CONSUMER), 10 + i, Code.FAUCET, m.digest),))
-           for i, m in enumerate(grants)]
+    ops = [
+        Operation(f"grant-{i}", (Transfer(ISSUANCE, avail(CONSUMER), 10 + i, Code.FAUCET, m.digest),))
+        for i, m in enumerate(grants)
+    ]
     assert ledger.post_batch(ops, messages=grants) == [[i + 1] for i in range(n)]
     assert len(ledger.messages("Faucet")) == n
     assert ledger.balance(avail(CONSUMER)) == sum(10 + i for i in range(n))
@@ -389,10 +456,20 @@ def test_post_batch_records_its_messages_in_the_same_transaction(ledger: Ledger,
 
     # one refused operation: neither its messages nor any operation of the batch is stored
     more = [s.faucet(WORKER, 5) for _ in range(n)]
-    spend = s(CONSUMER, "JobOrder", consumer=CONSUMER.address, jobId=JOB, specHash="0x" + "dd" * 32, workers=1,
-              bidPerWorkerHour=1, budget=10**9, deadline=2**40)
-    bad = [Operation(f"w-{i}", (Transfer(ISSUANCE, avail(WORKER), 5, Code.FAUCET, m.digest),))
-           for i, m in enumerate(more)]
+    spend = s(
+        CONSUMER,
+        "JobOrder",
+        consumer=CONSUMER.address,
+        jobId=JOB,
+        specHash="0x" + "dd" * 32,
+        workers=1,
+        bidPerWorkerHour=1,
+        budget=10**9,
+        deadline=2**40,
+    )
+    bad = [
+        Operation(f"w-{i}", (Transfer(ISSUANCE, avail(WORKER), 5, Code.FAUCET, m.digest),)) for i, m in enumerate(more)
+    ]
     bad.append(Operation("too-much", (Transfer(avail(CONSUMER), ESCROW, 10**9, Code.ESCROW, spend.digest),)))
     before = (ledger.balances(), len(ledger.transfers()), len(ledger.messages()))
     with pytest.raises(InsufficientFunds, match="too-much"):

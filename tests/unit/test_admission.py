@@ -31,8 +31,16 @@ def digest(i: int) -> str:
 
 
 def genesis(**over) -> dict:
-    return {"coordinator": COORDINATOR, "admin": ADMIN, "chainId": 31337, "dev": True, "policyHash": digest(7),
-            "startTime": 100, "allocations": [], **over}
+    return {
+        "coordinator": COORDINATOR,
+        "admin": ADMIN,
+        "chainId": 31337,
+        "dev": True,
+        "policyHash": digest(7),
+        "startTime": 100,
+        "allocations": [],
+        **over,
+    }
 
 
 def market(now_s: int = 100, dev: bool = True) -> Admission:
@@ -49,7 +57,14 @@ def assignment(rank: int = 0, provider: str = WORKER, node: str = "n1", start: i
 
 
 def receipt(start: int, end: int, previous: str = ZERO_BYTES32, rank: int = 0, worker: str = WORKER) -> dict:
-    return {"jobId": "j", "worker": worker, "rank": rank, "stepStart": start, "stepEnd": end, "previousReceipt": previous}
+    return {
+        "jobId": "j",
+        "worker": worker,
+        "rank": rank,
+        "stepStart": start,
+        "stepEnd": end,
+        "previousReceipt": previous,
+    }
 
 
 # -- Genesis ---------------------------------------------------------------------------------
@@ -73,9 +88,17 @@ def test_nothing_is_admitted_before_a_genesis_and_a_genesis_only_first() -> None
         ({"coordinator": OTHER}, UnknownParty, "not the domain's verifyingContract"),
         ({"chainId": 1}, DomainMismatch, "differs from its domain's"),
         ({"startTime": 101}, ConflictError, "in the future"),
-        ({"allocations": [{"recipient": WORKER, "amount": 1}, {"recipient": WORKER, "amount": 2}]}, ConflictError, "twice"),
+        (
+            {"allocations": [{"recipient": WORKER, "amount": 1}, {"recipient": WORKER, "amount": 2}]},
+            ConflictError,
+            "twice",
+        ),
         ({"allocations": [{"recipient": WORKER, "amount": 0}]}, ConflictError, "of 0"),
-        ({"allocations": [{"recipient": WORKER, "amount": POLICY.tokenomics.hard_cap_ugpc + 1}]}, ConflictError, "hard cap"),
+        (
+            {"allocations": [{"recipient": WORKER, "amount": POLICY.tokenomics.hard_cap_ugpc + 1}]},
+            ConflictError,
+            "hard cap",
+        ),
     ],
 )
 def test_a_bad_genesis_is_refused(over: dict, error: type, why: str) -> None:
@@ -165,8 +188,11 @@ def test_receipts_tile_each_rank_from_zero_and_chain() -> None:
         a.admit("WorkReceipt", DOMAIN, receipt(0, 0), digest(1), WORKER)
     a.admit("WorkReceipt", DOMAIN, receipt(0, 4), digest(1), WORKER)
     a.admit("WorkReceipt", DOMAIN, receipt(0, 4, rank=1), digest(2), WORKER)  # another rank starts its own chain
-    for bad, why in [(receipt(2, 6, digest(1)), "overlaps"), (receipt(5, 8, digest(1)), "gap"),
-                     (receipt(4, 8, digest(2)), "is not job 'j' rank 0's latest receipt")]:
+    for bad, why in [
+        (receipt(2, 6, digest(1)), "overlaps"),
+        (receipt(5, 8, digest(1)), "gap"),
+        (receipt(4, 8, digest(2)), "is not job 'j' rank 0's latest receipt"),
+    ]:
         with pytest.raises(ReceiptOutOfOrder, match=why):
             a.admit("WorkReceipt", DOMAIN, bad, digest(9), WORKER)
     a.admit("WorkReceipt", DOMAIN, receipt(4, 8, digest(1)), digest(3), WORKER)

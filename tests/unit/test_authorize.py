@@ -34,15 +34,33 @@ def facts(dev: bool = True, now_epoch: int = 5, policy=POLICY) -> Facts:
     f = Facts(g, now_epoch)
     f.add_message(Msg(d("order"), "JobOrder", X, {"consumer": X, "jobId": "j", "workers": 2, "budget": 10**9}))
     for rank, w in enumerate((W1, W2)):
-        f.add_message(Msg(d(f"r{rank}"), "WorkReceipt", w, {"jobId": "j", "worker": w, "rank": rank, "stepStart": 0, "stepEnd": 4}))
-        f.add_message(Msg(d(f"pass{rank}"), "VerificationReport", V, {"verifier": V, "receiptDigest": d(f"r{rank}"), "verdict": "pass"}))
+        f.add_message(
+            Msg(
+                d(f"r{rank}"), "WorkReceipt", w, {"jobId": "j", "worker": w, "rank": rank, "stepStart": 0, "stepEnd": 4}
+            )
+        )
+        f.add_message(
+            Msg(
+                d(f"pass{rank}"),
+                "VerificationReport",
+                V,
+                {"verifier": V, "receiptDigest": d(f"r{rank}"), "verdict": "pass"},
+            )
+        )
     f.add_message(Msg(d("fail"), "VerificationReport", V, {"verifier": V, "receiptDigest": d("r1"), "verdict": "fail"}))
     return f
 
 
 def settlement(f: Facts, name: str, subject: str, epoch: int = 5, **amounts: int) -> Msg:
-    fields = {"coordinator": C, "jobId": "j", "subject": subject, "epoch": epoch, "policyHash": PH,
-              **{k: 0 for k in ("paid", "burned", "treasury", "minted", "slashed", "refunded")}, **amounts}
+    fields = {
+        "coordinator": C,
+        "jobId": "j",
+        "subject": subject,
+        "epoch": epoch,
+        "policyHash": PH,
+        **{k: 0 for k in ("paid", "burned", "treasury", "minted", "slashed", "refunded")},
+        **amounts,
+    }
     m = Msg(d(name), "Settlement", C, fields)
     f.add_message(m)
     return m
@@ -75,7 +93,9 @@ def test_a_charge_must_name_the_current_epoch_and_policy_and_fit_the_escrow() ->
     f = facts()
     amounts = charge_amounts(10, POLICY.tokenomics).fields()
     with pytest.raises(StaleEpoch, match="epoch 4; the ledger's clock is in epoch 5"):
-        authorize_operation(state(), f, plan_interval("j", 10, POLICY.tokenomics, settlement(f, "a", d("r0"), 4, **amounts).digest))
+        authorize_operation(
+            state(), f, plan_interval("j", 10, POLICY.tokenomics, settlement(f, "a", d("r0"), 4, **amounts).digest)
+        )
     other = settlement(f, "b", d("r0"), **amounts)
     f.messages[other.digest] = Msg(other.digest, "Settlement", C, {**other.fields, "policyHash": d("other")})
     with pytest.raises(Unauthorized, match="signed under policy"):
@@ -125,24 +145,45 @@ def test_epochs_close_after_they_end_in_order_once_and_only_with_work() -> None:
 
     def close(epoch: int, name: str) -> tuple[Msg, list[Transfer]]:
         p = plan_epoch(epoch, [c.interval for c in f.epoch_charges.get(epoch, [])], POLICY.tokenomics, 0)
-        m = Msg(d(name), "EpochClose", C, {"coordinator": C, "epoch": epoch, "emission": p.emission, "minted": p.minted,
-                                           "payments": p.payments, "policyHash": PH})
+        m = Msg(
+            d(name),
+            "EpochClose",
+            C,
+            {
+                "coordinator": C,
+                "epoch": epoch,
+                "emission": p.emission,
+                "minted": p.minted,
+                "payments": p.payments,
+                "policyHash": PH,
+            },
+        )
         f.add_message(m)
-        return m, plan_mint(p.rewards, m.digest) or [Transfer(ISSUANCE, wallet_account(W1), 1, Code.MINT_WORKER, m.digest)]
+        return m, plan_mint(p.rewards, m.digest) or [
+            Transfer(ISSUANCE, wallet_account(W1), 1, Code.MINT_WORKER, m.digest)
+        ]
 
     s = LedgerState({ISSUANCE: 0, BURNED: 0})
     m, plan = close(3, "c3")
     _, effects, used = authorize_operation(s, f, plan)
     assert effects == [Close(m.digest, 3, POLICY.tokenomics.initial_emission_ugpc, sum(t.amount for t in plan), 100)]
     f.apply(effects, used)
-    for epoch, why in ((3, "already closed"), (2, "epochs close in order"), (4, "no interval was charged"), (5, "ends at")):
+    for epoch, why in (
+        (3, "already closed"),
+        (2, "epochs close in order"),
+        (4, "no interval was charged"),
+        (5, "ends at"),
+    ):
         _, plan = close(epoch, f"again{epoch}")
         with pytest.raises(Unauthorized, match=why):
             authorize_operation(s, f, plan)
 
 
 def test_runs_of_a_message_are_contiguous_and_a_message_authorizes_only_its_codes() -> None:
-    a, b = Transfer(ISSUANCE, wallet_account(W1), 1, Code.FAUCET, d("f")), Transfer(ISSUANCE, wallet_account(W2), 1, Code.FAUCET, d("g"))
+    a, b = (
+        Transfer(ISSUANCE, wallet_account(W1), 1, Code.FAUCET, d("f")),
+        Transfer(ISSUANCE, wallet_account(W2), 1, Code.FAUCET, d("g")),
+    )
     assert [(g, i) for g, i, _ in groups_of([a, b])] == [(d("f"), 0), (d("g"), 1)]
     with pytest.raises(Unauthorized, match="apart from the other transfers"):
         groups_of([a, b, a])

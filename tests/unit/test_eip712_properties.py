@@ -50,8 +50,13 @@ BYTES32 = st.binary(min_size=32, max_size=32).map(lambda b: "0x" + b.hex())
 # Strings of 1 .. MAX_STRING_BYTES UTF-8 bytes: short random text (any code point hypothesis draws
 # but NUL, which gpucoin refuses; 1 to 4 bytes each) and texts at or near the byte limit in 1-, 2-,
 # 3- and 4-byte characters.
-_LONG = ["a" * MAX_STRING_BYTES, "é" * (MAX_STRING_BYTES // 2), "€" * (MAX_STRING_BYTES // 3) + "a",
-         "𝄞" * (MAX_STRING_BYTES // 4), "a" * (MAX_STRING_BYTES - 2) + "é"]
+_LONG = [
+    "a" * MAX_STRING_BYTES,
+    "é" * (MAX_STRING_BYTES // 2),
+    "€" * (MAX_STRING_BYTES // 3) + "a",
+    "𝄞" * (MAX_STRING_BYTES // 4),
+    "a" * (MAX_STRING_BYTES - 2) + "é",
+]
 STRINGS = st.one_of(
     st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), min_size=1, max_size=48),
     st.sampled_from(_LONG),
@@ -80,7 +85,9 @@ def field_strategy(primary_type: str, name: str, typ: str) -> st.SearchStrategy:
     if typ == "bool":
         return st.booleans()
     if typ == "Allocation[]":
-        return st.lists(st.fixed_dictionaries({"recipient": ADDRESSES, "amount": st.integers(0, MAX_FIELD_INT)}), max_size=4)
+        return st.lists(
+            st.fixed_dictionaries({"recipient": ADDRESSES, "amount": st.integers(0, MAX_FIELD_INT)}), max_size=4
+        )
     assert typ.startswith("uint"), typ
     return uint_strategy(primary_type, name, typ)
 
@@ -115,7 +122,7 @@ def _xor_hex(data: st.DataObject, old: str, label: str) -> str:
     mask = data.draw(st.binary(min_size=len(raw), max_size=len(raw)), label=label)
     if not any(mask):
         mask = bytes(len(raw) - 1) + b"\x01"
-    return "0x" + bytes(a ^ b for a, b in zip(raw, mask)).hex()
+    return "0x" + bytes(a ^ b for a, b in zip(raw, mask, strict=True)).hex()
 
 
 def other_value(data: st.DataObject, strategy: st.SearchStrategy, typ: str, old, label: str):
@@ -182,7 +189,10 @@ def test_sign_then_verify_and_any_change_is_refused(primary_type, data):
     assert verify(signed, expected_signer=signer, domain=domain) == signer
     assert recover_signer(signed.typed_data(), signed.signature) == signer
     # and so does plain eth-account, nested Allocation[] structs included
-    assert Account.recover_message(encode_typed_data(full_message=signed.typed_data()), signature=signed.signature) == signer
+    assert (
+        Account.recover_message(encode_typed_data(full_message=signed.typed_data()), signature=signed.signature)
+        == signer
+    )
     field = SIGNER_FIELD[primary_type]
     if field is not None:
         assert signed.message[field] == signer
@@ -215,7 +225,7 @@ def test_sign_then_verify_and_any_change_is_refused(primary_type, data):
     # Any single byte of the signature changed (every position, a drawn non-zero XOR mask).
     mask = data.draw(st.integers(1, 255), label="mask")
     for i in range(65):
-        flipped = raw[:i] + bytes([raw[i] ^ mask]) + raw[i + 1:]
+        flipped = raw[:i] + bytes([raw[i] ^ mask]) + raw[i + 1 :]
         bad = dataclasses.replace(signed, signature="0x" + flipped.hex())
         with pytest.raises(SignatureError):
             verify(bad)

@@ -122,9 +122,7 @@ def test_project_recovers_the_eip_signer():
 
 
 def test_high_s_twin_of_the_eip_signature_is_refused():
-    twin = "0x" + (
-        EIP_R.to_bytes(32, "big") + (SECP256K1_N - EIP_S).to_bytes(32, "big") + bytes([55 - EIP_V])
-    ).hex()
+    twin = "0x" + (EIP_R.to_bytes(32, "big") + (SECP256K1_N - EIP_S).to_bytes(32, "big") + bytes([55 - EIP_V])).hex()
     with pytest.raises(SignatureError, match="high s"):
         recover_signer(MAIL, twin)
 

@@ -168,8 +168,17 @@ def test_chain_hash_links_rows_and_covers_every_field() -> None:
     row = dict(id=1, op_id="op", seq=0, debit=ISSUANCE, credit=ALICE, amount=5, code="faucet", digest=D, created_at=7)
     h1 = chain_hash(GENESIS_HASH, **row)
     assert h1 == chain_hash(GENESIS_HASH, **row)
-    for key, other in [("id", 2), ("op_id", "op2"), ("seq", 1), ("debit", BOB), ("credit", BOB), ("amount", 6),
-                       ("code", "bond"), ("digest", "0x" + "cd" * 32), ("created_at", 8)]:
+    for key, other in [
+        ("id", 2),
+        ("op_id", "op2"),
+        ("seq", 1),
+        ("debit", BOB),
+        ("credit", BOB),
+        ("amount", 6),
+        ("code", "bond"),
+        ("digest", "0x" + "cd" * 32),
+        ("created_at", 8),
+    ]:
         assert chain_hash(GENESIS_HASH, **{**row, key: other}) != h1, key
     assert chain_hash(h1, **row) != h1  # the previous hash is part of it
     with pytest.raises(TypeError):

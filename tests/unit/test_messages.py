@@ -46,27 +46,78 @@ def h32(tag: str) -> str:
 def sample(primary_type: str, signer: str = ALICE.address) -> dict:
     """A valid message of each type, signed-for by ``signer``."""
     return {
-        "JobOrder": dict(consumer=signer, jobId="shakespeare-1", specHash=h32("spec"), workers=2,
-                         bidPerWorkerHour=1_500_000, budget=200_000_000, nonce=7, deadline=1_760_000_000),
-        "NodeRegistration": dict(provider=signer, nodeId="ab" * 28, resources='{"CPU": 2}',
-                                 askPerWorkerHour=800_000, stake=500_000_000, nonce=1, deadline=1_760_000_000),
-        "WorkReceipt": dict(jobId="shakespeare-1", worker=signer, rank=1, stepStart=100, stepEnd=110, samples=320,
-                            computeTimeMs=5_800, sketchRoot=h32("sketch"), checkpointHash=h32("ckpt"),
-                            previousReceipt=ZERO_BYTES32, nonce=11),
-        "VerificationReport": dict(verifier=signer, receiptDigest=h32("receipt"), verdict="fail",
-                                   distanceE9=90_000_000, nonce=3),
-        "Settlement": dict(coordinator=signer, jobId="shakespeare-1", subject=h32("receipt"), epoch=4, paid=1_000,
-                           burned=950, treasury=50, minted=2_000, slashed=0, refunded=0, policyHash=h32("policy"),
-                           nonce=12),
+        "JobOrder": dict(
+            consumer=signer,
+            jobId="shakespeare-1",
+            specHash=h32("spec"),
+            workers=2,
+            bidPerWorkerHour=1_500_000,
+            budget=200_000_000,
+            nonce=7,
+            deadline=1_760_000_000,
+        ),
+        "NodeRegistration": dict(
+            provider=signer,
+            nodeId="ab" * 28,
+            resources='{"CPU": 2}',
+            askPerWorkerHour=800_000,
+            stake=500_000_000,
+            nonce=1,
+            deadline=1_760_000_000,
+        ),
+        "WorkReceipt": dict(
+            jobId="shakespeare-1",
+            worker=signer,
+            rank=1,
+            stepStart=100,
+            stepEnd=110,
+            samples=320,
+            computeTimeMs=5_800,
+            sketchRoot=h32("sketch"),
+            checkpointHash=h32("ckpt"),
+            previousReceipt=ZERO_BYTES32,
+            nonce=11,
+        ),
+        "VerificationReport": dict(
+            verifier=signer, receiptDigest=h32("receipt"), verdict="fail", distanceE9=90_000_000, nonce=3
+        ),
+        "Settlement": dict(
+            coordinator=signer,
+            jobId="shakespeare-1",
+            subject=h32("receipt"),
+            epoch=4,
+            paid=1_000,
+            burned=950,
+            treasury=50,
+            minted=2_000,
+            slashed=0,
+            refunded=0,
+            policyHash=h32("policy"),
+            nonce=12,
+        ),
         "PolicyChange": dict(admin=signer, policyHash=h32("policy"), effectiveEpoch=10, nonce=2),
         "Faucet": dict(recipient=BOB.address, amount=1_000_000_000, nonce=1),
-        "Genesis": dict(coordinator=signer, admin=BOB.address, chainId=31337, dev=False, policyHash=h32("policy"),
-                        startTime=1_760_000_000, allocations=[dict(recipient=BOB.address, amount=5_000_000)]),
+        "Genesis": dict(
+            coordinator=signer,
+            admin=BOB.address,
+            chainId=31337,
+            dev=False,
+            policyHash=h32("policy"),
+            startTime=1_760_000_000,
+            allocations=[dict(recipient=BOB.address, amount=5_000_000)],
+        ),
         "Assignment": dict(jobId="shakespeare-1", rank=1, provider=BOB.address, nodeId="ab" * 28, fromStep=0, nonce=13),
         "Unbond": dict(provider=signer, amount=100_000_000, nonce=14),
         "Withdraw": dict(provider=signer, amount=100_000_000, nonce=15),
-        "EpochClose": dict(coordinator=signer, epoch=4, emission=5_787_037, minted=5_787_035, payments=1_000,
-                           policyHash=h32("policy"), nonce=16),
+        "EpochClose": dict(
+            coordinator=signer,
+            epoch=4,
+            emission=5_787_037,
+            minted=5_787_035,
+            payments=1_000,
+            policyHash=h32("policy"),
+            nonce=16,
+        ),
     }[primary_type]
 
 
@@ -74,9 +125,20 @@ ALL_TYPES = sorted(MESSAGE_TYPES)
 
 
 def test_every_type_has_a_sample_and_a_signer_rule():
-    assert set(ALL_TYPES) == {"JobOrder", "NodeRegistration", "WorkReceipt", "VerificationReport",
-                              "Settlement", "PolicyChange", "Faucet", "Genesis", "Assignment", "Unbond",
-                              "Withdraw", "EpochClose"}
+    assert set(ALL_TYPES) == {
+        "JobOrder",
+        "NodeRegistration",
+        "WorkReceipt",
+        "VerificationReport",
+        "Settlement",
+        "PolicyChange",
+        "Faucet",
+        "Genesis",
+        "Assignment",
+        "Unbond",
+        "Withdraw",
+        "EpochClose",
+    }
     assert set(SIGNER_FIELD) == set(ALL_TYPES)
     for t in ALL_TYPES:
         assert [f["name"] for f in MESSAGE_TYPES[t]] == list(sample(t))
@@ -93,8 +155,10 @@ def test_sign_verify_recover_round_trip(primary_type):
     ref = Account.sign_typed_data(ALICE.key, full_message=signed.typed_data())
     assert signed.signature == "0x" + ref.signature.hex()
     # ... and eth-account's recovery agrees, so any EIP-712 tool can check our messages.
-    assert Account.recover_message(encode_typed_data(full_message=signed.typed_data()),
-                                   signature=signed.signature) == ALICE.address
+    assert (
+        Account.recover_message(encode_typed_data(full_message=signed.typed_data()), signature=signed.signature)
+        == ALICE.address
+    )
 
 
 @pytest.mark.parametrize("primary_type", ALL_TYPES)
@@ -112,26 +176,42 @@ def test_signer_recovered_from_typed_data_after_json_round_trip(primary_type):
 
 EIP712_MAIL = {
     "types": {
-        "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-                         {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"}],
+        "EIP712Domain": [
+            {"name": "name", "type": "string"},
+            {"name": "version", "type": "string"},
+            {"name": "chainId", "type": "uint256"},
+            {"name": "verifyingContract", "type": "address"},
+        ],
         "Person": [{"name": "name", "type": "string"}, {"name": "wallet", "type": "address"}],
-        "Mail": [{"name": "from", "type": "Person"}, {"name": "to", "type": "Person"},
-                 {"name": "contents", "type": "string"}],
+        "Mail": [
+            {"name": "from", "type": "Person"},
+            {"name": "to", "type": "Person"},
+            {"name": "contents", "type": "string"},
+        ],
     },
     "primaryType": "Mail",
-    "domain": {"name": "Ether Mail", "version": "1", "chainId": 1,
-               "verifyingContract": "0xCcCCccccCCCCcCCCCCCcCcCccCcCCCcCcccccccC"},
-    "message": {"from": {"name": "Cow", "wallet": "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826"},
-                "to": {"name": "Bob", "wallet": "0xbBbBBBBbbBBBbbbBbbBbbbbBBbBbbbbBbBbbBBbB"},
-                "contents": "Hello, Bob!"},
+    "domain": {
+        "name": "Ether Mail",
+        "version": "1",
+        "chainId": 1,
+        "verifyingContract": "0xCcCCccccCCCCcCCCCCCcCcCccCcCCCcCcccccccC",
+    },
+    "message": {
+        "from": {"name": "Cow", "wallet": "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826"},
+        "to": {"name": "Bob", "wallet": "0xbBbBBBBbbBBBbbbBbbBbbbbBBbBbbbbBbBbbBBbB"},
+        "contents": "Hello, Bob!",
+    },
 }
 
 
 def test_eip712_spec_mail_example():
     # Digest and signature published in EIP-712 (key = keccak("cow")).
     assert digest_of_typed_data(EIP712_MAIL) == "0xbe609aee343fb3c4b28e1df9e632fca64fcfaede20f02e86244efddf30957bd2"
-    sig = ("0x4355c47d63924e8a72e509b65029052eb6c299d53a04e167c5775fd466751c9d"
-           "07299936d304c153f6443dfa05f40ff007d72911b6f72307f996231605b91562" "1c")
+    sig = (
+        "0x4355c47d63924e8a72e509b65029052eb6c299d53a04e167c5775fd466751c9d"
+        "07299936d304c153f6443dfa05f40ff007d72911b6f72307f996231605b91562"
+        "1c"
+    )
     assert COW.address == "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826"
     assert recover_signer(EIP712_MAIL, sig) == COW.address
 
@@ -243,7 +323,7 @@ def test_amount_above_bigint_is_an_amount_error(field, value):
 def bad_checksum(address: str) -> str:
     """``address`` with the case of its first hex letter flipped: still mixed case, checksum broken."""
     i = next(i for i, c in enumerate(address) if i >= 2 and c.isalpha())
-    return address[:i] + address[i].swapcase() + address[i + 1:]
+    return address[:i] + address[i].swapcase() + address[i + 1 :]
 
 
 @pytest.mark.parametrize(
@@ -312,8 +392,12 @@ def test_from_json_rejects_malformed_parts():
 
 def test_domain_validation():
     d = Domain(chain_id=5, verifying_contract=("0x" + "5e" * 20).upper().replace("0X", "0x"))
-    assert d.as_dict() == {"name": "gpucoin", "version": "1", "chainId": 5,
-                           "verifyingContract": DOMAIN.verifying_contract}
+    assert d.as_dict() == {
+        "name": "gpucoin",
+        "version": "1",
+        "chainId": 5,
+        "verifyingContract": DOMAIN.verifying_contract,
+    }
     assert Domain.from_dict(d.as_dict()) == d
     for bad in [dict(chain_id=-1), dict(chain_id=True), dict(verifying_contract="0x12")]:
         with pytest.raises(MessageFieldError):
@@ -379,17 +463,25 @@ def test_property_sign_then_recover(inputs):
     signed = sign(account, primary_type, domain, msg)
     typed = json.loads(json.dumps(signed.typed_data()))
     assert recover_signer(typed, signed.signature) == account.address
-    assert verify(SignedMessage.from_json(signed.to_json()), expected_signer=account.address,
-                  domain=domain) == account.address
+    assert (
+        verify(SignedMessage.from_json(signed.to_json()), expected_signer=account.address, domain=domain)
+        == account.address
+    )
     assert int(signed.signature[66:130], 16) <= SECP256K1_N // 2
-
 
 
 def test_a_string_field_with_a_lone_surrogate_is_a_field_error() -> None:
     from gpucoin.wallet.messages import MessageFieldError, validate_message
 
-    registration = {"provider": "0x" + "11" * 20, "nodeId": "\ud800", "resources": "cpu=1",
-                    "askPerWorkerHour": 1, "stake": 1, "nonce": 1, "deadline": 1}
+    registration = {
+        "provider": "0x" + "11" * 20,
+        "nodeId": "\ud800",
+        "resources": "cpu=1",
+        "askPerWorkerHour": 1,
+        "stake": 1,
+        "nonce": 1,
+        "deadline": 1,
+    }
     with pytest.raises(MessageFieldError, match="nodeId is not valid Unicode text"):
         validate_message("NodeRegistration", registration)
 
@@ -408,7 +500,15 @@ def test_untrusted_json_is_bounded_before_it_is_parsed() -> None:
 def test_a_string_field_with_nul_is_refused() -> None:
     from gpucoin.wallet.messages import MessageFieldError, validate_message
 
-    order = {"consumer": "0x" + "11" * 20, "jobId": "a\x00b", "specHash": "0x" + "22" * 32, "workers": 1,
-             "bidPerWorkerHour": 1, "budget": 1, "nonce": 1, "deadline": 1}
+    order = {
+        "consumer": "0x" + "11" * 20,
+        "jobId": "a\x00b",
+        "specHash": "0x" + "22" * 32,
+        "workers": 1,
+        "bidPerWorkerHour": 1,
+        "budget": 1,
+        "nonce": 1,
+        "deadline": 1,
+    }
     with pytest.raises(MessageFieldError, match="jobId contains a NUL"):
         validate_message("JobOrder", order)

@@ -81,7 +81,7 @@ def test_same_seed_same_model_and_deterministic_forward(corpus):
     a = build_model(SMALL_CFG, corpus.vocab_size)
     torch.manual_seed(7)
     b = build_model(SMALL_CFG, corpus.vocab_size)
-    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert na == nb and torch.equal(pa, pb)
     a.train()  # training mode changes nothing: there is no dropout
     loss1 = a(x, y)[1]
@@ -91,7 +91,7 @@ def test_same_seed_same_model_and_deterministic_forward(corpus):
     loss2 = a(x, y)[1]
     loss2.backward()
     assert torch.equal(loss1, loss2)
-    assert all(torch.equal(g, p.grad) for g, p in zip(g1, a.parameters()))
+    assert all(torch.equal(g, p.grad) for g, p in zip(g1, a.parameters(), strict=True))
 
 
 def test_adamw_lowers_the_loss(corpus):

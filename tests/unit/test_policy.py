@@ -63,8 +63,14 @@ def test_local_policy_differs_from_default_only_in_name_epoch_window_and_rescale
     loc["verification"]["challenge_window_s"] = d["verification"]["challenge_window_s"]
     epochs_per_default_epoch = d["tokenomics"]["epoch_length_s"] // 10
     # same emission per second (to the µGPC) and the same halving time in days
-    assert loc["tokenomics"]["initial_emission_ugpc"] == d["tokenomics"]["initial_emission_ugpc"] // epochs_per_default_epoch
-    assert loc["tokenomics"]["emission_halving_epochs"] == d["tokenomics"]["emission_halving_epochs"] * epochs_per_default_epoch
+    assert (
+        loc["tokenomics"]["initial_emission_ugpc"]
+        == d["tokenomics"]["initial_emission_ugpc"] // epochs_per_default_epoch
+    )
+    assert (
+        loc["tokenomics"]["emission_halving_epochs"]
+        == d["tokenomics"]["emission_halving_epochs"] * epochs_per_default_epoch
+    )
     for k in ("initial_emission_ugpc", "emission_halving_epochs"):
         loc["tokenomics"][k] = d["tokenomics"][k]
     assert loc == d

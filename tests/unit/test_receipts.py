@@ -19,16 +19,33 @@ K, B = 4, 16
 def _receipt(account=WORKER, sketches=None, step_start=8, previous=ZERO_BYTES32, rank=1, job="job-1", domain=DOMAIN):
     sk = np.arange(K * B, dtype=np.float64).reshape(K, B) if sketches is None else sketches
     msg = {
-        "jobId": job, "worker": account.address, "rank": rank, "stepStart": step_start, "stepEnd": step_start + K,
-        "samples": 128, "computeTimeMs": 1000, "sketchRoot": sketch_root(step_start, np.nan_to_num(sk).astype(np.float64)),
-        "checkpointHash": "0x" + "ab" * 32, "previousReceipt": previous, "nonce": 7,
+        "jobId": job,
+        "worker": account.address,
+        "rank": rank,
+        "stepStart": step_start,
+        "stepEnd": step_start + K,
+        "samples": 128,
+        "computeTimeMs": 1000,
+        "sketchRoot": sketch_root(step_start, np.nan_to_num(sk).astype(np.float64)),
+        "checkpointHash": "0x" + "ab" * 32,
+        "previousReceipt": previous,
+        "nonce": 7,
     }
     return sign(account, "WorkReceipt", domain, msg), sk
 
 
 def _check(receipt, sk, **kw):
-    args = dict(job_id="job-1", rank=1, worker=WORKER.address, step_start=8, step_end=8 + K, buckets=B,
-                previous_digest=None, already_have=False, domain=DOMAIN)
+    args = dict(
+        job_id="job-1",
+        rank=1,
+        worker=WORKER.address,
+        step_start=8,
+        step_end=8 + K,
+        buckets=B,
+        previous_digest=None,
+        already_have=False,
+        domain=DOMAIN,
+    )
     args.update(kw)
     check_receipt(receipt, sk, **args)
 

@@ -78,6 +78,6 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     lrs = [lr_at(s, 100, 1e-3, 1e-4, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert lrs[-1] == pytest.approx(1e-4)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     with pytest.raises(ValueError):
         lr_at(100, 100, 1e-3, 1e-4, 10)

@@ -13,16 +13,13 @@ from hypothesis import strategies as st
 
 from gpucoin.exceptions import AmountError, UnknownAccount
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, escrow_account, wallet_account
-from gpucoin.ledger.transfer import Code, Transfer
-from gpucoin.money import MAX_AMOUNT_UGPC
-from gpucoin.policy.model import Policy, SlashingPolicy, TokenomicsPolicy, load_policy
 from gpucoin.ledger.epochs import epoch_at, epoch_end_s
 from gpucoin.ledger.plans import (
     charge_amounts,
-    plan_genesis,
     plan_bond,
     plan_escrow,
     plan_faucet,
+    plan_genesis,
     plan_interval,
     plan_mint,
     plan_refund,
@@ -32,6 +29,9 @@ from gpucoin.ledger.plans import (
     slash_split,
     split_equally,
 )
+from gpucoin.ledger.transfer import Code, Transfer
+from gpucoin.money import MAX_AMOUNT_UGPC
+from gpucoin.policy.model import Policy, SlashingPolicy, TokenomicsPolicy, load_policy
 from gpucoin.policy.tokenomics import (
     SettledInterval,
     check_probability,
@@ -205,7 +205,7 @@ def test_distributed_rewards_are_pro_rata_within_one_ugpc(
     assert len(got) == len(rewards)
     total = sum(iv.payment_ugpc for iv in intervals)
     for iv in intervals:
-        for digest, worker in zip(iv.receipt_digests, iv.workers):
+        for digest, worker in zip(iv.receipt_digests, iv.workers, strict=True):
             roles = (("worker", tok.worker_share_bps, worker), ("verifier", tok.verifier_share_bps, iv.verifier))
             for role, share, who in roles:
                 exact = Fraction(0) if total == 0 or who is None else exact_share(emission, intervals, iv, share)
@@ -339,7 +339,7 @@ def test_planned_mint_credits_exactly_the_rewards(
     assert -net_changes(plan)[ISSUANCE] == sum(r.amount_ugpc for r in rewards) <= emission
     assert all(t.digest == DIGEST for t in plan)
     assert {t.code for t in plan} <= {Code.MINT_WORKER, Code.MINT_VERIFIER}
-    assert all((t.code == Code.MINT_WORKER) == (r.role == "worker") for t, r in zip(plan, rewards))
+    assert all((t.code == Code.MINT_WORKER) == (r.role == "worker") for t, r in zip(plan, rewards, strict=True))
 
 
 @given(amounts, amounts, st.booleans())
