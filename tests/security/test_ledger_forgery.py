@@ -22,7 +22,18 @@ from gpucoin.cli.main import cli
 from gpucoin.exceptions import RuleViolation, SignatureError, StaleEpoch, Unauthorized, UnknownParty
 from gpucoin.ledger import BURNED, ISSUANCE, TREASURY, Code, Ledger, Operation, Transfer
 from gpucoin.ledger.accounts import escrow_account
-from gpucoin.ledger.plans import charge_amounts, plan_bond, plan_escrow, plan_faucet, plan_interval, plan_refund
+from gpucoin.ledger.plans import (
+    charge_amounts,
+    plan_bond,
+    plan_escrow,
+    plan_faucet,
+    plan_interval,
+    plan_refund,
+    plan_slash,
+    plan_unbond,
+    plan_withdraw,
+    slash_split,
+)
 from gpucoin.policy.model import policy_hash
 from tests.ledger.helpers import (
     CONSUMER,
@@ -466,13 +477,87 @@ def _charge(m: Market) -> tuple[Case, Case, Case]:
     )
 
 
+def _unbond(m: Market) -> tuple[Case, Case, Case]:
+    u = m.s(WORKER, "Unbond", provider=WORKER.address, amount=50 * GPC)
+    theirs = m.s(ATTACKER, "Unbond", provider=ATTACKER.address, amount=50 * GPC)  # for the worker's stake
+    return (
+        (plan_unbond(WORKER.address, 50 * GPC, u.digest), [u]),
+        (plan_unbond(WORKER.address, 50 * GPC, m.attacker_reg.digest), []),  # type: ignore[attr-defined]
+        ([Transfer(bonded(WORKER), unbonding(WORKER), 50 * GPC, Code.UNBOND, theirs.digest)], [theirs]),
+    )
+
+
+def _withdraw(m: Market) -> tuple[Case, Case, Case]:
+    m.unbond(WORKER, 50 * GPC)
+    for _ in range(POLICY.bonding.unbonding_epochs):
+        m.next_epoch()
+    w = m.s(WORKER, "Withdraw", provider=WORKER.address, amount=50 * GPC)
+    theirs = m.s(ATTACKER, "Withdraw", provider=ATTACKER.address, amount=50 * GPC)
+    u = m.ledger.messages("Unbond")[0].digest  # the unbond itself: another type naming the same stake
+    return (
+        (plan_withdraw(WORKER.address, 50 * GPC, w.digest), [w]),
+        (plan_withdraw(WORKER.address, 50 * GPC, u), []),
+        ([Transfer(unbonding(WORKER), avail(WORKER), 50 * GPC, Code.WITHDRAW, theirs.digest)], [theirs]),
+    )
+
+
+def _slash(m: Market) -> tuple[Case, Case, Case]:
+    m.escrow(200 * GPC)
+    m.assign()
+    (r,) = m.receipts(0, [WORKER])
+    (fail,) = m.reports([r], "fail")
+    burned, whistle = slash_split(500 * GPC, POLICY.slashing, whistleblower=True)
+    st = m.s.settlement(fail.digest, m.ledger.current_epoch(), burned=burned, slashed=burned + whistle)
+    by_other = m.s.settlement(
+        fail.digest, m.ledger.current_epoch(), signer=ATTACKER, burned=burned, slashed=burned + whistle
+    )
+    return (
+        (plan_slash(WORKER.address, VERIFIER.address, 500 * GPC, 0, burned, whistle, st.digest), [st]),
+        (plan_slash(WORKER.address, VERIFIER.address, 500 * GPC, 0, burned, whistle, fail.digest), []),
+        (plan_slash(WORKER.address, VERIFIER.address, 500 * GPC, 0, burned, whistle, by_other.digest), [by_other]),
+    )
+
+
+def _mint(m: Market) -> tuple[Case, Case, Case]:
+    from gpucoin.ledger.epochs import plan_epoch
+    from gpucoin.ledger.plans import plan_mint
+
+    m.escrow(200 * GPC)
+    m.assign()
+    (r,) = m.receipts(0, [WORKER])
+    reps = m.reports([r])
+    st = m.charge([r], 10 * GPC, reps)
+    epoch = m.next_epoch()
+    ledger = m.ledger
+    plan = plan_epoch(
+        epoch, [c.interval for c in ledger.epoch_charges(epoch)], POLICY.tokenomics, ledger.totals()["supply"]
+    )
+    fields = dict(
+        epoch=epoch, emission=plan.emission, minted=plan.minted, payments=plan.payments, policyHash=policy_hash(POLICY)
+    )
+    close = m.s(COORDINATOR, "EpochClose", coordinator=COORDINATOR.address, **fields)
+    by_other = m.s(ATTACKER, "EpochClose", coordinator=ATTACKER.address, **fields)
+    return (
+        (plan_mint(plan.rewards, close.digest), [close]),
+        (plan_mint(plan.rewards, st.digest), []),
+        (plan_mint(plan.rewards, by_other.digest), [by_other]),
+    )
+
+
 CODE_CASES: dict[str, Callable[[Market], tuple[Case, Case, Case]]] = {
     "faucet": _faucet,
     "bond": _bond,
+    "unbond": _unbond,
+    "withdraw": _withdraw,
     "escrow": _escrow,
     "refund": _refund,
     "burn+treasury": _charge,
+    "slash+whistleblower": _slash,
+    "mint_worker+mint_verifier": _mint,
 }
+"""Per transfer code (PAY and GENESIS have tests of their own below), a builder of (the right
+message's transfers and messages, the same transfers citing a message of another type, the same
+transfers citing a message of the right type by the wrong signer)."""
 
 
 @pytest.mark.parametrize("code", sorted(CODE_CASES))
@@ -522,6 +607,23 @@ def test_pay_only_in_direct_mode_to_the_intervals_workers(ledger_url: str) -> No
         for t in good
     ]
     refused(ledger, Unauthorized, "not authorized", [op("pay", *swapped)], st)
+    more = [Transfer(t.debit, t.credit, t.amount + (t.code == Code.PAY), t.code, t.digest) for t in good]
+    refused(ledger, Unauthorized, "not authorized", [op("pay", *more)], st)
+    order = ledger.messages("JobOrder")[0].digest
+    refused(
+        ledger,
+        Unauthorized,
+        "cites a JobOrder, which authorizes escrow",
+        [op("pay", *(Transfer(t.debit, t.credit, t.amount, t.code, order) for t in good))],
+    )
+    by_other = m.s.settlement(rs[0].digest, ledger.current_epoch(), signer=ATTACKER, policy=direct, **amounts.fields())
+    refused(
+        ledger,
+        UnknownParty,
+        "not by this market's coordinator",
+        [op("pay", *(Transfer(t.debit, t.credit, t.amount, t.code, by_other.digest) for t in good))],
+        by_other,
+    )
     ledger.post_batch([op("pay", *good)], messages=[st])
     assert ledger.audit() == []
     ledger.close()
