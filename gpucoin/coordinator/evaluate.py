@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from gpucoin.runtime.checkpoint import tag_for
+from gpucoin.runtime.safe_load import safe_torch_load, verified_copy
 from gpucoin.spec import JobSpec
 
 SAMPLE_CHARS = 300
@@ -18,7 +19,12 @@ def evaluate(spec: JobSpec, module, corpus, ckpt_dir: Path, step: int) -> tuple[
     """Validation loss (nats/char, mean over ``eval_batches`` micro-batches) and ~300 generated characters.
 
     The weights are the DeepSpeed checkpoint after ``step`` steps, consolidated with DeepSpeed's
-    ``get_fp32_state_dict_from_zero_checkpoint`` (ZeRO 1/2) or read whole (ZeRO 0).
+    ``get_fp32_state_dict_from_zero_checkpoint`` (ZeRO 1/2, on a ``verified_copy``) or read whole
+    (ZeRO 0); workers wrote those files, so nothing of them is unpickled but by a weights-only load
+    (``gpucoin.runtime.safe_load``).
+
+    Raises:
+        UnsafeCheckpoint: a checkpoint file a weights-only load refuses.
     """
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -27,13 +33,15 @@ def evaluate(spec: JobSpec, module, corpus, ckpt_dir: Path, step: int) -> tuple[
 
     tag_dir = Path(ckpt_dir) / tag_for(step)
     if spec.deepspeed.zero_stage == 0:
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")["module"]
     else:
+        # DeepSpeed's consolidation loads with plain pickle: hand it a private copy that passed the safe load
         with (
+            verified_copy(tag_dir) as checked,
             contextlib.redirect_stdout(io.StringIO()),
             contextlib.redirect_stderr(io.StringIO()),
         ):  # it prints per shard
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag_for(step))
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checked), tag=tag_for(step))
     model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
     model.load_state_dict(state)
     model.eval()

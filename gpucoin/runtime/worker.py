@@ -50,6 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    from gpucoin.runtime import safe_load
     from gpucoin.runtime.checkpoint import content_hash, tag_for
     from gpucoin.runtime.data_order import micro_batch, window_offsets
     from gpucoin.runtime.dsconfig import deepspeed_config
@@ -79,6 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=deepspeed_config(spec)
     )
+    safe_load.install(engine)  # a co-worker's checkpoint files are loaded weights-only: they cannot run code
     device = engine.device
     sketch = CountSketch(model.parameters(), config["buckets"], spec.seed)
     sketch.attach()

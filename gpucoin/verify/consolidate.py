@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from gpucoin.exceptions import VerificationError
+from gpucoin.runtime.safe_load import safe_torch_load
 
 
 @dataclass
@@ -39,9 +40,11 @@ class ConsolidatedState:
 
 
 def _load(path: str) -> dict:
-    # DeepSpeed checkpoints pickle config objects, so weights_only loading cannot read them;
-    # the verifier checks the checkpoint's content hash against the signed receipts first.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # a worker wrote it: a weights-only load, which cannot run code (gpucoin.runtime.safe_load)
+    state = safe_torch_load(path)
+    if not isinstance(state, dict):
+        raise VerificationError(f"{path} holds a {type(state).__name__}, not a DeepSpeed state dict")
+    return state
 
 
 def load_consolidated(tag_dir: str, param_names: list[str]) -> ConsolidatedState:
@@ -52,6 +55,7 @@ def load_consolidated(tag_dir: str, param_names: list[str]) -> ConsolidatedState
             checkpoints index Adam's state by this order and record no names of their own.
 
     Raises:
+        UnsafeCheckpoint: a file that a weights-only load refuses (it would run code).
         VerificationError: if files are missing or the fragments do not add up to the shapes.
     """
     model_files = glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt"))

@@ -1,0 +1,143 @@
+"""A checkpoint file a worker wrote cannot run code in the process that loads it (issue 9, part 1).
+
+Real DeepSpeed 0.19 checkpoints of a tiny model (ZeRO 0, 1 and 2, one rank, written by
+``tests/security/ds_checkpoint.py`` in a child process) load through gpucoin's weights-only path.
+Then one of their files is replaced by a crafted pickle that, loaded the ordinary way, runs code
+(it writes a marker file: shown in a child process). On each load path, the verifier's
+consolidation, a co-worker's resume through DeepSpeed's engine, the coordinator's evaluation,
+the crafted file is refused with ``UnsafeCheckpoint`` and the marker is never written. No Ray.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpucoin.runtime.safe_load import UnsafeCheckpoint, safe_torch_load, verified_copy
+from gpucoin.verify.consolidate import load_consolidated
+
+REPO = Path(__file__).resolve().parents[2]
+TAG = "step00000001"
+NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def _child(*args: str) -> str:
+    p = subprocess.run(
+        [sys.executable, "-m", "tests.security.ds_checkpoint", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[int, Path]:
+    """ZeRO stage -> a directory holding a real DeepSpeed checkpoint (tag ``step00000001``)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for stage in (0, 1, 2):
+        assert _child("save", str(root / f"z{stage}"), str(stage)) == "saved"
+        out[stage] = root / f"z{stage}"
+    return out
+
+
+class Payload:
+    """Unpickled the ordinary way, writes ``marker``: what an attacker's checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",))
+
+
+def crafted(src: Path, dst: Path, file: str, marker: Path) -> Path:
+    """A copy of checkpoint ``src`` whose ``file`` carries ``Payload`` beside its real contents."""
+    shutil.copytree(src, dst)
+    path = dst / TAG / file
+    state = safe_torch_load(path)
+    state["evil"] = Payload(marker)
+    torch.save(state, path)
+    return dst
+
+
+def test_real_checkpoints_of_every_zero_stage_load_weights_only(checkpoints) -> None:
+    for stage, root in checkpoints.items():
+        state = load_consolidated(str(root / TAG), NAMES)
+        assert set(state.weights) == set(NAMES) and state.global_steps == 1, stage
+        assert state.adam_step == 1 and all(state.exp_avg[n].abs().sum() > 0 for n in NAMES), stage
+    # DeepSpeed's own consolidation still works on a verified copy (what evaluation hands it)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with verified_copy(checkpoints[2] / TAG) as copy:
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(copy), tag=TAG)
+        assert all(not (copy / TAG / f).stat().st_mode & 0o222 for f in ("mp_rank_00_model_states.pt",))
+    reference = load_consolidated(str(checkpoints[2] / TAG), NAMES).weights
+    assert all(torch.equal(weights[n], reference[n]) for n in NAMES)
+
+
+FILES = {
+    0: ["mp_rank_00_model_states.pt"],
+    2: ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+}
+
+
+@pytest.mark.parametrize(("stage", "file"), [(s, f) for s, fs in FILES.items() for f in fs])
+def test_a_crafted_pickle_runs_nothing_on_any_load_path(checkpoints, tmp_path, stage: int, file: str) -> None:
+    marker = tmp_path / "pwned"
+    evil = crafted(checkpoints[stage], tmp_path / "evil", file, marker)
+    path = evil / TAG / file
+    # the payload is live: an ordinary load runs it (in a child process)
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(path)!r}, weights_only=False)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.returncode == 0 and marker.read_text() == "code ran", probe.stderr[-2000:]
+    marker.unlink()
+
+    # the verifier's consolidation
+    with pytest.raises(UnsafeCheckpoint, match="refused by a weights-only load"):
+        load_consolidated(str(evil / TAG), NAMES)
+    # a co-worker resuming through DeepSpeed's engine, with gpucoin's checkpoint engine installed
+    assert _child("resume", str(evil), str(stage)).startswith("refused UnsafeCheckpoint")
+    # the coordinator's evaluation: ZeRO 0 reads the model states, ZeRO 1/2 hands DeepSpeed a verified copy
+    if stage == 0:
+        with pytest.raises(UnsafeCheckpoint):
+            safe_torch_load(path)
+    else:
+        with pytest.raises(UnsafeCheckpoint), verified_copy(evil / TAG):
+            pass
+    assert not marker.exists()
+
+
+def test_a_file_that_is_no_torch_file_is_refused_as_unsafe(checkpoints, tmp_path) -> None:
+    shutil.copytree(checkpoints[2], tmp_path / "junk")
+    (tmp_path / "junk" / TAG / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x04not a zip at all")
+    with pytest.raises(UnsafeCheckpoint):
+        load_consolidated(str(tmp_path / "junk" / TAG), NAMES)
+
+
+def test_the_coordinators_evaluation_refuses_a_crafted_checkpoint(checkpoints, tmp_path) -> None:
+    from gpucoin.coordinator.evaluate import evaluate
+    from gpucoin.spec import load_spec
+    from tests.conftest import TINY_MODEL, write_spec
+
+    marker = tmp_path / "pwned"
+    for stage, file in ((0, "mp_rank_00_model_states.pt"), (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt")):
+        evil = crafted(checkpoints[stage], tmp_path / f"evil{stage}", file, marker)
+        spec = load_spec(
+            write_spec(tmp_path / f"job{stage}", {**TINY_MODEL, "zero_stage: 2": f"zero_stage: {stage}"})
+        ).spec
+        with pytest.raises(UnsafeCheckpoint):
+            evaluate(spec, None, None, evil, 1)
+    assert not marker.exists()
