@@ -350,7 +350,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
         "workers": spec.workers,
         "stopped": job.stopped,
         "sample": sample,
-        "receipts": {k: job.counts[k] for k in ("signed", "checked", "passed", "failed", "rejected")},
+        "receipts": {k: job.counts[k] for k in ("signed", "checked", "passed", "failed", "void", "rejected")},
         "intervals": [
             {"steps": [iv.start, iv.end], "outcome": iv.outcome, "wall_ms": iv.wall_ms} for iv in job.intervals.values()
         ],

@@ -3,7 +3,7 @@
 ``JobRun.run`` polls the job's inbox until training ends and every drawn replay is back. Each
 interval moves through
 
-    open -> (all ranks' receipts admitted) -> pending (drawn for replay) -> passed | failed
+    open -> (all ranks' receipts admitted) -> pending (drawn for replay) -> passed | failed | void
                                            -> held (not drawn; challengeable) -> unchecked (settled)
     and, off the main path: disputed (ranks named different checkpoints), unverifiable (replay
     could not run), void (after a proven fraud, or once the budget is spent)
@@ -85,7 +85,7 @@ class JobRun:
         self.passed_by_node = {w: 0 for w in self.rank_worker}
         self.failed_nodes: set[str] = set()
         self.open_epochs: set[int] = set()  # epochs this job's charges count in, not closed yet
-        self.counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "rejected": 0}
+        self.counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "void": 0, "rejected": 0}
         self.money = {
             "escrowed": self.spec.budget_ugpc,
             "paid": 0,
@@ -275,7 +275,9 @@ class JobRun:
             self.on_verdict(iv, result)
 
     def on_verdict(self, iv: Interval, result: dict) -> None:
-        """Judge by the verifier's signed reports: settle a pass; slash the failing ranks and stop on a fail."""
+        """Judge by the verifier's signed reports: settle a pass; slash the failing ranks and stop on
+        a fail; on a void (the ranks diverged together) settle nothing, slash nobody, check those
+        nodes more often, and stop (the state the job trains on is disowned)."""
         if iv.outcome == "void":
             return
         reports = []
@@ -291,7 +293,17 @@ class JobRun:
         iv.reports = reports
         worst = max(r.message["distanceE9"] for r in reports) / 1e9
         self.distances.append(worst)
-        failing = [(rank, rep) for rank, rep in enumerate(reports) if rep.message["verdict"] != "pass"]
+        failing = [(rank, rep) for rank, rep in enumerate(reports) if rep.message["verdict"] == "fail"]
+        if not failing and any(rep.message["verdict"] == "void" for rep in reports):
+            # the ranks diverged together: the evidence names nobody (docs/verification.md, Blame)
+            iv.outcome = "void"
+            self.counts["void"] += 1
+            self.failed_nodes.update(self.rank_worker)  # checked more often from now on
+            self.void_after(iv)
+            self.stop(
+                f"the ranks diverged together in steps {iv.start}-{iv.end}; the interval is void, nobody is slashed"
+            )
+            return
         if not failing:
             iv.outcome = "passed"
             self.counts["passed"] += 1
@@ -310,11 +322,15 @@ class JobRun:
                 f"steps {iv.start}-{iv.end}: rank {rank} FAILED replay (relative L2 {rep.message['distanceE9'] / 1e9:.2e}); its bond was slashed"
             )
         self.fraud_at = iv.start if self.fraud_at is None else min(self.fraud_at, iv.start)
-        # intervals after the fraud that are not settled yet earn nothing (SPEC.md, Money)
+        self.void_after(iv)
+        self.stop(f"rank(s) {[r for r, _ in failing]} failed the replay of steps {iv.start}-{iv.end}")
+
+    def void_after(self, iv: Interval) -> None:
+        """Intervals after ``iv`` not settled yet earn nothing: they trained on state the replay of
+        ``iv`` disowned (SPEC.md, Money)."""
         for later in self.intervals.values():
             if later.start > iv.start and later.outcome in ("open", "pending", "held"):
                 later.outcome = "void"
-        self.stop(f"rank(s) {[r for r, _ in failing]} failed the replay of steps {iv.start}-{iv.end}")
 
     # -- money ----------------------------------------------------------------
     def settle_held(self, force: bool) -> None:

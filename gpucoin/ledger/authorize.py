@@ -150,9 +150,10 @@ def _rule_settlement(msg: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[l
         return _refund(msg, subject, state)
     if subject.type == "WorkReceipt" or (subject.type == "VerificationReport" and subject["verdict"] == "pass"):
         return _charge(msg, subject, f, state, op)
-    if subject.type == "VerificationReport":
+    if subject.type == "VerificationReport" and subject["verdict"] == "fail":
         return _slash(msg, subject, f, state, op)
-    raise Unauthorized(f"Settlement {msg.digest}: a Settlement of a {subject.type} authorizes no transfer")
+    kind = f"{subject['verdict']} {subject.type}" if subject.type == "VerificationReport" else subject.type
+    raise Unauthorized(f"Settlement {msg.digest}: a Settlement of a {kind} authorizes no transfer")
 
 
 def _same_job(msg: Msg, job: str) -> None:

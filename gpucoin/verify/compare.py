@@ -36,21 +36,50 @@ class RankVerdict:
 
     Attributes:
         rank: data-parallel rank.
-        passed: every step's distance is within tolerance.
-        max_distance: largest per-step relative L2 distance.
+        verdict: ``pass``; ``fail`` (evidence against this rank: ``blame``); ``void`` (the ranks
+            diverged together, the evidence names nobody).
+        max_distance: largest per-step relative L2 distance up to the first mismatch.
         first_bad_step: absolute step of the first mismatch, or None.
     """
 
     rank: int
-    passed: bool
+    verdict: str
     max_distance: float
     first_bad_step: int | None
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+
+def blame(bad_at_first: list[bool]) -> list[str]:
+    """Who the first mismatching step convicts: the verdict of each rank.
+
+    Up to the first step where any rank's sketch mismatches, every rank's weights were the
+    replay's. There, a rank whose own local gradient disagrees with the replay while a co-worker's
+    agrees computed its gradient wrongly from correct weights: ``fail``, and the others ``pass``.
+    If every rank of a job of several ranks disagrees at once, the shared state itself may have
+    been corrupted (one rank's poisoned contribution to the all-reduce reaches every rank), so
+    the evidence names nobody: all ``void``. A job of one rank has no co-worker and no all-reduce
+    with another party: nobody but that rank touched its state, so its mismatch is its own.
+
+    Args:
+        bad_at_first: per rank, whether its sketch mismatches at the first mismatching step.
+
+    Returns:
+        One verdict per rank.
+    """
+    if not any(bad_at_first):
+        return ["pass"] * len(bad_at_first)
+    if all(bad_at_first) and len(bad_at_first) > 1:
+        return ["void"] * len(bad_at_first)
+    return ["fail" if bad else "pass" for bad in bad_at_first]
 
 
 def compare_interval(
     step_start: int, committed: np.ndarray, replayed: np.ndarray, tolerance: float
 ) -> list[RankVerdict]:
-    """Compare per rank and per step.
+    """Compare per rank and per step, and judge by the first mismatching step (``blame``).
 
     Args:
         step_start: the interval's first step (for naming the first bad step).
@@ -59,9 +88,8 @@ def compare_interval(
         tolerance: largest relative L2 distance that passes (the policy's ``tolerance_rel_l2``).
 
     Returns:
-        One verdict per rank. The first step where any rank mismatches is where the weights
-        stop being shared; ranks failing there are the cheaters; later steps of honest ranks
-        are compared from already-diverged weights and are not held against them.
+        One verdict per rank. Later steps of honest ranks are compared from already-diverged
+        weights and are not held against them.
 
     Raises:
         ValueError: for mismatched shapes or a non-positive tolerance.
@@ -74,17 +102,14 @@ def compare_interval(
     R, K, _ = committed.shape
     dist = np.array([[rel_l2(committed[r, k], replayed[r, k]) for k in range(K)] for r in range(R)])  # (R, K)
     bad = ~(dist <= tolerance)  # NaN is a mismatch, never a pass
-    first_k = int(np.argmax(bad.any(axis=0))) if bad.any() else None
-    verdicts = []
-    for r in range(R):
-        if first_k is None:
-            verdicts.append(RankVerdict(r, True, float(dist[r].max()), None))
-        else:
-            failed = bool(bad[r, first_k])
-            # up to the first bad step every rank's weights were the replay's, so only that step judges
-            verdicts.append(
-                RankVerdict(
-                    r, not failed, float(dist[r, : first_k + 1].max()), step_start + first_k if failed else None
-                )
-            )
-    return verdicts
+    if not bad.any():
+        return [RankVerdict(r, "pass", float(dist[r].max()), None) for r in range(R)]
+    first_k = int(np.argmax(bad.any(axis=0)))
+    verdicts = blame([bool(bad[r, first_k]) for r in range(R)])
+    # up to the first bad step every rank's weights were the replay's, so only that step judges
+    return [
+        RankVerdict(
+            r, verdicts[r], float(dist[r, : first_k + 1].max()), step_start + first_k if bad[r, first_k] else None
+        )
+        for r in range(R)
+    ]

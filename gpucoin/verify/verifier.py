@@ -70,7 +70,7 @@ def check_interval(
             {
                 "verifier": account.address,
                 "receiptDigest": digest,
-                "verdict": "pass" if v.passed else "fail",
+                "verdict": v.verdict,
                 "distanceE9": distance_e9(v.max_distance),
                 "nonce": _NONCES.next(),
             },

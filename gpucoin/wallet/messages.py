@@ -93,8 +93,10 @@ MAX_STRING_BYTES = 4096
 ZERO_BYTES32 = "0x" + "00" * 32
 """The ``previousReceipt`` of a rank's first receipt."""
 
-VERDICTS = ("pass", "fail")
-"""The values of ``VerificationReport.verdict``."""
+VERDICTS = ("pass", "fail", "void")
+"""The values of ``VerificationReport.verdict``: ``pass``, ``fail`` (this rank's own commitment
+disagrees with the replay where a co-worker's agrees: evidence against it), ``void`` (the ranks
+diverged together, so the evidence names nobody: docs/verification.md, Blame)."""
 
 
 def _fields(*pairs: tuple[str, str]) -> list[dict[str, str]]:
@@ -386,7 +388,7 @@ def validate_message(primary_type: str, message: Mapping[str, Any]) -> dict[str,
     The result has exactly the type's fields in the type's order: ints, checksum addresses,
     lowercase 0x-hex bytes32, non-empty strings of at most 4096 UTF-8 bytes, booleans, and
     lists of at most ``MAX_ARRAY_ITEMS`` structs (``STRUCT_TYPES``) in the same canonical form.
-    ``VerificationReport.verdict`` must be "pass" or "fail".
+    ``VerificationReport.verdict`` must be one of ``VERDICTS``.
 
     Raises:
         MessageFieldError: unknown primary type, unknown or missing field, wrong value type,

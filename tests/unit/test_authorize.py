@@ -136,6 +136,16 @@ def test_a_slash_takes_the_policys_share_of_bonded_then_unbonding_stake_once() -
         authorize_operation(s, f, plan_slash(W2, V, 30, 70, burned, whistle, st2.digest))
 
 
+def test_a_void_report_settles_nothing() -> None:
+    f = facts()
+    f.add_message(Msg(d("void"), "VerificationReport", V, {"verifier": V, "receiptDigest": d("r1"), "verdict": "void"}))
+    burned, whistle = slash_split(100, POLICY.slashing, whistleblower=True)
+    st = settlement(f, "st", d("void"), burned=burned, slashed=burned + whistle)
+    s = state(**{wallet_account(W2, "bonded"): 100})
+    with pytest.raises(Unauthorized, match="a Settlement of a void VerificationReport authorizes no transfer"):
+        authorize_operation(s, f, plan_slash(W2, V, 100, 0, burned, whistle, st.digest))
+
+
 def test_epochs_close_after_they_end_in_order_once_and_only_with_work() -> None:
     f = facts(now_epoch=5)
     iv = SettledInterval((d("r0"),), (W1,), None, 100)

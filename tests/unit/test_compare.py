@@ -53,6 +53,37 @@ def test_another_ranks_sketch_does_not_pass():
     assert not any(x.passed for x in compare_interval(0, com, rep, 1e-3))
 
 
+def test_ranks_that_diverge_together_are_void_never_slashed():
+    """A poisoned all-reduce reaches every rank: from the next step every honest rank's gradient is
+    computed on corrupted weights, so all of them mismatch at once. Nobody is named."""
+    rng = np.random.default_rng(3)
+    rep = _interval(rng, R=3)
+    com = rep.copy()
+    com[:, 2:] = rng.normal(size=com[:, 2:].shape)  # every rank diverges from step 102 on
+    v = compare_interval(100, com, rep, 1e-3)
+    assert [x.verdict for x in v] == ["void"] * 3 and all(x.first_bad_step == 102 for x in v)
+    assert not any(x.passed for x in v)
+
+
+def test_one_rank_alone_is_answerable_for_its_own_state():
+    """With one rank no other party touched its weights: its mismatch is its own."""
+    rng = np.random.default_rng(4)
+    rep = _interval(rng, R=1)
+    com = rep.copy()
+    com[0, 1] *= 1.5
+    assert [x.verdict for x in compare_interval(0, com, rep, 1e-3)] == ["fail"]
+
+
+def test_blame_needs_a_co_worker_that_agrees():
+    from gpucoin.verify.compare import blame
+
+    assert blame([False, False]) == ["pass", "pass"]
+    assert blame([True, False, False]) == ["fail", "pass", "pass"]
+    assert blame([True, True, False]) == ["fail", "fail", "pass"]
+    assert blame([True, True]) == ["void", "void"]
+    assert blame([True]) == ["fail"]
+
+
 def test_compare_refuses_bad_input():
     z = np.zeros((2, 3, 4))
     with pytest.raises(ValueError):
