@@ -39,6 +39,59 @@ class ConsolidatedState:
     partitions: list[list[tuple[str, int]]] | None = None
 
 
+ZERO_ALIGNMENT_FACTOR = 2
+"""DeepSpeed 0.19's ``nccl_start_alignment_factor``: a ZeRO 1/2 flat group is padded to a
+multiple of this times the world size (``stage_1_and_2.py``)."""
+
+
+def zero_partitions(params: list[tuple[str, int]], world: int) -> list[list[tuple[str, int]]]:
+    """The (parameter name, numel) fragments of each rank's ZeRO 1/2 partition, as DeepSpeed 0.19
+    lays them out: the parameters flattened in order (one group, no per-parameter padding: the
+    default ``parameter_alignment: false``), padded at the end to a multiple of
+    ``ZERO_ALIGNMENT_FACTOR x world``, cut into ``world`` equal partitions.
+
+    What ``load_consolidated`` reads from a checkpoint's ``param_slice_mappings``, computed from
+    the model alone: the replay of an interval that starts at step 0 needs it before any
+    checkpoint exists (``tests/security/test_checkpoint_safety.py`` compares the two).
+
+    Args:
+        params: the model's (name, numel), in ``named_parameters()`` order.
+        world: data-parallel ranks.
+
+    Raises:
+        ValueError: for fewer than one rank.
+    """
+    if world < 1:
+        raise ValueError(f"a partition needs at least one rank, got {world}")
+    total = sum(n for _, n in params)
+    alignment = ZERO_ALIGNMENT_FACTOR * world
+    size = -(-total // alignment) * alignment // world  # each rank's partition
+    out: list[list[tuple[str, int]]] = []
+    for r in range(world):
+        lo, hi, offset, frags = r * size, (r + 1) * size, 0, []
+        for name, n in params:
+            overlap = min(hi, offset + n) - max(lo, offset)
+            if overlap > 0:
+                frags.append((name, overlap))
+            offset += n
+        out.append(frags)
+    return out
+
+
+def initial_state(model: torch.nn.Module, zero_stage: int, world: int) -> ConsolidatedState:
+    """The training state before step 0: the model's weights as built (the spec's seed set
+    first), Adam's moments zero, and the ZeRO 1/2 partition layout (``zero_partitions``).
+
+    Derived, not read from a worker's step-0 checkpoint: nobody signs that one, so a rank that
+    overwrote it could otherwise frame the ranks that trained from the true initialization.
+    """
+    named = dict(model.named_parameters())
+    weights = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    zeros = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named.items()}
+    layout = zero_partitions([(n, p.numel()) for n, p in named.items()], world) if zero_stage in (1, 2) else None
+    return ConsolidatedState(weights, zeros, {n: z.clone() for n, z in zeros.items()}, 0, 0, layout)
+
+
 def _load(path: str) -> dict:
     # a worker wrote it: a weights-only load, which cannot run code (gpucoin.runtime.safe_load)
     state = safe_torch_load(path)

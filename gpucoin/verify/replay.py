@@ -19,18 +19,19 @@ from gpucoin.runtime.schedule import lr_at
 from gpucoin.runtime.sketch import CountSketch
 from gpucoin.spec import JobSpec
 from gpucoin.verify.clipping import clip_zero0_, clip_zero12_
-from gpucoin.verify.consolidate import load_consolidated
+from gpucoin.verify.consolidate import initial_state, load_consolidated
 
 
 def replay_interval(
-    spec: JobSpec, data_source: str, tag_dir: str, step_start: int, step_end: int, buckets: int, threads: int = 1
+    spec: JobSpec, data_source: str, tag_dir: str | None, step_start: int, step_end: int, buckets: int, threads: int = 1
 ) -> np.ndarray:
     """Recompute the sketches of steps [step_start, step_end) for every rank.
 
     Args:
         spec: the job spec (model, optimizer, seed, workers W, micro-batch, accumulation).
         data_source: the corpus source the job trained on.
-        tag_dir: DeepSpeed checkpoint tag directory of the state after ``step_start`` steps.
+        tag_dir: DeepSpeed checkpoint tag directory of the state after ``step_start`` steps; not
+            read for ``step_start == 0``, whose state follows from the seed (``initial_state``).
         buckets: sketch width B (the policy's ``sketch_buckets``).
 
     Returns:
@@ -44,9 +45,15 @@ def replay_interval(
     module = importlib.import_module(spec.module)
     corpus = module.prepare_corpus(data_source, val_fraction=spec.data.val_fraction)
     train, T = corpus.train, spec.model.block_size
+    torch.manual_seed(spec.seed)  # as the workers build it: the weights before step 0 follow from the seed
     model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
     named = dict(model.named_parameters())
-    state = load_consolidated(tag_dir, list(named))
+    if step_start == 0:  # derived, never read from a worker's file (nobody signed the step-0 checkpoint)
+        state = initial_state(model, ds.zero_stage, spec.workers)
+    else:
+        if tag_dir is None:
+            raise VerificationError(f"the interval starts at step {step_start}: its start checkpoint is needed")
+        state = load_consolidated(tag_dir, list(named))
     if state.global_steps != step_start:
         raise VerificationError(f"{tag_dir} is at step {state.global_steps}, the interval starts at {step_start}")
     model.load_state_dict(state.weights)

@@ -35,7 +35,8 @@ def check_interval(
         committed: (W, K, B) sketches the ranks committed to (their sketch roots were checked on arrival).
         receipt_digests: each rank's WorkReceipt digest, rank order.
         start_hash: content hash the previous interval's receipts named for the start checkpoint
-            (None for step 0, whose checkpoint is the seeded initialization).
+            (None for step 0, whose state the replay derives from the spec's seed: no worker's
+            file is read for it).
         tolerance: the policy's ``tolerance_rel_l2``.
 
     Returns:
@@ -53,10 +54,13 @@ def check_interval(
     from gpucoin.wallet.messages import Domain, distance_e9, sign
 
     spec = JobSpec.model_validate(spec_dict)
-    tag_dir = os.path.join(ckpt_dir, tag_for(step_start))
-    if not os.path.isdir(tag_dir):
-        raise VerificationError(f"start checkpoint {tag_dir} is missing")
-    if start_hash is not None:
+    tag_dir = None  # step 0: the state follows from the spec's seed, no worker's file is read
+    if step_start > 0:
+        tag_dir = os.path.join(ckpt_dir, tag_for(step_start))
+        if not os.path.isdir(tag_dir):
+            raise VerificationError(f"start checkpoint {tag_dir} is missing")
+        if start_hash is None:
+            raise VerificationError(f"no receipt names the hash of the start checkpoint {tag_dir}")
         check_hash(tag_dir, start_hash)
     replayed = replay_interval(spec, data_source, tag_dir, step_start, step_end, buckets)
     verdicts = compare_interval(step_start, committed, replayed, tolerance)

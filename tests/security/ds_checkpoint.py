@@ -1,13 +1,14 @@
 """Child process of ``tests/security/test_checkpoint_safety.py``: real DeepSpeed checkpoints, one rank.
 
-    python -m tests.security.ds_checkpoint save DIR STAGE      # one AdamW step of a tiny model, then
-                                                              # save_checkpoint(DIR, tag "step00000001")
-    python -m tests.security.ds_checkpoint resume DIR STAGE    # a fresh engine with gpucoin's safe
-                                                              # checkpoint engine loads DIR's checkpoint
+    python -m tests.security.ds_checkpoint save DIR STAGE [RANK WORLD PORT]
+        # one AdamW step of a tiny model, then save_checkpoint(DIR, tag "step00000001"); with
+        # RANK WORLD PORT, one of WORLD processes (gloo on 127.0.0.1:PORT) that do it together
+    python -m tests.security.ds_checkpoint resume DIR STAGE
+        # a fresh engine with gpucoin's safe checkpoint engine loads DIR's checkpoint
 
 ``resume`` prints ``resumed <global steps>`` or ``refused <error class>: <message>`` and exits 0:
 what a co-worker resuming from a checkpoint another rank wrote does (``gpucoin.runtime.worker``).
-DeepSpeed runs on gloo with world size 1, in this process only.
+DeepSpeed runs on gloo, world size 1 unless given.
 """
 
 from __future__ import annotations
@@ -18,16 +19,22 @@ import sys
 TAG = "step00000001"
 
 
-def engine(stage: int):
-    import deepspeed
+def model():
+    """The tiny model, built after ``torch.manual_seed(0)`` (as a job's model is after its seed)."""
     import torch
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))  # 229 numbers: odd
+
+
+def engine(stage: int, rank: int = 0, world: int = 1, port: int | None = None):
+    import deepspeed
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port or 29500 + os.getpid() % 1000)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    net = model()
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
@@ -35,7 +42,7 @@ def engine(stage: int):
         "zero_optimization": {"stage": stage},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
     }
-    eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    eng, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
     return eng
 
 
@@ -43,9 +50,11 @@ def main(argv: list[str]) -> int:
     import torch
 
     mode, path, stage = argv[0], argv[1], int(argv[2])
-    eng = engine(stage)
+    rank, world, port = (int(a) for a in argv[3:6]) if len(argv) >= 6 else (0, 1, None)
+    eng = engine(stage, rank, world, port)
     if mode == "save":
-        x, y = torch.randn(2, 8), torch.randn(2, 4)
+        eng.save_checkpoint(path, tag="step00000000")  # the state before step 0, as workers save it
+        x, y = torch.randn(2, 8), torch.randn(2, 5)
         loss = torch.nn.functional.mse_loss(eng(x), y)
         eng.backward(loss)
         eng.step()

@@ -141,3 +141,60 @@ def test_the_coordinators_evaluation_refuses_a_crafted_checkpoint(checkpoints, t
         with pytest.raises(UnsafeCheckpoint):
             evaluate(spec, None, None, evil, 1)
     assert not marker.exists()
+
+
+def _save_two_ranks(path: Path, stage: int) -> None:
+    """A real checkpoint written by two DeepSpeed ranks (two processes on gloo)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.security.ds_checkpoint",
+                "save",
+                str(path),
+                str(stage),
+                str(r),
+                "2",
+                str(port),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0 and out.strip().endswith("saved"), err[-3000:]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_derived_state_before_step_0_is_what_deepspeed_saves(tmp_path, stage: int) -> None:
+    """The replay of an interval that starts at step 0 never loads a worker's file: it derives the
+    weights from the seed, zero moments and the ZeRO layout. That is exactly DeepSpeed's own step-0
+    checkpoint, on one rank and on two (where the layout splits a parameter between the ranks)."""
+    from gpucoin.verify.consolidate import initial_state, zero_partitions
+    from tests.security.ds_checkpoint import model
+
+    _save_two_ranks(tmp_path / "two", stage)
+    saved = load_consolidated(str(tmp_path / "two" / "step00000000"), NAMES)
+    derived = initial_state(model(), stage, 2)
+    assert derived.partitions == saved.partitions and len(saved.partitions) == 2
+    assert saved.partitions[0][-1][0] == saved.partitions[1][0][0]  # a parameter cut in two
+    assert all(torch.equal(derived.weights[n], saved.weights[n]) for n in NAMES)
+    assert all(torch.equal(derived.exp_avg[n], saved.exp_avg[n]) for n in NAMES)
+    assert (derived.adam_step, derived.global_steps) == (saved.adam_step, saved.global_steps) == (0, 0)
+    after = load_consolidated(str(tmp_path / "two" / TAG), NAMES)  # the layout does not change with training
+    assert after.partitions == derived.partitions
+    for world in (1, 3, 4):  # and the layout for other world sizes covers every number once
+        parts = zero_partitions([(n, 7 + i) for i, n in enumerate(NAMES)], world)
+        assert len(parts) == world and sum(k for frags in parts for _, k in frags) == sum(
+            7 + i for i in range(len(NAMES))
+        )
