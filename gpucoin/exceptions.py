@@ -28,7 +28,13 @@
     │   └── NoPlacement               not enough admissible nodes for an all-or-nothing job
     ├── ClusterError                  the Ray cluster could not be started, reached or stopped
     ├── TrainingError                 a training run failed on the workers
+    ├── StorageError                  the checkpoint store refused an object or cannot serve one
+    │   ├── ObjectMissing             no stored object has that digest
+    │   └── ObjectCorrupted           a stored object no longer hashes to its name (the store's fault)
     └── VerificationError             a replay could not be carried out (not a failed check)
+        └── BadCommittedFile          a file a rank committed to (by its receipt) is missing,
+                                      malformed, unloadable or not what its manifest names: the
+                                      rank's own failure, settled as a failed check
 
 A failed spot check is not an exception: it is a verdict the ledger settles.
 """
@@ -139,3 +145,31 @@ class TrainingError(GpucoinError):
 
 class VerificationError(GpucoinError):
     """A replay could not be carried out (missing checkpoint, bad hash); not a failed check."""
+
+
+class StorageError(GpucoinError):
+    """The checkpoint store refused an object (too large, malformed digest) or cannot serve one."""
+
+
+class ObjectMissing(StorageError):
+    """No object with the asked digest is stored (it was never put)."""
+
+
+class ObjectCorrupted(StorageError):
+    """A stored object whose bytes no longer hash to its name: the store was tampered with or
+    its disk failed (the head's fault, never a rank's)."""
+
+
+class BadCommittedFile(VerificationError):
+    """A checkpoint file or manifest that a rank's receipt commits to and that cannot serve: not
+    stored, not what the manifest names, not the files the rank must write, refused by the
+    weights-only load, or at odds with DeepSpeed's layout. The rank that signed it failed.
+
+    Attributes:
+        name: the file (or ``"manifest"``) at fault.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason

@@ -4,46 +4,77 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from gpucoin.exceptions import VerificationError
 from gpucoin.runtime.checkpoint import tag_for
 from gpucoin.runtime.safe_load import safe_torch_load, verified_copy
 from gpucoin.spec import JobSpec
+from gpucoin.storage.checkpoints import Get, fetch_checkpoint
 
 SAMPLE_CHARS = 300
 
 
-def evaluate(spec: JobSpec, module, corpus, ckpt_dir: Path, step: int) -> tuple[float, str]:
+def evaluate(
+    spec: JobSpec, module, corpus, get: Get, job_id: str, manifests: list[str], step: int
+) -> tuple[float, str]:
     """Validation loss (nats/char, mean over ``eval_batches`` micro-batches) and ~300 generated characters.
 
-    The weights are the DeepSpeed checkpoint after ``step`` steps, consolidated with DeepSpeed's
+    The weights are the DeepSpeed checkpoint after ``step`` steps, rebuilt from the store by the
+    manifests the ranks signed (``fetch_checkpoint``), consolidated with DeepSpeed's
     ``get_fp32_state_dict_from_zero_checkpoint`` (ZeRO 1/2, on a ``verified_copy``) or read whole
     (ZeRO 0); workers wrote those files, so nothing of them is unpickled but by a weights-only load
-    (``gpucoin.runtime.safe_load``).
+    (``gpucoin.runtime.safe_load``). After 0 steps the model is the one the spec's seed builds.
+
+    Args:
+        get: the job's store ``get``; manifests: per rank, the ``checkpointHash`` of its receipt
+            for the interval that ended at ``step`` (empty for step 0).
 
     Raises:
-        UnsafeCheckpoint: a checkpoint file a weights-only load refuses.
+        VerificationError: a file that is not stored as signed or that a weights-only load refuses.
     """
     import torch
+
+    if step == 0:
+        torch.manual_seed(spec.seed)
+        return _evaluate(spec, module, corpus, None)
+    with tempfile.TemporaryDirectory(prefix="gpucoin-eval-") as tmp:
+        tag_dir = Path(tmp) / tag_for(step)
+        bad = fetch_checkpoint(
+            get, manifests, job_id=job_id, step=step, zero_stage=spec.deepspeed.zero_stage, dest=tag_dir
+        )
+        if bad:
+            raise VerificationError(
+                f"the checkpoint after step {step} cannot be rebuilt: {'; '.join(map(str, bad.values()))}"
+            )
+        return _evaluate(spec, module, corpus, _weights(spec, tag_dir, step))
+
+
+def _weights(spec: JobSpec, tag_dir: Path, step: int) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if spec.deepspeed.zero_stage == 0:
+        return safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")["module"]
+    # DeepSpeed's consolidation loads with plain pickle: hand it a private copy that passed the safe load
+    with (
+        verified_copy(tag_dir) as checked,
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):  # it prints per shard
+        return get_fp32_state_dict_from_zero_checkpoint(str(checked), tag=tag_for(step))
+
+
+def _evaluate(spec: JobSpec, module, corpus, state: dict | None) -> tuple[float, str]:
+    import torch
 
     from gpucoin.runtime.data_order import eval_offsets, micro_batch
 
-    tag_dir = Path(ckpt_dir) / tag_for(step)
-    if spec.deepspeed.zero_stage == 0:
-        state = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")["module"]
-    else:
-        # DeepSpeed's consolidation loads with plain pickle: hand it a private copy that passed the safe load
-        with (
-            verified_copy(tag_dir) as checked,
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):  # it prints per shard
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checked), tag=tag_for(step))
     model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
-    model.load_state_dict(state)
+    if state is not None:
+        model.load_state_dict(state)
     model.eval()
     T, B = spec.model.block_size, spec.deepspeed.micro_batch_size
     losses = []

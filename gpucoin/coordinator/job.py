@@ -20,13 +20,14 @@ from typing import Protocol
 from gpucoin.cluster.embedded import EmbeddedCluster, NodeSpec, sigint_ignored
 from gpucoin.cluster.local import engineer_available_after_faucet, fund_engineer, participant, register_volunteer
 from gpucoin.coordinator.settle import Coordinator, genesis_message
-from gpucoin.exceptions import InsufficientFunds, NoPlacement, PolicyError
+from gpucoin.exceptions import InsufficientFunds, NoPlacement, PolicyError, VerificationError
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import wallet_account
 from gpucoin.money import format_gpc
 from gpucoin.policy.model import Policy, policy_hash
 from gpucoin.scheduler.market import Offer, Order, clear
 from gpucoin.spec import LoadedSpec
+from gpucoin.storage import ContentStore
 from gpucoin.wallet.messages import Domain, sign
 
 JOB_ORDER_TTL_S = 3600
@@ -168,9 +169,11 @@ def open_ledger(opts: LocalOptions, coordinator) -> Ledger:
 def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) -> dict:
     """Run ``loaded`` on an embedded local cluster and return the summary.
 
-    The summary (also what ``--summary-json`` writes) has: job_id, val_loss and uniform_loss
-    (nats/char), steps (the last step all ranks delivered), workers, stopped (why the job stopped
-    early, or None), sample (generated text), receipts {signed, checked, passed, failed, rejected},
+    The summary (also what ``--summary-json`` writes) has: job_id, val_loss (nats/char, of the
+    checkpoint after ``steps``; None if it could not be loaded) and uniform_loss, steps (the end
+    of the last interval settled without a gap from step 0: the checkpoint the job vouches for),
+    workers, stopped (why the job stopped early, or None), sample (generated text), receipts
+    {signed, checked, passed, failed, void, rejected},
     intervals [{steps, outcome, wall_ms}], unsettled_intervals, max_replay_distance,
     price_ugpc_per_worker_hour, ledger {escrowed, paid, burned, treasury, minted, slashed, refunded,
     supply, total_minted, total_burned} in µGPC, accounts {name: {before, after, change}} in µGPC,
@@ -301,7 +304,12 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             .options(num_cpus=0, label_selector={"ray.io/node-id": cluster.node_id("head")})
             .remote()
         )
-        ckpt_dir = job_dir / "checkpoints"
+        # checkpoints live write-once under the head's control, named by hash (gpucoin.storage)
+        store = (
+            ray.remote(ContentStore)
+            .options(num_cpus=0, max_concurrency=4, label_selector={"ray.io/node-id": cluster.node_id("head")})
+            .remote(str(job_dir / "store"))
+        )
         job = JobRun(
             spec=spec,
             job_id=job_id,
@@ -313,7 +321,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             replay=ray.remote(num_cpus=1, max_retries=0)(check_interval).options(
                 label_selector={"ray.io/node-id": cluster.node_id(verifier.name)}
             ),
-            ckpt_dir=ckpt_dir,
+            store=store,
             sketch_dir=job_dir / "sketches",
             data_source=source,
             ui=ui,
@@ -325,7 +333,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             job_id=job_id,
             node_ids=list(placement.node_ids),
             inbox=inbox,
-            ckpt_dir=ckpt_dir,
+            store=store,
             storage_dir=job_dir / "ray_train",
             domain=coord.domain.as_dict(),
             buckets=policy.verification.sketch_buckets,
@@ -339,9 +347,14 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
         # The local cluster's challenge window and epoch end when it stops: settle and mint now.
         job.finish()
 
-    last_step = job.last_complete_step()
+    last_step = job.last_settled_step()
     ui.status("evaluating the trained model")
-    val_loss, sample = evaluate(spec, module, corpus, ckpt_dir, last_step)
+    try:
+        val_loss, sample = evaluate(
+            spec, module, corpus, ContentStore(job_dir / "store").get, job_id, job.end_manifests(last_step), last_step
+        )
+    except VerificationError as e:  # an unchecked checkpoint a rank signed and the safe load refuses
+        val_loss, sample = None, f"(no evaluation: {e})"
     return {
         "job_id": job_id,
         "val_loss": val_loss,

@@ -5,10 +5,12 @@ interval moves through
 
     open -> (all ranks' receipts admitted) -> pending (drawn for replay) -> passed | failed | void
                                            -> held (not drawn; challengeable) -> unchecked (settled)
-    and, off the main path: disputed (ranks named different checkpoints), unverifiable (replay
-    could not run), void (after a proven fraud, or once the budget is spent)
+    and, off the main path: unverifiable (the verifier could not run the replay), void (after a
+    proven fraud, or once the budget is spent)
 
-Only passed and unchecked intervals are charged to the escrow and earn emission.
+An interval is drawn for sure when it is the job's last (its end checkpoint is what the engineer
+gets) or when a rank's signed checkpoint is not all in the store. Only passed and unchecked
+intervals are charged to the escrow and earn emission.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from gpucoin.exceptions import ConflictError, ReceiptOutOfOrder, SignatureError,
 from gpucoin.money import format_gpc
 from gpucoin.policy.tokenomics import check_probability, interval_payment_ugpc
 from gpucoin.spec import JobSpec
+from gpucoin.storage import StoreClient
+from gpucoin.storage.checkpoints import commitment_problem
 from gpucoin.verify.sampling import is_checked
+from gpucoin.verify.verifier import ReplayRequest, ReplayResult
 from gpucoin.wallet.messages import SignedMessage, verify
 
 POLL_INTERVAL_S = 0.5
@@ -48,6 +53,7 @@ class Interval:
     pending: object = None  # ObjectRef of the replay while it runs
     settle_at: float | None = None  # monotonic time when a held interval's challenge window ends
     outcome: str = "open"
+    settled: bool = False  # charged to the escrow (a later re-check may still slash its ranks)
 
 
 @dataclass
@@ -59,7 +65,8 @@ class JobRun:
         rank_worker: provider address per rank (the market's placement);
         price_ugpc_per_worker_hour: the clearing price; verifier_address: the verifier node's key;
         replay: a Ray remote function bound to the verifier node (``verify.verifier.check_interval``);
-        ckpt_dir / sketch_dir: where checkpoints and committed sketches are; data_source: the corpus;
+        store: the job's ``ContentStore`` actor (checkpoints); sketch_dir: where committed sketches
+        are kept; data_source: the corpus;
         ui: progress reporting; secret: the sampling secret (drawn fresh if None).
     """
 
@@ -71,7 +78,7 @@ class JobRun:
     price_ugpc_per_worker_hour: int
     verifier_address: str
     replay: object
-    ckpt_dir: Path
+    store: object
     sketch_dir: Path
     data_source: str
     ui: object
@@ -84,6 +91,7 @@ class JobRun:
         self.intervals = {s: Interval(s, e) for s, e in self.spec.intervals()}
         self.passed_by_node = {w: 0 for w in self.rank_worker}
         self.failed_nodes: set[str] = set()
+        self.slashed_receipts: set[str] = set()
         self.open_epochs: set[int] = set()  # epochs this job's charges count in, not closed yet
         self.counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "void": 0, "rejected": 0}
         self.money = {
@@ -210,38 +218,18 @@ class JobRun:
         if self.stopped is not None:
             iv.outcome = "void"  # trained after a proven fraud or with the budget spent
             return
-        hashes = {iv.receipts[r].message["checkpointHash"] for r in range(self.spec.workers)}
-        if len(hashes) != 1:
-            iv.outcome = "disputed"
-            self.ui.note(f"steps {iv.start}-{iv.end}: ranks named {len(hashes)} different checkpoints; not settled")
-            return
         digests = [iv.receipts[r].digest for r in range(self.spec.workers)]
         p = max(
             check_probability(self.policy.verification, self.passed_by_node[w], w in self.failed_nodes)
             for w in self.rank_worker
         )
-        if is_checked(self.secret, digests, p):
+        why = self.must_check(iv)
+        if why or is_checked(self.secret, digests, p):
             iv.outcome = "pending"
             self.counts["checked"] += 1
-            prev = self.intervals.get(iv.start - self.spec.checkpoint_interval_steps) if iv.start else None
-            start_hash = prev.receipts[0].message["checkpointHash"] if prev else None
-            committed = np.stack([iv.sketches[r] for r in range(self.spec.workers)])  # (W, K, B)
-            iv.pending = self.replay.remote(
-                self.spec.model_dump(mode="json"),
-                self.data_source,
-                str(self.ckpt_dir),
-                iv.start,
-                iv.end,
-                self.policy.verification.sketch_buckets,
-                committed,
-                digests,
-                start_hash,
-                self.policy.verification.tolerance_rel_l2,
-                self.coord.domain.as_dict(),
-            )
-            self.ui.note(
-                f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; drawn for replay (p={p:.2f})"
-            )
+            iv.pending = self.replay.remote(self.replay_request(iv), self.store)
+            drawn = f"drawn for replay ({why})" if why else f"drawn for replay (p={p:.2f})"
+            self.ui.note(f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; {drawn}")
         else:
             iv.outcome = "held"
             iv.settle_at = now + self.policy.verification.challenge_window_s
@@ -249,6 +237,53 @@ class JobRun:
                 f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; not drawn (p={p:.2f})"
             )
             self.settle_held(force=False)
+
+    def previous(self, iv: Interval) -> Interval | None:
+        """The interval before ``iv`` (None for the first)."""
+        return self.intervals.get(iv.start - self.spec.checkpoint_interval_steps) if iv.start else None
+
+    def must_check(self, iv: Interval) -> str | None:
+        """Why ``iv`` is replayed whatever the draw, or None: it is the job's last interval, or a
+        rank's signed checkpoint is not all in the store (the replay convicts that rank)."""
+        if iv.end == self.spec.steps:
+            return "the last interval is always checked"
+        client = StoreClient(self.store)
+        for r, receipt in sorted(iv.receipts.items()):
+            problem = commitment_problem(
+                client.get,
+                client.has,
+                receipt.message["checkpointHash"],
+                job_id=self.job_id,
+                rank=r,
+                step=iv.end,
+                zero_stage=self.spec.deepspeed.zero_stage,
+                world=self.spec.workers,
+            )
+            if problem:
+                return f"rank {r}'s checkpoint: {problem}"
+        return None
+
+    def replay_request(self, iv: Interval) -> ReplayRequest:
+        """What the verifier needs for ``iv``: the committed sketches, the receipts of ``iv`` and of
+        the interval before, and the checkpoint manifests they signed."""
+        W = self.spec.workers
+        prev = self.previous(iv)
+        start = [prev.receipts[r] for r in range(W)] if prev else []
+        return ReplayRequest(
+            spec=self.spec.model_dump(mode="json"),
+            data_source=self.data_source,
+            job_id=self.job_id,
+            step_start=iv.start,
+            step_end=iv.end,
+            buckets=self.policy.verification.sketch_buckets,
+            committed=np.stack([iv.sketches[r] for r in range(W)]),  # (W, K, B)
+            receipts=tuple(iv.receipts[r].digest for r in range(W)),
+            end_manifests=tuple(iv.receipts[r].message["checkpointHash"] for r in range(W)),
+            start_receipts=tuple(r.digest for r in start),
+            start_manifests=tuple(r.message["checkpointHash"] for r in start),
+            tolerance=self.policy.verification.tolerance_rel_l2,
+            domain=self.coord.domain.as_dict(),
+        )
 
     # -- replays --------------------------------------------------------------
     def collect_replays(self, block: bool) -> None:
@@ -274,56 +309,95 @@ class JobRun:
                 continue
             self.on_verdict(iv, result)
 
-    def on_verdict(self, iv: Interval, result: dict) -> None:
-        """Judge by the verifier's signed reports: settle a pass; slash the failing ranks and stop on
-        a fail; on a void (the ranks diverged together) settle nothing, slash nobody, check those
-        nodes more often, and stop (the state the job trains on is disowned)."""
+    def on_verdict(self, iv: Interval, result: ReplayResult) -> None:
+        """Judge by the verifier's signed reports: one per receipt of ``iv``, and a failing one for
+        each receipt of the interval before whose start-checkpoint file was at fault.
+
+        Any fail: slash each failing receipt's worker and stop (the state the job trains on is
+        disowned). Else any void (the evidence names nobody): settle nothing, slash nobody, check
+        these nodes more often, and stop. Else: settle the pass.
+
+        Raises:
+            SignatureError: a report not signed by the verifier or naming another receipt.
+        """
         if iv.outcome == "void":
             return
-        reports = []
-        for rank, rep_json in enumerate(result["reports"]):
+        prev = self.previous(iv)
+        judged = {r.digest: (iv, rank) for rank, r in iv.receipts.items()}
+        if prev is not None:
+            judged.update({r.digest: (prev, rank) for rank, r in prev.receipts.items()})
+        by_receipt: dict[str, SignedMessage] = {}
+        for rep_json in result.reports:
             rep = SignedMessage.from_json(rep_json)
             verify(rep, expected_signer=self.verifier_address, domain=self.coord.domain)
-            if rep.message["receiptDigest"] != iv.receipts[rank].digest:
+            digest = rep.message["receiptDigest"]
+            if digest not in judged or digest in by_receipt:
                 raise SignatureError(
-                    f"verification report for rank {rank} names receipt {rep.message['receiptDigest']}"
+                    f"verification report {rep.digest} names receipt {digest}, not one it was asked about"
                 )
+            if judged[digest][0] is prev and rep.message["verdict"] != "fail":
+                raise SignatureError(
+                    f"verification report {rep.digest} judges a receipt of the interval before: {rep.message['verdict']}"
+                )
+            by_receipt[digest] = rep
+        if any(r.digest not in by_receipt for r in iv.receipts.values()):
+            raise SignatureError(f"the verifier did not judge every receipt of steps {iv.start}-{iv.end}")
+        for rep in by_receipt.values():
             self.coord.record(rep)
-            reports.append(rep)
-        iv.reports = reports
-        worst = max(r.message["distanceE9"] for r in reports) / 1e9
+        reasons = {f.receipt: f.reason for f in result.findings}
+        iv.reports = [by_receipt[iv.receipts[r].digest] for r in range(self.spec.workers)]
+        worst = max(r.message["distanceE9"] for r in iv.reports) / 1e9
         self.distances.append(worst)
-        failing = [(rank, rep) for rank, rep in enumerate(reports) if rep.message["verdict"] == "fail"]
-        if not failing and any(rep.message["verdict"] == "void" for rep in reports):
-            # the ranks diverged together: the evidence names nobody (docs/verification.md, Blame)
+        failing = [(judged[d], rep) for d, rep in by_receipt.items() if rep.message["verdict"] == "fail"]
+        if failing:
+            iv.outcome = "failed"
+            self.counts["failed"] += 1
+            for (where, rank), rep in sorted(failing, key=lambda x: (x[0][0].start, x[0][1])):
+                where.outcome = "failed"  # its end checkpoint is disowned too (the job's result is an earlier one)
+                self.failed_nodes.add(self.rank_worker[rank])
+                if rep.message["receiptDigest"] in self.slashed_receipts:
+                    continue  # convicted by the check of both intervals its checkpoint bounds: slashed once
+                self.slashed_receipts.add(rep.message["receiptDigest"])
+                self.money["slashed"] += self.coord.slash(self.job_id, rep)
+                self.ui.note(
+                    f"steps {where.start}-{where.end}: rank {rank} FAILED the check of steps {iv.start}-{iv.end} "
+                    f"({reasons.get(rep.message['receiptDigest']) or 'mismatch'}); its bond was slashed"
+                )
+            self.fraud_at = iv.start if self.fraud_at is None else min(self.fraud_at, iv.start)
+            self.void_after(iv)
+            self.stop(f"rank(s) {sorted({r for (_, r), _ in failing})} failed the replay of steps {iv.start}-{iv.end}")
+            return
+        voids = [rep for rep in iv.reports if rep.message["verdict"] == "void"]
+        if voids:
+            # the evidence names nobody (docs/verification.md, Blame)
             iv.outcome = "void"
             self.counts["void"] += 1
             self.failed_nodes.update(self.rank_worker)  # checked more often from now on
             self.void_after(iv)
-            self.stop(
-                f"the ranks diverged together in steps {iv.start}-{iv.end}; the interval is void, nobody is slashed"
-            )
+            why = reasons.get(voids[0].message["receiptDigest"]) or "the ranks diverged together"
+            self.stop(f"steps {iv.start}-{iv.end} are void, nobody is slashed: {why}")
+            self.recheck_start(iv)
             return
-        if not failing:
-            iv.outcome = "passed"
-            self.counts["passed"] += 1
-            for w in self.rank_worker:
-                self.passed_by_node[w] += 1
+        iv.outcome = "passed"
+        self.counts["passed"] += 1
+        for w in self.rank_worker:
+            self.passed_by_node[w] += 1
+        if not iv.settled:
             self.settle(iv)
-            self.ui.note(f"steps {iv.start}-{iv.end}: replay passed (max relative L2 {worst:.1e}), settled")
+        self.ui.note(f"steps {iv.start}-{iv.end}: replay passed (max relative L2 {worst:.1e}), settled")
+
+    def recheck_start(self, iv: Interval) -> None:
+        """After ``iv`` came out void: if its start checkpoint was never checked (the interval
+        before was not drawn), replay the interval before too. A start file that loads but holds
+        other numbers than its writer computed voids every replay that starts from it; the check
+        of the interval that wrote it convicts the writer (docs/verification.md, The end checkpoint)."""
+        prev = self.previous(iv)
+        if prev is None or prev.outcome not in ("held", "unchecked") or prev.pending is not None:
             return
-        iv.outcome = "failed"
-        self.counts["failed"] += 1
-        for rank, rep in failing:
-            cheater = self.rank_worker[rank]
-            self.failed_nodes.add(cheater)
-            self.money["slashed"] += self.coord.slash(self.job_id, rep)
-            self.ui.note(
-                f"steps {iv.start}-{iv.end}: rank {rank} FAILED replay (relative L2 {rep.message['distanceE9'] / 1e9:.2e}); its bond was slashed"
-            )
-        self.fraud_at = iv.start if self.fraud_at is None else min(self.fraud_at, iv.start)
-        self.void_after(iv)
-        self.stop(f"rank(s) {[r for r, _ in failing]} failed the replay of steps {iv.start}-{iv.end}")
+        prev.outcome = "pending"
+        self.counts["checked"] += 1
+        prev.pending = self.replay.remote(self.replay_request(prev), self.store)
+        self.ui.note(f"steps {prev.start}-{prev.end}: drawn for replay (the replay from its end checkpoint was void)")
 
     def void_after(self, iv: Interval) -> None:
         """Intervals after ``iv`` not settled yet earn nothing: they trained on state the replay of
@@ -345,6 +419,7 @@ class JobRun:
     def settle(self, iv: Interval) -> None:
         """Charge the interval (burn + treasury) in the ledger's current epoch; its emission share
         is minted when that epoch closes."""
+        iv.settled = True
         pay = interval_payment_ugpc(self.price_ugpc_per_worker_hour, self.spec.workers, iv.wall_ms)
         ordered = [iv.receipts[r] for r in range(self.spec.workers)]
         charged, burned, treasury, epoch = self.coord.settle_interval(self.job_id, ordered, iv.reports, pay)
@@ -373,9 +448,23 @@ class JobRun:
                     f"epoch {ep} closed: minted {format_gpc(minted)} GPC to {len({r.address for r in rewards})} accounts of this job"
                 )
 
-    def last_complete_step(self) -> int:
-        """The end of the last interval every rank delivered (the newest checkpoint all ranks saved)."""
-        return max((iv.end for iv in self.intervals.values() if len(iv.receipts) == self.spec.workers), default=0)
+    def last_settled_step(self) -> int:
+        """The end of the last interval, counted from step 0 without a gap, that was settled
+        (passed or unchecked): the newest checkpoint the job vouches for (0 if none)."""
+        step = 0
+        for iv in sorted(self.intervals.values(), key=lambda i: i.start):
+            if iv.outcome not in ("passed", "unchecked"):
+                break
+            step = iv.end
+        return step
+
+    def end_manifests(self, step: int) -> list[str]:
+        """Per rank, the ``checkpointHash`` its receipt for the interval ending at ``step`` signed
+        (empty for step 0, whose state follows from the seed)."""
+        if step == 0:
+            return []
+        iv = next(i for i in self.intervals.values() if i.end == step)
+        return [iv.receipts[r].message["checkpointHash"] for r in range(self.spec.workers)]
 
 
 def _last_line(e: BaseException) -> str:

@@ -38,12 +38,13 @@ def launch(
     job_id: str,
     node_ids: list[str],
     inbox,
-    ckpt_dir: Path,
+    store,
     storage_dir: Path,
     domain: dict,
     buckets: int,
     data_source: str,
     start_step: int = 0,
+    start_manifests: list[str] | None = None,
     previous: list[str] | None = None,
     threads_per_worker: int = 1,
 ) -> TrainingRun:
@@ -56,8 +57,17 @@ def launch(
     The job's package (``loaded.module_dir``) must be in the driver's job-level runtime env
     (``py_modules``), which is the only level where Ray uploads a local directory.
 
+    Args:
+        store: the job's ``ContentStore`` actor on the head, where the ranks put their checkpoints.
+        storage_dir: Ray Train's own run directory.
+        start_step / start_manifests / previous: to resume after ``start_step`` steps: per rank,
+            the ``checkpointHash`` and the digest of the receipt that ended there.
+
     Returns:
         A ``TrainingRun``; progress and receipts arrive in ``inbox``.
+
+    Raises:
+        TrainingError: for a placement or resume point that does not fit the job.
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -66,12 +76,15 @@ def launch(
     spec = loaded.spec
     if len(node_ids) != spec.workers:
         raise TrainingError(f"{len(node_ids)} nodes placed for a job of {spec.workers} workers")
+    if start_step and len(start_manifests or []) != spec.workers:
+        raise TrainingError(f"resuming at step {start_step} needs one checkpoint manifest per rank ({spec.workers})")
     zero = "0x" + "00" * 32
     config = {
         "spec": spec.model_dump(mode="json"),
         "job_id": job_id,
-        "ckpt_dir": str(ckpt_dir),
+        "store": store,
         "start_step": start_step,
+        "start_manifests": list(start_manifests or []),
         "domain": domain,
         "inbox": inbox,
         "buckets": buckets,

@@ -3,15 +3,19 @@
 Top to bottom: load the corpus, build the model, wrap it in DeepSpeed, then per interval of
 K steps: per step read the micro-batches fixed by (seed, step, rank), forward/backward (a
 hook sketches the local gradient before DeepSpeed reduces it), optimizer step; at the end of
-the interval save a DeepSpeed checkpoint, hash it, sign a WorkReceipt with this node's own
-key and hand it with the sketches to the job's inbox actor.
+the interval save a DeepSpeed checkpoint into this rank's own scratch directory, put the files
+this rank wrote and their manifest into the job's store on the head, sign a WorkReceipt naming
+the manifest with this node's own key and hand it with the sketches to the job's inbox actor.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -19,10 +23,6 @@ KEYSTORE_ENV = "GPUCOIN_NODE_KEYSTORE"
 """Environment variable (set on the volunteer's ``ray start``) with the path of its keystore."""
 PASSWORD_ENV = "GPUCOIN_NODE_KEYSTORE_PASSWORD"
 """Environment variable with that keystore's password."""
-
-FAULT_SKIP_ENV = "GPUCOIN_TEST_FAULT_SKIP_SEQUENCES"
-"""Fault injection for tests: a node started with ``N`` here drops the last N sequences of every
-micro-batch it trains on (a volunteer that does less work than it is paid for)."""
 
 PROGRESS_EVERY_STEPS = 5
 
@@ -43,20 +43,23 @@ def load_node_account():
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. ``config`` keys: spec (JobSpec dict), job_id, ckpt_dir, start_step,
-    domain (``Domain.as_dict()``), inbox (actor handle), buckets, threads, previous (per-rank digest
-    of the last receipt, for resumes)."""
+    """Ray Train entry point. ``config`` keys: spec (JobSpec dict), job_id, store (the job's
+    ``ContentStore`` actor), start_step, start_manifests (per rank, the ``checkpointHash`` of the
+    receipt that ended at ``start_step``; for resumes), domain (``Domain.as_dict()``), inbox
+    (actor handle), buckets, threads, previous (per-rank digest of the last receipt, for resumes)."""
     import deepspeed
     import ray.train
     import torch
 
-    from gpucoin.runtime import safe_load
-    from gpucoin.runtime.checkpoint import content_hash, tag_for
+    from gpucoin.exceptions import TrainingError
+    from gpucoin.runtime import faults, safe_load
+    from gpucoin.runtime.checkpoint import tag_for
     from gpucoin.runtime.data_order import micro_batch, window_offsets
     from gpucoin.runtime.dsconfig import deepspeed_config
     from gpucoin.runtime.schedule import lr_at
     from gpucoin.runtime.sketch import CountSketch, sketch_root
     from gpucoin.spec import JobSpec
+    from gpucoin.storage import StoreClient, commit_checkpoint, fetch_checkpoint
     from gpucoin.wallet.messages import Domain, sign
     from gpucoin.wallet.nonces import NonceSource
 
@@ -85,17 +88,27 @@ def train_loop_per_worker(config: dict) -> None:
     sketch = CountSketch(model.parameters(), config["buckets"], spec.seed)
     sketch.attach()
 
-    ckpt_dir = config["ckpt_dir"]
+    store = StoreClient(config["store"])
+    # this rank's own files only: the checkpoint others read is the one in the store, checked by hash
+    scratch = Path(tempfile.mkdtemp(prefix=f"gpucoin-{config['job_id']}-rank{rank}-"))
     start = config["start_step"]
-    if start == 0:
-        engine.save_checkpoint(ckpt_dir, tag=tag_for(0))
-    else:
-        engine.load_checkpoint(ckpt_dir, tag=tag_for(start))
+    if start > 0:
+        bad = fetch_checkpoint(
+            store.get,
+            config["start_manifests"],
+            job_id=config["job_id"],
+            step=start,
+            zero_stage=ds.zero_stage,
+            dest=scratch / tag_for(start),
+        )
+        if bad:
+            raise TrainingError(f"cannot resume from step {start}: {'; '.join(str(e) for e in bad.values())}")
+        engine.load_checkpoint(str(scratch), tag=tag_for(start))
     previous = config["previous"][rank]
     if rank == 0:
         inbox.started.remote(start)
 
-    skip = int(os.environ.get(FAULT_SKIP_ENV, "0") or 0)
+    skip = faults.skipped_sequences()
     for s, e in spec.intervals():
         if s < start:
             continue
@@ -125,9 +138,16 @@ def train_loop_per_worker(config: dict) -> None:
             losses.append(step_loss)
             if rank == 0 and (step % PROGRESS_EVERY_STEPS == 0 or step == e - 1):
                 inbox.progress.remote(step + 1, step_loss, lr)
-        engine.save_checkpoint(ckpt_dir, tag=tag_for(e))
-        torch.distributed.barrier()
-        ckpt_hash = content_hash(os.path.join(ckpt_dir, tag_for(e)))
+        engine.save_checkpoint(str(scratch), tag=tag_for(e))
+        tag_dir, put, attack = scratch / tag_for(e), store.put, faults.checkpoint_attack(e)
+        if attack == "withhold":
+            put = faults.withholding(put)
+        elif attack:
+            faults.tamper(tag_dir, attack)
+        ckpt_hash = commit_checkpoint(
+            put, tag_dir, job_id=config["job_id"], rank=rank, step=e, zero_stage=ds.zero_stage, world=spec.workers
+        )
+        shutil.rmtree(tag_dir, ignore_errors=True)  # the store holds it now
         sk = np.stack(sketches)  # (K, B) float64
         compute_ms = int((time.monotonic() - t0) * 1000)
         receipt = sign(
@@ -152,3 +172,4 @@ def train_loop_per_worker(config: dict) -> None:
         # Blocking: the receipt is in the coordinator's hands before the next interval starts.
         ray.get(inbox.submit_receipt.remote(rank, receipt.to_json(), sk, losses))
     sketch.detach()
+    shutil.rmtree(scratch, ignore_errors=True)

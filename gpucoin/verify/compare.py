@@ -40,12 +40,14 @@ class RankVerdict:
             diverged together, the evidence names nobody).
         max_distance: largest per-step relative L2 distance up to the first mismatch.
         first_bad_step: absolute step of the first mismatch, or None.
+        reason: why it did not pass, for people (the signed report carries the verdict and distance).
     """
 
     rank: int
     verdict: str
     max_distance: float
     first_bad_step: int | None
+    reason: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -106,10 +108,16 @@ def compare_interval(
         return [RankVerdict(r, "pass", float(dist[r].max()), None) for r in range(R)]
     first_k = int(np.argmax(bad.any(axis=0)))
     verdicts = blame([bool(bad[r, first_k]) for r in range(R)])
+    step = step_start + first_k
+    reasons = {
+        "pass": None,
+        "fail": f"its sketch of step {step} differs from the replay",
+        "void": f"every rank's sketch of step {step} differs from the replay: the shared state diverged",
+    }
     # up to the first bad step every rank's weights were the replay's, so only that step judges
     return [
         RankVerdict(
-            r, verdicts[r], float(dist[r, : first_k + 1].max()), step_start + first_k if bad[r, first_k] else None
+            r, verdicts[r], float(dist[r, : first_k + 1].max()), step if bad[r, first_k] else None, reasons[verdicts[r]]
         )
         for r in range(R)
     ]

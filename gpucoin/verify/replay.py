@@ -9,6 +9,7 @@ which is what DeepSpeed ran with ``torch_adam: true`` (SPEC.md, Verification 4).
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,13 +20,33 @@ from gpucoin.runtime.schedule import lr_at
 from gpucoin.runtime.sketch import CountSketch
 from gpucoin.spec import JobSpec
 from gpucoin.verify.clipping import clip_zero0_, clip_zero12_
-from gpucoin.verify.consolidate import initial_state, load_consolidated
+from gpucoin.verify.consolidate import ConsolidatedState, initial_state, load_consolidated
+
+
+@dataclass
+class Replay:
+    """What an honest replay of one interval computed.
+
+    Attributes:
+        sketches: (W, K, B) float64, every rank's sketch of every step.
+        end: the training state after the interval's last step (what its end checkpoint must hold).
+        model: the model (names, shapes, parameter order) holding the end weights.
+        before_last: the state before the last optimizer step (``endcheck`` asks whether a file
+            that differs from ``end`` is an AdamW step from it at all).
+        last_lr: the learning rate of the last step.
+    """
+
+    sketches: np.ndarray
+    end: ConsolidatedState
+    model: torch.nn.Module
+    before_last: ConsolidatedState
+    last_lr: float
 
 
 def replay_interval(
     spec: JobSpec, data_source: str, tag_dir: str | None, step_start: int, step_end: int, buckets: int, threads: int = 1
-) -> np.ndarray:
-    """Recompute the sketches of steps [step_start, step_end) for every rank.
+) -> Replay:
+    """Recompute the sketches of steps [step_start, step_end) for every rank, and the state after them.
 
     Args:
         spec: the job spec (model, optimizer, seed, workers W, micro-batch, accumulation).
@@ -35,10 +56,11 @@ def replay_interval(
         buckets: sketch width B (the policy's ``sketch_buckets``).
 
     Returns:
-        (W, K, B) float64 sketches, K = step_end - step_start.
+        The ``Replay``: (W, K, B) sketches, K = step_end - step_start, and the end state.
 
     Raises:
-        VerificationError: if the checkpoint is not at ``step_start`` or cannot be read.
+        BadCommittedFile: a file of the start checkpoint that is missing or wrong (it names the file).
+        VerificationError: if an interval after step 0 comes without its start checkpoint.
     """
     torch.set_num_threads(threads)
     ds, opt = spec.deepspeed, spec.deepspeed.optimizer
@@ -53,9 +75,7 @@ def replay_interval(
     else:
         if tag_dir is None:
             raise VerificationError(f"the interval starts at step {step_start}: its start checkpoint is needed")
-        state = load_consolidated(tag_dir, list(named))
-    if state.global_steps != step_start:
-        raise VerificationError(f"{tag_dir} is at step {state.global_steps}, the interval starts at {step_start}")
+        state = load_consolidated(tag_dir, model, ds.zero_stage, spec.workers, step_start)
     model.load_state_dict(state.weights)
     params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
@@ -90,5 +110,23 @@ def replay_interval(
                 clip_zero12_({n: p.grad for n, p in named.items()}, state.partitions, opt.gradient_clipping)
             else:
                 clip_zero0_([p.grad for p in params], opt.gradient_clipping, W)
+        if step == step_end - 1:
+            before_last = _snapshot(model, optimizer, state.adam_step + k, step, state.partitions)
         optimizer.step()
-    return out
+    end = _snapshot(model, optimizer, state.adam_step + K, step_end, state.partitions)
+    return Replay(out, end, model, before_last, optimizer.param_groups[0]["lr"])
+
+
+def _snapshot(
+    model: torch.nn.Module, optimizer: torch.optim.AdamW, adam_step: int, step: int, partitions
+) -> ConsolidatedState:
+    named = dict(model.named_parameters())
+    moments = {key: {n: optimizer.state[p][key].clone() for n, p in named.items()} for key in ("exp_avg", "exp_avg_sq")}
+    return ConsolidatedState(
+        weights={k: v.detach().float().clone() for k, v in model.state_dict().items()},
+        exp_avg=moments["exp_avg"],
+        exp_avg_sq=moments["exp_avg_sq"],
+        adam_step=adam_step,
+        global_steps=step,
+        partitions=partitions,
+    )

@@ -15,7 +15,7 @@ from gpucoin.coordinator.job import LocalOptions, train_local
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import BURNED, wallet_account
 from gpucoin.policy.model import load_policy
-from gpucoin.runtime.worker import FAULT_SKIP_ENV
+from gpucoin.runtime.faults import FAULT_SKIP_ENV
 from gpucoin.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]

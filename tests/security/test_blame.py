@@ -47,7 +47,7 @@ def replay(spec, monkeypatch=None, start=None) -> np.ndarray:
     if start is not None:
         monkeypatch.setattr(replay_module, "initial_state", lambda *a, **k: start)
     try:
-        return replay_module.replay_interval(spec, str(EXCERPT), None, 0, 2, BUCKETS)
+        return replay_module.replay_interval(spec, str(EXCERPT), None, 0, 2, BUCKETS).sketches
     finally:
         if start is not None:
             monkeypatch.undo()

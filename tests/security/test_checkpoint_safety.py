@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpucoin.exceptions import BadCommittedFile
 from gpucoin.runtime.safe_load import UnsafeCheckpoint, safe_torch_load, verified_copy
+from gpucoin.storage import ContentStore, commit_checkpoint
 from gpucoin.verify.consolidate import load_consolidated
+from tests.security.ds_checkpoint import model
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = "step00000001"
@@ -71,7 +74,7 @@ def crafted(src: Path, dst: Path, file: str, marker: Path) -> Path:
 
 def test_real_checkpoints_of_every_zero_stage_load_weights_only(checkpoints) -> None:
     for stage, root in checkpoints.items():
-        state = load_consolidated(str(root / TAG), NAMES)
+        state = load_consolidated(root / TAG, model(), stage, 1, 1)
         assert set(state.weights) == set(NAMES) and state.global_steps == 1, stage
         assert state.adam_step == 1 and all(state.exp_avg[n].abs().sum() > 0 for n in NAMES), stage
     # DeepSpeed's own consolidation still works on a verified copy (what evaluation hands it)
@@ -80,7 +83,7 @@ def test_real_checkpoints_of_every_zero_stage_load_weights_only(checkpoints) -> 
     with verified_copy(checkpoints[2] / TAG) as copy:
         weights = get_fp32_state_dict_from_zero_checkpoint(str(copy), tag=TAG)
         assert all(not (copy / TAG / f).stat().st_mode & 0o222 for f in ("mp_rank_00_model_states.pt",))
-    reference = load_consolidated(str(checkpoints[2] / TAG), NAMES).weights
+    reference = load_consolidated(checkpoints[2] / TAG, model(), 2, 1, 1).weights
     assert all(torch.equal(weights[n], reference[n]) for n in NAMES)
 
 
@@ -105,9 +108,10 @@ def test_a_crafted_pickle_runs_nothing_on_any_load_path(checkpoints, tmp_path, s
     assert probe.returncode == 0 and marker.read_text() == "code ran", probe.stderr[-2000:]
     marker.unlink()
 
-    # the verifier's consolidation
-    with pytest.raises(UnsafeCheckpoint, match="refused by a weights-only load"):
-        load_consolidated(str(evil / TAG), NAMES)
+    # the verifier's consolidation: refused, and the file (so its writer) named
+    with pytest.raises(BadCommittedFile, match="refused by a weights-only load") as refused:
+        load_consolidated(evil / TAG, model(), stage, 1, 1)
+    assert refused.value.name == file
     # a co-worker resuming through DeepSpeed's engine, with gpucoin's checkpoint engine installed
     assert _child("resume", str(evil), str(stage)).startswith("refused UnsafeCheckpoint")
     # the coordinator's evaluation: ZeRO 0 reads the model states, ZeRO 1/2 hands DeepSpeed a verified copy
@@ -123,8 +127,9 @@ def test_a_crafted_pickle_runs_nothing_on_any_load_path(checkpoints, tmp_path, s
 def test_a_file_that_is_no_torch_file_is_refused_as_unsafe(checkpoints, tmp_path) -> None:
     shutil.copytree(checkpoints[2], tmp_path / "junk")
     (tmp_path / "junk" / TAG / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x04not a zip at all")
-    with pytest.raises(UnsafeCheckpoint):
-        load_consolidated(str(tmp_path / "junk" / TAG), NAMES)
+    with pytest.raises(BadCommittedFile, match="refused by a weights-only load") as refused:
+        load_consolidated(tmp_path / "junk" / TAG, model(), 2, 1, 1)
+    assert refused.value.name == "mp_rank_00_model_states.pt"
 
 
 def test_the_coordinators_evaluation_refuses_a_crafted_checkpoint(checkpoints, tmp_path) -> None:
@@ -135,11 +140,13 @@ def test_the_coordinators_evaluation_refuses_a_crafted_checkpoint(checkpoints, t
     marker = tmp_path / "pwned"
     for stage, file in ((0, "mp_rank_00_model_states.pt"), (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt")):
         evil = crafted(checkpoints[stage], tmp_path / f"evil{stage}", file, marker)
-        spec = load_spec(
-            write_spec(tmp_path / f"job{stage}", {**TINY_MODEL, "zero_stage: 2": f"zero_stage: {stage}"})
-        ).spec
+        edits = {**TINY_MODEL, "zero_stage: 2": f"zero_stage: {stage}", "workers: 2": "workers: 1"}
+        spec = load_spec(write_spec(tmp_path / f"job{stage}", edits)).spec
+        # the rank signed it and the store holds it: the evaluation rebuilds it from there
+        store = ContentStore(tmp_path / f"store{stage}")
+        manifest = commit_checkpoint(store.put, evil / TAG, job_id="j", rank=0, step=1, zero_stage=stage, world=1)
         with pytest.raises(UnsafeCheckpoint):
-            evaluate(spec, None, None, evil, 1)
+            evaluate(spec, None, None, store.get, "j", [manifest], 1)
     assert not marker.exists()
 
 
@@ -181,17 +188,16 @@ def test_the_derived_state_before_step_0_is_what_deepspeed_saves(tmp_path, stage
     weights from the seed, zero moments and the ZeRO layout. That is exactly DeepSpeed's own step-0
     checkpoint, on one rank and on two (where the layout splits a parameter between the ranks)."""
     from gpucoin.verify.consolidate import initial_state, zero_partitions
-    from tests.security.ds_checkpoint import model
 
     _save_two_ranks(tmp_path / "two", stage)
-    saved = load_consolidated(str(tmp_path / "two" / "step00000000"), NAMES)
+    saved = load_consolidated(tmp_path / "two" / "step00000000", model(), stage, 2, 0)
     derived = initial_state(model(), stage, 2)
     assert derived.partitions == saved.partitions and len(saved.partitions) == 2
     assert saved.partitions[0][-1][0] == saved.partitions[1][0][0]  # a parameter cut in two
     assert all(torch.equal(derived.weights[n], saved.weights[n]) for n in NAMES)
     assert all(torch.equal(derived.exp_avg[n], saved.exp_avg[n]) for n in NAMES)
     assert (derived.adam_step, derived.global_steps) == (saved.adam_step, saved.global_steps) == (0, 0)
-    after = load_consolidated(str(tmp_path / "two" / TAG), NAMES)  # the layout does not change with training
+    after = load_consolidated(tmp_path / "two" / TAG, model(), stage, 2, 1)  # the layout does not change with training
     assert after.partitions == derived.partitions
     for world in (1, 3, 4):  # and the layout for other world sizes covers every number once
         parts = zero_partitions([(n, 7 + i) for i, n in enumerate(NAMES)], world)

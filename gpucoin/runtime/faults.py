@@ -1,0 +1,93 @@
+"""Fault injection for tests: a volunteer node started with one of these variables cheats.
+
+The worker loop (``gpucoin.runtime.worker``) is the honest one; these hooks are the only
+departures from it, each named after the attack it stands for, so the tests run the real
+protocol against a real dishonest party.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+FAULT_SKIP_ENV = "GPUCOIN_TEST_FAULT_SKIP_SEQUENCES"
+"""``N``: drop the last N sequences of every micro-batch (a volunteer that does less work than it
+is paid for)."""
+
+FAULT_CHECKPOINT_ENV = "GPUCOIN_TEST_FAULT_CHECKPOINT"
+"""``<attack>@<step>``: at the checkpoint after ``step`` steps, sign honest sketches but
+``withhold`` (name its files in the manifest, never store them: a rank that deletes its
+checkpoint after signing), ``alter`` (store and sign weights other than it computed) or
+``pickle`` (store and sign a file carrying a pickle payload) what it wrote."""
+
+ATTACKS = ("withhold", "alter", "pickle")
+
+
+def skipped_sequences() -> int:
+    """Sequences to drop per micro-batch (0: honest)."""
+    return int(os.environ.get(FAULT_SKIP_ENV, "0") or 0)
+
+
+def checkpoint_attack(step: int) -> str | None:
+    """The attack this node mounts on the checkpoint after ``step`` steps, or None.
+
+    Raises:
+        ValueError: for a malformed variable.
+    """
+    value = os.environ.get(FAULT_CHECKPOINT_ENV, "")
+    if not value:
+        return None
+    attack, _, at = value.partition("@")
+    if attack not in ATTACKS or not at.isdigit():
+        raise ValueError(f"{FAULT_CHECKPOINT_ENV} must be <{'|'.join(ATTACKS)}>@<step>, got {value!r}")
+    return attack if int(at) == step else None
+
+
+class _Payload:
+    """Unpickling this calls ``os.system`` (what a weights-only load refuses to do)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def tamper(tag_dir: Path, attack: str) -> None:
+    """Rewrite the files this rank wrote under ``tag_dir`` as ``attack`` says, before they are committed."""
+    import torch
+
+    for path in sorted(Path(tag_dir).iterdir()):
+        if attack == "pickle":
+            torch.save({"payload": _Payload(str(path.parent / "PWNED"))}, path)
+        elif attack == "alter":
+            state = torch.load(path, map_location="cpu", weights_only=False)  # its own file: no co-worker's
+            _nudge(state)
+            torch.save(state, path)
+
+
+def _nudge(obj: object) -> None:
+    """Add 1e-2 to every floating tensor in a nested state dict, in place."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.dim() > 0:
+            obj.data.add_(1e-2)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _nudge(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _nudge(v)
+
+
+def withholding(put: Callable[[bytes], str]) -> Callable[[bytes], str]:
+    """A store ``put`` that stores the manifest (JSON) but not the checkpoint files (zip archives):
+    their hashes are signed, their bytes never reach the store."""
+    from gpucoin.storage.manifest import sha256_digest
+
+    def put_(data: bytes) -> str:
+        return put(data) if data[:1] == b"{" else sha256_digest(data)
+
+    return put_

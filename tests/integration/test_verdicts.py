@@ -1,0 +1,220 @@
+"""The coordinator's handling of a verifier's signed reports, on a real local ledger, without Ray.
+
+A local market is opened as ``gpucoin train`` opens it (dev Genesis, faucet, two registered
+volunteers, an escrowed JobOrder, Assignments); ranks' receipts come in through
+``JobRun.on_receipt``; the verifier's reports, signed with the verifier's own dev key, through
+``JobRun.on_verdict``. Replays are not run: what is under test is what the coordinator does with
+their verdicts. The replay dispatch is a recorder.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpucoin.cluster.local import fund_engineer, participant, register_volunteer
+from gpucoin.coordinator.job import LocalOptions, QuietUI, open_ledger
+from gpucoin.coordinator.run import JobRun
+from gpucoin.coordinator.settle import Coordinator
+from gpucoin.exceptions import SignatureError
+from gpucoin.ledger.accounts import wallet_account
+from gpucoin.policy.model import load_policy
+from gpucoin.runtime.sketch import sketch_root
+from gpucoin.spec import load_spec
+from gpucoin.storage import sha256_digest
+from gpucoin.verify.verifier import Finding, ReplayResult
+from gpucoin.wallet.messages import ZERO_BYTES32, SignedMessage, distance_e9, sign
+from tests.conftest import TINY_MODEL, write_spec
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = load_policy(REPO / "policies" / "local.toml")
+STAKE = 500_000_000
+JOB = "job-1"
+
+
+class Dispatch:
+    """Stands in for the Ray task handle: records what would be replayed."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def remote(self, request, store) -> str:
+        self.calls.append((request.step_start, request.step_end))
+        return f"ref{len(self.calls)}"
+
+
+class Inbox:
+    """Stands in for the job's inbox actor: records the stop the ranks would be told."""
+
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+        self.stop = self
+
+    def remote(self, reason: str) -> None:
+        self.stopped.append(reason)
+
+
+@pytest.fixture
+def market(tmp_path):
+    opts = LocalOptions(policy=POLICY, home=tmp_path)
+    coordinator = participant("coordinator", tmp_path)
+    ledger = open_ledger(opts, coordinator)
+    coord = Coordinator(ledger, POLICY, coordinator.account, ledger.domain)
+    engineer = participant("engineer", tmp_path)
+    fund_engineer(coord, engineer)
+    vols = [participant(f"vol{i}", tmp_path) for i in range(2)]
+    for i, v in enumerate(vols):
+        register_volunteer(coord, v, f"node{i}", 800_000, STAKE)
+    loaded = load_spec(write_spec(tmp_path / "job", TINY_MODEL), {"steps": 8, "checkpoint_interval_steps": 4})
+    order = sign(
+        engineer.account,
+        "JobOrder",
+        coord.domain,
+        {
+            "consumer": engineer.address,
+            "jobId": JOB,
+            "specHash": loaded.spec_hash,
+            "workers": 2,
+            "bidPerWorkerHour": loaded.spec.bid_ugpc_per_worker_hour,
+            "budget": loaded.spec.budget_ugpc,
+            "nonce": coord.nonces.next(),
+            "deadline": int(time.time()) + 600,
+        },
+    )
+    coord.escrow(order)
+    for rank, v in enumerate(vols):
+        coord.assign(JOB, rank, v.address, f"node{rank}")
+    run = JobRun(
+        spec=loaded.spec,
+        job_id=JOB,
+        coord=coord,
+        inbox=Inbox(),
+        rank_worker=[v.address for v in vols],
+        price_ugpc_per_worker_hour=800_000,
+        verifier_address=participant("verifier0", tmp_path).address,
+        replay=Dispatch(),
+        store=None,
+        sketch_dir=tmp_path / "sketches",
+        data_source="",
+        ui=QuietUI(),
+    )
+    run.must_check = lambda iv: "under test"  # every interval is drawn; no store to ask
+    yield run, vols, participant("verifier0", tmp_path)
+    ledger.close()
+
+
+def deliver(run: JobRun, vols, start: int) -> list[SignedMessage]:
+    """Every rank's signed receipt for the interval at ``start``, admitted by the coordinator."""
+    out = []
+    for rank, v in enumerate(vols):
+        prev = run.intervals.get(start - 4)
+        sk = np.random.default_rng(start * 10 + rank).normal(size=(4, POLICY.verification.sketch_buckets))
+        receipt = sign(
+            v.account,
+            "WorkReceipt",
+            run.coord.domain,
+            {
+                "jobId": JOB,
+                "worker": v.address,
+                "rank": rank,
+                "stepStart": start,
+                "stepEnd": start + 4,
+                "samples": 64,
+                "computeTimeMs": 1000,
+                "sketchRoot": sketch_root(start, sk),
+                "checkpointHash": sha256_digest(f"manifest {rank} {start}".encode()),
+                "previousReceipt": prev.receipts[rank].digest if prev else ZERO_BYTES32,
+                "nonce": run.coord.nonces.next(),
+            },
+        )
+        run.on_receipt(rank, receipt.to_json(), sk)
+        out.append(receipt)
+    return out
+
+
+def verdict(verifier, run: JobRun, judged: list[tuple[SignedMessage, str]]) -> ReplayResult:
+    """The verifier's signed reports of ``judged`` (receipt, verdict) pairs."""
+    reports, findings = [], []
+    for receipt, v in judged:
+        d = 0.0 if v == "pass" else math.inf
+        reports.append(
+            sign(
+                verifier.account,
+                "VerificationReport",
+                run.coord.domain,
+                {
+                    "verifier": verifier.address,
+                    "receiptDigest": receipt.digest,
+                    "verdict": v,
+                    "distanceE9": distance_e9(d),
+                    "nonce": run.coord.nonces.next(),
+                },
+            ).to_json()
+        )
+        findings.append(Finding(receipt.digest, receipt.message["rank"], v, d, None if v == "pass" else "why"))
+    return ReplayResult(verifier.address, tuple(reports), tuple(findings))
+
+
+def test_a_rank_convicted_by_both_checks_its_checkpoint_bounds_is_slashed_once(market) -> None:
+    run, vols, verifier = market
+    first = deliver(run, vols, 0)
+    second = deliver(run, vols, 4)
+    assert run.replay.calls == [(0, 4), (4, 8)]
+    run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (first[1], "fail")]))
+    # the replay of 4-8 was already running: its start file is rank 1's, so it convicts rank 1 again
+    again = [(second[0], "void"), (second[1], "void"), (first[1], "fail")]
+    run.intervals[4].outcome = "pending"
+    run.on_verdict(run.intervals[4], verdict(verifier, run, again))
+    slash = STAKE * POLICY.slashing.fraud_slash_fraction_bps // 10_000
+    ledger = run.coord.ledger
+    assert run.money["slashed"] == slash
+    assert ledger.balance(wallet_account(vols[1].address, "bonded")) == STAKE - slash
+    assert ledger.balance(wallet_account(vols[0].address, "bonded")) == STAKE
+    assert run.money["paid"] == 0 and run.last_settled_step() == 0
+    assert ledger.audit() == []
+
+
+def test_reports_about_other_receipts_are_refused(market) -> None:
+    run, vols, verifier = market
+    first = deliver(run, vols, 0)
+    second = deliver(run, vols, 4)
+    with pytest.raises(SignatureError, match="not one it was asked about"):
+        run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (second[1], "pass")]))
+    with pytest.raises(SignatureError, match="interval before"):  # only a conviction may reach back
+        run.on_verdict(
+            run.intervals[4], verdict(verifier, run, [(second[0], "pass"), (second[1], "pass"), (first[0], "pass")])
+        )
+    with pytest.raises(SignatureError, match="every receipt"):
+        run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass")]))
+    impostor = participant("vol0", run.sketch_dir.parent)  # a rank signing its own verdicts
+    with pytest.raises(SignatureError):
+        run.on_verdict(run.intervals[0], verdict(impostor, run, [(first[0], "pass"), (first[1], "pass")]))
+    assert run.money["paid"] == 0 and run.money["slashed"] == 0
+
+
+def test_a_void_replay_checks_the_interval_that_wrote_its_start(market) -> None:
+    run, vols, verifier = market
+    run.must_check = lambda iv: None  # nothing forces a draw ...
+    run.policy = POLICY.model_copy(
+        update={
+            "verification": POLICY.verification.model_copy(
+                update={"check_probability": 0.0, "new_node_check_probability": 0.0}
+            )
+        }
+    )
+    deliver(run, vols, 0)
+    assert run.intervals[0].outcome == "unchecked" and run.intervals[0].settled  # ... so 0-4 settled unchecked
+    run.must_check = lambda iv: "the last interval"
+    second = deliver(run, vols, 4)
+    run.on_verdict(run.intervals[4], verdict(verifier, run, [(second[0], "void"), (second[1], "void")]))
+    assert run.intervals[4].outcome == "void" and run.stopped
+    assert run.replay.calls == [(4, 8), (0, 4)] and run.intervals[0].outcome == "pending"
+    paid = run.money["paid"]
+    first = [run.intervals[0].receipts[r] for r in range(2)]
+    run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (first[1], "pass")]))
+    assert run.intervals[0].outcome == "passed" and run.money["paid"] == paid  # not charged twice
+    assert run.coord.ledger.audit() == []
