@@ -143,6 +143,51 @@ class JobSpec(_Closed):
         return [(s, min(s + k, self.steps)) for s in range(0, self.steps, k)]
 
 
+MAX_PACKAGE_FILES = 10_000
+"""Most files a job's package may hold (``package_hash`` reads them all)."""
+
+
+def package_files(package_dir: Path) -> list[Path]:
+    """The files of a job's package that ``package_hash`` covers, sorted by relative path: every
+    regular file under ``package_dir`` except bytecode caches (``__pycache__``, ``*.pyc``) and
+    YAML files (``*.yaml``, ``*.yml``: job specs, signed on their own as ``specHash``).
+
+    Raises:
+        SpecError: if the package holds more than ``MAX_PACKAGE_FILES`` such files or a symbolic link.
+    """
+    out = []
+    for p in sorted(Path(package_dir).rglob("*"), key=lambda q: q.relative_to(package_dir).as_posix()):
+        if "__pycache__" in p.relative_to(package_dir).parts or p.suffix in (".pyc", ".yaml", ".yml"):
+            continue
+        if p.is_symlink():
+            raise SpecError(f"{p}: a job package holds no symbolic links (what it runs must be what it ships)")
+        if p.is_file():
+            out.append(p)
+            if len(out) > MAX_PACKAGE_FILES:
+                raise SpecError(f"{package_dir}: more than {MAX_PACKAGE_FILES} files in a job package")
+    return out
+
+
+def package_hash(package_dir: Path) -> str:
+    """``0x`` + sha256 of a job's package: for each of ``package_files`` in order, the 4-byte
+    big-endian length of its relative POSIX path, the path, the 8-byte length of its bytes, the
+    bytes. What a JobOrder signs as ``packageHash`` and a policy lists as vetted; anyone can
+    recompute it from the package alone.
+
+    Raises:
+        SpecError: as ``package_files``, or a file that cannot be read.
+    """
+    h = hashlib.sha256()
+    for f in package_files(package_dir):
+        rel = f.relative_to(package_dir).as_posix().encode()
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise SpecError(f"{f}: cannot read the job's package: {e.strerror or e}") from None
+        h.update(len(rel).to_bytes(4, "big") + rel + len(data).to_bytes(8, "big") + data)
+    return "0x" + h.hexdigest()
+
+
 class LoadedSpec(BaseModel):
     """A validated spec with where it came from."""
 
@@ -151,6 +196,7 @@ class LoadedSpec(BaseModel):
     spec: JobSpec
     path: Path
     spec_hash: str = Field(description="0x sha256 of the spec file's bytes, signed into the JobOrder")
+    package_hash: str = Field(description="0x sha256 of the job's package (``package_hash``), signed into the JobOrder")
 
     @property
     def job_dir(self) -> Path:
@@ -160,8 +206,12 @@ class LoadedSpec(BaseModel):
     @property
     def module_dir(self) -> Path:
         """The job's package directory (shipped to Ray workers as a py_module)."""
-        d = self.job_dir
-        return d if d.name == self.spec.module else d / self.spec.module
+        return _module_dir(self.path, self.spec.module)
+
+
+def _module_dir(spec_path: Path, module: str) -> Path:
+    d = spec_path.parent
+    return d if d.name == module else d / module
 
 
 def _one_line(e: ValidationError) -> str:
@@ -200,7 +250,7 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> LoadedSpec:
     except ValidationError as e:
         raise SpecError(f"{p}: {_one_line(e)}") from None
     digest = "0x" + hashlib.sha256(raw_bytes).hexdigest()
-    loaded = LoadedSpec(spec=spec, path=p.resolve(), spec_hash=digest)
-    if not (loaded.module_dir / "__init__.py").is_file():
-        raise SpecError(f"{p}: module {spec.module!r}: no package {loaded.module_dir}/__init__.py beside the spec")
-    return loaded
+    module_dir = _module_dir(p.resolve(), spec.module)
+    if not (module_dir / "__init__.py").is_file():
+        raise SpecError(f"{p}: module {spec.module!r}: no package {module_dir}/__init__.py beside the spec")
+    return LoadedSpec(spec=spec, path=p.resolve(), spec_hash=digest, package_hash=package_hash(module_dir))

@@ -159,6 +159,7 @@ def build_workload(n: int, warmup: int, policy: Policy, payment: int) -> Workloa
         consumer=CONSUMER.address,
         jobId=JOB,
         specHash="0x" + "dd" * 32,
+        packageHash="0x" + "cd" * 32,  # the job's package (not vetted: nothing here is slashed)
         workers=1,
         bidPerWorkerHour=2 * GPC,
         budget=budget,

@@ -214,6 +214,7 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
                 "consumer": engineer.address,
                 "jobId": job_id,
                 "specHash": loaded.spec_hash,
+                "packageHash": loaded.package_hash,
                 "workers": spec.workers,
                 "bidPerWorkerHour": spec.bid_ugpc_per_worker_hour,
                 "budget": spec.budget_ugpc,
@@ -310,6 +311,11 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             .options(num_cpus=0, max_concurrency=4, label_selector={"ray.io/node-id": cluster.node_id("head")})
             .remote(str(job_dir / "store"))
         )
+        if loaded.package_hash not in policy.verification.vetted_packages:
+            ui.note(
+                f"the job's package {loaded.package_hash[:10]}… is not on the policy's vetted list: a replay "
+                "mismatch slashes nobody, the interval is void and its charge to you is burned"
+            )
         job = JobRun(
             spec=spec,
             job_id=job_id,
@@ -318,6 +324,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             rank_worker=[provider_of[n] for n in placement.node_ids],
             price_ugpc_per_worker_hour=placement.price_ugpc_per_worker_hour,
             verifier_address=verifier.address,
+            package_hash=loaded.package_hash,
             replay=ray.remote(num_cpus=1, max_retries=0)(check_interval).options(
                 label_selector={"ray.io/node-id": cluster.node_id(verifier.name)}
             ),

@@ -64,6 +64,7 @@ class JobRun:
         spec: the job; coord: money and messages; inbox: the job's inbox actor;
         rank_worker: provider address per rank (the market's placement);
         price_ugpc_per_worker_hour: the clearing price; verifier_address: the verifier node's key;
+        package_hash: the job's package as its JobOrder signed it (``gpucoin.spec.package_hash``);
         replay: a Ray remote function bound to the verifier node (``verify.verifier.check_interval``);
         store: the job's ``ContentStore`` actor (checkpoints); sketch_dir: where committed sketches
         are kept; data_source: the corpus;
@@ -77,6 +78,7 @@ class JobRun:
     rank_worker: list[str]
     price_ugpc_per_worker_hour: int
     verifier_address: str
+    package_hash: str
     replay: object
     store: object
     sketch_dir: Path
@@ -88,6 +90,7 @@ class JobRun:
         self.secret = self.secret or secrets.token_bytes(32)
         self.policy = self.coord.policy
         self.ledger = self.coord.ledger
+        self.vetted = self.package_hash in self.policy.verification.vetted_packages
         self.intervals = {s: Interval(s, e) for s, e in self.spec.intervals()}
         self.passed_by_node = {w: 0 for w in self.rank_worker}
         self.failed_nodes: set[str] = set()
@@ -281,6 +284,8 @@ class JobRun:
             end_manifests=tuple(iv.receipts[r].message["checkpointHash"] for r in range(W)),
             start_receipts=tuple(r.digest for r in start),
             start_manifests=tuple(r.message["checkpointHash"] for r in start),
+            package_hash=self.package_hash,
+            vetted_packages=self.policy.verification.vetted_packages,
             tolerance=self.policy.verification.tolerance_rel_l2,
             domain=self.coord.domain.as_dict(),
         )
@@ -313,9 +318,11 @@ class JobRun:
         """Judge by the verifier's signed reports: one per receipt of ``iv``, and a failing one for
         each receipt of the interval before whose start-checkpoint file was at fault.
 
-        Any fail: slash each failing receipt's worker and stop (the state the job trains on is
-        disowned). Else any void (the evidence names nobody): settle nothing, slash nobody, check
-        these nodes more often, and stop. Else: settle the pass.
+        Any fail: slash each failing receipt's worker, pay the ranks of ``iv`` that passed their
+        share (when every other rank of it failed), and stop (the state the job trains on is
+        disowned). Else any void (the evidence names nobody): slash nobody, pay nobody (in a job of
+        an unvetted package, charge the submitter and burn it), check these nodes more often, and
+        stop. Else: settle the pass.
 
         Raises:
             SignatureError: a report not signed by the verifier or naming another receipt.
@@ -363,6 +370,11 @@ class JobRun:
                     f"steps {where.start}-{where.end}: rank {rank} FAILED the check of steps {iv.start}-{iv.end} "
                     f"({reasons.get(rep.message['receiptDigest']) or 'mismatch'}); its bond was slashed"
                 )
+            verdicts = [rep.message["verdict"] for rep in iv.reports]
+            honest = [r for r, v in enumerate(verdicts) if v == "pass"]
+            if honest and all(v in ("pass", "fail") for v in verdicts) and not iv.settled:
+                # the evidence separates them: the ranks that passed are paid for their work
+                self.settle(iv, ranks=honest)
             self.fraud_at = iv.start if self.fraud_at is None else min(self.fraud_at, iv.start)
             self.void_after(iv)
             self.stop(f"rank(s) {sorted({r for (_, r), _ in failing})} failed the replay of steps {iv.start}-{iv.end}")
@@ -375,6 +387,8 @@ class JobRun:
             self.failed_nodes.update(self.rank_worker)  # checked more often from now on
             self.void_after(iv)
             why = reasons.get(voids[0].message["receiptDigest"]) or "the ranks diverged together"
+            if not self.vetted and not iv.settled:
+                self.charge_void(iv)
             self.stop(f"steps {iv.start}-{iv.end} are void, nobody is slashed: {why}")
             self.recheck_start(iv)
             return
@@ -416,13 +430,16 @@ class JobRun:
                 self.settle(iv)
                 self.ui.note(f"steps {iv.start}-{iv.end}: unchallenged, settled")
 
-    def settle(self, iv: Interval) -> None:
+    def settle(self, iv: Interval, ranks: list[int] | None = None) -> None:
         """Charge the interval (burn + treasury) in the ledger's current epoch; its emission share
-        is minted when that epoch closes."""
+        is minted when that epoch closes. With ``ranks``, only those ranks' share of a checked
+        interval whose other ranks were convicted (each rank's work is metered alike)."""
         iv.settled = True
-        pay = interval_payment_ugpc(self.price_ugpc_per_worker_hour, self.spec.workers, iv.wall_ms)
-        ordered = [iv.receipts[r] for r in range(self.spec.workers)]
-        charged, burned, treasury, epoch = self.coord.settle_interval(self.job_id, ordered, iv.reports, pay)
+        ranks = list(range(self.spec.workers)) if ranks is None else ranks
+        pay = interval_payment_ugpc(self.price_ugpc_per_worker_hour, len(ranks), iv.wall_ms)
+        ordered = [iv.receipts[r] for r in ranks]
+        reports = [iv.reports[r] for r in ranks] if iv.reports else None
+        charged, burned, treasury, epoch = self.coord.settle_interval(self.job_id, ordered, reports, pay)
         if charged < pay:  # the escrow could not cover the whole interval
             self.stop(f"the budget is spent ({format_gpc(self.spec.budget_ugpc)} GPC); raise --budget to train longer")
         self.money["paid"] += charged
@@ -430,6 +447,19 @@ class JobRun:
         self.money["treasury"] += treasury
         if charged:
             self.open_epochs.add(epoch)
+
+    def charge_void(self, iv: Interval) -> None:
+        """A void interval of a job whose package the policy does not vet: the submitter is charged
+        what it would have cost, and all of it is burned (docs/verification.md, Vetted job packages)."""
+        iv.settled = True
+        pay = interval_payment_ugpc(self.price_ugpc_per_worker_hour, self.spec.workers, iv.wall_ms)
+        charged, _ = self.coord.charge_void(self.job_id, iv.reports, pay)
+        self.money["paid"] += charged
+        self.money["burned"] += charged
+        self.ui.note(
+            f"steps {iv.start}-{iv.end}: the job's package is not vetted; the void interval is charged "
+            f"({format_gpc(charged)} GPC) and burned"
+        )
 
     def close_epochs(self) -> None:
         """Close every ended epoch of the whole ledger (``Coordinator.close_epochs``) and count what

@@ -29,6 +29,7 @@ from gpucoin.ledger.plans import (
     plan_mint,
     plan_refund,
     plan_slash,
+    plan_void_charge,
     slash_split,
 )
 from gpucoin.ledger.transfer import Transfer
@@ -210,8 +211,9 @@ class Coordinator:
         """Charge a settled interval to the escrow: burn and treasury (or pay, in direct mode) shares.
 
         Args:
-            receipts: the interval's receipts, rank order.
-            reports: the verifier's passing reports of them (rank order), or None if unchecked.
+            receipts: the interval's receipts, rank order (of a checked interval whose other ranks
+                the verifier convicted: the ranks that passed, who alone are paid).
+            reports: the verifier's passing reports of them (same order), or None if unchecked.
             payment_ugpc: what the interval costs; capped at what is left in escrow, and nothing is
                 written when that is 0.
 
@@ -237,6 +239,31 @@ class Coordinator:
             f"settle steps {steps}",
         )
         return pay, amounts.burned, amounts.treasury, msg.message["epoch"]
+
+    def charge_void(self, job_id: str, reports: list[SignedMessage], payment_ugpc: int) -> tuple[int, int]:
+        """Charge a void interval of a job whose package the policy does not vet, and burn all of
+        it: the submitter pays for the dispute its code may have caused, nobody earns from it.
+
+        Args:
+            reports: the verifier's void reports of the interval's receipts (recorded), rank order.
+            payment_ugpc: what the interval would have cost; capped at what is left in escrow, and
+                nothing is written when that is 0.
+
+        Returns:
+            (charged, the epoch it was charged in); -1 for the epoch if nothing was charged.
+        """
+        pay = min(payment_ugpc, self.ledger.balance(escrow_account(job_id)))
+        if pay == 0:
+            return 0, -1
+        msg = self._settle(
+            "void",
+            job_id,
+            reports[0].digest,
+            SettlementAmounts(paid=pay, burned=pay),
+            lambda d: plan_void_charge(job_id, pay, d),
+            "charge a void interval, burned",
+        )
+        return pay, msg.message["epoch"]
 
     def slash(self, job_id: str, report: SignedMessage) -> int:
         """Slash ``fraud_slash_fraction`` of the stake (bonded, then unbonding) of the worker whose

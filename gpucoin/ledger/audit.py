@@ -22,7 +22,7 @@ write:
 - balances: recomputed from the transfers they equal the stored ones, sum to zero, leave no
   account but issuance below zero, and supply = minted - burned <= the policy's hard cap;
 - derived rows: escrows, unbonding entries and every index table (job_order, work_receipt,
-  node_registration, assignment, verification_report, interval_charge, slash, epoch_close) are
+  node_registration, assignment, verification_report, interval_charge, void_charge, slash, epoch_close) are
   exactly what the replays produce.
 """
 
@@ -58,6 +58,7 @@ from gpucoin.ledger.models import (
     TransferRow,
     UnbondingRow,
     VerificationReportRow,
+    VoidChargeRow,
     WorkReceiptRow,
 )
 from gpucoin.ledger.post import index_row
@@ -458,9 +459,14 @@ def _compare_admission(session: Session, a: Admission) -> list[str]:
 
 
 def _compare_effects(session: Session, replayed: dict[type, list[dict[str, Any]]]) -> list[str]:
-    """interval_charge, slash and epoch_close rows against the effects of the replayed operations."""
+    """interval_charge, void_charge, slash and epoch_close rows against the effects of the replayed operations."""
     problems: list[str] = []
-    for table, key in ((IntervalChargeRow, "settlement"), (SlashRow, "receipt"), (EpochCloseRow, "epoch")):
+    for table, key in (
+        (IntervalChargeRow, "settlement"),
+        (VoidChargeRow, "settlement"),
+        (SlashRow, "receipt"),
+        (EpochCloseRow, "epoch"),
+    ):
         columns = [c.name for c in table.__table__.columns]
         stored = {getattr(r, key): tuple(getattr(r, c) for c in columns) for r in session.exec(select(table))}
         want = {row[key]: tuple(row[c] for c in columns) for row in replayed.get(table, [])}

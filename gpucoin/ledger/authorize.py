@@ -10,8 +10,12 @@ policy, and what the ledger holds (``Facts`` and the balances of a ``LedgerState
     NodeRegistration  BOND: ``stake`` from the provider's available account to its bonded one
     Unbond / Withdraw UNBOND / WITHDRAW: ``amount`` of the provider's own stake (maturity: ``state``)
     Settlement        by its ``subject``: a WorkReceipt (unchecked interval) or a passing
-                      VerificationReport (checked interval) -> BURN, TREASURY, PAY of ``paid``;
-                      a failing VerificationReport -> SLASH, WHISTLEBLOWER of the cheater's stake;
+                      VerificationReport (checked interval; its ranks that failed are not
+                      paid) -> BURN, TREASURY, PAY of ``paid``;
+                      a failing VerificationReport -> SLASH, WHISTLEBLOWER of the cheater's stake,
+                      only in a job whose package the policy vets; a void VerificationReport
+                      of a job whose package it does not vet -> BURN of ``paid`` (the submitter
+                      pays for the dispute, nobody earns from it);
                       the JobOrder -> REFUND of what is left in the escrow
     EpochClose        MINT_WORKER, MINT_VERIFIER: the epoch's emission, pro rata to its charges
 
@@ -33,7 +37,7 @@ from typing import Any
 from gpucoin.exceptions import LedgerError, StaleEpoch, Unauthorized
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, escrow_account, wallet_account
 from gpucoin.ledger.epochs import epoch_end_s, plan_epoch
-from gpucoin.ledger.facts import Charge, Close, Effect, Facts, GenesisInfo, Msg, Slash
+from gpucoin.ledger.facts import Charge, Close, Effect, Facts, GenesisInfo, Msg, Slash, VoidCharge
 from gpucoin.ledger.plans import (
     SettlementAmounts,
     charge_amounts,
@@ -46,6 +50,7 @@ from gpucoin.ledger.plans import (
     plan_refund,
     plan_slash,
     plan_unbond,
+    plan_void_charge,
     plan_withdraw,
     slash_split,
 )
@@ -74,8 +79,10 @@ class _Op:
 
     effects: list[Effect] = field(default_factory=list)
 
-    def charged(self, key: tuple[str, int]) -> Charge | None:
-        return next((e for e in self.effects if isinstance(e, Charge) and (e.job_id, e.step_start) == key), None)
+    def charged(self, key: tuple[str, int]) -> Charge | VoidCharge | None:
+        return next(
+            (e for e in self.effects if isinstance(e, (Charge, VoidCharge)) and (e.job_id, e.step_start) == key), None
+        )
 
     def slashed(self, receipt: str) -> bool:
         return any(isinstance(e, Slash) and e.receipt == receipt for e in self.effects)
@@ -152,6 +159,8 @@ def _rule_settlement(msg: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[l
         return _charge(msg, subject, f, state, op)
     if subject.type == "VerificationReport" and subject["verdict"] == "fail":
         return _slash(msg, subject, f, state, op)
+    if subject.type == "VerificationReport" and subject["verdict"] == "void":
+        return _void_charge(msg, subject, f, state, op)
     kind = f"{subject['verdict']} {subject.type}" if subject.type == "VerificationReport" else subject.type
     raise Unauthorized(f"Settlement {msg.digest}: a Settlement of a {kind} authorizes no transfer")
 
@@ -164,7 +173,9 @@ def _same_job(msg: Msg, job: str) -> None:
 
 
 def _charge(msg: Msg, subject: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[list[Transfer], Effect | None]:
-    """An interval charged to its escrow: unchecked (subject: a receipt) or checked (a passing report)."""
+    """An interval charged to its escrow: unchecked (subject: a receipt) or checked (a passing
+    report). Of a checked interval every rank passed or was convicted by the same verifier; only
+    the ranks that passed are paid (the evidence separated them from the convicted ones)."""
     receipt = (
         subject if subject.type == "WorkReceipt" else _message(f, subject["receiptDigest"], "the report's receipt")
     )
@@ -185,19 +196,22 @@ def _charge(msg: Msg, subject: Msg, f: Facts, state: LedgerState, op: _Op) -> tu
     verifier = None
     if subject.type == "VerificationReport":
         verifier = subject["verifier"]
+        paid_ranks = []
         for r in receipts:
-            passing = [f.messages[d] for d in f.reports.get(r.digest, [])]
-            if not any(p["verdict"] == "pass" and p["verifier"] == verifier for p in passing):
-                raise Unauthorized(f"{where}: rank {r['rank']}'s receipt has no passing report by {verifier}")
-    prior = f.charges.get((job, start)) or op.charged((job, start))
-    if prior is not None:
-        raise Unauthorized(f"{where}: the interval was already charged by Settlement {prior.settlement}")
-    paid = msg["paid"]
-    left = state.balances.get(escrow_account(job), 0)
-    if not 0 < paid <= left:
-        raise Unauthorized(
-            f"{where}: charges {paid} µGPC; the escrow holds {left} µGPC (a charge is 1 µGPC to all of it)"
-        )
+            verdicts = {
+                p["verdict"] for p in (f.messages[d] for d in f.reports.get(r.digest, [])) if p["verifier"] == verifier
+            }
+            if "fail" in verdicts:
+                continue  # convicted: its share is not paid (its own Settlement slashes it)
+            if "pass" not in verdicts:
+                raise Unauthorized(
+                    f"{where}: rank {r['rank']}'s receipt has no passing or failing report by {verifier}"
+                )
+            paid_ranks.append(r)
+        if receipt.digest not in {r.digest for r in paid_ranks}:
+            raise Unauthorized(f"{where}: its subject's rank {receipt['rank']} was convicted by {verifier}")
+        receipts = paid_ranks
+    paid = _chargeable(msg, f, state, op, job, start, where)
     tokenomics = _genesis(f).policy.tokenomics
     _expect(msg, **charge_amounts(paid, tokenomics).fields())
     workers = [r["worker"] for r in receipts]
@@ -206,10 +220,62 @@ def _charge(msg: Msg, subject: Msg, f: Facts, state: LedgerState, op: _Op) -> tu
     return plan, Charge(msg.digest, job, start, f.now_epoch, interval)
 
 
+def _chargeable(msg: Msg, f: Facts, state: LedgerState, op: _Op, job: str, start: int, where: str) -> int:
+    """The Settlement's ``paid``, if the interval was never charged (settled or void) and the
+    escrow covers it."""
+    prior = f.charges.get((job, start)) or f.void_charges.get((job, start)) or op.charged((job, start))
+    if prior is not None:
+        raise Unauthorized(f"{where}: the interval was already charged by Settlement {prior.settlement}")
+    paid = msg["paid"]
+    left = state.balances.get(escrow_account(job), 0)
+    if not 0 < paid <= left:
+        raise Unauthorized(
+            f"{where}: charges {paid} µGPC; the escrow holds {left} µGPC (a charge is 1 µGPC to all of it)"
+        )
+    return paid
+
+
+def _vetted(f: Facts, job: str, where: str) -> bool:
+    """Whether the package the JobOrder of ``job`` signed is on the market policy's vetted list."""
+    order = _message(f, f.orders.get(job, ""), f"{where}: the JobOrder of job {job!r}")
+    return order["packageHash"] in _genesis(f).policy.verification.vetted_packages
+
+
+def _void_charge(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[list[Transfer], Effect | None]:
+    """A void interval of a job whose package is not vetted: charged as if it had settled, and
+    all of it burned. Every rank needs a void report from the report's verifier."""
+    receipt = _message(f, report["receiptDigest"], "the report's receipt")
+    job, start = receipt["jobId"], receipt["stepStart"]
+    _same_job(msg, job)
+    where = f"Settlement {msg.digest} (void steps {start}-{receipt['stepEnd']} of job {job!r})"
+    if _vetted(f, job, where):
+        raise Unauthorized(f"{where}: the job runs a vetted package; a void interval of it is nobody's to pay")
+    order = _message(f, f.orders[job], f"{where}: the JobOrder")
+    ranks = f.interval_receipts.get((job, start), {})
+    if sorted(ranks) != list(range(order["workers"])):
+        raise Unauthorized(
+            f"{where}: the interval has receipts of ranks {sorted(ranks)}; the job has {order['workers']}"
+        )
+    for r in sorted(ranks):
+        voids = [f.messages[d] for d in f.reports.get(ranks[r], [])]
+        if not any(v["verdict"] == "void" and v["verifier"] == report["verifier"] for v in voids):
+            raise Unauthorized(f"{where}: rank {r}'s receipt has no void report by {report['verifier']}")
+    paid = _chargeable(msg, f, state, op, job, start, where)
+    _expect(msg, **SettlementAmounts(paid=paid, burned=paid).fields())
+    return plan_void_charge(job, paid, msg.digest), VoidCharge(msg.digest, job, start, f.now_epoch, paid)
+
+
 def _slash(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[list[Transfer], Effect | None]:
-    """The policy's share of a cheater's stake, on a failing report of its receipt."""
+    """The policy's share of a cheater's stake, on a failing report of its receipt, in a job whose
+    package the policy vets (in any other job the submitter's code may have computed differently
+    under replay: the evidence convicts nobody)."""
     receipt = _message(f, report["receiptDigest"], "the report's receipt")
     _same_job(msg, receipt["jobId"])
+    if not _vetted(f, receipt["jobId"], f"Settlement {msg.digest}"):
+        raise Unauthorized(
+            f"Settlement {msg.digest}: job {receipt['jobId']!r} runs a package the policy does not vet; "
+            "a failing report of it slashes nobody"
+        )
     if receipt.digest in f.slashed or op.slashed(receipt.digest):
         raise Unauthorized(
             f"Settlement {msg.digest}: the worker of receipt {receipt.digest} was already slashed for it"
@@ -319,7 +385,7 @@ def accounts_read(msg: Msg, f: Facts) -> set[str]:
     receipt = f.messages.get(subject["receiptDigest"]) if subject.type == "VerificationReport" else None
     if receipt is None:
         return set()
-    if subject["verdict"] == "pass":
+    if subject["verdict"] in ("pass", "void"):
         return {escrow_account(receipt["jobId"])}
     return {wallet_account(receipt["worker"], "bonded"), wallet_account(receipt["worker"], "unbonding")}
 

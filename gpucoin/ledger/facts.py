@@ -84,6 +84,25 @@ class Charge:
 
 
 @dataclass(frozen=True)
+class VoidCharge:
+    """A Settlement charged a void interval of a job whose package is not vetted, and burned it
+    (it earns no emission; the interval counts as charged).
+
+    Attributes:
+        settlement: the Settlement's digest.
+        job_id / step_start: the interval.
+        epoch: the epoch it was charged in.
+        payment: µGPC charged and burned.
+    """
+
+    settlement: str
+    job_id: str
+    step_start: int
+    epoch: int
+    payment: int
+
+
+@dataclass(frozen=True)
 class Slash:
     """A Settlement slashed the worker of ``receipt`` on the evidence of the failing ``report``."""
 
@@ -104,7 +123,7 @@ class Close:
     payments: int
 
 
-Effect = Charge | Slash | Close
+Effect = Charge | VoidCharge | Slash | Close
 """What an authorized operation adds to the facts besides the digests it used."""
 
 
@@ -121,6 +140,7 @@ class Facts:
         reports: receipt digest -> digests of the VerificationReports naming it, in recording order.
         used: digests of messages that already authorized an operation (each authorizes one).
         charges: (job id, stepStart) -> the Charge of that interval (an interval is charged once).
+        void_charges: (job id, stepStart) -> the VoidCharge of that interval (once, and never also a Charge).
         slashed: receipt digests whose worker was slashed (one slash per receipt).
         epoch_charges: epoch -> the Charges counted in it (at least for the epochs a batch closes).
         closed: epochs already closed.
@@ -135,6 +155,7 @@ class Facts:
     reports: dict[str, list[str]] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
     charges: dict[tuple[str, int], Charge] = field(default_factory=dict)
+    void_charges: dict[tuple[str, int], VoidCharge] = field(default_factory=dict)
     slashed: set[str] = field(default_factory=set)
     epoch_charges: dict[int, list[Charge]] = field(default_factory=dict)
     closed: set[int] = field(default_factory=set)
@@ -158,6 +179,8 @@ class Facts:
             if isinstance(e, Charge):
                 self.charges[(e.job_id, e.step_start)] = e
                 self.epoch_charges.setdefault(e.epoch, []).append(e)
+            elif isinstance(e, VoidCharge):
+                self.void_charges[(e.job_id, e.step_start)] = e
             elif isinstance(e, Slash):
                 self.slashed.add(e.receipt)
             else:

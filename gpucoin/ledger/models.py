@@ -20,6 +20,7 @@ so a write that bypasses the code is refused by the database too.
     node_registration, assignment, verification_report
                  the admitted NodeRegistrations, Assignments and VerificationReports
     interval_charge  each interval a Settlement charged, with its epoch (what emission reads)
+    void_charge  each void interval of an unvetted job's package a Settlement charged and burned
     slash        each receipt whose worker a Settlement slashed
     epoch_close  each closed epoch and what its EpochClose minted
 
@@ -355,6 +356,32 @@ class IntervalChargeRow(SQLModel, table=True):
     op_id: str = Field(sa_column=Column(Text, ForeignKey("operation.op_id"), nullable=False))
 
 
+class VoidChargeRow(SQLModel, table=True):
+    """A void interval of a job whose package is not vetted, charged to its escrow and burned.
+
+    Attributes:
+        settlement: the Settlement's digest (its subject: a void VerificationReport).
+        job_id / step_start: the interval (unique, and never also in ``interval_charge``).
+        epoch: the ledger's epoch when it was charged (it earns no emission).
+        payment: µGPC charged and burned (the Settlement's ``paid``).
+        op_id: the operation that charged it.
+    """
+
+    __tablename__ = "void_charge"
+    __table_args__ = (
+        UniqueConstraint("job_id", "step_start", name="uq_void_charge_interval"),
+        CheckConstraint("payment > 0", name="ck_void_charge_payment_positive"),
+        _STRICT,
+    )
+
+    settlement: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), primary_key=True))
+    job_id: str = Field(sa_column=Column(Text, nullable=False))
+    step_start: int = Field(sa_column=Column(BIGINT, nullable=False))
+    epoch: int = Field(sa_column=Column(BIGINT, nullable=False))
+    payment: int = Field(sa_column=Column(BIGINT, nullable=False))
+    op_id: str = Field(sa_column=Column(Text, ForeignKey("operation.op_id"), nullable=False))
+
+
 class SlashRow(SQLModel, table=True):
     """A slash: the worker of ``receipt`` lost stake by ``settlement`` on the failing ``report``."""
 
@@ -402,6 +429,7 @@ LEDGER_TABLES = [
         "interval_charge",
         "slash",
         "epoch_close",
+        "void_charge",
     )
 ]
 """The ledger's tables, in creation order."""
@@ -420,5 +448,6 @@ APPEND_ONLY_TABLES = (
     "interval_charge",
     "slash",
     "epoch_close",
+    "void_charge",
 )
 """Tables whose rows are never updated or deleted (a trigger refuses it)."""

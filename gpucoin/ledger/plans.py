@@ -182,6 +182,19 @@ def plan_slash(
     return plan
 
 
+def plan_void_charge(job_id: str, payment: int, digest: str) -> list[Transfer]:
+    """Charge a void interval of a job whose package is not vetted to its escrow and burn all of it
+    (BURN): the submitter pays for the dispute, nobody is paid from it (docs/verification.md,
+    Vetted job packages). ``digest`` is the Settlement's.
+
+    Raises:
+        AmountError / UnknownAccount: for a bad amount or job id.
+    """
+    plan: list[Transfer] = []
+    _add(plan, escrow_account(job_id), BURNED, check_amount(payment), Code.BURN, digest)
+    return plan
+
+
 def plan_refund(job_id: str, consumer: str, escrow_left: int, digest: str) -> list[Transfer]:
     """Return what is left in a job's escrow to its consumer (REFUND), at the end of the job.
 

@@ -23,7 +23,7 @@ from gpucoin.ledger.accounts import BURNED, ISSUANCE, account_kind
 from gpucoin.ledger.authorize import accounts_read, authorize_operation
 from gpucoin.ledger.db import in_, insert_rows
 from gpucoin.ledger.epochs import epoch_at
-from gpucoin.ledger.facts import Charge, Close, Facts, GenesisInfo, Msg, Slash
+from gpucoin.ledger.facts import Charge, Effect, Facts, GenesisInfo, Msg, Slash, VoidCharge
 from gpucoin.ledger.market import msg_of
 from gpucoin.ledger.models import (
     AccountRow,
@@ -38,6 +38,7 @@ from gpucoin.ledger.models import (
     TransferRow,
     UnbondingRow,
     VerificationReportRow,
+    VoidChargeRow,
     WorkReceiptRow,
 )
 from gpucoin.ledger.rules import chain_hash
@@ -106,7 +107,12 @@ def apply_batch(
         next_id, prev = head.last_transfer_id + 1, head.last_hash
         op_rows: list[dict[str, Any]] = []
         transfer_rows: list[dict[str, Any]] = []
-        index: dict[type, list[dict[str, Any]]] = {IntervalChargeRow: [], SlashRow: [], EpochCloseRow: []}
+        index: dict[type, list[dict[str, Any]]] = {
+            IntervalChargeRow: [],
+            VoidChargeRow: [],
+            SlashRow: [],
+            EpochCloseRow: [],
+        }
         created: dict[str, str] = {}
         for op in new_ops:
             had = set(state.escrows)
@@ -184,8 +190,17 @@ def ledger_time_us(s: Session, now_us: int) -> int:
     return max(now_us, last or 0, recorded or 0)
 
 
-def index_row(effect: Charge | Slash | Close, op_id: str) -> tuple[type, dict[str, Any]]:
+def index_row(effect: Effect, op_id: str) -> tuple[type, dict[str, Any]]:
     """The index table and row that record one effect of operation ``op_id``."""
+    if isinstance(effect, VoidCharge):
+        return VoidChargeRow, dict(
+            settlement=effect.settlement,
+            job_id=effect.job_id,
+            step_start=effect.step_start,
+            epoch=effect.epoch,
+            payment=effect.payment,
+            op_id=op_id,
+        )
     if isinstance(effect, Charge):
         iv = effect.interval
         return IntervalChargeRow, dict(
@@ -296,6 +311,13 @@ def load_facts(
         ).all():
             if (row.job_id, int(row.step_start)) in wanted:
                 facts.charges[(row.job_id, int(row.step_start))] = charge_of(row)
+        vc = VoidChargeRow.__table__
+        for row in s.execute(
+            select(vc).where(in_(s, vc.c.job_id, jobs), in_(s, vc.c.step_start, sorted({st for _, st in wanted})))
+        ).all():
+            if (row.job_id, int(row.step_start)) in wanted:
+                key = (row.job_id, int(row.step_start))
+                facts.void_charges[key] = VoidCharge(row.settlement, key[0], key[1], int(row.epoch), int(row.payment))
         sl = SlashRow.__table__
         facts.slashed.update(
             s.execute(select(sl.c.receipt).where(in_(s, sl.c.receipt, sorted(receipt_digests)))).scalars()

@@ -102,6 +102,16 @@ class VerificationPolicy(BaseModel):
     challenge_window_s: Annotated[int, Field(ge=0)] = Field(
         description="Seconds an unchecked interval waits before it settles."
     )
+    vetted_packages: tuple[Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")], ...] = Field(
+        default=(),
+        strict=False,
+        max_length=10_000,
+        description=(
+            "Job packages (``gpucoin.spec.package_hash``, as a JobOrder signs it) reviewed not to compute "
+            "differently under replay. Only in their jobs can a replay's mismatch slash a rank; in any other "
+            "job it voids the interval and the submitter is charged, the charge burned."
+        ),
+    )
 
     @model_validator(mode="after")
     def _new_nodes_checked_more(self) -> VerificationPolicy:

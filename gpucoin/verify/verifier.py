@@ -11,9 +11,12 @@
    state (``endcheck``).
 4. A verdict that convicts on numbers is reproduced in a fresh process (no state left from an
    earlier replay in this worker); if it does not reproduce, the evidence names nobody: void.
-5. Sign one VerificationReport per judged receipt with this node's own key.
+5. Unless the job's package is vetted (on the policy's list, and the very package this verifier
+   imports), nothing convicts: the submitter's code may compute differently when replayed, or
+   have made a worker write or withhold what it did, so every fail becomes void.
+6. Sign one VerificationReport per judged receipt with this node's own key.
 
-``judge_interval`` is steps 1-4 on any store (tests run it on a ``ContentStore`` without Ray);
+``judge_interval`` is steps 1-5 on any store (tests run it on a ``ContentStore`` without Ray);
 ``check_interval`` is the Ray task around it.
 """
 
@@ -53,6 +56,8 @@ class ReplayRequest:
         receipts: the interval's WorkReceipt digests, rank order.
         end_manifests: the ``checkpointHash`` each of those receipts signed, rank order.
         start_receipts / start_manifests: the same for the interval before (empty at step 0).
+        package_hash: the job's package as its JobOrder signed it; vetted_packages: the policy's
+            list. Only a vetted package that is the one this verifier imports can convict.
     """
 
     spec: dict
@@ -66,6 +71,8 @@ class ReplayRequest:
     end_manifests: tuple[str, ...]
     start_receipts: tuple[str, ...]
     start_manifests: tuple[str, ...]
+    package_hash: str
+    vetted_packages: tuple[str, ...]
     tolerance: float
     domain: dict
 
@@ -142,8 +149,20 @@ def _start_failed(req: ReplayRequest, bad: dict[int, str]) -> list[Finding]:
     return out
 
 
+def imported_package_hash(module: str) -> str | None:
+    """``gpucoin.spec.package_hash`` of the package ``module`` names as this process would import
+    it (found, not executed), or None if it is no package on the path."""
+    import importlib.util
+
+    from gpucoin.spec import package_hash
+
+    found = importlib.util.find_spec(module)
+    locations = list(found.submodule_search_locations or []) if found is not None else []
+    return package_hash(Path(locations[0])) if len(locations) == 1 else None
+
+
 def judge_interval(req: ReplayRequest, get: Get, workdir: Path, fresh_process: bool = True) -> list[Finding]:
-    """Steps 1-4 of the module docstring for one interval.
+    """Steps 1-5 of the module docstring for one interval.
 
     Args:
         get: the store's ``get`` (``ContentStore.get`` or ``StoreClient.get``).
@@ -161,15 +180,29 @@ def judge_interval(req: ReplayRequest, get: Get, workdir: Path, fresh_process: b
     from gpucoin.spec import JobSpec
 
     spec = JobSpec.model_validate(req.spec)
+    vetted = req.package_hash in req.vetted_packages and imported_package_hash(spec.module) == req.package_hash
+    findings = _judge(req, spec, get, workdir, fresh_process)
+    if vetted:
+        return findings
+    # nothing convicts: the interval's own receipts are void, the interval before is not judged
+    why = "the job's package is not vetted: its code may compute differently under replay"
+    own = set(req.receipts)
+    return [
+        replace(f, verdict="void", reason=f"{why} ({f.reason})") if f.verdict == "fail" else f
+        for f in findings
+        if f.receipt in own
+    ]
+
+
+def _judge(req: ReplayRequest, spec, get: Get, workdir: Path, fresh_process: bool) -> list[Finding]:
     W, stage = spec.workers, spec.deepspeed.zero_stage
     starts = 0 if req.step_start == 0 else W
-    if (len(req.receipts), len(req.end_manifests), len(req.start_receipts), len(req.start_manifests)) != (
-        W,
-        W,
-        starts,
-        starts,
-    ):
-        raise VerificationError(f"a replay request of a {W}-rank job needs one receipt and manifest per rank")
+    want = {"receipts": W, "end_manifests": W, "start_receipts": starts, "start_manifests": starts}
+    got = {k: len(getattr(req, k)) for k in want}
+    if got != want:
+        raise VerificationError(
+            f"a replay request of a {W}-rank job from step {req.step_start}: {got}, expected {want}"
+        )
     start_dir = None
     if req.step_start > 0:
         start_dir = workdir / "start" / tag_for(req.step_start)

@@ -113,6 +113,7 @@ MESSAGE_TYPES: dict[str, list[dict[str, str]]] = {
         ("address", "consumer"),
         ("string", "jobId"),
         ("bytes32", "specHash"),
+        ("bytes32", "packageHash"),
         ("uint32", "workers"),
         ("uint64", "bidPerWorkerHour"),
         ("uint64", "budget"),

@@ -21,8 +21,9 @@ from gpucoin.coordinator.job import LocalOptions, QuietUI, open_ledger
 from gpucoin.coordinator.run import JobRun
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.exceptions import SignatureError
-from gpucoin.ledger.accounts import wallet_account
+from gpucoin.ledger.accounts import BURNED, TREASURY, escrow_account, wallet_account
 from gpucoin.policy.model import load_policy
+from gpucoin.policy.tokenomics import interval_payment_ugpc
 from gpucoin.runtime.sketch import sketch_root
 from gpucoin.spec import load_spec
 from gpucoin.storage import sha256_digest
@@ -60,6 +61,10 @@ class Inbox:
 
 @pytest.fixture
 def market(tmp_path):
+    yield from _market(tmp_path)
+
+
+def _market(tmp_path, package: str | None = None):
     opts = LocalOptions(policy=POLICY, home=tmp_path)
     coordinator = participant("coordinator", tmp_path)
     ledger = open_ledger(opts, coordinator)
@@ -78,6 +83,7 @@ def market(tmp_path):
             "consumer": engineer.address,
             "jobId": JOB,
             "specHash": loaded.spec_hash,
+            "packageHash": package or loaded.package_hash,
             "workers": 2,
             "bidPerWorkerHour": loaded.spec.bid_ugpc_per_worker_hour,
             "budget": loaded.spec.budget_ugpc,
@@ -96,6 +102,7 @@ def market(tmp_path):
         rank_worker=[v.address for v in vols],
         price_ugpc_per_worker_hour=800_000,
         verifier_address=participant("verifier0", tmp_path).address,
+        package_hash=package or loaded.package_hash,
         replay=Dispatch(),
         store=None,
         sketch_dir=tmp_path / "sketches",
@@ -218,3 +225,41 @@ def test_a_void_replay_checks_the_interval_that_wrote_its_start(market) -> None:
     run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (first[1], "pass")]))
     assert run.intervals[0].outcome == "passed" and run.money["paid"] == paid  # not charged twice
     assert run.coord.ledger.audit() == []
+
+
+def test_a_void_interval_of_an_unvetted_package_is_charged_to_its_submitter_and_burned(tmp_path) -> None:
+    market = _market(tmp_path, package="0x" + "ab" * 32)
+    run, vols, verifier = next(market)
+    assert not run.vetted
+    run.t_interval = time.monotonic() - 60  # the interval took a minute of the coordinator's clock
+    first = deliver(run, vols, 0)
+    ledger = run.coord.ledger
+    before = ledger.balances()
+    run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "void"), (first[1], "void")]))
+    after = ledger.balances()
+    charged = run.money["paid"]
+    assert charged > 0 and run.intervals[0].outcome == "void" and run.stopped
+    assert after[BURNED] - before.get(BURNED, 0) == charged  # all of it burned, no treasury cut
+    assert after.get(TREASURY, 0) == before.get(TREASURY, 0)
+    assert all(after.get(wallet_account(v.address), 0) == before.get(wallet_account(v.address), 0) for v in vols)
+    assert after[escrow_account(JOB)] == before[escrow_account(JOB)] - charged
+    now = ledger.current_epoch()
+    assert ledger.epoch_charges(now) == ledger.epoch_charges(now - 1) == []  # it earns no emission
+    assert run.money["slashed"] == 0
+    assert ledger.audit() == []
+    market.close()
+
+
+def test_the_ranks_the_evidence_clears_are_paid_for_the_interval_that_convicted_another(market) -> None:
+    run, vols, verifier = market
+    run.t_interval = time.monotonic() - 60
+    first = deliver(run, vols, 0)
+    run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (first[1], "fail")]))
+    ledger = run.coord.ledger
+    assert run.intervals[0].outcome == "failed" and run.money["slashed"] > 0
+    paid = run.money["paid"]
+    whole = interval_payment_ugpc(run.price_ugpc_per_worker_hour, 2, run.intervals[0].wall_ms)
+    assert 0 < paid <= whole // 2 + 1  # rank 0's share only
+    (charge,) = ledger.epoch_charges(ledger.current_epoch()) or ledger.epoch_charges(ledger.current_epoch() - 1)
+    assert charge.interval.workers == (vols[0].address,) and charge.interval.payment_ugpc == paid
+    assert ledger.audit() == []

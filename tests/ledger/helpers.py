@@ -35,10 +35,15 @@ from gpucoin.ledger.plans import (
 )
 from gpucoin.money import MICRO_PER_GPC
 from gpucoin.policy.model import Policy, load_policy, policy_hash
+from gpucoin.spec import package_hash
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign
 
 GPC = MICRO_PER_GPC
 POLICY: Policy = load_policy(Path(__file__).resolve().parents[2] / "policies" / "local.toml")
+PACKAGE = package_hash(Path(__file__).resolve().parents[2] / "jobs" / "shakespeare_char")
+"""The main job's package: vetted by the shipped policies, so its jobs' ranks can be slashed."""
+UNVETTED = "0x" + "ab" * 32
+"""A package no policy vets: a replay mismatch in its job slashes nobody."""
 """The local dev policy: 10 s epochs, unbonding after 7 of them."""
 EPOCH_S = POLICY.tokenomics.epoch_length_s
 
@@ -53,6 +58,8 @@ JOB = "job-1"
 ESCROW = escrow_account(JOB)
 
 __all__ = [
+    "PACKAGE",
+    "UNVETTED",
     "BURNED",
     "ISSUANCE",
     "TREASURY",
@@ -163,13 +170,16 @@ class Signer:
             **SettlementAmounts(**amounts).fields(),
         )
 
-    def order(self, budget: int, job: str = JOB, consumer: Any = CONSUMER, workers: int = 1) -> SignedMessage:
+    def order(
+        self, budget: int, job: str = JOB, consumer: Any = CONSUMER, workers: int = 1, package: str = PACKAGE
+    ) -> SignedMessage:
         return self(
             consumer,
             "JobOrder",
             consumer=consumer.address,
             jobId=job,
             specHash="0x" + "dd" * 32,
+            packageHash=package,
             workers=workers,
             bidPerWorkerHour=2 * GPC,
             budget=budget,
@@ -258,8 +268,10 @@ class Market:
             self.ledger.record_message(reg)
         return reg
 
-    def escrow(self, budget: int, job: str = JOB, consumer: Any = CONSUMER, workers: int = 1) -> SignedMessage:
-        order = self.s.order(budget, job, consumer, workers)
+    def escrow(
+        self, budget: int, job: str = JOB, consumer: Any = CONSUMER, workers: int = 1, package: str = PACKAGE
+    ) -> SignedMessage:
+        order = self.s.order(budget, job, consumer, workers, package)
         self.post(f"escrow:{job}", plan_escrow(job, consumer.address, budget, order.digest), order)
         return order
 

@@ -37,7 +37,19 @@ from gpucoin.wallet.messages import (
     SignedMessage,
     sign,
 )
-from tests.ledger.helpers import CONSUMER, COORDINATOR, DOMAIN, GPC, JOB, POLICY, WORKER, Clock, Signer, open_market
+from tests.ledger.helpers import (
+    CONSUMER,
+    COORDINATOR,
+    DOMAIN,
+    GPC,
+    JOB,
+    PACKAGE,
+    POLICY,
+    WORKER,
+    Clock,
+    Signer,
+    open_market,
+)
 
 NOW = 1_700_000_000
 """The ledger's clock in these tests, unix seconds (in the past: a later real-clock audit sees nothing in its future)."""
@@ -145,6 +157,7 @@ def test_an_expired_deadline_is_refused(market: Ledger, s: Signer) -> None:
         consumer=CONSUMER.address,
         jobId=JOB,
         specHash="0x" + "dd" * 32,
+        packageHash=PACKAGE,
         workers=1,
         bidPerWorkerHour=GPC,
         budget=GPC,
@@ -157,6 +170,7 @@ def test_an_expired_deadline_is_refused(market: Ledger, s: Signer) -> None:
         consumer=CONSUMER.address,
         jobId=JOB,
         specHash="0x" + "dd" * 32,
+        packageHash=PACKAGE,
         workers=1,
         bidPerWorkerHour=GPC,
         budget=GPC,
@@ -240,6 +254,7 @@ def test_an_amount_above_int64_is_refused(market: Ledger) -> None:
         consumer=CONSUMER.address,
         jobId=JOB,
         specHash="0x" + "dd" * 32,
+        packageHash=PACKAGE,
         workers=1,
         bidPerWorkerHour=GPC,
         budget=2**63,

@@ -29,10 +29,14 @@ def d(tag: str) -> str:
     return "0x" + tag.encode().hex().ljust(64, "0")[:64]
 
 
-def facts(dev: bool = True, now_epoch: int = 5, policy=POLICY) -> Facts:
+VETTED = POLICY.verification.vetted_packages[0]
+
+
+def facts(dev: bool = True, now_epoch: int = 5, policy=POLICY, package: str = VETTED, fail: bool = True) -> Facts:
     g = GenesisInfo(d("genesis"), C, C, dev, 1_000, policy, policy_hash(policy))
     f = Facts(g, now_epoch)
-    f.add_message(Msg(d("order"), "JobOrder", X, {"consumer": X, "jobId": "j", "workers": 2, "budget": 10**9}))
+    order = {"consumer": X, "jobId": "j", "workers": 2, "budget": 10**9, "packageHash": package}
+    f.add_message(Msg(d("order"), "JobOrder", X, order))
     for rank, w in enumerate((W1, W2)):
         f.add_message(
             Msg(
@@ -47,7 +51,10 @@ def facts(dev: bool = True, now_epoch: int = 5, policy=POLICY) -> Facts:
                 {"verifier": V, "receiptDigest": d(f"r{rank}"), "verdict": "pass"},
             )
         )
-    f.add_message(Msg(d("fail"), "VerificationReport", V, {"verifier": V, "receiptDigest": d("r1"), "verdict": "fail"}))
+    if fail:  # the verifier also convicted rank 1
+        f.add_message(
+            Msg(d("fail"), "VerificationReport", V, {"verifier": V, "receiptDigest": d("r1"), "verdict": "fail"})
+        )
     return f
 
 
@@ -75,7 +82,7 @@ def state(**balances: int) -> LedgerState:
 
 
 def test_a_checked_charge_splits_by_the_policy_and_counts_in_its_epoch() -> None:
-    f = facts()
+    f = facts(fail=False)
     st = settlement(f, "st", d("pass0"), **charge_amounts(1_000_001, POLICY.tokenomics).fields())
     plan = plan_interval("j", 1_000_001, POLICY.tokenomics, st.digest)
     new, effects, used = authorize_operation(state(), f, plan)
@@ -105,16 +112,16 @@ def test_a_charge_must_name_the_current_epoch_and_policy_and_fit_the_escrow() ->
         authorize_operation(state(), f, plan_interval("j", 10**9 + 1, POLICY.tokenomics, big.digest))
 
 
-def test_a_charge_needs_every_rank_and_for_a_check_every_ranks_pass() -> None:
+def test_a_charge_needs_every_rank_and_for_a_check_every_ranks_verdict() -> None:
     f = facts()
     del f.interval_receipts[("j", 0)][1]
     st = settlement(f, "st", d("r0"), **charge_amounts(10, POLICY.tokenomics).fields())
     with pytest.raises(Unauthorized, match=r"receipts of ranks \[0\]; the job has 2 ranks"):
         authorize_operation(state(), f, plan_interval("j", 10, POLICY.tokenomics, st.digest))
     f = facts()
-    f.reports[d("r1")] = [d("fail")]
+    f.reports[d("r1")] = []  # rank 1 was not judged
     st = settlement(f, "st", d("pass0"), **charge_amounts(10, POLICY.tokenomics).fields())
-    with pytest.raises(Unauthorized, match="rank 1's receipt has no passing report"):
+    with pytest.raises(Unauthorized, match="rank 1's receipt has no passing or failing report"):
         authorize_operation(state(), f, plan_interval("j", 10, POLICY.tokenomics, st.digest))
 
 
@@ -136,13 +143,13 @@ def test_a_slash_takes_the_policys_share_of_bonded_then_unbonding_stake_once() -
         authorize_operation(s, f, plan_slash(W2, V, 30, 70, burned, whistle, st2.digest))
 
 
-def test_a_void_report_settles_nothing() -> None:
+def test_a_void_report_of_a_vetted_package_settles_nothing() -> None:
     f = facts()
     f.add_message(Msg(d("void"), "VerificationReport", V, {"verifier": V, "receiptDigest": d("r1"), "verdict": "void"}))
     burned, whistle = slash_split(100, POLICY.slashing, whistleblower=True)
     st = settlement(f, "st", d("void"), burned=burned, slashed=burned + whistle)
     s = state(**{wallet_account(W2, "bonded"): 100})
-    with pytest.raises(Unauthorized, match="a Settlement of a void VerificationReport authorizes no transfer"):
+    with pytest.raises(Unauthorized, match="a void interval of it is nobody's to pay"):
         authorize_operation(s, f, plan_slash(W2, V, 100, 0, burned, whistle, st.digest))
 
 
@@ -212,3 +219,86 @@ def test_runs_of_a_message_are_contiguous_and_a_message_authorizes_only_its_code
     f.add_message(Msg(d("order2"), "JobOrder", X, {"consumer": X, "jobId": "j2", "workers": 1, "budget": 10**9}))
     with pytest.raises(InsufficientFunds):
         authorize_operation(state(), f, plan_escrow("j2", X, 10**9, d("order2")))
+
+
+UNVETTED = "0x" + "ab" * 32
+
+
+def voided(f: Facts, ranks=(0, 1), verifier: str = V) -> None:
+    for rank in ranks:
+        f.add_message(
+            Msg(
+                d(f"void{rank}{verifier[-2:]}"),
+                "VerificationReport",
+                verifier,
+                {"verifier": verifier, "receiptDigest": d(f"r{rank}"), "verdict": "void"},
+            )
+        )
+
+
+def test_a_failing_report_slashes_nobody_in_a_job_of_an_unvetted_package() -> None:
+    f = facts(package=UNVETTED)
+    burned, whistle = slash_split(500, POLICY.slashing, whistleblower=True)
+    st = settlement(f, "st", d("fail"), burned=burned, slashed=burned + whistle)
+    plan = plan_slash(W2, V, 500, 0, burned, whistle, st.digest)
+    with pytest.raises(Unauthorized, match="does not vet"):
+        authorize_operation(state(**{wallet_account(W2, "bonded"): 500}), f, plan)
+
+
+def test_a_void_interval_of_an_unvetted_package_is_charged_and_all_of_it_burned() -> None:
+    from gpucoin.ledger.facts import VoidCharge
+    from gpucoin.ledger.plans import SettlementAmounts, plan_void_charge
+
+    f = facts(package=UNVETTED)
+    voided(f)
+    st = settlement(f, "st", d("void0" + V[-2:]), **SettlementAmounts(paid=7_000, burned=7_000).fields())
+    new, effects, _ = authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
+    assert effects == [VoidCharge(st.digest, "j", 0, 5, 7_000)]
+    assert new.balances[BURNED] == 7_000 and new.balances[escrow_account("j")] == 10**9 - 7_000
+    assert accounts_read(st, f) == {escrow_account("j")}
+    # once: neither a second void charge nor a charge of the same interval afterwards
+    f.apply(effects, {st.digest})
+    again = settlement(f, "again", d("void1" + V[-2:]), **SettlementAmounts(paid=1, burned=1).fields())
+    with pytest.raises(Unauthorized, match="already charged"):
+        authorize_operation(new, f, plan_void_charge("j", 1, again.digest))
+    paid = settlement(f, "paid", d("r0"), **charge_amounts(1_000, POLICY.tokenomics).fields())
+    with pytest.raises(Unauthorized, match="already charged"):
+        authorize_operation(new, f, plan_interval("j", 1_000, POLICY.tokenomics, paid.digest))
+
+
+def test_a_void_charge_needs_an_unvetted_package_a_void_for_every_rank_and_all_of_it_burned() -> None:
+    from gpucoin.ledger.plans import SettlementAmounts, plan_void_charge
+
+    amounts = SettlementAmounts(paid=7_000, burned=7_000).fields()
+    f = facts()  # the vetted main job: a void interval there is nobody's to pay
+    voided(f)
+    st = settlement(f, "st", d("void0" + V[-2:]), **amounts)
+    with pytest.raises(Unauthorized, match="vetted package"):
+        authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
+    f = facts(package=UNVETTED)
+    voided(f, ranks=(0,))  # rank 1 was not judged void
+    st = settlement(f, "st", d("void0" + V[-2:]), **amounts)
+    with pytest.raises(Unauthorized, match="rank 1's receipt has no void report"):
+        authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
+    f = facts(package=UNVETTED)
+    voided(f)
+    st = settlement(f, "st", d("void0" + V[-2:]), paid=7_000, burned=6_300, treasury=700)
+    with pytest.raises(Unauthorized, match="burned"):  # a treasury cut is not what the rule allows
+        authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
+
+
+def test_of_an_interval_with_a_convicted_rank_only_the_cleared_ranks_are_paid() -> None:
+    f = facts()  # rank 0 passed, rank 1 was convicted by the same verifier
+    st = settlement(f, "st", d("pass0"), **charge_amounts(500, POLICY.tokenomics).fields())
+    _, (effect,), _ = authorize_operation(state(), f, plan_interval("j", 500, POLICY.tokenomics, st.digest))
+    assert effect.interval == SettledInterval((d("r0"),), (W1,), V, 500)
+    # the convicted rank's pass is no subject of a charge
+    st = settlement(f, "st1", d("pass1"), **charge_amounts(500, POLICY.tokenomics).fields())
+    with pytest.raises(Unauthorized, match="convicted"):
+        authorize_operation(state(), f, plan_interval("j", 500, POLICY.tokenomics, st.digest))
+    # a rank neither cleared nor convicted by that verifier leaves the interval unchargeable
+    g = facts(fail=False)
+    g.add_message(Msg(d("x"), "VerificationReport", X, {"verifier": X, "receiptDigest": d("r0"), "verdict": "pass"}))
+    st = settlement(g, "st2", d("x"), **charge_amounts(500, POLICY.tokenomics).fields())
+    with pytest.raises(Unauthorized, match="rank 1's receipt has no passing or failing report"):
+        authorize_operation(state(), g, plan_interval("j", 500, POLICY.tokenomics, st.digest))

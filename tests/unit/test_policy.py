@@ -37,7 +37,7 @@ def _error(path: Path) -> str:
 
 def test_default_policy_loads_with_the_documented_numbers() -> None:
     p = load_policy(DEFAULT)
-    assert p.name == "default" and p.version == 1 and p.chain_id == 31337
+    assert p.name == "default" and p.version == 2 and p.chain_id == 31337
     assert p.market.clearing == "uniform" and p.market.min_bond_ugpc == 100_000_000
     assert p.market.allow_preemption is False
     t = p.tokenomics
@@ -50,6 +50,24 @@ def test_default_policy_loads_with_the_documented_numbers() -> None:
     assert (v.sketch_buckets, v.tolerance_rel_l2, v.challenge_window_s) == (256, 1e-3, 3600)
     assert (p.slashing.fraud_slash_fraction_bps, p.slashing.whistleblower_share_bps) == (5000, 2000)
     assert p.bonding.unbonding_epochs == 7
+
+
+def test_the_shipped_policies_vet_the_main_jobs_package_as_it_is() -> None:
+    """A change to the main job's code changes its hash: it must be reviewed and the policies' list
+    updated (and the policies' version bumped), or its ranks could no longer be slashed."""
+    from gpucoin.spec import package_hash
+
+    main_job = package_hash(DEFAULT.parents[1] / "jobs" / "shakespeare_char")
+    for path in (DEFAULT, LOCAL):
+        assert load_policy(path).verification.vetted_packages == (main_job,), path
+
+
+def test_vetted_packages_must_be_hashes(tmp_path) -> None:
+    text = DEFAULT.read_text()
+    bad = text.replace('"0x8b69', '"0X8B69', 1)
+    path = tmp_path / "bad.toml"
+    path.write_text(bad)
+    assert "vetted_packages" in _error(path)
 
 
 def test_local_policy_differs_from_default_only_in_name_epoch_window_and_rescaled_emission() -> None:
