@@ -64,6 +64,12 @@ DEV_PASSWORD = "gpucoin-dev-wallet-insecure"
 """Fixed password of dev wallets; public, so a dev wallet is not a secret."""
 
 _MAX_SCRYPT_N = 2**20
+_MAX_SCRYPT_R = 8
+_MAX_SCRYPT_P = 16
+_MAX_SCRYPT_WORK = _MAX_SCRYPT_N * _MAX_SCRYPT_R
+"""Bound on N·r·p: scrypt's memory is 128·r·N bytes and its time grows with N·r·p (RFC 7914, 6).
+geth's standard (N 2**18, r 8, p 1) and light (N 2**12, r 8, p 6) keystores are within it."""
+_KEY_BYTES = 32
 _MAX_PBKDF2_C = 10**7
 _MAX_KEYSTORE_BYTES = 64 * 1024
 _WALLET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -160,9 +166,34 @@ def _read_keyfile(path: Path) -> dict[str, Any]:
     kdf = crypto.get("kdf")
     work = params.get("n") if kdf == "scrypt" else params.get("c") if kdf == "pbkdf2" else None
     limit = _MAX_SCRYPT_N if kdf == "scrypt" else _MAX_PBKDF2_C
-    if not isinstance(work, int) or isinstance(work, bool) or not 1 <= work <= limit:
+    if not _is_int(work) or not 1 <= work <= limit:
         raise WalletError(f"keystore {path} is corrupt: unsupported kdf {kdf!r} or work factor {work!r}")
+    if params.get("dklen") != _KEY_BYTES:
+        raise WalletError(f"keystore {path} is corrupt: {kdf} dklen {params.get('dklen')!r}, expected {_KEY_BYTES}")
+    if kdf == "scrypt":
+        _check_scrypt(params, path)
     return keyfile
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_scrypt(params: dict[str, Any], path: Path) -> None:
+    """Refuse scrypt parameters that would exhaust memory or time before the KDF runs."""
+    n, r, p = params.get("n"), params.get("r"), params.get("p")
+    if n & (n - 1):
+        raise WalletError(f"keystore {path} is corrupt: scrypt n {n} is not a power of two")
+    if not (_is_int(r) and 1 <= r <= _MAX_SCRYPT_R and _is_int(p) and 1 <= p <= _MAX_SCRYPT_P):
+        raise WalletError(
+            f"keystore {path} is refused: scrypt r {r!r} and p {p!r} must be integers in "
+            f"[1, {_MAX_SCRYPT_R}] and [1, {_MAX_SCRYPT_P}]"
+        )
+    if n * r * p > _MAX_SCRYPT_WORK:
+        raise WalletError(
+            f"keystore {path} is refused: scrypt n·r·p = {n * r * p} exceeds {_MAX_SCRYPT_WORK} "
+            "(memory 128·r·n bytes, time in n·r·p)"
+        )
 
 
 def keystore_address(path: str | os.PathLike[str]) -> str:
