@@ -137,7 +137,9 @@ def open_ledger(opts: LocalOptions, coordinator) -> Ledger:
 
     The Genesis is signed by the local coordinator key for ``opts.policy``; a ledger kept from an
     earlier run must name the same policy. A local ledger written before Genesis messages existed
-    is moved aside (``ledger-before-genesis-<time>.db``) and a new one started.
+    is moved aside (``ledger-before-genesis-<time>.db``) and a new one started, and so is one of an
+    older version of the same named policy (``ledger-<name>-v<version>-<time>.db``): the local
+    market holds only dev money, and a shipped policy's upgrade must not stop ``make demo``.
 
     Raises:
         PolicyError: the local ledger's Genesis names another policy than ``opts.policy``.
@@ -147,13 +149,17 @@ def open_ledger(opts: LocalOptions, coordinator) -> Ledger:
     path = opts.home / "ledger.db"
     domain = Domain(chain_id=opts.policy.chain_id, verifying_contract=coordinator.address)
     ledger = Ledger(f"sqlite:///{path}", domain=domain)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     if ledger.genesis is None and (ledger.domain is not None or ledger.messages()):
         ledger.close()
-        aside = path.with_name(f"ledger-before-genesis-{time.strftime('%Y%m%d-%H%M%S')}.db")
-        for suffix in ("", "-wal", "-shm"):
-            if Path(f"{path}{suffix}").exists():
-                Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
+        _move_aside(path, path.with_name(f"ledger-before-genesis-{stamp}.db"))
         ledger = Ledger(f"sqlite:///{path}", domain=domain)
+    elif ledger.genesis is not None and ledger.genesis.policy_hash != policy_hash(opts.policy):
+        bound = ledger.policy
+        if bound.name == opts.policy.name and bound.version < opts.policy.version:
+            ledger.close()  # a dev market of an older version of the same policy: kept, a new one begun
+            _move_aside(path, path.with_name(f"ledger-{bound.name}-v{bound.version}-{stamp}.db"))
+            ledger = Ledger(f"sqlite:///{path}", domain=domain)
     if ledger.genesis is None:
         ledger.init_genesis(genesis_message(coordinator.account, domain, opts.policy, dev=True), opts.policy)
     elif ledger.genesis.policy_hash != policy_hash(opts.policy):
@@ -164,6 +170,13 @@ def open_ledger(opts: LocalOptions, coordinator) -> Ledger:
             f"{opts.policy.name!r} v{opts.policy.version}; use --home DIR for a local market with this policy"
         )
     return ledger
+
+
+def _move_aside(path: Path, aside: Path) -> None:
+    """Rename a SQLite ledger file and its WAL companions to ``aside``."""
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{path}{suffix}").exists():
+            Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
 
 
 def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) -> dict:
@@ -253,7 +266,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
 
     from gpucoin.coordinator.evaluate import evaluate
     from gpucoin.coordinator.run import JobRun
-    from gpucoin.runtime.inbox import JobInbox
+    from gpucoin.runtime.inbox import InboxConfig, JobInbox
     from gpucoin.runtime.trainer import launch
     from gpucoin.verify.verifier import check_interval
 
@@ -300,10 +313,19 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
         )
         for rank, node_id in enumerate(placement.node_ids):
             coord.assign(job_id, rank, provider_of[node_id], node_id)
+        rank_worker = [provider_of[n] for n in placement.node_ids]
+        inbox_config = InboxConfig(
+            job_id=job_id,
+            domain=coord.domain.as_dict(),
+            rank_worker=tuple(rank_worker),
+            steps_per_interval=spec.checkpoint_interval_steps,
+            buckets=policy.verification.sketch_buckets,
+            total_steps=spec.steps,
+        )
         inbox = (
             ray.remote(JobInbox)
             .options(num_cpus=0, label_selector={"ray.io/node-id": cluster.node_id("head")})
-            .remote()
+            .remote(inbox_config)
         )
         # checkpoints live write-once under the head's control, named by hash (gpucoin.storage)
         store = (
@@ -321,7 +343,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             job_id=job_id,
             coord=coord,
             inbox=inbox,
-            rank_worker=[provider_of[n] for n in placement.node_ids],
+            rank_worker=rank_worker,
             price_ugpc_per_worker_hour=placement.price_ugpc_per_worker_hour,
             verifier_address=verifier.address,
             package_hash=loaded.package_hash,

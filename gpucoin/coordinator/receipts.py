@@ -2,7 +2,9 @@
 
 A receipt is accepted once, for the interval and rank it names, signed by the worker the market
 placed on that rank, chained to that rank's previous receipt, with sketches of the right shape,
-all finite, that hash to the signed sketch root. Anything else is refused before it is recorded.
+all finite, that hash to the signed sketch root, claiming exactly the samples the spec gives a
+rank per interval and no more compute time than passed on the coordinator's clock since the
+interval could start. Anything else is refused before it is recorded.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import numpy as np
 from gpucoin.exceptions import SignatureError
 from gpucoin.runtime.sketch import sketch_root
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, verify
+
+COMPUTE_TIME_SLACK_MS = 1000
+"""Allowance for the rank's clock running faster than the head's over one interval."""
 
 
 class ReceiptRejected(SignatureError):
@@ -28,6 +33,8 @@ def check_receipt(
     step_start: int,
     step_end: int,
     buckets: int,
+    samples: int,
+    elapsed_ms: int,
     previous_digest: str | None,
     already_have: bool,
     domain: Domain,
@@ -37,6 +44,8 @@ def check_receipt(
     Args:
         sketches: what the rank sent with the receipt, expected (step_end - step_start, buckets) float64.
         worker: address the market placed on ``rank``.
+        samples: sequences one rank trains per interval (K x gradient accumulation x micro-batch).
+        elapsed_ms: ms on the coordinator's clock since the interval could start (``Meter.elapsed_ms``).
         step_start / step_end: the interval the coordinator expects next from this rank.
         previous_digest: digest of this rank's receipt for the interval before (None for the first).
         already_have: the coordinator already holds a receipt from this rank for this interval.
@@ -56,6 +65,13 @@ def check_receipt(
         )
     if already_have:
         raise ReceiptRejected(f"rank {rank} already sent a receipt for steps {step_start}-{step_end}")
+    if m["samples"] != samples:
+        raise ReceiptRejected(f"rank {rank}: receipt claims {m['samples']} samples, the spec gives {samples}")
+    if m["computeTimeMs"] > elapsed_ms + COMPUTE_TIME_SLACK_MS:
+        raise ReceiptRejected(
+            f"rank {rank}: receipt claims {m['computeTimeMs']} ms of compute, only {elapsed_ms} ms passed on the "
+            "coordinator's clock"
+        )
     expected_prev = previous_digest or ZERO_BYTES32
     if m["previousReceipt"] != expected_prev:
         raise ReceiptRejected(f"rank {rank}: previousReceipt {m['previousReceipt']} does not chain to {expected_prev}")

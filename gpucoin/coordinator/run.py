@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from gpucoin.coordinator.meter import Meter
 from gpucoin.coordinator.receipts import ReceiptRejected, check_receipt
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.exceptions import ConflictError, ReceiptOutOfOrder, SignatureError, TrainingError, UnknownParty
 from gpucoin.money import format_gpc
 from gpucoin.policy.tokenomics import check_probability, interval_payment_ugpc
+from gpucoin.runtime.inbox import ProgressEvent, ReceiptEvent
 from gpucoin.spec import JobSpec
 from gpucoin.storage import StoreClient
 from gpucoin.storage.checkpoints import commitment_problem
@@ -37,7 +39,6 @@ from gpucoin.wallet.messages import SignedMessage, verify
 POLL_INTERVAL_S = 0.5
 MAX_RUN_S = 6 * 3600
 """Upper bound on one run's wall time; past it the run is stopped as failed."""
-MAX_EVENTS_PER_POLL = 1000
 
 
 @dataclass
@@ -48,8 +49,9 @@ class Interval:
     end: int
     receipts: dict[int, SignedMessage] = field(default_factory=dict)
     sketches: dict[int, np.ndarray] = field(default_factory=dict)
+    arrivals_s: dict[int, float] = field(default_factory=dict)  # rank -> its receipt's arrival, head clock
     reports: list[SignedMessage] | None = None  # the verifier's signed reports, rank order, once replayed
-    wall_ms: int = 0
+    wall_ms: int = 0  # metered worker time (``coordinator.meter``), what the interval is billed for
     pending: object = None  # ObjectRef of the replay while it runs
     settle_at: float | None = None  # monotonic time when a held interval's challenge window ends
     outcome: str = "open"
@@ -108,7 +110,10 @@ class JobRun:
         self.distances: list[float] = []
         self.stopped: str | None = None
         self.fraud_at: int | None = None
-        self.t_interval: float | None = None
+        # the meter starts now, as the coordinator launches the ranks; it never takes a time from a rank
+        self.meter = Meter(
+            self.spec.workers, self.spec.checkpoint_interval_steps, self.policy.metering, time.monotonic()
+        )
         self.t_step: float | None = None
         self.last_progress_step = 0
         self.sketch_dir.mkdir(parents=True, exist_ok=True)
@@ -122,8 +127,10 @@ class JobRun:
         while True:
             if time.monotonic() > deadline:
                 raise TrainingError(f"job {self.job_id} did not finish within {MAX_RUN_S} s")
-            for ev in ray.get(self.inbox.poll.remote(MAX_EVENTS_PER_POLL)):
+            for ev in ray.get(self.inbox.poll.remote()):
                 self.on_event(ev)
+            if self.lost_nodes():
+                return  # a lost rank may hold the others in a collective: the cluster's shutdown ends them
             self.collect_replays(block=False)
             self.settle_held(force=False)
             self.close_epochs()
@@ -131,8 +138,24 @@ class JobRun:
                 break
             time.sleep(POLL_INTERVAL_S)
         training.join()
-        for ev in ray.get(self.inbox.poll.remote(MAX_EVENTS_PER_POLL)):
+        for ev in ray.get(self.inbox.poll.remote()):
             self.on_event(ev)
+
+    def lost_nodes(self) -> bool:
+        """Stop the job if a rank has not delivered its next receipt within the policy's
+        ``interval_timeout_s``: it counts as a lost node, and its open interval is void (unpaid)."""
+        iv = next((iv for iv in self.intervals.values() if iv.outcome == "open"), None)
+        if iv is None or self.stopped is not None:
+            return False
+        late = self.meter.overdue(time.monotonic(), set(range(self.spec.workers)) - set(iv.receipts))
+        if not late:
+            return False
+        iv.outcome = "void"
+        self.stop(
+            f"rank {', '.join(map(str, late))} lost: no receipt for steps {iv.start}-{iv.end} within "
+            f"{self.policy.metering.interval_timeout_s} s"
+        )
+        return True
 
     def finish(self) -> None:
         """After training: settle what is still held (the local run ends its challenge window), then
@@ -162,25 +185,28 @@ class JobRun:
             self.inbox.stop.remote(reason)
             self.ui.note(f"stopping the job: {reason}")
 
-    def on_event(self, ev: tuple) -> None:
+    def on_event(self, ev: ReceiptEvent | ProgressEvent) -> None:
         """Dispatch one inbox event (see ``runtime.inbox.JobInbox``)."""
-        kind = ev[0]
-        if kind == "started":
-            self.t_interval = self.t_step = time.monotonic()
-            self.ui.training_started(self.spec.steps, ev[1])
-        elif kind == "progress":
-            _, step, loss, _lr = ev
+        if isinstance(ev, ProgressEvent):
             now = time.monotonic()
-            dt = now - (self.t_step or now)
-            tokens = self.spec.global_batch_size * self.spec.model.block_size * (step - self.last_progress_step)
-            self.last_progress_step, self.t_step = step, now
-            self.ui.step(step, loss, tokens / dt if dt > 0 else 0.0)
-        elif kind == "receipt":
-            self.on_receipt(ev[1], ev[2], ev[3])
+            if self.t_step is None:
+                self.ui.training_started(self.spec.steps, 0)
+                self.t_step = now
+            dt = now - self.t_step
+            tokens = (
+                self.spec.global_batch_size * self.spec.model.block_size * max(0, ev.step - self.last_progress_step)
+            )
+            self.last_progress_step, self.t_step = ev.step, now
+            self.ui.step(ev.step, ev.loss, tokens / dt if dt > 0 else 0.0)
+        elif isinstance(ev, ReceiptEvent):
+            self.on_receipt(ev.rank, ev.receipt_json, ev.sketches, ev.arrived_s)
 
     # -- receipts -------------------------------------------------------------
-    def on_receipt(self, rank: int, receipt_json: str, sketches) -> None:
-        """Admit a rank's receipt (``receipts.check_receipt``), record it, and close the interval when complete."""
+    def on_receipt(self, rank: int, receipt_json: str, sketches, arrived_s: float | None = None) -> None:
+        """Admit a rank's receipt (``receipts.check_receipt``), record it, and close the interval when complete.
+
+        ``arrived_s``: when the inbox received it (head clock, monotonic s); now if None."""
+        arrived_s = time.monotonic() if arrived_s is None else arrived_s
         try:
             receipt = SignedMessage.from_json(receipt_json)
             iv = self.intervals.get(receipt.message["stepStart"])
@@ -196,6 +222,10 @@ class JobRun:
                 step_start=iv.start,
                 step_end=iv.end,
                 buckets=self.policy.verification.sketch_buckets,
+                samples=(iv.end - iv.start)
+                * self.spec.deepspeed.micro_batch_size
+                * self.spec.deepspeed.gradient_accumulation_steps,
+                elapsed_ms=self.meter.elapsed_ms(arrived_s),
                 previous_digest=prev.receipts[rank].digest if prev and rank in prev.receipts else None,
                 already_have=rank in iv.receipts or iv.outcome != "open",
                 domain=self.coord.domain,
@@ -207,17 +237,16 @@ class JobRun:
             self.ui.note(f"receipt from rank {rank} rejected: {e}")
             return
         self.counts["signed"] += 1
-        iv.receipts[rank], iv.sketches[rank] = receipt, sketches
+        iv.receipts[rank], iv.sketches[rank], iv.arrivals_s[rank] = receipt, sketches, arrived_s
         # kept beside the checkpoints: the receipt commits to them, a verifier may ask for them later
         np.save(self.sketch_dir / f"rank{rank}-step{iv.start:08d}.npy", sketches)
         if len(iv.receipts) == self.spec.workers:
             self.interval_complete(iv)
 
     def interval_complete(self, iv: Interval) -> None:
-        """Meter the interval on the coordinator's clock, then draw: replay it, or hold it for the window."""
+        """Meter the interval (``coordinator.meter``), then draw: replay it, or hold it for the window."""
         now = time.monotonic()
-        iv.wall_ms = int((now - (self.t_interval or now)) * 1000)
-        self.t_interval = now
+        iv.wall_ms = self.meter.close(iv.arrivals_s, iv.end - iv.start)
         if self.stopped is not None:
             iv.outcome = "void"  # trained after a proven fraud or with the budget spent
             return

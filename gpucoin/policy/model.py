@@ -123,6 +123,21 @@ class VerificationPolicy(BaseModel):
         return self
 
 
+class MeteringPolicy(BaseModel):
+    """How an interval's worker time is metered, so that stalling earns nothing (docs/security.md, Stalling)."""
+
+    model_config = _STRICT
+
+    interval_timeout_s: Annotated[int, Field(gt=0, le=86_400)] = Field(
+        description="Seconds a rank has to deliver an interval's receipt after its previous one (after the launch, "
+        "for the first) before it counts as a lost node: the job stops and that interval is not paid."
+    )
+    pace_slack_bps: Annotated[int, Field(ge=10_000, le=100_000)] = Field(
+        description="An interval after the first is metered at most this many bps of the job's fastest pace per "
+        "step so far (10,000: that pace exactly), so a rank slowing every rank down raises the bill by at most this."
+    )
+
+
 class SlashingPolicy(BaseModel):
     """What a proven fraud costs the cheater (SPEC.md, Money)."""
 
@@ -155,6 +170,7 @@ class Policy(BaseModel):
     market: MarketPolicy
     tokenomics: TokenomicsPolicy
     verification: VerificationPolicy
+    metering: MeteringPolicy
     slashing: SlashingPolicy
     bonding: BondingPolicy
 

@@ -23,6 +23,15 @@ checkpoint after signing), ``alter`` (store and sign weights other than it compu
 
 ATTACKS = ("withhold", "alter", "pickle")
 
+FAULT_STALL_ENV = "GPUCOIN_TEST_FAULT_STALL"
+"""``<seconds>@<step>``: sleep that long before handing in the receipt of the interval ending at
+``step`` (a rank that stalls to be paid for more hours)."""
+
+FAULT_FLOOD_ENV = "GPUCOIN_TEST_FAULT_FLOOD"
+"""``N``: before each receipt, send the job's inbox N hostile submissions: its receipt under a
+co-worker's rank, an oversized receipt, an oversized sketch, a bogus progress report (a rank that
+floods the head to push its co-workers' receipts out)."""
+
 
 def skipped_sequences() -> int:
     """Sequences to drop per micro-batch (0: honest)."""
@@ -52,6 +61,34 @@ class _Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def before_submit(step: int, inbox, rank: int, receipt_json: str, sketches, losses: list[float]) -> None:
+    """What this node does just before handing in its receipt for the interval ending at ``step``."""
+    import time
+
+    import numpy as np
+    import ray
+
+    flood = int(os.environ.get(FAULT_FLOOD_ENV, "0") or 0)
+    refs = []
+    for i in range(flood):
+        kind = i % 4
+        if kind == 0:
+            refs.append(inbox.submit_receipt.remote(0 if rank else 1, receipt_json, sketches, losses))
+        elif kind == 1:
+            refs.append(inbox.submit_receipt.remote(rank, receipt_json + " " * 100_000, sketches, losses))
+        elif kind == 2:
+            big = np.zeros((sketches.shape[0], sketches.shape[1] * 64))
+            refs.append(inbox.submit_receipt.remote(rank, receipt_json, big, losses))
+        else:
+            refs.append(inbox.progress.remote(10**9, float("nan"), 0.0))
+    ray.get(refs)
+    value = os.environ.get(FAULT_STALL_ENV, "")
+    if value:
+        seconds, _, at = value.partition("@")
+        if int(at) == step:
+            time.sleep(float(seconds))
 
 
 def tamper(tag_dir: Path, attack: str) -> None:

@@ -105,8 +105,6 @@ def train_loop_per_worker(config: dict) -> None:
             raise TrainingError(f"cannot resume from step {start}: {'; '.join(str(e) for e in bad.values())}")
         engine.load_checkpoint(str(scratch), tag=tag_for(start))
     previous = config["previous"][rank]
-    if rank == 0:
-        inbox.started.remote(start)
 
     skip = faults.skipped_sequences()
     for s, e in spec.intervals():
@@ -169,7 +167,10 @@ def train_loop_per_worker(config: dict) -> None:
             },
         )
         previous = receipt.digest
+        faults.before_submit(e, inbox, rank, receipt.to_json(), sk, losses)
         # Blocking: the receipt is in the coordinator's hands before the next interval starts.
-        ray.get(inbox.submit_receipt.remote(rank, receipt.to_json(), sk, losses))
+        reply = ray.get(inbox.submit_receipt.remote(rank, receipt.to_json(), sk, losses))
+        if not reply.accepted:
+            raise TrainingError(f"the job's inbox refused rank {rank}'s receipt for steps {s}-{e}: {reply.reason}")
     sketch.detach()
     shutil.rmtree(scratch, ignore_errors=True)

@@ -55,7 +55,7 @@ def _train(home: Path, *args: str, spec: Path = JOB):
         (["--bid", "-1"], "--bid"),
         (["--bid", "0.5"], "ask above the bid"),
         (["--budget", "1.0000001"], "7 decimals"),
-        (["--policy", str(REPO / "policies" / "default.toml")], "was started with policy 'local' v2, not 'default' v2"),
+        (["--policy", str(REPO / "policies" / "default.toml")], "was started with policy 'local' v3, not 'default' v3"),
     ],
 )
 def test_refused_with_one_line_and_no_ledger_change(home, args, expect):

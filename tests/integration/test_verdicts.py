@@ -130,8 +130,8 @@ def deliver(run: JobRun, vols, start: int) -> list[SignedMessage]:
                 "rank": rank,
                 "stepStart": start,
                 "stepEnd": start + 4,
-                "samples": 64,
-                "computeTimeMs": 1000,
+                "samples": 4 * run.spec.deepspeed.micro_batch_size * run.spec.deepspeed.gradient_accumulation_steps,
+                "computeTimeMs": 10,
                 "sketchRoot": sketch_root(start, sk),
                 "checkpointHash": sha256_digest(f"manifest {rank} {start}".encode()),
                 "previousReceipt": prev.receipts[rank].digest if prev else ZERO_BYTES32,
@@ -181,7 +181,9 @@ def test_a_rank_convicted_by_both_checks_its_checkpoint_bounds_is_slashed_once(m
     assert run.money["slashed"] == slash
     assert ledger.balance(wallet_account(vols[1].address, "bonded")) == STAKE - slash
     assert ledger.balance(wallet_account(vols[0].address, "bonded")) == STAKE
-    assert run.money["paid"] == 0 and run.last_settled_step() == 0
+    # only rank 0's share of steps 0-4 is charged: the evidence cleared it; steps 4-8 are void
+    assert run.money["paid"] == interval_payment_ugpc(run.price_ugpc_per_worker_hour, 1, run.intervals[0].wall_ms)
+    assert run.last_settled_step() == 0
     assert ledger.audit() == []
 
 

@@ -37,7 +37,7 @@ def _error(path: Path) -> str:
 
 def test_default_policy_loads_with_the_documented_numbers() -> None:
     p = load_policy(DEFAULT)
-    assert p.name == "default" and p.version == 2 and p.chain_id == 31337
+    assert p.name == "default" and p.version == 3 and p.chain_id == 31337
     assert p.market.clearing == "uniform" and p.market.min_bond_ugpc == 100_000_000
     assert p.market.allow_preemption is False
     t = p.tokenomics
@@ -70,7 +70,7 @@ def test_vetted_packages_must_be_hashes(tmp_path) -> None:
     assert "vetted_packages" in _error(path)
 
 
-def test_local_policy_differs_from_default_only_in_name_epoch_window_and_rescaled_emission() -> None:
+def test_local_policy_differs_from_default_only_in_name_epoch_window_timeout_and_rescaled_emission() -> None:
     d = load_policy(DEFAULT).model_dump()
     loc = load_policy(LOCAL).model_dump()
     assert loc["name"] == "local"
@@ -79,6 +79,8 @@ def test_local_policy_differs_from_default_only_in_name_epoch_window_and_rescale
     loc["name"] = "default"
     loc["tokenomics"]["epoch_length_s"] = d["tokenomics"]["epoch_length_s"]
     loc["verification"]["challenge_window_s"] = d["verification"]["challenge_window_s"]
+    assert loc["metering"]["interval_timeout_s"] < d["metering"]["interval_timeout_s"]  # a demo gives up sooner
+    loc["metering"]["interval_timeout_s"] = d["metering"]["interval_timeout_s"]
     epochs_per_default_epoch = d["tokenomics"]["epoch_length_s"] // 10
     # same emission per second (to the µGPC) and the same halving time in days
     assert (
