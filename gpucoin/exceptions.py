@@ -20,6 +20,8 @@
     │   │   │                         faucet outside a dev market; an epoch closed early or twice)
     │   │   └── StaleEpoch            a Settlement signed for another epoch than the ledger's current one
     │   ├── NoGenesis                 a ledger with no Genesis message yet, or a second Genesis
+    │   ├── StoredPolicyOutdated      the policy a ledger is bound to fails this gpucoin's policy
+    │   │                             schema (written by an older version)
     │   ├── ReceiptOutOfOrder         a WorkReceipt whose steps overlap, leave a gap or do not
     │   │                             chain to its rank's previous receipt
     │   ├── UnknownParty              a WorkReceipt for a job or worker the ledger does not know
@@ -77,6 +79,11 @@ class WalletError(GpucoinError):
 
 class LedgerError(GpucoinError):
     """A ledger write that was refused; the ledger is unchanged."""
+
+
+class StoredPolicyOutdated(LedgerError):
+    """The policy a ledger's Genesis binds is stored intact but fails this gpucoin's policy schema
+    (a ledger written under an older schema, e.g. before a policy section was added)."""
 
 
 class InsufficientFunds(LedgerError):

@@ -20,7 +20,7 @@ from typing import Protocol
 from gpucoin.cluster.embedded import EmbeddedCluster, NodeSpec, sigint_ignored
 from gpucoin.cluster.local import engineer_available_after_faucet, fund_engineer, participant, register_volunteer
 from gpucoin.coordinator.settle import Coordinator, genesis_message
-from gpucoin.exceptions import InsufficientFunds, LedgerError, NoPlacement, PolicyError, VerificationError
+from gpucoin.exceptions import InsufficientFunds, NoPlacement, PolicyError, StoredPolicyOutdated, VerificationError
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import wallet_account
 from gpucoin.money import format_gpc
@@ -151,9 +151,7 @@ def open_ledger(opts: LocalOptions, coordinator) -> Ledger:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         ledger = Ledger(f"sqlite:///{path}", domain=domain)
-    except LedgerError as e:
-        if "does not parse" not in str(e):
-            raise
+    except StoredPolicyOutdated:
         # bound to a policy of an older schema: a dev market, kept aside, and a new one begun
         _move_aside(path, path.with_name(f"ledger-older-policy-schema-{stamp}.db"))
         ledger = Ledger(f"sqlite:///{path}", domain=domain)

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from gpucoin.exceptions import LedgerError, PolicyError
+from gpucoin.exceptions import LedgerError, PolicyError, StoredPolicyOutdated
 from gpucoin.ledger import migrate
 from gpucoin.ledger.facts import GenesisInfo, Msg
 from gpucoin.ledger.models import MarketRow, MessageRow, PolicyRow
@@ -56,16 +56,21 @@ def load_policy_row(conn: Any, hash_: str) -> Policy:
     """The policy stored under ``hash_``, checked to hash to it.
 
     Raises:
-        LedgerError: if it is missing, does not parse, or hashes to something else.
+        StoredPolicyOutdated: if it is valid JSON that fails this gpucoin's policy schema.
+        LedgerError: if it is missing, is not JSON, or hashes to something else.
     """
     table = PolicyRow.__table__
     row = conn.execute(select(table.c.body).where(table.c.hash == hash_)).first()
     if row is None:
         raise LedgerError(f"the ledger's policy {hash_} is not stored")
     try:
-        policy = parse_policy(loads_json(row[0]), f"stored policy {hash_}")
-    except (ValueError, PolicyError) as exc:
+        data = loads_json(row[0])
+    except ValueError as exc:
         raise LedgerError(f"the ledger's policy {hash_} does not parse: {exc}") from None
+    try:
+        policy = parse_policy(data, f"stored policy {hash_}")
+    except PolicyError as exc:
+        raise StoredPolicyOutdated(f"the ledger's policy {hash_} does not parse: {exc}") from None
     if policy_hash(policy) != hash_:
         raise LedgerError(f"the ledger's policy stored under {hash_} hashes to {policy_hash(policy)}")
     return policy
