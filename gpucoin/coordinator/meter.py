@@ -13,7 +13,7 @@ its receipt, or inside a step (every rank then waits for it in the next all-redu
 - after the first interval (which also holds the start-up), the metered time is at most
   ``pace_slack_bps`` of the job's best pace per step so far, which bounds a stall that holds
   every rank (inside a step, or between receipt and the next all-reduce);
-- a rank whose next receipt has not arrived ``interval_timeout_s`` after its previous one is a
+- a rank whose receipt has not arrived ``interval_timeout_s`` after its interval could start is a
   lost node.
 
 What this does not bound: a rank that is slow from the first step on sets the job's best pace
@@ -29,7 +29,7 @@ from gpucoin.policy.model import MeteringPolicy
 
 @dataclass
 class Meter:
-    """Per-rank arrival times of one job's receipts on the coordinator's clock (seconds).
+    """The meter of one job's intervals, from its receipts' arrival times on the coordinator's clock (seconds).
 
     Attributes:
         workers: ranks in the job; steps_per_interval: K (the most steps of an interval).

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from gpucoin.exceptions import SignatureError
-from gpucoin.runtime.sketch import sketch_root
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, verify
 
 COMPUTE_TIME_SLACK_MS = 1000
@@ -21,6 +20,21 @@ COMPUTE_TIME_SLACK_MS = 1000
 
 class ReceiptRejected(SignatureError):
     """A WorkReceipt (or its sketches) the coordinator refuses; nothing was recorded."""
+
+
+def check_signed(receipt: SignedMessage, *, job_id: str, rank: int, worker: str, domain: Domain) -> None:
+    """Raise ``ReceiptRejected`` unless ``receipt`` is a WorkReceipt for ``job_id`` and ``rank``
+    signed by ``worker`` in ``domain``: what the head's inbox checks before it keeps anything, and
+    the first rules of ``check_receipt``."""
+    try:
+        verify(receipt, expected_signer=worker, domain=domain)
+    except SignatureError as e:
+        raise ReceiptRejected(f"rank {rank}: {e}") from None
+    if receipt.primary_type != "WorkReceipt":
+        raise ReceiptRejected(f"rank {rank}: expected a WorkReceipt, got a {receipt.primary_type}")
+    m = receipt.message
+    if m["jobId"] != job_id or m["rank"] != rank:
+        raise ReceiptRejected(f"receipt names job {m['jobId']!r} rank {m['rank']}, expected {job_id!r} rank {rank}")
 
 
 def check_receipt(
@@ -50,15 +64,10 @@ def check_receipt(
         previous_digest: digest of this rank's receipt for the interval before (None for the first).
         already_have: the coordinator already holds a receipt from this rank for this interval.
     """
-    try:
-        verify(receipt, expected_signer=worker, domain=domain)
-    except SignatureError as e:
-        raise ReceiptRejected(f"rank {rank}: {e}") from None
-    if receipt.primary_type != "WorkReceipt":
-        raise ReceiptRejected(f"rank {rank}: expected a WorkReceipt, got a {receipt.primary_type}")
+    from gpucoin.runtime.sketch import sketch_root  # imports torch: kept out of the head's inbox (check_signed)
+
+    check_signed(receipt, job_id=job_id, rank=rank, worker=worker, domain=domain)
     m = receipt.message
-    if m["jobId"] != job_id or m["rank"] != rank:
-        raise ReceiptRejected(f"receipt names job {m['jobId']!r} rank {m['rank']}, expected {job_id!r} rank {rank}")
     if (m["stepStart"], m["stepEnd"]) != (step_start, step_end):
         raise ReceiptRejected(
             f"rank {rank}: receipt covers steps {m['stepStart']}-{m['stepEnd']}, expected {step_start}-{step_end}"

@@ -130,8 +130,9 @@ class JobInbox:
 
     def _screen(self, rank, receipt_json, sketches, losses) -> str | None:
         """Why a submission is refused before anything of it is kept, or None."""
+        from gpucoin.coordinator.receipts import ReceiptRejected, check_signed
         from gpucoin.exceptions import SignatureError
-        from gpucoin.wallet.messages import SignedMessage, verify
+        from gpucoin.wallet.messages import SignedMessage
 
         cfg = self._config
         if not (_is_int(rank) and 0 <= rank < len(cfg.rank_worker)):
@@ -153,13 +154,11 @@ class JobInbox:
             return f"rank {rank}: losses must be numbers"
         try:
             receipt = SignedMessage.from_json(receipt_json)
-            if receipt.primary_type != "WorkReceipt":
-                return f"rank {rank}: expected a WorkReceipt, got a {receipt.primary_type}"
-            verify(receipt, expected_signer=cfg.rank_worker[rank], domain=self._domain)
+            check_signed(receipt, job_id=cfg.job_id, rank=rank, worker=cfg.rank_worker[rank], domain=self._domain)
+        except ReceiptRejected as e:
+            return " ".join(str(e).split())[:300]
         except (SignatureError, ValueError, KeyError, TypeError) as e:
             return f"rank {rank}: {' '.join(str(e).split())[:300]}"
-        if receipt.message["jobId"] != cfg.job_id or receipt.message["rank"] != rank:
-            return f"rank {rank}: the receipt names job {receipt.message['jobId']!r} rank {receipt.message['rank']}"
         return None
 
 

@@ -38,9 +38,7 @@ def test_a_stalling_flooding_rank_raises_no_bill_and_drops_no_receipt(tmp_path) 
     )
     assert s["stopped"] is None and s["audit"] == "ok"
     assert s["receipts"]["signed"] == 6 and s["receipts"]["rejected"] == 0
-    assert [iv["outcome"] for iv in s["intervals"]] == ["passed"] * 3 or all(
-        iv["outcome"] in ("passed", "unchecked") for iv in s["intervals"]
-    )
+    assert all(iv["outcome"] in ("passed", "unchecked") for iv in s["intervals"]), s["intervals"]
     later = [iv["wall_ms"] for iv in s["intervals"][1:]]
     assert max(later) < STALL_S * 1000, later
     assert 0 < s["ledger"]["escrowed"] - s["ledger"]["refunded"]
