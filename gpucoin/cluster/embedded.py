@@ -3,6 +3,11 @@
 Each node is one ``ray start --block`` process that we own (its own session, so Ctrl-C
 reaches only us); stopping the cluster terminates exactly those processes, never another Ray
 cluster on the host (``ray stop`` would stop them all). Every node gets its own ports.
+
+The cluster is closed: Ray token authentication with gpucoin's own token file, every node on
+the loopback address (so Ray's servers listen on 127.0.0.1 only, see ``ray_node``), and a Ray
+temp dir of its own that is removed on stop, so no ``/tmp/ray/ray_current_cluster`` names a dead
+head afterwards (gpucoin.cluster.auth).
 """
 
 from __future__ import annotations
@@ -15,16 +20,21 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpucoin.cluster.auth import driver_env, ensure_token, node_env
+from gpucoin.cluster.ray_node import loopback_kept
 from gpucoin.exceptions import ClusterError
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
 NODE_START_ATTEMPTS = 3
+NODE_IP = "127.0.0.1"
+"""Every embedded node's Ray node IP: loopback, so nothing of the cluster listens beyond this host."""
 NODE_MARKER_PREFIX = "gpucoin_node_"
 """Custom resource each embedded node carries (``gpucoin_node_<name>: 1``) so its Ray node id can be found."""
 
@@ -91,16 +101,26 @@ class EmbeddedCluster:
         head_port: GCS port of the head (default: a free one; never 6379, where Redis may listen).
         runtime_env: this driver's job-level Ray runtime env (Ray uploads local ``py_modules``
             directories, such as a job's package, only at this level).
+        auth_token_path: gpucoin's Ray token file (created 0600 if missing; default
+            ``<workdir>/ray_auth_token``).
 
     Raises:
         ClusterError: if a node does not come up within ``START_TIMEOUT_S`` (its log's tail is quoted).
     """
 
     def __init__(
-        self, workdir: Path, nodes: list[NodeSpec], head_port: int | None = None, runtime_env: dict | None = None
+        self,
+        workdir: Path,
+        nodes: list[NodeSpec],
+        head_port: int | None = None,
+        runtime_env: dict | None = None,
+        auth_token_path: Path | None = None,
     ):
         self.runtime_env = runtime_env
         self.workdir = Path(workdir)
+        self.auth_token_path = Path(auth_token_path) if auth_token_path else self.workdir / "ray_auth_token"
+        self.temp_dir: Path | None = None
+        self._driver_env = contextlib.ExitStack()
         self.node_specs = [NodeSpec("head", num_cpus=0)] + list(nodes)
         self.port = head_port or free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -117,13 +137,12 @@ class EmbeddedCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _ray_bin(self) -> str:
-        exe = Path(sys.executable).with_name("ray")
-        return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
-
     def _launch(self, spec: NodeSpec, head: bool) -> RunningNode:
+        assert self.temp_dir is not None
         args = [
-            self._ray_bin(),
+            sys.executable,
+            "-m",
+            "gpucoin.cluster.ray_node",
             "start",
             "--block",
             "--disable-usage-stats",
@@ -144,16 +163,21 @@ class EmbeddedCluster:
             args += [
                 "--head",
                 f"--port={self.port}",
-                "--node-ip-address=127.0.0.1",
+                f"--node-ip-address={NODE_IP}",
+                f"--temp-dir={self.temp_dir}",
                 "--include-dashboard=false",
                 f"--ray-client-server-port={free_port()}",
             ]
         else:
-            args += [f"--address={self.address}", "--node-ip-address=127.0.0.1"]
+            args += [f"--address={self.address}", f"--node-ip-address={NODE_IP}"]
         self.workdir.mkdir(parents=True, exist_ok=True)
         log_path = self.workdir / f"ray-{spec.name}.log"
         # Nothing is left to drain when we stop a node: skip Ray's 30 s graceful drain.
-        env = {**os.environ, **spec.env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        env = node_env(
+            {**os.environ, **spec.env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+            self.auth_token_path,
+            self.temp_dir,
+        )
         # nodes share one host: each sees only its own GPU, or none
         env["CUDA_VISIBLE_DEVICES"] = "" if spec.gpu is None else str(spec.gpu)
         log = log_path.open("wb")
@@ -173,6 +197,10 @@ class EmbeddedCluster:
         """Start the head, then every node, and wait until all are alive in the GCS; connect this process."""
         import ray
 
+        ensure_token(self.auth_token_path)
+        # short and private: Ray's unix sockets live under it (a path may hold at most 107 bytes)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="gpucoin-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        self._driver_env.enter_context(driver_env(self.auth_token_path, self.temp_dir))
         self.nodes["head"] = self._launch(self.node_specs[0], head=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -186,7 +214,14 @@ class EmbeddedCluster:
                         f"the Ray head did not listen on {self.address} within {START_TIMEOUT_S:.0f} s"
                     ) from None
                 time.sleep(0.5)
-        ray.init(address=self.address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
+        with loopback_kept():
+            ray.init(
+                address=self.address,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env=self.runtime_env,
+                _node_ip_address=NODE_IP,
+            )
         # One node at a time: nodes started together on one host race in the shared session dir.
         for spec in self.node_specs[1:]:
             for attempt in range(1, NODE_START_ATTEMPTS + 1):
@@ -262,3 +297,7 @@ class EmbeddedCluster:
                     pass
                 n.process.wait(timeout=5)
         self.nodes.clear()
+        self._driver_env.close()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.ledger.accounts import wallet_account
-from gpucoin.runtime.worker import KEYSTORE_ENV, PASSWORD_ENV
 from gpucoin.wallet.keystore import DEV_PASSWORD, dev_account
 from gpucoin.wallet.messages import SignedMessage, sign
+from gpucoin.wallet.signer import SOCKET_ENV, SignerProcess, start_signer
 
 ENGINEER_FAUCET_UGPC = 1_000_000_000
 """What the dev faucet gives the engineer's dev wallet, once: 1,000 GPC."""
@@ -35,9 +35,14 @@ class Participant:
         """Checksum address."""
         return self.account.address
 
-    def node_env(self) -> dict[str, str]:
-        """Environment for this participant's Ray node, so its processes sign with its own key."""
-        return {KEYSTORE_ENV: str(self.keystore), PASSWORD_ENV: DEV_PASSWORD}
+    def start_signer(self, socket_path: Path, coordinator: str, domain, role: str = "volunteer") -> SignerProcess:
+        """Start this dev wallet's signing process (the dev password goes to it on a pipe)."""
+        return start_signer(self.keystore, DEV_PASSWORD, socket_path, coordinator, domain, role)
+
+    @staticmethod
+    def node_env(signer: SignerProcess) -> dict[str, str]:
+        """Environment for this participant's Ray node: where its signer listens, nothing secret."""
+        return {SOCKET_ENV: str(signer.socket_path)}
 
 
 def participant(name: str, home: Path) -> Participant:

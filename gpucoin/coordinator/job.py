@@ -9,14 +9,19 @@ refund -> final evaluation -> audit -> summary.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from gpucoin.cluster.auth import home_token_path
 from gpucoin.cluster.embedded import EmbeddedCluster, NodeSpec, sigint_ignored
 from gpucoin.cluster.local import engineer_available_after_faucet, fund_engineer, participant, register_volunteer
 from gpucoin.coordinator.settle import Coordinator, genesis_message
@@ -267,6 +272,24 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
 
 
 def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, module, corpus, source) -> dict:
+    """Start the nodes' signing processes, then run the job on a fresh embedded cluster."""
+    with contextlib.ExitStack() as stack:
+        # each node's key lives in its own signing process, outside Ray; its socket dir is ours only
+        sockets = Path(tempfile.mkdtemp(prefix="gpucoin-sign-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        stack.callback(shutil.rmtree, sockets, True)
+        signers = {}
+        for p in [*volunteers, verifier]:
+            role = "verifier" if p is verifier else "volunteer"
+            signers[p.name] = p.start_signer(sockets / f"{p.name}.sock", coord.account.address, coord.domain, role)
+            stack.callback(signers[p.name].stop)
+        return _run_on_cluster(
+            loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, module, corpus, source, signers
+        )
+
+
+def _run_on_cluster(
+    loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, module, corpus, source, signers
+) -> dict:
     import ray
 
     from gpucoin.coordinator.evaluate import evaluate
@@ -281,7 +304,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
         NodeSpec(
             p.name,
             1,
-            {**p.node_env(), **opts.node_env.get(p.name, {})},
+            {**p.node_env(signers[p.name]), **opts.node_env.get(p.name, {})},
             gpu=i if i < host_gpus and p in volunteers else None,
         )
         for i, p in enumerate([*volunteers, verifier])
@@ -289,7 +312,11 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
     ui.status(f"starting a local Ray cluster: head + {len(volunteers)} volunteers + 1 verifier")
     t0 = time.monotonic()
     with EmbeddedCluster(
-        job_dir / "logs", nodes, head_port=opts.head_port, runtime_env={"py_modules": [str(loaded.module_dir)]}
+        job_dir / "logs",
+        nodes,
+        head_port=opts.head_port,
+        runtime_env={"py_modules": [str(loaded.module_dir)]},
+        auth_token_path=home_token_path(opts.home),
     ) as cluster:
         cluster_s = time.monotonic() - t0
         for v in volunteers:
@@ -316,8 +343,10 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             f"market: job {job_id} placed on {', '.join(name_of[n] for n in placement.node_ids)} "
             f"at {format_gpc(placement.price_ugpc_per_worker_hour)} GPC/worker-hour (bid {spec.bid_gpc_per_worker_hour})"
         )
-        for rank, node_id in enumerate(placement.node_ids):
-            coord.assign(job_id, rank, provider_of[node_id], node_id)
+        assignments = [
+            coord.assign(job_id, rank, provider_of[node_id], node_id).to_json()
+            for rank, node_id in enumerate(placement.node_ids)
+        ]
         rank_worker = [provider_of[n] for n in placement.node_ids]
         inbox_config = InboxConfig(
             job_id=job_id,
@@ -372,6 +401,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
             domain=coord.domain.as_dict(),
             buckets=policy.verification.sketch_buckets,
             data_source=source,
+            assignments=assignments,
         )
         try:
             job.run(training)

@@ -46,6 +46,7 @@ def launch(
     start_step: int = 0,
     start_manifests: list[str] | None = None,
     previous: list[str] | None = None,
+    assignments: list[str],
     threads_per_worker: int = 1,
 ) -> TrainingRun:
     """Start the job's ``len(node_ids)`` ranks, rank r on Ray node ``node_ids[r]``.
@@ -58,6 +59,8 @@ def launch(
     (``py_modules``), which is the only level where Ray uploads a local directory.
 
     Args:
+        assignments: per rank, the coordinator-signed Assignment (JSON) that rank's node signer
+            needs before it signs that rank's receipts.
         store: the job's ``ContentStore`` actor on the head, where the ranks put their checkpoints.
         storage_dir: Ray Train's own run directory.
         start_step / start_manifests / previous: to resume after ``start_step`` steps: per rank,
@@ -72,6 +75,8 @@ def launch(
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from gpucoin.runtime.rendezvous import torch_config
 
     spec = loaded.spec
     if len(node_ids) != spec.workers:
@@ -91,6 +96,7 @@ def launch(
         "threads": threads_per_worker,
         "data_source": data_source,
         "previous": previous or [zero] * spec.workers,
+        "assignments": list(assignments),
     }
     # GPUs only if every chosen node has one: then Ray Train sets up NCCL, otherwise gloo on CPU
     gpus = {n["NodeID"]: n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")}
@@ -98,6 +104,7 @@ def launch(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        torch_config=torch_config(),
         scaling_config=ScalingConfig(
             num_workers=spec.workers,
             use_gpu=use_gpu,

@@ -5,13 +5,13 @@ K steps: per step read the micro-batches fixed by (seed, step, rank), forward/ba
 hook sketches the local gradient before DeepSpeed reduces it), optimizer step; at the end of
 the interval save a DeepSpeed checkpoint into this rank's own scratch directory, put the files
 this rank wrote and their manifest into the job's store on the head, sign a WorkReceipt naming
-the manifest with this node's own key and hand it with the sketches to the job's inbox actor.
+the manifest through this node's signing process (the key is not in this process: job code
+runs here) and hand it with the sketches to the job's inbox actor.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 import tempfile
 import time
@@ -19,34 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-KEYSTORE_ENV = "GPUCOIN_NODE_KEYSTORE"
-"""Environment variable (set on the volunteer's ``ray start``) with the path of its keystore."""
-PASSWORD_ENV = "GPUCOIN_NODE_KEYSTORE_PASSWORD"
-"""Environment variable with that keystore's password."""
-
 PROGRESS_EVERY_STEPS = 5
-
-
-def load_node_account():
-    """The volunteer's signing key, from the keystore its node was started with.
-
-    Raises:
-        WalletError: if the node was started without ``GPUCOIN_NODE_KEYSTORE`` or it does not unlock.
-    """
-    from gpucoin.exceptions import WalletError
-    from gpucoin.wallet.keystore import load_keystore
-
-    path = os.environ.get(KEYSTORE_ENV)
-    if not path:
-        raise WalletError(f"this node was started without {KEYSTORE_ENV}; it cannot sign receipts")
-    return load_keystore(path, os.environ.get(PASSWORD_ENV, ""))
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config`` keys: spec (JobSpec dict), job_id, store (the job's
     ``ContentStore`` actor), start_step, start_manifests (per rank, the ``checkpointHash`` of the
     receipt that ended at ``start_step``; for resumes), domain (``Domain.as_dict()``), inbox
-    (actor handle), buckets, threads, previous (per-rank digest of the last receipt, for resumes)."""
+    (actor handle), buckets, threads, previous (per-rank digest of the last receipt, for resumes),
+    assignments (per rank, the coordinator-signed Assignment JSON the node's signer requires)."""
     import deepspeed
     import ray.train
     import torch
@@ -60,8 +41,8 @@ def train_loop_per_worker(config: dict) -> None:
     from gpucoin.runtime.sketch import CountSketch, sketch_root
     from gpucoin.spec import JobSpec
     from gpucoin.storage import StoreClient, commit_checkpoint, fetch_checkpoint
-    from gpucoin.wallet.messages import Domain, sign
     from gpucoin.wallet.nonces import NonceSource
+    from gpucoin.wallet.signer import SignerClient
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -69,8 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
     spec = JobSpec.model_validate(config["spec"])
     ds, opt = spec.deepspeed, spec.deepspeed.optimizer
     inbox = config["inbox"]
-    domain = Domain.from_dict(config["domain"])
-    account = load_node_account()
+    signer = SignerClient()
     nonces = NonceSource()
 
     module = importlib.import_module(spec.module)
@@ -148,13 +128,11 @@ def train_loop_per_worker(config: dict) -> None:
         shutil.rmtree(tag_dir, ignore_errors=True)  # the store holds it now
         sk = np.stack(sketches)  # (K, B) float64
         compute_ms = int((time.monotonic() - t0) * 1000)
-        receipt = sign(
-            account,
+        receipt = signer.sign(
             "WorkReceipt",
-            domain,
             {
                 "jobId": config["job_id"],
-                "worker": account.address,
+                "worker": signer.address,
                 "rank": rank,
                 "stepStart": s,
                 "stepEnd": e,
@@ -165,6 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "previousReceipt": previous,
                 "nonce": nonces.next(),
             },
+            config["assignments"][rank],
         )
         previous = receipt.digest
         faults.before_submit(e, inbox, rank, receipt.to_json(), sk, losses)

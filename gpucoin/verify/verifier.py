@@ -235,25 +235,22 @@ def _judge(req: ReplayRequest, spec, get: Get, workdir: Path, fresh_process: boo
 
 def check_interval(req: ReplayRequest, store: object) -> ReplayResult:
     """The Ray task a verifier node runs: ``judge_interval`` on the head's store, each finding
-    signed as a VerificationReport with this node's own key.
+    signed as a VerificationReport by this node's signing process (the key is not in this process).
 
     Args:
         store: the job's ``ContentStore`` actor handle.
     """
-    from gpucoin.runtime.worker import load_node_account
-    from gpucoin.wallet.messages import Domain, distance_e9, sign
+    from gpucoin.wallet.messages import distance_e9
+    from gpucoin.wallet.signer import SignerClient
 
-    account = load_node_account()
+    signer = SignerClient()
     with tempfile.TemporaryDirectory(prefix="gpucoin-replay-") as tmp:
         findings = judge_interval(req, StoreClient(store).get, Path(tmp))
-    domain = Domain.from_dict(req.domain)
     reports = [
-        sign(
-            account,
+        signer.sign(
             "VerificationReport",
-            domain,
             {
-                "verifier": account.address,
+                "verifier": signer.address,
                 "receiptDigest": f.receipt,
                 "verdict": f.verdict,
                 "distanceE9": distance_e9(f.distance),
@@ -262,4 +259,4 @@ def check_interval(req: ReplayRequest, store: object) -> ReplayResult:
         ).to_json()
         for f in findings
     ]
-    return ReplayResult(account.address, tuple(reports), tuple(findings))
+    return ReplayResult(signer.address, tuple(reports), tuple(findings))
