@@ -299,5 +299,26 @@ class EmbeddedCluster:
         self.nodes.clear()
         self._driver_env.close()
         if self.temp_dir is not None:
+            self._stop_stragglers(deadline)
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
+
+    def _stop_stragglers(self, deadline: float) -> None:
+        """Terminate what outlived its node (Ray workers in sessions of their own): every process
+        whose command line names this cluster's temp dir, which no other process's does."""
+        import psutil
+
+        mark = str(self.temp_dir)
+        me = os.getpid()
+        left = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if p.info["pid"] != me and any(mark in a for a in p.info["cmdline"] or ()):
+                left.append(p)
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(left, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)

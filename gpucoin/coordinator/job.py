@@ -10,6 +10,7 @@ refund -> final evaluation -> audit -> summary.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import math
 import os
 import secrets
@@ -319,6 +320,12 @@ def _run_on_cluster(
         auth_token_path=home_token_path(opts.home),
     ) as cluster:
         cluster_s = time.monotonic() - t0
+        # no separate OS user for Ray's node processes yet (docs/security.md, residual risks)
+        ui.note(
+            f"job code runs as OS user {getpass.getuser()}, as the nodes' signing processes and this one do: "
+            f"no key is in its environment, but it can read this user's files (the dev keystores under "
+            f"{opts.home / 'wallets'}); see docs/security.md"
+        )
         for v in volunteers:
             register_volunteer(coord, v, cluster.node_id(v.name), opts.ask_ugpc_per_worker_hour, opts.stake_ugpc)
         offers = [
