@@ -63,6 +63,12 @@ def free_port() -> int:
     raise ClusterError("could not find a free TCP port on 127.0.0.1 in 100 tries")
 
 
+def short_temp_dir(prefix: str) -> Path:
+    """A new private (0700) directory under /tmp: short, because unix socket paths placed in it
+    may hold at most 107 bytes (a user's ``TMPDIR`` may be much longer)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
+
+
 @dataclass
 class NodeSpec:
     """One Ray node to start.
@@ -198,8 +204,7 @@ class EmbeddedCluster:
         import ray
 
         ensure_token(self.auth_token_path)
-        # short and private: Ray's unix sockets live under it (a path may hold at most 107 bytes)
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="gpucoin-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        self.temp_dir = short_temp_dir("gpucoin-ray-")  # Ray's unix sockets live under it
         self._driver_env.enter_context(driver_env(self.auth_token_path, self.temp_dir))
         self.nodes["head"] = self._launch(self.node_specs[0], head=True)
         deadline = time.monotonic() + START_TIMEOUT_S

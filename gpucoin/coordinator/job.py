@@ -12,18 +12,16 @@ from __future__ import annotations
 import contextlib
 import getpass
 import math
-import os
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from gpucoin.cluster.auth import home_token_path
-from gpucoin.cluster.embedded import EmbeddedCluster, NodeSpec, sigint_ignored
+from gpucoin.cluster.embedded import EmbeddedCluster, NodeSpec, short_temp_dir, sigint_ignored
 from gpucoin.cluster.local import engineer_available_after_faucet, fund_engineer, participant, register_volunteer
 from gpucoin.coordinator.settle import Coordinator, genesis_message
 from gpucoin.exceptions import InsufficientFunds, NoPlacement, PolicyError, StoredPolicyOutdated, VerificationError
@@ -276,7 +274,7 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
     """Start the nodes' signing processes, then run the job on a fresh embedded cluster."""
     with contextlib.ExitStack() as stack:
         # each node's key lives in its own signing process, outside Ray; its socket dir is ours only
-        sockets = Path(tempfile.mkdtemp(prefix="gpucoin-sign-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        sockets = short_temp_dir("gpucoin-sign-")
         stack.callback(shutil.rmtree, sockets, True)
         signers = {}
         for p in [*volunteers, verifier]:
@@ -405,7 +403,6 @@ def _run_on_cluster(
             inbox=inbox,
             store=store,
             storage_dir=job_dir / "ray_train",
-            domain=coord.domain.as_dict(),
             buckets=policy.verification.sketch_buckets,
             data_source=source,
             assignments=assignments,

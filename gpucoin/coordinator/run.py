@@ -316,7 +316,6 @@ class JobRun:
             package_hash=self.package_hash,
             vetted_packages=self.policy.verification.vetted_packages,
             tolerance=self.policy.verification.tolerance_rel_l2,
-            domain=self.coord.domain.as_dict(),
         )
 
     # -- replays --------------------------------------------------------------

@@ -25,7 +25,7 @@ PROGRESS_EVERY_STEPS = 5
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config`` keys: spec (JobSpec dict), job_id, store (the job's
     ``ContentStore`` actor), start_step, start_manifests (per rank, the ``checkpointHash`` of the
-    receipt that ended at ``start_step``; for resumes), domain (``Domain.as_dict()``), inbox
+    receipt that ended at ``start_step``; for resumes), inbox
     (actor handle), buckets, threads, previous (per-rank digest of the last receipt, for resumes),
     assignments (per rank, the coordinator-signed Assignment JSON the node's signer requires)."""
     import deepspeed

@@ -50,8 +50,7 @@ class ReplayRequest:
 
     Attributes:
         spec: the JobSpec as JSON; data_source: the corpus it trains on; job_id: the job.
-        buckets: sketch width B; tolerance: the policy's ``tolerance_rel_l2``; domain: the
-            market's EIP-712 domain (``Domain.as_dict()``).
+        buckets: sketch width B; tolerance: the policy's ``tolerance_rel_l2``.
         committed: (W, K, B) float64 sketches the ranks committed to (their roots were checked on arrival).
         receipts: the interval's WorkReceipt digests, rank order.
         end_manifests: the ``checkpointHash`` each of those receipts signed, rank order.
@@ -74,7 +73,6 @@ class ReplayRequest:
     package_hash: str
     vetted_packages: tuple[str, ...]
     tolerance: float
-    domain: dict
 
 
 @dataclass(frozen=True)

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import socketserver
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpucoin.exceptions import SignatureError, WalletError
-from gpucoin.wallet.messages import Domain, SignedMessage, sign, verify
+from gpucoin.wallet.messages import Domain, SignedMessage, sign, validate_message, verify
 
 SOCKET_ENV = "GPUCOIN_SIGNER_SOCKET"
 """Environment variable a node's processes find their signer's socket path in (not a secret)."""
@@ -157,14 +157,11 @@ class SignerServer(socketserver.ThreadingUnixStreamServer):
             primary, message = req.get("type"), req.get("message")
             if not isinstance(primary, str) or not isinstance(message, dict):
                 raise SigningRefused("a sign request needs a type and a message object")
+            # the scope judges the canonical message that will be signed; a malformed one uses no steps
+            message = validate_message(primary, message)
             with self.lock:
-                before = dict(self.scope.next_start)
                 self.scope.admit(primary, message, req.get("assignment"))
-                try:
-                    signed = sign(self.account, primary, self.scope.domain, message)
-                except Exception:
-                    self.scope.next_start = before  # a malformed message signs nothing and uses no steps
-                    raise
+                signed = sign(self.account, primary, self.scope.domain, message)
             return {"signed": signed.to_json()}
         except (ValueError, SignatureError, WalletError) as e:
             return {"error": str(e) or type(e).__name__}
@@ -261,9 +258,10 @@ def start_signer(
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(password.encode() + b"\n")
     proc.stdin.close()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    ready = proc.stdout.readline()  # "ready\n" once it listens, or EOF when it exits
-    if ready.strip() != b"ready" or time.monotonic() > deadline:
+    # "ready\n" once it listens, or EOF when it exits; never wait past START_TIMEOUT_S
+    readable, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+    ready = proc.stdout.readline() if readable else b""
+    if ready.strip() != b"ready":
         proc.kill()
         err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
         raise WalletError(f"the signer for {keystore} did not start: {err[-1] if err else 'no output'}")
@@ -281,7 +279,6 @@ def main(argv: list[str]) -> int:
     except WalletError as e:
         print(str(e), file=sys.stderr)
         return 2
-    del password
     scope = SigningScope(account.address, coordinator, Domain.from_dict(json.loads(domain_json)), role)
     old = os.umask(0o077)  # the socket is this user's only
     try:

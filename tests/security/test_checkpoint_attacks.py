@@ -115,7 +115,6 @@ def request(h: Honest, start: int, **changes) -> ReplayRequest:
         package_hash=h.package_hash,
         vetted_packages=POLICY.verification.vetted_packages,
         tolerance=POLICY.verification.tolerance_rel_l2,
-        domain={},
     )
     fields.update(changes)
     return ReplayRequest(**fields)

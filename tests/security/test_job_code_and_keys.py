@@ -60,9 +60,9 @@ def _attack():
         rank = config.get("_rank_probe", None)
         assignments = config["assignments"]
         own = [a for a in assignments if json.loads(a)["message"]["provider"] == me]
-        domain = Domain.from_dict(config["domain"])
         if own:
             mine = json.loads(own[0])["message"]
+            domain = Domain.from_dict(json.loads(own[0])["domain"])
             other_rank = 1 - mine["rank"]
             tries["other_rank"] = ("WorkReceipt", receipt(mine["jobId"], other_rank), own[0])
             tries["other_rank_with_its_assignment"] = ("WorkReceipt", receipt(mine["jobId"], other_rank),
