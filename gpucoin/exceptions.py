@@ -29,7 +29,13 @@
     ├── MarketError                   the market cannot place a job
     │   └── NoPlacement               not enough admissible nodes for an all-or-nothing job
     ├── ClusterError                  the Ray cluster could not be started, reached or stopped
+    ├── HeadError                     the head (``gpucoin up``) could not be started, reached or
+    │   │                             stopped, or is not running where it was asked for
+    │   └── NodeRefused               a node registration the head does not admit (no live Ray
+    │                                 node of that id, the head node, another provider's node)
     ├── TrainingError                 a training run failed on the workers
+    ├── JobCodeError                  the job's own code, run for the head in a child process,
+    │                                 failed, hung or answered outside its schema
     ├── StorageError                  the checkpoint store refused an object or cannot serve one
     │   ├── ObjectMissing             no stored object has that digest
     │   └── ObjectCorrupted           a stored object no longer hashes to its name (the store's fault)
@@ -144,6 +150,20 @@ class NoPlacement(MarketError):
 
 class ClusterError(GpucoinError):
     """The Ray cluster could not be started, reached or stopped."""
+
+
+class HeadError(GpucoinError):
+    """The head (``gpucoin up``) could not be started, reached or stopped, or is not running."""
+
+
+class NodeRefused(HeadError):
+    """A NodeRegistration the head does not admit: its node id is no live Ray node of the cluster,
+    is the head node, or is registered by another provider."""
+
+
+class JobCodeError(GpucoinError):
+    """The job's own code, run for the head in a child process (``coordinator.jobcode``), failed,
+    hung or answered outside its schema."""
 
 
 class TrainingError(GpucoinError):

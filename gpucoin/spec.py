@@ -153,14 +153,17 @@ def package_files(package_dir: Path) -> list[Path]:
     YAML files (``*.yaml``, ``*.yml``: job specs, signed on their own as ``specHash``).
 
     Raises:
-        SpecError: if the package holds more than ``MAX_PACKAGE_FILES`` such files or a symbolic link.
+        SpecError: if ``package_dir`` is no directory (a missing one would hash as an empty
+            package), or holds more than ``MAX_PACKAGE_FILES`` such files or a symbolic link.
     """
+    if not Path(package_dir).is_dir():
+        raise SpecError(f"{package_dir}: no such directory (a job's package is a directory)")
     out = []
     for p in sorted(Path(package_dir).rglob("*"), key=lambda q: q.relative_to(package_dir).as_posix()):
+        if p.is_symlink():  # before anything is skipped: a skipped link is still shipped and copied
+            raise SpecError(f"{p}: a job package holds no symbolic links (what it runs must be what it ships)")
         if "__pycache__" in p.relative_to(package_dir).parts or p.suffix in (".pyc", ".yaml", ".yml"):
             continue
-        if p.is_symlink():
-            raise SpecError(f"{p}: a job package holds no symbolic links (what it runs must be what it ships)")
         if p.is_file():
             out.append(p)
             if len(out) > MAX_PACKAGE_FILES:

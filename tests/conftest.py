@@ -48,3 +48,40 @@ def write_spec(directory: Path, edits: dict[str, str] | None = None, extra: str 
     path = pkg / "job.yaml"
     path.write_text(text + extra)
     return path
+
+
+def plant_stale_build_lock(op: str = "deepspeed_shm_comm") -> Path:
+    """A ``lock`` in the build directory of DeepSpeed's ``op`` in the torch extension cache the
+    nodes use (the node user's when root), as a build killed part way leaves it: no process holds
+    it, and torch's builder would wait on it forever."""
+    import sys
+
+    import torch
+
+    from gpucoin.cluster.build_cache import build_root
+    from gpucoin.cluster.node_user import chown_tree, ensure_node_user, switching_users
+
+    user = ensure_node_user() if switching_users() else None
+    env = user.env() if user else os.environ
+    root = build_root(env, user.home if user else Path.home())
+    accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    folder = (
+        root
+        if env.get("TORCH_EXTENSIONS_DIR")
+        else root / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{accel}"
+    )
+    build = folder / op
+    top = next(p for p in [build, *build.parents] if p.parent.exists())  # the first level we create
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "lock").touch()
+    if user is not None:
+        chown_tree(top, user)
+    return build / "lock"
+
+
+def exact_double(text: str) -> int:
+    """A ``json.loads`` ``parse_int`` that reads an integer as JavaScript's ``JSON.parse`` would (a
+    double) and fails on one that would be rounded."""
+    if int(text) != int(float(text)):
+        raise AssertionError(f"JSON.parse would read {text} as {int(float(text))}")
+    return int(text)

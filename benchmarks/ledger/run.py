@@ -65,12 +65,12 @@ from gpucoin.ledger.plans import plan_escrow, plan_faucet, plan_interval  # noqa
 from gpucoin.ledger.record import check_message  # noqa: E402
 from gpucoin.ledger.store import MAX_BATCH  # noqa: E402
 from gpucoin.money import MICRO_PER_GPC  # noqa: E402
-from gpucoin.policy.model import Policy, load_policy, policy_hash  # noqa: E402
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, Policy, load_policy, policy_hash  # noqa: E402
 from gpucoin.policy.tokenomics import split_payment  # noqa: E402
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign  # noqa: E402
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-DEFAULT_POLICY = _REPO / "policies" / "default.toml"
+DEFAULT_POLICY = SHIPPED_POLICIES_DIR / "default.toml"
 
 GPC = MICRO_PER_GPC
 COORDINATOR = Account.from_key(b"\x02" * 32)
@@ -646,7 +646,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--policy",
         type=Path,
         default=DEFAULT_POLICY,
-        help="policy TOML whose tokenomics shape the settlement (default: policies/default.toml)",
+        help="policy TOML whose tokenomics shape the settlement (default: gpucoin/policies/default.toml)",
     )
     p.add_argument(
         "--mode",

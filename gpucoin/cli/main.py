@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -10,14 +9,15 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from gpucoin.cli import head as head_cli
+from gpucoin.cli import node as node_cli
 from gpucoin.cli.common import DEFAULT_HOME
 from gpucoin.cli.common import fail as _fail
 from gpucoin.cli.common import ledger_url as _ledger_url
 from gpucoin.cli.common import url_option as _url_opt
 from gpucoin.cli.wallet import wallet
 from gpucoin.exceptions import AmountError, GpucoinError
-
-REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+from gpucoin.jsonsafe import dumps as js_safe_dumps
 
 
 def _terminate_as_interrupt() -> None:
@@ -117,10 +117,12 @@ def cli() -> None:
 )
 @click.option(
     "--policy",
-    "policy_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Incentive policy TOML of a new local market (default: policies/local.toml, 10 s epochs); an existing local ledger keeps the policy its Genesis names.",
+    "policy_ref",
+    default="local",
+    show_default=True,
+    metavar="NAME|FILE",
+    help="Incentive policy of a new local market: a shipped one by name (local: 10 s epochs; default) or a TOML "
+    "file; an existing local ledger keeps the policy its Genesis names.",
 )
 @click.option(
     "--stake", default="500", show_default=True, metavar="GPC", help="Embedded mode: stake each dev volunteer bonds."
@@ -161,7 +163,7 @@ def train(
     bid,
     budget,
     data_source,
-    policy_path,
+    policy_ref,
     stake,
     ask,
     home,
@@ -181,7 +183,7 @@ def train(
     from gpucoin.cli.render import RichUI, render_summary
     from gpucoin.coordinator.job import LocalOptions, train_local
     from gpucoin.money import parse_gpc
-    from gpucoin.policy.model import load_policy
+    from gpucoin.policy.model import resolve_policy
     from gpucoin.spec import load_spec
 
     bid, budget = _gpc_option(bid, "--bid"), _gpc_option(budget, "--budget")
@@ -207,7 +209,7 @@ def train(
         if data_source is not None:
             spec = loaded.spec.model_copy(update={"data": loaded.spec.data.model_copy(update={"source": data_source})})
             loaded = loaded.model_copy(update={"spec": spec})
-        policy = load_policy(policy_path or REPO_POLICIES / "local.toml")
+        policy = resolve_policy(policy_ref)
         opts = LocalOptions(
             policy=policy,
             home=home,
@@ -226,7 +228,7 @@ def train(
     render_summary(console, summary)
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+        summary_json.write_text(js_safe_dumps(summary, indent=2) + "\n")
     if summary["audit"] != "ok":
         sys.exit(3)
 
@@ -358,7 +360,7 @@ def export(ledger_url, home, fmt, output):
         n = 0
         with Ledger(_ledger_url(ledger_url, home)) as lg:
             for record in lg.export():
-                stream.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+                stream.write(js_safe_dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
                 n += 1
         return n
 
@@ -374,11 +376,18 @@ def export(ledger_url, home, fmt, output):
         click.echo(f"exported {n} records to {output}", err=True)
     except GpucoinError as e:
         _fail(str(e))
+    except BrokenPipeError:
+        raise  # output cut short by a pipe (`| head`): click ends quietly, as Unix tools do
     except OSError as e:
         _fail(f"cannot write {output}: {e.strerror}")
 
 
 cli.add_command(wallet)
+cli.add_command(head_cli.up)
+cli.add_command(head_cli.down)
+cli.add_command(head_cli.status)
+for _command in (node_cli.join, node_cli.leave, node_cli.withdraw, node_cli.nodes, node_cli.faucet):
+    cli.add_command(_command)
 
 
 @cli.group()

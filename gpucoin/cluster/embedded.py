@@ -8,6 +8,10 @@ The cluster is closed: Ray token authentication with gpucoin's own token file, e
 the loopback address (so Ray's servers listen on 127.0.0.1 only, see ``ray_node``), and a Ray
 temp dir of its own that is removed on stop, so no ``/tmp/ray/ray_current_cluster`` names a dead
 head afterwards (gpucoin.cluster.auth).
+
+Given a ``NodeUser`` (gpucoin runs as root), every node process runs as that unprivileged user
+(``gpucoin.cluster.node_user``), in the cluster's temp dir, which it owns, with a copy of the Ray
+token of its own; this process, the driver, stays as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpucoin.cluster.auth import driver_env, ensure_token, node_env
+from gpucoin.cluster.node_user import NodeUser, chown_tree, kill_processes, node_dir
+from gpucoin.cluster.procs import end_processes
 from gpucoin.cluster.ray_node import loopback_kept
 from gpucoin.exceptions import ClusterError
 
@@ -52,21 +59,116 @@ def sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (``[low, high]``, Linux'
+    ``net.ipv4.ip_local_port_range``; IANA's 49152–65535 where that file is missing)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+class PortPool:
+    """Free TCP ports on 127.0.0.1, each handed out at most once.
+
+    Ray refuses to start a node when two of its components are given the same port, and two
+    separate "bind to port 0, close" probes may well return the same port (CI saw
+    ``node_manager`` and ``client_server`` both given 48149). A pool remembers what it gave, so
+    all the ports of one cluster differ even before any node listens on them. It picks ports
+    between Ray's worker ports (10002–19999 by default) and the kernel's ephemeral range, so an
+    outgoing connection opened after the probe cannot take a port before its node binds it;
+    where that gap is too small it falls back to ports the kernel picks.
+
+    Args:
+        taken: ports never to hand out (Redis' 6379 is always among them).
+    """
+
+    MAX_TRIES = 200
+    LOWEST = 20000
+    MIN_GAP = 1000
+
+    def __init__(self, taken: set[int] | None = None):
+        self.given: set[int] = {6379} | set(taken or ())
+        low = ephemeral_port_range()[0]
+        self.candidates = range(self.LOWEST, low) if low - self.LOWEST >= self.MIN_GAP else None
+        self._random = random.Random()
+
+    def _probe(self) -> int | None:
+        port = self._random.choice(self.candidates) if self.candidates else 0
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+        except OSError:
+            return None
+
+    def take(self) -> int:
+        """A port nothing listens on now and this pool has not handed out before.
+
+        Raises:
+            ClusterError: if ``MAX_TRIES`` probes find none.
+        """
+        for _ in range(self.MAX_TRIES):
+            port = self._probe()
+            if port is not None and port not in self.given:
+                self.given.add(port)
+                return port
+        raise ClusterError(f"could not find a free TCP port on 127.0.0.1 in {self.MAX_TRIES} tries")
+
+
+RAY_START = (sys.executable, "-m", "gpucoin.cluster.ray_node", "start", "--block", "--disable-usage-stats")
+"""The start of every ``ray start`` command line gpucoin runs (``cluster.ray_node`` keeps a loopback IP)."""
+
+
+def component_ports(pool: PortPool, head: bool) -> dict[str, int]:
+    """A port from ``pool`` for each of a node's listening components, by ``ray start`` flag name.
+
+    A head's include Ray's client server and the dashboard: the dashboard process runs even with
+    ``--include-dashboard=false`` (the job and state APIs), on 8265 with no retry unless told,
+    so a second cluster on the host would fail.
+    """
+    names = [
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    ]
+    if head:
+        names += ["ray-client-server-port", "dashboard-port"]
+    return {name: pool.take() for name in names}
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (never Redis' 6379)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port != 6379:
-            return port
-    raise ClusterError("could not find a free TCP port on 127.0.0.1 in 100 tries")
+    return PortPool().take()
+
+
+def _temp_root() -> str:
+    return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
 
 
 def short_temp_dir(prefix: str) -> Path:
     """A new private (0700) directory under /tmp: short, because unix socket paths placed in it
     may hold at most 107 bytes (a user's ``TMPDIR`` may be much longer)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=_temp_root()))
+
+
+def check_short_temp_dir(path: Path | str, prefix: str) -> Path:
+    """``path`` if it names a directory ``short_temp_dir(prefix)`` could have made: ``<temp
+    root>/<prefix><something>``. A record naming any other path (``/``, a home) is refused before
+    gpucoin ends the processes that name it or removes it.
+
+    Raises:
+        ValueError: naming the path and what was expected.
+    """
+    p = Path(path)
+    root = _temp_root()
+    if not (p.is_absolute() and str(p.parent) == root and p.name.startswith(prefix) and len(p.name) > len(prefix)):
+        raise ValueError(f"{path} is not a {prefix}* directory of {root}")
+    return p
 
 
 @dataclass
@@ -109,6 +211,7 @@ class EmbeddedCluster:
             directories, such as a job's package, only at this level).
         auth_token_path: gpucoin's Ray token file (created 0600 if missing; default
             ``<workdir>/ray_auth_token``).
+        node_user: the OS user every node process runs as (None: this process's user).
 
     Raises:
         ClusterError: if a node does not come up within ``START_TIMEOUT_S`` (its log's tail is quoted).
@@ -121,16 +224,22 @@ class EmbeddedCluster:
         head_port: int | None = None,
         runtime_env: dict | None = None,
         auth_token_path: Path | None = None,
+        node_user: NodeUser | None = None,
     ):
         self.runtime_env = runtime_env
+        self.node_user = node_user
         self.workdir = Path(workdir)
         self.auth_token_path = Path(auth_token_path) if auth_token_path else self.workdir / "ray_auth_token"
         self.temp_dir: Path | None = None
+        self.ray_dir: Path | None = None
+        self._node_token_path = self.auth_token_path
         self._driver_env = contextlib.ExitStack()
         self.node_specs = [NodeSpec("head", num_cpus=0)] + list(nodes)
-        self.port = head_port or free_port()
+        self._ports = PortPool({head_port} if head_port else None)
+        self.port = head_port or self._ports.take()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, RunningNode] = {}
+        self._driver_threads: list[threading.Thread] = []
 
     def __enter__(self) -> "EmbeddedCluster":
         try:
@@ -143,26 +252,20 @@ class EmbeddedCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def port_args(self, head: bool) -> list[str]:
+        """``ray start`` flags giving one node's components ports no other node of this cluster has."""
+        return [f"--{name}={port}" for name, port in component_ports(self._ports, head).items()]
+
     def _launch(self, spec: NodeSpec, head: bool) -> RunningNode:
         assert self.temp_dir is not None
         args = [
-            sys.executable,
-            "-m",
-            "gpucoin.cluster.ray_node",
-            "start",
-            "--block",
-            "--disable-usage-stats",
+            *RAY_START,
             f"--num-cpus={spec.num_cpus}",
             f"--num-gpus={0 if spec.gpu is None else 1}",
         ]
         args += [
             f"--resources={json.dumps({NODE_MARKER_PREFIX + spec.name: 1})}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            *self.port_args(head),
             "--object-store-memory=200000000",
         ]
         if head:
@@ -170,25 +273,16 @@ class EmbeddedCluster:
                 "--head",
                 f"--port={self.port}",
                 f"--node-ip-address={NODE_IP}",
-                f"--temp-dir={self.temp_dir}",
+                f"--temp-dir={self.ray_dir}",
                 "--include-dashboard=false",
-                f"--ray-client-server-port={free_port()}",
             ]
         else:
             args += [f"--address={self.address}", f"--node-ip-address={NODE_IP}"]
         self.workdir.mkdir(parents=True, exist_ok=True)
         log_path = self.workdir / f"ray-{spec.name}.log"
-        # Nothing is left to drain when we stop a node: skip Ray's 30 s graceful drain.
-        env = node_env(
-            {**os.environ, **spec.env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
-            self.auth_token_path,
-            self.temp_dir,
-        )
         # nodes share one host: each sees only its own GPU, or none
-        env["CUDA_VISIBLE_DEVICES"] = "" if spec.gpu is None else str(spec.gpu)
-        log = log_path.open("wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
+        visible = "" if spec.gpu is None else str(spec.gpu)
+        proc = spawn_ray_node(args, spec.env, self.node_user, self.ray_dir, self._node_token_path, log_path, visible)
         return RunningNode(spec, proc, log_path)
 
     def _check_alive(self) -> None:
@@ -205,7 +299,15 @@ class EmbeddedCluster:
 
         ensure_token(self.auth_token_path)
         self.temp_dir = short_temp_dir("gpucoin-ray-")  # Ray's unix sockets live under it
-        self._driver_env.enter_context(driver_env(self.auth_token_path, self.temp_dir))
+        self.ray_dir = self.temp_dir
+        self._node_token_path = self.auth_token_path
+        if self.node_user is not None:
+            # Ray's dir is the node user's, inside ours; the nodes get their own copy of the token
+            self.ray_dir = node_dir(self.temp_dir, self.node_user, "r")
+            self._node_token_path = self.ray_dir / "auth_token"
+            shutil.copyfile(self.auth_token_path, self._node_token_path)
+            chown_tree(self._node_token_path, self.node_user)
+        self._driver_env.enter_context(driver_env(self.auth_token_path, self.ray_dir))
         self.nodes["head"] = self._launch(self.node_specs[0], head=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -274,25 +376,48 @@ class EmbeddedCluster:
         with sigint_ignored():
             self._stop()
 
+    def track_driver_thread(self, thread: threading.Thread) -> None:
+        """Have ``stop`` wait for ``thread`` (one of this driver's threads that calls Ray, such as
+        a Ray Train ``fit``) before it disconnects the driver: ``ray.shutdown()`` while another
+        thread is inside Ray frees what that thread still uses, and the process aborts."""
+        self._driver_threads.append(thread)
+
     def _stop(self) -> None:
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        workers = [n for name, n in self.nodes.items() if name != "head"]
+        # the nodes first: a driver thread waiting on their work then fails and returns
+        self._terminate(workers, deadline)
+        for t in self._driver_threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        busy = [t.name for t in self._driver_threads if t.is_alive()]
         try:
             import ray
 
-            if ray.is_initialized():
+            if ray.is_initialized() and not busy:
                 ray.shutdown()
         except Exception:  # noqa: BLE001 - stopping must go on whatever the driver's state
             pass
-        order = [n for name, n in self.nodes.items() if name != "head"] + (
-            [self.nodes["head"]] if "head" in self.nodes else []
-        )
-        for n in order:
+        self._terminate([self.nodes["head"]] if "head" in self.nodes else [], deadline)
+        self.nodes.clear()
+        self._driver_threads.clear()
+        self._driver_env.close()
+        if self.node_user is not None:
+            kill_processes(self.node_user)  # its uid is ours alone: nothing of it outlives the cluster
+        if self.temp_dir is not None:
+            stop_marked_processes(str(self.temp_dir), max(1.0, min(10.0, deadline - time.monotonic())))
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+
+    @staticmethod
+    def _terminate(nodes: list[RunningNode], deadline: float) -> None:
+        """SIGTERM each node's process group, wait until ``deadline`` (monotonic s), then SIGKILL."""
+        for n in nodes:
             if n.process.poll() is None:
                 try:
                     os.killpg(n.process.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for n in order:
+        for n in nodes:
             try:
                 n.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -301,29 +426,56 @@ class EmbeddedCluster:
                 except ProcessLookupError:
                     pass
                 n.process.wait(timeout=5)
-        self.nodes.clear()
-        self._driver_env.close()
-        if self.temp_dir is not None:
-            self._stop_stragglers(deadline)
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-            self.temp_dir = None
 
-    def _stop_stragglers(self, deadline: float) -> None:
-        """Terminate what outlived its node (Ray workers in sessions of their own): every process
-        whose command line names this cluster's temp dir, which no other process's does."""
-        import psutil
 
-        mark = str(self.temp_dir)
-        me = os.getpid()
-        left = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if p.info["pid"] != me and any(mark in a for a in p.info["cmdline"] or ()):
-                left.append(p)
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(left, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=5)
+def stop_marked_processes(mark: str, timeout_s: float) -> int:
+    """Terminate every process but this one whose command line names ``mark`` (a cluster's temp
+    dir, which no other process's names): Ray workers that outlived their node in sessions of
+    their own. Waits ``timeout_s``, then kills what is left.
+
+    Returns:
+        How many processes were found.
+    """
+    import psutil
+
+    me = os.getpid()
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["pid"] != me and any(mark in a for a in p.info["cmdline"] or ()):
+            left.append(p)
+    return end_processes(left, timeout_s)
+
+
+def spawn_ray_node(
+    args: list[str],
+    extra_env: dict[str, str],
+    node_user: NodeUser | None,
+    ray_dir: Path,
+    token_path: Path,
+    log_path: Path,
+    cuda_visible: str | None,
+) -> subprocess.Popen:
+    """Start ``args`` (a ``ray start --block`` command line) in a session of its own, logging to ``log_path``.
+
+    Its environment is this process's without any ``GPUCOIN_*`` variable (a password, a key)
+    but ``extra_env`` and, as this user, the cache dir; with the cluster's Ray token and temp dir
+    (``auth.node_env``); Ray's 30 s graceful drain skipped (nothing is left to drain when gpucoin
+    stops a node); ``CUDA_VISIBLE_DEVICES`` set to ``cuda_visible`` ("" for none; None leaves it
+    as it is). With ``node_user``, it runs as that user, in
+    ``ray_dir``, with its own home's caches.
+    """
+    kept = ("GPUCOIN_CACHE_DIR",) if node_user is None else ()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUCOIN_") or k in kept}
+    base.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+    as_user: dict = {}
+    if node_user is not None:
+        # the node user keeps its caches in its own home, its temp files in /tmp
+        for key in ("TMPDIR", "XDG_CACHE_HOME", "TORCH_EXTENSIONS_DIR"):
+            base.pop(key, None)
+        base.update(node_user.env())
+        as_user = {**node_user.popen_kwargs(), "cwd": ray_dir}
+    env = node_env({**base, **extra_env}, token_path, ray_dir)
+    if cuda_visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    with log_path.open("wb") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, **as_user)

@@ -35,9 +35,19 @@ class Participant:
         """Checksum address."""
         return self.account.address
 
-    def start_signer(self, socket_path: Path, coordinator: str, domain, role: str = "volunteer") -> SignerProcess:
-        """Start this dev wallet's signing process (the dev password goes to it on a pipe)."""
-        return start_signer(self.keystore, DEV_PASSWORD, socket_path, coordinator, domain, role)
+    def start_signer(
+        self,
+        socket_path: Path,
+        coordinator: str,
+        domain,
+        role: str = "volunteer",
+        tolerance: float | None = None,
+        node_user=None,
+    ) -> SignerProcess:
+        """Start this dev wallet's signing process (the dev password goes to it on a pipe);
+        ``tolerance``: the policy's ``tolerance_rel_l2``, for a verifier's; ``node_user``: whose
+        processes may connect besides ours (``start_signer``)."""
+        return start_signer(self.keystore, DEV_PASSWORD, socket_path, coordinator, domain, role, tolerance, node_user)
 
     @staticmethod
     def node_env(signer: SignerProcess) -> dict[str, str]:

@@ -1,10 +1,15 @@
-"""The end-of-job evaluation: validation loss and a text sample from the last checkpoint."""
+"""The end-of-job evaluation: validation loss and a text sample from the last checkpoint.
+
+The head rebuilds the checkpoint (``rebuilt_checkpoint``); a child process runs the job's code
+on it (``evaluate_checkpoint``, via ``coordinator.jobcode``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,29 +23,22 @@ from gpucoin.storage.checkpoints import Get, fetch_checkpoint
 SAMPLE_CHARS = 300
 
 
-def evaluate(
-    spec: JobSpec, module, corpus, get: Get, job_id: str, manifests: list[str], step: int
-) -> tuple[float, str]:
-    """Validation loss (nats/char, mean over ``eval_batches`` micro-batches) and ~300 generated characters.
-
-    The weights are the DeepSpeed checkpoint after ``step`` steps, rebuilt from the store by the
-    manifests the ranks signed (``fetch_checkpoint``), consolidated with DeepSpeed's
-    ``get_fp32_state_dict_from_zero_checkpoint`` (ZeRO 1/2, on a ``verified_copy``) or read whole
-    (ZeRO 0); workers wrote those files, so nothing of them is unpickled but by a weights-only load
-    (``gpucoin.runtime.safe_load``). After 0 steps the model is the one the spec's seed builds.
+@contextlib.contextmanager
+def rebuilt_checkpoint(spec: JobSpec, get: Get, job_id: str, manifests: list[str], step: int) -> Iterator[Path | None]:
+    """The DeepSpeed checkpoint after ``step`` steps, rebuilt in a private temp dir from the store
+    by the manifests the ranks signed (``fetch_checkpoint``); None after 0 steps. Yields the tag
+    dir; it is removed on exit.
 
     Args:
         get: the job's store ``get``; manifests: per rank, the ``checkpointHash`` of its receipt
             for the interval that ended at ``step`` (empty for step 0).
 
     Raises:
-        VerificationError: a file that is not stored as signed or that a weights-only load refuses.
+        VerificationError: a file that is not stored as signed.
     """
-    import torch
-
     if step == 0:
-        torch.manual_seed(spec.seed)
-        return _evaluate(spec, module, corpus, None)
+        yield None
+        return
     with tempfile.TemporaryDirectory(prefix="gpucoin-eval-") as tmp:
         tag_dir = Path(tmp) / tag_for(step)
         bad = fetch_checkpoint(
@@ -50,7 +48,28 @@ def evaluate(
             raise VerificationError(
                 f"the checkpoint after step {step} cannot be rebuilt: {'; '.join(map(str, bad.values()))}"
             )
-        return _evaluate(spec, module, corpus, _weights(spec, tag_dir, step))
+        yield tag_dir
+
+
+def evaluate_checkpoint(spec: JobSpec, module, corpus, tag_dir: Path | None, step: int) -> tuple[float, str]:
+    """Validation loss (nats/char, mean over ``eval_batches`` micro-batches) and ~300 generated characters.
+
+    Runs the job's code: only in a child process of the head (``coordinator.jobcode``). The
+    weights are the checkpoint in ``tag_dir`` (``rebuilt_checkpoint``), consolidated with
+    DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (ZeRO 1/2, on a ``verified_copy``)
+    or read whole (ZeRO 0); workers wrote those files, so nothing of them is unpickled but by a
+    weights-only load (``gpucoin.runtime.safe_load``). After 0 steps (``tag_dir`` None) the model
+    is the one the spec's seed builds.
+
+    Raises:
+        VerificationError: a file that a weights-only load refuses.
+    """
+    import torch
+
+    if tag_dir is None:
+        torch.manual_seed(spec.seed)
+        return _evaluate(spec, module, corpus, None)
+    return _evaluate(spec, module, corpus, _weights(spec, tag_dir, step))
 
 
 def _weights(spec: JobSpec, tag_dir: Path, step: int) -> dict:

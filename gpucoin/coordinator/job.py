@@ -12,19 +12,38 @@ from __future__ import annotations
 import contextlib
 import getpass
 import math
+import os
 import secrets
 import shutil
-import sys
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from gpucoin.cluster.auth import home_token_path
+from gpucoin.cluster.build_cache import build_root, clear_stale_locks
 from gpucoin.cluster.embedded import EmbeddedCluster, NodeSpec, short_temp_dir, sigint_ignored
 from gpucoin.cluster.local import engineer_available_after_faucet, fund_engineer, participant, register_volunteer
+from gpucoin.cluster.node_user import (
+    NODE_USER,
+    NodeUser,
+    chown_tree,
+    kill_processes,
+    node_dir,
+    prepare_node_user,
+    switching_users,
+)
+from gpucoin.coordinator.jobcode import corpus_info
 from gpucoin.coordinator.settle import Coordinator, genesis_message
-from gpucoin.exceptions import InsufficientFunds, NoPlacement, PolicyError, StoredPolicyOutdated, VerificationError
+from gpucoin.exceptions import (
+    InsufficientFunds,
+    JobCodeError,
+    NoPlacement,
+    PolicyError,
+    StoredPolicyOutdated,
+    VerificationError,
+)
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import wallet_account
 from gpucoin.money import format_gpc
@@ -95,13 +114,104 @@ def new_job_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
-def _import_job_module(loaded: LoadedSpec):
-    import importlib
+@dataclass
+class NodeSetup:
+    """Who the nodes (and the head's job-code children) run as, and the directories they write.
 
-    parent = str(loaded.module_dir.parent)
-    if parent not in sys.path:
-        sys.path.insert(0, parent)
-    return importlib.import_module(loaded.spec.module)
+    As root: the node user (``cluster.node_user``) and a working dir of ours holding one it owns
+    (``node_dir``) for the checkpoint store, Ray Train's run dir and a copy of the corpus file;
+    ``keep`` copies the regular files of the store and run dir into the job's directory (which the
+    node user cannot reach) once the cluster has stopped and every process of that user has ended.
+    Otherwise: this user, and everything in the job's directory.
+
+    Attributes:
+        user: the node user, or None; work: our working dir, or None; node_area: the node user's dir in it.
+    """
+
+    user: NodeUser | None = None
+    work: Path | None = None
+    node_area: Path | None = None
+
+    @classmethod
+    def prepare(cls, ui: "UI") -> "NodeSetup":
+        """The node user when root (created and let reach the runtime: ``prepare_node_user``);
+        stale build locks in the nodes' torch extension cache removed (``build_cache``)."""
+        if not switching_users():
+            cls._clear_build_locks(ui, build_root(os.environ, Path.home()), os.getuid())
+            return cls()
+        ui.status(f"preparing OS user {NODE_USER} for Ray's node processes")
+        user, widened = prepare_node_user()
+        if widened:
+            ui.note(
+                f"gave OS user {user.name} search permission (an ACL entry: no listing, no reading) on "
+                f"{', '.join(map(str, widened))} so that it can run Python and gpucoin"
+            )
+        if kill_processes(user):
+            ui.note(f"ended processes of OS user {user.name} left from an earlier run")
+        cls._clear_build_locks(ui, build_root(user.env(), user.home), user.uid)
+        work = short_temp_dir("gpucoin-work-")
+        ui.note(f"job code runs as OS user {user.name}, apart from the signing processes and this one")
+        return cls(user, work, node_dir(work, user))
+
+    @staticmethod
+    def _clear_build_locks(ui: "UI", root: Path, uid: int) -> None:
+        for lock in clear_stale_locks(root, uid):
+            ui.note(f"removed {lock}, left by an interrupted DeepSpeed op build (no process held it)")
+
+    def stage(self, source: str) -> str:
+        """The corpus source the nodes get: a file copied where the node user can read it."""
+        if self.node_area is None or source == "pypi":
+            return source
+        dest = self.node_area / "data" / Path(source).name
+        dest.parent.mkdir()
+        shutil.copyfile(source, dest)
+        chown_tree(dest.parent, self.user)  # type: ignore[arg-type]
+        return str(dest)
+
+    def store_dir(self, job_dir: Path) -> Path:
+        """Where the store actor keeps the job's checkpoints while the cluster runs."""
+        return job_dir / "store" if self.node_area is None else self.node_area / "store"
+
+    def train_dir(self, job_dir: Path) -> Path:
+        """Ray Train's run directory while the cluster runs."""
+        return job_dir / "ray_train" if self.node_area is None else self.node_area / "ray_train"
+
+    def keep(self, job_dir: Path) -> None:
+        """Copy the regular files the nodes wrote into ``job_dir``, never following a link
+        (after the cluster has stopped, so no process of the node user runs)."""
+        if self.node_area is None:
+            return
+        kill_processes(self.user)  # type: ignore[arg-type]
+        for name in ("store", "ray_train"):
+            copy_regular_files(self.node_area / name, job_dir / name)
+
+    def close(self) -> None:
+        """End every process of the node user and remove the working dir."""
+        if self.user is not None:
+            kill_processes(self.user)
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work = self.node_area = None
+
+
+def copy_regular_files(src: Path, dest: Path) -> None:
+    """Copy every regular file under ``src`` to the same place under ``dest``; links, FIFOs and
+    devices are skipped, never followed or opened (``src`` is a directory another user wrote)."""
+    if src.is_symlink() or not src.is_dir():
+        return
+    for root, _, files, root_fd in os.fwalk(src, follow_symlinks=False):
+        for name in files:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root_fd)
+            except OSError:
+                continue  # a link, or gone
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    continue
+                out = dest / Path(root).relative_to(src) / name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with out.open("wb") as g:
+                    shutil.copyfileobj(f, g)
 
 
 def _data_source(loaded: LoadedSpec) -> str:
@@ -149,7 +259,7 @@ def open_ledger(opts: LocalOptions, coordinator) -> Ledger:
         PolicyError: the local ledger's Genesis names another policy than ``opts.policy``.
         LedgerError: the ledger cannot be opened, or belongs to another market.
     """
-    opts.home.mkdir(parents=True, exist_ok=True)
+    opts.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = opts.home / "ledger.db"
     domain = Domain(chain_id=opts.policy.chain_id, verifying_contract=coordinator.address)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -213,14 +323,17 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
     engineer = participant("engineer", home)
     ledger = open_ledger(opts, coordinator_p)
     domain = ledger.domain
+    stack = contextlib.ExitStack()
     try:
         coord = Coordinator(ledger, policy, coordinator_p.account, domain)
         preflight(loaded, opts, coord, engineer)
 
+        nodes = NodeSetup.prepare(ui)
+        stack.callback(nodes.close)
         ui.status("preparing the corpus")
-        module = _import_job_module(loaded)
-        source = _data_source(loaded)
-        corpus = module.prepare_corpus(source, val_fraction=spec.data.val_fraction)
+        source = nodes.stage(_data_source(loaded))
+        # the job's code runs in a child process, never in this one (it holds the coordinator's key)
+        corpus = corpus_info(loaded.module_dir.parent, spec.model_dump(mode="json"), source, user=nodes.user)
 
         job_id = new_job_id(spec.name)
         job_dir = home / "jobs" / job_id
@@ -246,9 +359,7 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
         )
         coord.escrow(order)
         try:
-            summary = _run(
-                loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, module, corpus, source
-            )
+            summary = _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, corpus, source, nodes)
         finally:
             with sigint_ignored():  # a second Ctrl-C must not leave the budget in escrow
                 refunded = coord.refund(job_id, order)
@@ -267,31 +378,40 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
         summary["audit"] = "ok" if not problems else problems
         return summary
     finally:
+        stack.close()
         ledger.close()
 
 
-def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, module, corpus, source) -> dict:
+def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, corpus, source, nodes) -> dict:
     """Start the nodes' signing processes, then run the job on a fresh embedded cluster."""
     with contextlib.ExitStack() as stack:
-        # each node's key lives in its own signing process, outside Ray; its socket dir is ours only
+        # each node's key lives in its own signing process, outside Ray; its socket dir is ours
+        # only, or searchable by the node user's group, whose processes alone the signer serves
         sockets = short_temp_dir("gpucoin-sign-")
         stack.callback(shutil.rmtree, sockets, True)
+        if nodes.user is not None:
+            os.chown(sockets, -1, nodes.user.gid)
+            os.chmod(sockets, 0o710)
         signers = {}
         for p in [*volunteers, verifier]:
             role = "verifier" if p is verifier else "volunteer"
-            signers[p.name] = p.start_signer(sockets / f"{p.name}.sock", coord.account.address, coord.domain, role)
+            tolerance = opts.policy.verification.tolerance_rel_l2 if p is verifier else None
+            signers[p.name] = p.start_signer(
+                sockets / f"{p.name}.sock", coord.account.address, coord.domain, role, tolerance, nodes.user
+            )
             stack.callback(signers[p.name].stop)
         return _run_on_cluster(
-            loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, module, corpus, source, signers
+            loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, corpus, source, nodes, signers
         )
 
 
 def _run_on_cluster(
-    loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, module, corpus, source, signers
+    loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, corpus, source, nodes, signers
 ) -> dict:
     import ray
 
-    from gpucoin.coordinator.evaluate import evaluate
+    from gpucoin.coordinator.evaluate import rebuilt_checkpoint
+    from gpucoin.coordinator.jobcode import evaluate_in_child
     from gpucoin.coordinator.run import JobRun
     from gpucoin.runtime.inbox import InboxConfig, JobInbox
     from gpucoin.runtime.trainer import launch
@@ -299,7 +419,7 @@ def _run_on_cluster(
 
     spec, policy, ledger = loaded.spec, opts.policy, coord.ledger
     host_gpus = _host_gpu_count()
-    nodes = [
+    node_specs = [
         NodeSpec(
             p.name,
             1,
@@ -312,18 +432,19 @@ def _run_on_cluster(
     t0 = time.monotonic()
     with EmbeddedCluster(
         job_dir / "logs",
-        nodes,
+        node_specs,
         head_port=opts.head_port,
         runtime_env={"py_modules": [str(loaded.module_dir)]},
         auth_token_path=home_token_path(opts.home),
+        node_user=nodes.user,
     ) as cluster:
         cluster_s = time.monotonic() - t0
-        # no separate OS user for Ray's node processes yet (docs/security.md, residual risks)
-        ui.note(
-            f"job code runs as OS user {getpass.getuser()}, as the nodes' signing processes and this one do: "
-            f"no key is in its environment, but it can read this user's files (the dev keystores under "
-            f"{opts.home / 'wallets'}); see docs/security.md"
-        )
+        if nodes.user is None:
+            ui.note(
+                f"job code runs as OS user {getpass.getuser()}, as the nodes' signing processes and this one do: "
+                f"no key is in its environment, but it can read this user's files (the dev keystores under "
+                f"{opts.home / 'wallets'}); run as root for a node user of its own; see docs/security.md"
+            )
         for v in volunteers:
             register_volunteer(coord, v, cluster.node_id(v.name), opts.ask_ugpc_per_worker_hour, opts.stake_ugpc)
         offers = [
@@ -370,7 +491,7 @@ def _run_on_cluster(
         store = (
             ray.remote(ContentStore)
             .options(num_cpus=0, max_concurrency=4, label_selector={"ray.io/node-id": cluster.node_id("head")})
-            .remote(str(job_dir / "store"))
+            .remote(str(nodes.store_dir(job_dir)))
         )
         if loaded.package_hash not in policy.verification.vetted_packages:
             ui.note(
@@ -393,6 +514,7 @@ def _run_on_cluster(
             sketch_dir=job_dir / "sketches",
             data_source=source,
             ui=ui,
+            assignments=tuple(assignments),
             secret=opts.seed_secret,
         )
         t1 = time.monotonic()
@@ -402,11 +524,12 @@ def _run_on_cluster(
             node_ids=list(placement.node_ids),
             inbox=inbox,
             store=store,
-            storage_dir=job_dir / "ray_train",
+            storage_dir=nodes.train_dir(job_dir),
             buckets=policy.verification.sketch_buckets,
             data_source=source,
             assignments=assignments,
         )
+        cluster.track_driver_thread(training.thread)
         try:
             job.run(training)
         finally:
@@ -415,13 +538,17 @@ def _run_on_cluster(
         # The local cluster's challenge window and epoch end when it stops: settle and mint now.
         job.finish()
 
+    nodes.keep(job_dir)
     last_step = job.last_settled_step()
     ui.status("evaluating the trained model")
     try:
-        val_loss, sample = evaluate(
-            spec, module, corpus, ContentStore(job_dir / "store").get, job_id, job.end_manifests(last_step), last_step
-        )
-    except VerificationError as e:  # an unchecked checkpoint a rank signed and the safe load refuses
+        manifests = job.end_manifests(last_step)
+        with rebuilt_checkpoint(spec, ContentStore(job_dir / "store").get, job_id, manifests, last_step) as tag_dir:
+            ev = evaluate_in_child(
+                loaded.module_dir.parent, spec.model_dump(mode="json"), source, tag_dir, last_step, user=nodes.user
+            )
+        val_loss, sample = ev.val_loss, ev.sample
+    except (VerificationError, JobCodeError) as e:  # e.g. a checkpoint a rank signed that the safe load refuses
         val_loss, sample = None, f"(no evaluation: {e})"
     return {
         "job_id": job_id,

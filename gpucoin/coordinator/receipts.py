@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpucoin.exceptions import SignatureError
+from gpucoin.verify.commitment import sketch_root
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, verify
 
 COMPUTE_TIME_SLACK_MS = 1000
@@ -64,8 +65,6 @@ def check_receipt(
         previous_digest: digest of this rank's receipt for the interval before (None for the first).
         already_have: the coordinator already holds a receipt from this rank for this interval.
     """
-    from gpucoin.runtime.sketch import sketch_root  # imports torch: kept out of the head's inbox (check_signed)
-
     check_signed(receipt, job_id=job_id, rank=rank, worker=worker, domain=domain)
     m = receipt.message
     if (m["stepStart"], m["stepEnd"]) != (step_start, step_end):

@@ -32,6 +32,7 @@ from gpucoin.runtime.inbox import ProgressEvent, ReceiptEvent
 from gpucoin.spec import JobSpec
 from gpucoin.storage import StoreClient
 from gpucoin.storage.checkpoints import commitment_problem
+from gpucoin.verify.compare import effective_verdict
 from gpucoin.verify.sampling import is_checked
 from gpucoin.verify.verifier import ReplayRequest, ReplayResult
 from gpucoin.wallet.messages import SignedMessage, verify
@@ -70,7 +71,8 @@ class JobRun:
         replay: a Ray remote function bound to the verifier node (``verify.verifier.check_interval``);
         store: the job's ``ContentStore`` actor (checkpoints); sketch_dir: where committed sketches
         are kept; data_source: the corpus;
-        ui: progress reporting; secret: the sampling secret (drawn fresh if None).
+        ui: progress reporting; secret: the sampling secret (drawn fresh if None);
+        assignments: each rank's coordinator-signed Assignment (JSON), which the verifier's signer checks.
     """
 
     spec: JobSpec
@@ -87,6 +89,7 @@ class JobRun:
     data_source: str
     ui: object
     secret: bytes | None = None
+    assignments: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.secret = self.secret or secrets.token_bytes(32)
@@ -316,6 +319,9 @@ class JobRun:
             package_hash=self.package_hash,
             vetted_packages=self.policy.verification.vetted_packages,
             tolerance=self.policy.verification.tolerance_rel_l2,
+            receipt_messages=tuple(iv.receipts[r].to_json() for r in range(W)),
+            start_receipt_messages=tuple(r.to_json() for r in start),
+            assignments=self.assignments,
         )
 
     # -- replays --------------------------------------------------------------
@@ -383,7 +389,9 @@ class JobRun:
         iv.reports = [by_receipt[iv.receipts[r].digest] for r in range(self.spec.workers)]
         worst = max(r.message["distanceE9"] for r in iv.reports) / 1e9
         self.distances.append(worst)
-        failing = [(judged[d], rep) for d, rep in by_receipt.items() if rep.message["verdict"] == "fail"]
+        # in a job of an unvetted package a fail convicts nobody, whatever the verifier's process was made to find
+        verdict_of = {d: effective_verdict(rep.message["verdict"], self.vetted) for d, rep in by_receipt.items()}
+        failing = [(judged[d], rep) for d, rep in by_receipt.items() if verdict_of[d] == "fail"]
         if failing:
             iv.outcome = "failed"
             self.counts["failed"] += 1
@@ -398,7 +406,7 @@ class JobRun:
                     f"steps {where.start}-{where.end}: rank {rank} FAILED the check of steps {iv.start}-{iv.end} "
                     f"({reasons.get(rep.message['receiptDigest']) or 'mismatch'}); its bond was slashed"
                 )
-            verdicts = [rep.message["verdict"] for rep in iv.reports]
+            verdicts = [verdict_of[rep.message["receiptDigest"]] for rep in iv.reports]
             honest = [r for r, v in enumerate(verdicts) if v == "pass"]
             if honest and all(v in ("pass", "fail") for v in verdicts) and not iv.settled:
                 # the evidence separates them: the ranks that passed are paid for their work
@@ -407,7 +415,7 @@ class JobRun:
             self.void_after(iv)
             self.stop(f"rank(s) {sorted({r for (_, r), _ in failing})} failed the replay of steps {iv.start}-{iv.end}")
             return
-        voids = [rep for rep in iv.reports if rep.message["verdict"] == "void"]
+        voids = [rep for rep in iv.reports if verdict_of[rep.message["receiptDigest"]] == "void"]
         if voids:
             # the evidence names nobody (docs/verification.md, Blame)
             iv.outcome = "void"
@@ -481,7 +489,9 @@ class JobRun:
         what it would have cost, and all of it is burned (docs/verification.md, Vetted job packages)."""
         iv.settled = True
         pay = interval_payment_ugpc(self.price_ugpc_per_worker_hour, self.spec.workers, iv.wall_ms)
-        charged, _ = self.coord.charge_void(self.job_id, iv.reports, pay)
+        # the Settlement cites a report that counts as void (a fail does, in a job of an unvetted package)
+        reports = sorted(iv.reports, key=lambda rep: effective_verdict(rep.message["verdict"], self.vetted) != "void")
+        charged, _ = self.coord.charge_void(self.job_id, reports, pay)
         self.money["paid"] += charged
         self.money["burned"] += charged
         self.ui.note(

@@ -29,7 +29,9 @@ from gpucoin.ledger.plans import (
     plan_mint,
     plan_refund,
     plan_slash,
+    plan_unbond,
     plan_void_charge,
+    plan_withdraw,
     slash_split,
 )
 from gpucoin.ledger.transfer import Transfer
@@ -166,6 +168,17 @@ class Coordinator:
             [registration],
         )
 
+    def unbond(self, msg: SignedMessage) -> None:
+        """Record a provider's signed Unbond and move that much stake bonded -> unbonding (the ledger
+        checks the signer, the bond and when it matures)."""
+        m = msg.message
+        self._post(f"unbond:{msg.digest}", plan_unbond(m["provider"], m["amount"], msg.digest), "unbond", [msg])
+
+    def withdraw(self, msg: SignedMessage) -> None:
+        """Record a provider's signed Withdraw and release that much matured stake unbonding -> available."""
+        m = msg.message
+        self._post(f"withdraw:{msg.digest}", plan_withdraw(m["provider"], m["amount"], msg.digest), "withdraw", [msg])
+
     def escrow(self, order: SignedMessage) -> None:
         """Record an engineer's signed JobOrder and escrow its budget.
 
@@ -245,7 +258,8 @@ class Coordinator:
         it: the submitter pays for the dispute its code may have caused, nobody earns from it.
 
         Args:
-            reports: the verifier's void reports of the interval's receipts (recorded), rank order.
+            reports: the verifier's reports of the interval's receipts (recorded), the first one
+                void (a fail in such a job counts as void: ``compare.effective_verdict``).
             payment_ugpc: what the interval would have cost; capped at what is left in escrow, and
                 nothing is written when that is 0.
 

@@ -58,6 +58,7 @@ from gpucoin.ledger.state import LedgerState, apply_operation
 from gpucoin.ledger.transfer import Code, Transfer
 from gpucoin.money import format_gpc
 from gpucoin.policy.tokenomics import SettledInterval
+from gpucoin.verify.compare import effective_verdict
 
 AUTHORIZES: dict[str, frozenset[Code]] = {
     "Genesis": frozenset({Code.GENESIS}),
@@ -157,9 +158,11 @@ def _rule_settlement(msg: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[l
         return _refund(msg, subject, state)
     if subject.type == "WorkReceipt" or (subject.type == "VerificationReport" and subject["verdict"] == "pass"):
         return _charge(msg, subject, f, state, op)
-    if subject.type == "VerificationReport" and subject["verdict"] == "fail":
-        return _slash(msg, subject, f, state, op)
-    if subject.type == "VerificationReport" and subject["verdict"] == "void":
+    if subject.type == "VerificationReport" and subject["verdict"] in ("fail", "void"):
+        receipt = _message(f, subject["receiptDigest"], "the report's receipt")
+        vetted = _vetted(f, receipt["jobId"], f"Settlement {msg.digest}")
+        if effective_verdict(subject["verdict"], vetted) == "fail":
+            return _slash(msg, subject, f, state, op)
         return _void_charge(msg, subject, f, state, op)
     kind = f"{subject['verdict']} {subject.type}" if subject.type == "VerificationReport" else subject.type
     raise Unauthorized(f"Settlement {msg.digest}: a Settlement of a {kind} authorizes no transfer")
@@ -196,11 +199,16 @@ def _charge(msg: Msg, subject: Msg, f: Facts, state: LedgerState, op: _Op) -> tu
     verifier = None
     if subject.type == "VerificationReport":
         verifier = subject["verifier"]
+        vetted = _vetted(f, job, where)
         paid_ranks = []
         for r in receipts:
             verdicts = {
-                p["verdict"] for p in (f.messages[d] for d in f.reports.get(r.digest, [])) if p["verifier"] == verifier
+                effective_verdict(p["verdict"], vetted)
+                for p in (f.messages[d] for d in f.reports.get(r.digest, []))
+                if p["verifier"] == verifier
             }
+            if "void" in verdicts:  # in an unvetted job a fail too: the interval is void, not charged per rank
+                raise Unauthorized(f"{where}: rank {r['rank']}'s receipt was judged void by {verifier}")
             if "fail" in verdicts:
                 continue  # convicted: its share is not paid (its own Settlement slashes it)
             if "pass" not in verdicts:
@@ -243,7 +251,9 @@ def _vetted(f: Facts, job: str, where: str) -> bool:
 
 def _void_charge(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[list[Transfer], Effect | None]:
     """A void interval of a job whose package is not vetted: charged as if it had settled, and
-    all of it burned. Every rank needs a void report from the report's verifier."""
+    all of it burned. ``report`` counts as void (a fail does here: ``compare.effective_verdict``)
+    and the same verifier judged every rank's receipt (a void names nobody: the whole interval
+    is void, whatever the other ranks' reports say)."""
     receipt = _message(f, report["receiptDigest"], "the report's receipt")
     job, start = receipt["jobId"], receipt["stepStart"]
     _same_job(msg, job)
@@ -256,10 +266,11 @@ def _void_charge(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -
         raise Unauthorized(
             f"{where}: the interval has receipts of ranks {sorted(ranks)}; the job has {order['workers']}"
         )
+    if effective_verdict(report["verdict"], vetted=False) != "void":
+        raise Unauthorized(f"{where}: cites a {report['verdict']} report, which voids nothing")
     for r in sorted(ranks):
-        voids = [f.messages[d] for d in f.reports.get(ranks[r], [])]
-        if not any(v["verdict"] == "void" and v["verifier"] == report["verifier"] for v in voids):
-            raise Unauthorized(f"{where}: rank {r}'s receipt has no void report by {report['verifier']}")
+        if not any(f.messages[d]["verifier"] == report["verifier"] for d in f.reports.get(ranks[r], [])):
+            raise Unauthorized(f"{where}: rank {r}'s receipt has no report by {report['verifier']}")
     paid = _chargeable(msg, f, state, op, job, start, where)
     _expect(msg, **SettlementAmounts(paid=paid, burned=paid).fields())
     return plan_void_charge(job, paid, msg.digest), VoidCharge(msg.digest, job, start, f.now_epoch, paid)

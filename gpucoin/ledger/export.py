@@ -2,7 +2,7 @@
 
 The export holds everything needed to re-verify the ledger with one's own tools, without gpucoin:
 
-- ``{"kind": "header", "format": "gpucoin-ledger-export-v2", "schema": <revision>, ...}`` first;
+- ``{"kind": "header", "format": "gpucoin-ledger-export-v3", "schema": <revision>, ...}`` first;
 - one ``{"kind": "policy", "hash", "policy"}`` per policy the ledger applies (the Genesis names it
   by ``policyHash``; ``hash`` is keccak256 of the canonical JSON of ``policy``, sorted keys, no
   spaces), so a reader can recompute what every Settlement and EpochClose may move;
@@ -18,6 +18,11 @@ The export holds everything needed to re-verify the ledger with one's own tools,
   no spaces and UTF-8 text (``gpucoin.ledger.rules.chain_hash``); the first row's prev_hash is 64
   zeros. Amounts are integers of µGPC (1 GPC = 10**6 µGPC).
 
+Every integer above 2**53 - 1 (uint64 nonces, most of all) is written as its decimal string, any
+other as a JSON number (``gpucoin.jsonsafe``), so JavaScript's plain ``JSON.parse`` reads every
+value exactly; EIP-712 libraries take the strings as uints as they are, and a chain hash is over
+the integer the string stands for. (v2 wrote every integer as a number.)
+
 Rows are read in one read transaction and streamed, so memory does not grow with the ledger.
 """
 
@@ -31,7 +36,7 @@ from sqlmodel import Session, select
 from gpucoin.ledger.models import MessageRow, OperationRow, PolicyRow, TransferRow
 from gpucoin.wallet.messages import loads_json
 
-EXPORT_FORMAT = "gpucoin-ledger-export-v2"
+EXPORT_FORMAT = "gpucoin-ledger-export-v3"
 """The ``format`` of the header line; a change in any record's fields gets a new version."""
 
 _BATCH = 5000

@@ -27,7 +27,7 @@ from sqlmodel import Session, create_engine, select
 
 from gpucoin.exceptions import GpucoinError, LedgerError, NoGenesis, SignatureError, UnknownAccount
 from gpucoin.ledger import db, migrate
-from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, is_valid_account
+from gpucoin.ledger.accounts import BURNED, ISSUANCE, TREASURY, is_valid_account, wallet_account
 from gpucoin.ledger.admission import GENESIS, Admission
 from gpucoin.ledger.epochs import epoch_at, epoch_end_s
 from gpucoin.ledger.facts import Charge, GenesisInfo, Msg
@@ -41,6 +41,8 @@ from gpucoin.ledger.models import (
     OperationRow,
     PolicyRow,
     TransferRow,
+    UnbondingRow,
+    VerificationReportRow,
 )
 from gpucoin.ledger.plans import plan_genesis
 from gpucoin.ledger.post import apply_batch, charge_of, ledger_time_us, lock_head
@@ -562,6 +564,36 @@ class Ledger:
             "refunded": by_code.get(Code.REFUND.value, 0),
             "supply": minted - burned,
             "treasury": stored.get(TREASURY, 0),
+        }
+
+    def unbonding(self, address: str) -> dict[int, int]:
+        """The wallet's stake still unbonding, µGPC by the epoch it matures (may be withdrawn from).
+
+        Raises:
+            UnknownAccount: ``address`` is no address.
+        """
+        account = wallet_account(address, "unbonding")
+        with self._session(write=False) as s:
+            rows = s.exec(select(UnbondingRow).where(UnbondingRow.account == account)).all()
+        return {int(r.mature_epoch): int(r.amount) for r in rows}
+
+    def market_counts(self) -> dict[str, Any]:
+        """Counts for the head's status and metrics, in one read transaction.
+
+        Returns:
+            ``verdicts``: admitted VerificationReports by verdict (``pass``, ``fail``...);
+            ``messages``: stored messages by primary type; ``bonded``: µGPC in all bonded accounts.
+        """
+        with self._session(write=False) as s:
+            verdicts = s.exec(
+                select(VerificationReportRow.verdict, func.count()).group_by(VerificationReportRow.verdict)
+            ).all()
+            kinds = s.exec(select(MessageRow.primary_type, func.count()).group_by(MessageRow.primary_type)).all()
+            bonded = s.exec(select(func.sum(AccountRow.balance)).where(AccountRow.name.like("wallet:%:bonded"))).one()
+        return {
+            "verdicts": {v: int(n) for v, n in verdicts},
+            "messages": {t: int(n) for t, n in kinds},
+            "bonded": int(bonded or 0),
         }
 
     def export(self) -> Iterator[dict[str, Any]]:

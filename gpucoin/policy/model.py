@@ -1,4 +1,4 @@
-"""The incentive policy: a closed, validated schema loaded from TOML (``policies/*.toml``).
+"""The incentive policy: a closed, validated schema loaded from TOML (``gpucoin/policies/*.toml``).
 
 A policy fixes every number the market, tokenomics, verification and slashing use, so that
 every part of gpucoin computes the same thing (SPEC.md, Money). Units are in the field names:
@@ -158,7 +158,7 @@ class BondingPolicy(BaseModel):
 
 
 class Policy(BaseModel):
-    """A whole incentive policy, as in ``policies/default.toml``."""
+    """A whole incentive policy, as in ``gpucoin/policies/default.toml``."""
 
     model_config = _STRICT
 
@@ -225,6 +225,33 @@ def load_policy(path: str | Path) -> Policy:
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(f"{p}: not valid TOML: {' '.join(str(e).split())}") from None
     return parse_policy(data, str(p))
+
+
+SHIPPED_POLICIES_DIR = Path(__file__).resolve().parents[1] / "policies"
+"""The policies gpucoin ships (package data, so an installed wheel has them): ``<name>.toml``."""
+
+
+def shipped_policy_names() -> list[str]:
+    """Names of the shipped policies (``default``, ``local``, ...), sorted."""
+    return sorted(p.stem for p in SHIPPED_POLICIES_DIR.glob("*.toml"))
+
+
+def resolve_policy(name_or_path: str | Path) -> Policy:
+    """The shipped policy called ``name_or_path`` (e.g. ``local``), else the TOML file at that path.
+
+    Raises:
+        PolicyError: as ``load_policy``; for a bare name that is neither shipped nor a file, one
+            line listing the shipped names.
+    """
+    text = str(name_or_path)
+    if text in shipped_policy_names():
+        return load_policy(SHIPPED_POLICIES_DIR / f"{text}.toml")
+    p = Path(text)
+    if not p.exists() and p.suffix != ".toml" and "/" not in text:
+        raise PolicyError(
+            f"no policy {text!r}: the shipped ones are {', '.join(shipped_policy_names())}; or give a .toml file"
+        )
+    return load_policy(p)
 
 
 def canonical_json(policy: Policy) -> str:

@@ -12,7 +12,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from eth_utils import keccak
 
 
 class CountSketch:
@@ -75,15 +74,3 @@ class CountSketch:
             if p.grad is not None:
                 acc += self.sketch(i, p.grad)
         return acc.numpy()
-
-
-def sketch_root(step_start: int, sketches: np.ndarray) -> str:
-    """Commitment to an interval's sketches: 0x keccak256 of the start step and the (K, B) float64 bytes.
-
-    Raises:
-        ValueError: if ``sketches`` is not a 2-D float64 array.
-    """
-    if sketches.ndim != 2 or sketches.dtype != np.float64:
-        raise ValueError(f"sketches must be (K, B) float64, got {sketches.shape} {sketches.dtype}")
-    header = step_start.to_bytes(8, "big") + sketches.shape[0].to_bytes(4, "big") + sketches.shape[1].to_bytes(4, "big")
-    return "0x" + keccak(header + np.ascontiguousarray(sketches, dtype="<f8").tobytes()).hex()

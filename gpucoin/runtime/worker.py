@@ -12,6 +12,7 @@ runs here) and hand it with the sketches to the job's inbox actor.
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import tempfile
 import time
@@ -38,9 +39,10 @@ def train_loop_per_worker(config: dict) -> None:
     from gpucoin.runtime.data_order import micro_batch, window_offsets
     from gpucoin.runtime.dsconfig import deepspeed_config
     from gpucoin.runtime.schedule import lr_at
-    from gpucoin.runtime.sketch import CountSketch, sketch_root
+    from gpucoin.runtime.sketch import CountSketch
     from gpucoin.spec import JobSpec
     from gpucoin.storage import StoreClient, commit_checkpoint, fetch_checkpoint
+    from gpucoin.verify.commitment import sketch_root
     from gpucoin.wallet.nonces import NonceSource
     from gpucoin.wallet.signer import SignerClient
 
@@ -70,7 +72,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     store = StoreClient(config["store"])
     # this rank's own files only: the checkpoint others read is the one in the store, checked by hash
-    scratch = Path(tempfile.mkdtemp(prefix=f"gpucoin-{config['job_id']}-rank{rank}-"))
+    # under the node's Ray temp dir, which goes with the node: a rank that dies leaves nothing in /tmp
+    scratch = Path(tempfile.mkdtemp(prefix=f"gpucoin-{config['job_id']}-rank{rank}-", dir=os.environ.get("RAY_TMPDIR")))
     start = config["start_step"]
     if start > 0:
         bad = fetch_checkpoint(

@@ -89,10 +89,16 @@ class ContentStore:
             ObjectCorrupted: if the stored bytes no longer hash to it.
         """
         path = self._path(digest)
-        try:
-            data = path.read_bytes()
+        try:  # never through a link, never blocking on a FIFO: the store's dir may be another user's
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ObjectMissing(f"no object {digest} in the store") from None
+        except OSError as e:
+            raise ObjectCorrupted(f"object {digest} in {self.root} cannot be read: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ObjectCorrupted(f"object {digest} in {self.root} is not a regular file")
+            data = f.read()
         if "0x" + hashlib.sha256(data).hexdigest() != digest:
             raise ObjectCorrupted(f"object {digest} in {self.root} no longer hashes to its name")
         return data

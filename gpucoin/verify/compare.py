@@ -1,4 +1,4 @@
-"""Compare committed gradient sketches with replayed ones (pure; numpy only).
+"""Compare committed gradient sketches with replayed ones and judge the ranks (pure; numpy only).
 
 Distances are relative L2, ``||committed - replayed|| / ||replayed||``: honest fp32 replays on
 CPU differ by ~1e-7, a rank that skipped 1/32 of its batch by ~0.09 (SPEC.md, Verification 3).
@@ -8,7 +8,9 @@ cheaply, Fang et al. 2022).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -52,6 +54,18 @@ class RankVerdict:
     @property
     def passed(self) -> bool:
         return self.verdict == "pass"
+
+
+def effective_verdict(verdict: str, vetted: bool) -> str:
+    """What a verifier's ``verdict`` on a receipt counts as: in a job whose package the policy does
+    not vet, a ``fail`` is ``void``, since the submitter's code may compute differently when
+    replayed (or have made the verifier's replay report anything); the head, the ledger's slash and
+    void-charge rules and the verifier apply this one rule.
+
+    Args:
+        verdict: ``pass``, ``fail`` or ``void``; vetted: the JobOrder's package is on the policy's list.
+    """
+    return "void" if verdict == "fail" and not vetted else verdict
 
 
 def blame(bad_at_first: list[bool]) -> list[str]:
@@ -121,3 +135,75 @@ def compare_interval(
         )
         for r in range(R)
     ]
+
+
+class EndOutcome(enum.StrEnum):
+    """How one end-checkpoint file compares with the replay (module docstring)."""
+
+    MATCH = "match"
+    BROKEN = "broken"
+    NOT_ADAM = "not_adam"
+    DIVERGED = "diverged"
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One end-checkpoint file against the replay.
+
+    Attributes:
+        name: the file; rank: its writer.
+        outcome: see ``EndOutcome``.
+        distance: largest relative L2 distance of what it holds from the replayed state
+            (``inf`` if broken).
+        reason: what is wrong with it, or None for a match.
+    """
+
+    name: str
+    rank: int
+    outcome: EndOutcome
+    distance: float
+    reason: str | None = None
+
+
+def worst_distance(distances: list[float]) -> float:
+    """The largest distance; NaN if any is NaN (Python's ``max`` would skip it and pass a NaN file)."""
+    return math.nan if any(math.isnan(d) for d in distances) else max(distances)
+
+
+def judge_end(verdicts: list[RankVerdict], checks: list[FileCheck]) -> list[RankVerdict]:
+    """The ranks' verdicts once the end checkpoint is judged too.
+
+    - A ``broken`` file fails its writer, whatever the sketches said.
+    - If the sketches passed every rank, a ``not_adam`` file fails its writer; a ``diverged``
+      file fails its writer in a job of one rank (nobody else touched its state) and otherwise
+      voids the interval for every rank not failed (the evidence names nobody).
+    - If the sketches already failed or voided, the replay's end state is not the job's, so
+      only broken files count.
+
+    Args:
+        verdicts: the sketches' verdicts, rank order (``compare_interval``).
+        checks: ``check_end_checkpoint``'s files.
+    """
+    out = list(verdicts)
+
+    def fail(c: FileCheck) -> None:
+        v = out[c.rank]
+        out[c.rank] = replace(
+            v, verdict="fail", max_distance=worst_distance([v.max_distance, c.distance]), reason=f"{c.name}: {c.reason}"
+        )
+
+    sketches_passed = all(v.verdict == "pass" for v in verdicts)
+    for c in checks:
+        if c.outcome == EndOutcome.BROKEN or (sketches_passed and c.outcome == EndOutcome.NOT_ADAM):
+            fail(c)
+    diverged = [c for c in checks if c.outcome == EndOutcome.DIVERGED] if sketches_passed else []
+    if diverged and len(out) == 1:
+        for c in diverged:
+            fail(c)
+    elif diverged:
+        why = "; ".join(f"{c.name}: {c.reason}" for c in diverged)
+        out = [v if v.verdict == "fail" else replace(v, verdict="void", reason=why) for v in out]
+    for c in checks:
+        if c.outcome == EndOutcome.MATCH and out[c.rank].verdict == "pass":
+            out[c.rank] = replace(out[c.rank], max_distance=max(out[c.rank].max_distance, c.distance))
+    return out

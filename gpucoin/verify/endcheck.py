@@ -23,50 +23,21 @@ Which files are compared:
 - rank r's ZeRO 1/2 optimizer file: its partition of the fp32 master weights and of Adam's
   moments (``zero_partitions``), which is what DeepSpeed resumes rank r from.
 
-``judge_end`` folds these into the ranks' verdicts (docs/verification.md, The end checkpoint).
+``compare.judge_end`` folds these into the ranks' verdicts (docs/verification.md, The end checkpoint).
 """
 
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gpucoin.exceptions import BadCommittedFile
 from gpucoin.storage.manifest import model_states_file, optim_states_file
-from gpucoin.verify.compare import RankVerdict, rel_l2
+from gpucoin.verify.compare import EndOutcome, FileCheck, rel_l2, worst_distance
 from gpucoin.verify.consolidate import ConsolidatedState, read_model_states, read_optim_shard, zero_partitions
-
-
-class EndOutcome(enum.StrEnum):
-    """How one end-checkpoint file compares with the replay (module docstring)."""
-
-    MATCH = "match"
-    BROKEN = "broken"
-    NOT_ADAM = "not_adam"
-    DIVERGED = "diverged"
-
-
-@dataclass(frozen=True)
-class FileCheck:
-    """One end-checkpoint file against the replay.
-
-    Attributes:
-        name: the file; rank: its writer.
-        outcome: see ``EndOutcome``.
-        distance: largest relative L2 distance of what it holds from the replayed state
-            (``inf`` if broken).
-        reason: what is wrong with it, or None for a match.
-    """
-
-    name: str
-    rank: int
-    outcome: EndOutcome
-    distance: float
-    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,12 +78,7 @@ def adam_inconsistency(
     v_expected = b2 * v0 + (1 - b2) * g * g
     decayed = w0 * (1 - h.lr * h.weight_decay)
     update = -(h.lr / (1 - b1**h.step)) * m1 / (v1.sqrt() / math.sqrt(1 - b2**h.step) + h.eps)
-    return _worst([rel_l2(v1.numpy(), v_expected.numpy()), rel_l2((w1 - decayed).numpy(), update.numpy())])
-
-
-def _worst(distances: list[float]) -> float:
-    """The largest distance; NaN if any is NaN (Python's ``max`` would skip it and pass a NaN file)."""
-    return math.nan if any(math.isnan(d) for d in distances) else max(distances)
+    return worst_distance([rel_l2(v1.numpy(), v_expected.numpy()), rel_l2((w1 - decayed).numpy(), update.numpy())])
 
 
 def _flat(named: list[tuple[str, torch.nn.Parameter]], by_name: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -186,12 +152,12 @@ def check_end_checkpoint(
     except BadCommittedFile as exc:
         checks.append(FileCheck(name, 0, EndOutcome.BROKEN, math.inf, exc.reason))
     else:
-        d = _worst([_dist(ms.weights[k], end.weights[k]) for k in end.weights])
+        d = worst_distance([_dist(ms.weights[k], end.weights[k]) for k in end.weights])
         if ms.exp_avg is None:  # ZeRO 1/2: the weights rank 0 gathered from every partition
             checks.append(_judge(name, 0, d, tolerance, None, None, h))
         else:  # ZeRO 0: rank 0's own step of the whole model
             held = [_flat(named, x) for x in (ms.weights, ms.exp_avg, ms.exp_avg_sq)]
-            d = _worst([_dist(a, b) for a, b in zip(held, flat_end, strict=True)])
+            d = worst_distance([_dist(a, b) for a, b in zip(held, flat_end, strict=True)])
             checks.append(_judge(name, 0, d, tolerance, tuple(flat_before), tuple(held), h))
     if zero_stage == 0:
         return checks
@@ -208,45 +174,6 @@ def check_end_checkpoint(
             checks.append(FileCheck(name, r, EndOutcome.BROKEN, math.inf, exc.reason))
             continue
         held = (shard.fp32, shard.exp_avg, shard.exp_avg_sq)
-        d = _worst([_dist(a, b[part]) for a, b in zip(held, flat_end, strict=True)])
+        d = worst_distance([_dist(a, b[part]) for a, b in zip(held, flat_end, strict=True)])
         checks.append(_judge(name, r, d, tolerance, tuple(b[part] for b in flat_before), held, h))
     return checks
-
-
-def judge_end(verdicts: list[RankVerdict], checks: list[FileCheck]) -> list[RankVerdict]:
-    """The ranks' verdicts once the end checkpoint is judged too.
-
-    - A ``broken`` file fails its writer, whatever the sketches said.
-    - If the sketches passed every rank, a ``not_adam`` file fails its writer; a ``diverged``
-      file fails its writer in a job of one rank (nobody else touched its state) and otherwise
-      voids the interval for every rank not failed (the evidence names nobody).
-    - If the sketches already failed or voided, the replay's end state is not the job's, so
-      only broken files count.
-
-    Args:
-        verdicts: the sketches' verdicts, rank order (``compare_interval``).
-        checks: ``check_end_checkpoint``'s files.
-    """
-    out = list(verdicts)
-
-    def fail(c: FileCheck) -> None:
-        v = out[c.rank]
-        out[c.rank] = replace(
-            v, verdict="fail", max_distance=_worst([v.max_distance, c.distance]), reason=f"{c.name}: {c.reason}"
-        )
-
-    sketches_passed = all(v.verdict == "pass" for v in verdicts)
-    for c in checks:
-        if c.outcome == EndOutcome.BROKEN or (sketches_passed and c.outcome == EndOutcome.NOT_ADAM):
-            fail(c)
-    diverged = [c for c in checks if c.outcome == EndOutcome.DIVERGED] if sketches_passed else []
-    if diverged and len(out) == 1:
-        for c in diverged:
-            fail(c)
-    elif diverged:
-        why = "; ".join(f"{c.name}: {c.reason}" for c in diverged)
-        out = [v if v.verdict == "fail" else replace(v, verdict="void", reason=why) for v in out]
-    for c in checks:
-        if c.outcome == EndOutcome.MATCH and out[c.rank].verdict == "pass":
-            out[c.rank] = replace(out[c.rank], max_distance=max(out[c.rank].max_distance, c.distance))
-    return out

@@ -16,13 +16,16 @@
    have made a worker write or withhold what it did, so every fail becomes void.
 6. Sign one VerificationReport per judged receipt with this node's own key.
 
-``judge_interval`` is steps 1-5 on any store (tests run it on a ``ContentStore`` without Ray);
-``check_interval`` is the Ray task around it.
+This process imports the submitter's code, so it only gathers ``judgment.Evidence`` (steps 1-4's
+replays and file checks); the verdicts (steps 2-5's rules, ``judgment.decide``) and the
+signatures (6) come from the node's signing process, which checks the committed sketches against
+the signed receipts itself (``wallet.signer``). ``judge_interval`` runs the same ``decide`` on any
+store without a signer (tests run it on a ``ContentStore`` without Ray); ``check_interval`` is
+the Ray task.
 """
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -35,10 +38,8 @@ from gpucoin.exceptions import BadCommittedFile, VerificationError
 from gpucoin.runtime.checkpoint import tag_for
 from gpucoin.storage.checkpoints import Get, StoreClient, fetch_checkpoint
 from gpucoin.storage.manifest import file_owner
-from gpucoin.verify.compare import RankVerdict
-from gpucoin.wallet.nonces import NonceSource
-
-_NONCES = NonceSource()
+from gpucoin.verify.compare import FileCheck
+from gpucoin.verify.judgment import Evidence, Finding, convicts_on_numbers, decide, first_verdicts
 
 REPRODUCE_TIMEOUT_S = 3600.0
 """Bound on the fresh process that reproduces a convicting replay."""
@@ -57,6 +58,10 @@ class ReplayRequest:
         start_receipts / start_manifests: the same for the interval before (empty at step 0).
         package_hash: the job's package as its JobOrder signed it; vetted_packages: the policy's
             list. Only a vetted package that is the one this verifier imports can convict.
+        receipt_messages / start_receipt_messages: the signed WorkReceipts (JSON) behind
+            ``receipts`` / ``start_receipts``, and assignments: each rank's coordinator-signed
+            Assignment (JSON): what the verifier's signer checks before it judges (``check_interval``
+            needs them; ``judge_interval`` does not).
     """
 
     spec: dict
@@ -73,24 +78,9 @@ class ReplayRequest:
     package_hash: str
     vetted_packages: tuple[str, ...]
     tolerance: float
-
-
-@dataclass(frozen=True)
-class Finding:
-    """The verdict on one receipt, with the reason people read (the report signs verdict and distance).
-
-    Attributes:
-        receipt: the judged WorkReceipt's digest; rank: its rank.
-        verdict: ``pass``, ``fail`` or ``void`` (``compare.RankVerdict``).
-        distance: largest relative L2 distance found (``inf`` for a file that cannot serve).
-        reason: why it did not pass, or None.
-    """
-
-    receipt: str
-    rank: int
-    verdict: str
-    distance: float
-    reason: str | None = None
+    receipt_messages: tuple[str, ...] = ()
+    start_receipt_messages: tuple[str, ...] = ()
+    assignments: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,49 +92,36 @@ class ReplayResult:
     findings: tuple[Finding, ...]
 
 
-def replay_and_judge(req: ReplayRequest, start_dir: Path | None, end_dir: Path) -> tuple[list[RankVerdict], set[int]]:
-    """Steps 2-3: replay from the rebuilt start checkpoint, compare the sketches, check the end files.
+def replay_checks(
+    req: ReplayRequest, start_dir: Path | None, end_dir: Path
+) -> tuple[np.ndarray, tuple[FileCheck, ...]]:
+    """Steps 2-3's work: replay from the rebuilt start checkpoint and check the end files.
 
     Returns:
-        (the ranks' verdicts, the ranks with a broken end file).
+        ((W, K, B) float64 replayed sketches, each end file against the replayed state).
 
     Raises:
         BadCommittedFile: a file of the start checkpoint that is wrong (it names the file).
     """
     from gpucoin.spec import JobSpec
-    from gpucoin.verify.compare import compare_interval
-    from gpucoin.verify.endcheck import AdamHyper, EndOutcome, check_end_checkpoint, judge_end
+    from gpucoin.verify.endcheck import AdamHyper, check_end_checkpoint
     from gpucoin.verify.replay import replay_interval
 
     spec = JobSpec.model_validate(req.spec)
     opt = spec.deepspeed.optimizer
     replay = replay_interval(spec, req.data_source, start_dir, req.step_start, req.step_end, req.buckets)
-    verdicts = compare_interval(req.step_start, req.committed, replay.sketches, req.tolerance)
     h = AdamHyper(replay.last_lr, tuple(opt.betas), opt.eps, opt.weight_decay, replay.end.adam_step)
     checks = check_end_checkpoint(
         end_dir, replay.model, replay.before_last, replay.end, h, spec.deepspeed.zero_stage, spec.workers, req.tolerance
     )
-    return judge_end(verdicts, checks), {c.rank for c in checks if c.outcome == EndOutcome.BROKEN}
+    return np.asarray(replay.sketches, dtype=np.float64), tuple(checks)
 
 
-def _in_fresh_process(req: ReplayRequest, start_dir: Path | None, end_dir: Path) -> tuple[list[RankVerdict], set[int]]:
+def _in_fresh_process(
+    req: ReplayRequest, start_dir: Path | None, end_dir: Path
+) -> tuple[np.ndarray, tuple[FileCheck, ...]]:
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(replay_and_judge, req, start_dir, end_dir).result(timeout=REPRODUCE_TIMEOUT_S)
-
-
-def _start_failed(req: ReplayRequest, bad: dict[int, str]) -> list[Finding]:
-    """The start checkpoint could not be rebuilt: the ranks whose files are at fault fail on the
-    receipts that committed to them; the interval's own receipts are void (nothing to replay from)."""
-    why = "; ".join(f"rank {r}: {reason}" for r, reason in sorted(bad.items()))
-    out = [
-        Finding(d, r, "void", math.inf, f"the start checkpoint could not be rebuilt ({why})")
-        for r, d in enumerate(req.receipts)
-    ]
-    out += [
-        Finding(req.start_receipts[r], r, "fail", math.inf, f"start checkpoint of steps {req.step_start}-: {reason}")
-        for r, reason in sorted(bad.items())
-    ]
-    return out
+        return pool.submit(replay_checks, req, start_dir, end_dir).result(timeout=REPRODUCE_TIMEOUT_S)
 
 
 def imported_package_hash(module: str) -> str | None:
@@ -159,8 +136,18 @@ def imported_package_hash(module: str) -> str | None:
     return package_hash(Path(locations[0])) if len(locations) == 1 else None
 
 
+def is_vetted(req: ReplayRequest) -> bool:
+    """Step 5's condition: the JobOrder's package is on the policy's list and is the package this
+    process imports."""
+    from gpucoin.spec import JobSpec
+
+    module = JobSpec.model_validate(req.spec).module
+    return req.package_hash in req.vetted_packages and imported_package_hash(module) == req.package_hash
+
+
 def judge_interval(req: ReplayRequest, get: Get, workdir: Path, fresh_process: bool = True) -> list[Finding]:
-    """Steps 1-5 of the module docstring for one interval.
+    """Steps 1-5 of the module docstring for one interval, without a signer: ``gather_evidence``
+    then ``judgment.decide`` (what the verifier's signer runs).
 
     Args:
         get: the store's ``get`` (``ContentStore.get`` or ``StoreClient.get``).
@@ -175,24 +162,29 @@ def judge_interval(req: ReplayRequest, get: Get, workdir: Path, fresh_process: b
         VerificationError: a request whose lists do not have one entry per rank.
         ObjectCorrupted: the store's own bytes do not hash to their names (the head's fault).
     """
+    ev = gather_evidence(req, get, workdir, fresh_process)
+    return decide(
+        req.step_start,
+        req.committed,
+        ev,
+        req.tolerance,
+        req.receipts,
+        req.start_receipts,
+        is_vetted(req),
+        reproduce=fresh_process,
+    )
+
+
+def gather_evidence(req: ReplayRequest, get: Get, workdir: Path, fresh_process: bool = True) -> Evidence:
+    """Steps 1-4's work: rebuild, replay, check the end files and, if that convicts on numbers,
+    replay again in a fresh process.
+
+    Raises:
+        VerificationError / ObjectCorrupted: as ``judge_interval``.
+    """
     from gpucoin.spec import JobSpec
 
     spec = JobSpec.model_validate(req.spec)
-    vetted = req.package_hash in req.vetted_packages and imported_package_hash(spec.module) == req.package_hash
-    findings = _judge(req, spec, get, workdir, fresh_process)
-    if vetted:
-        return findings
-    # nothing convicts: the interval's own receipts are void, the interval before is not judged
-    why = "the job's package is not vetted: its code may compute differently under replay"
-    own = set(req.receipts)
-    return [
-        replace(f, verdict="void", reason=f"{why} ({f.reason})") if f.verdict == "fail" else f
-        for f in findings
-        if f.receipt in own
-    ]
-
-
-def _judge(req: ReplayRequest, spec, get: Get, workdir: Path, fresh_process: bool) -> list[Finding]:
     W, stage = spec.workers, spec.deepspeed.zero_stage
     starts = 0 if req.step_start == 0 else W
     want = {"receipts": W, "end_manifests": W, "start_receipts": starts, "start_manifests": starts}
@@ -208,53 +200,45 @@ def _judge(req: ReplayRequest, spec, get: Get, workdir: Path, fresh_process: boo
             get, list(req.start_manifests), job_id=req.job_id, step=req.step_start, zero_stage=stage, dest=start_dir
         )
         if bad:
-            return _start_failed(req, {r: str(e) for r, e in bad.items()})
+            return Evidence(start_faults={r: str(e) for r, e in bad.items()})
     end_dir = workdir / "end" / tag_for(req.step_end)
     end_bad = fetch_checkpoint(
         get, list(req.end_manifests), job_id=req.job_id, step=req.step_end, zero_stage=stage, dest=end_dir
     )
     try:
-        verdicts, broken = replay_and_judge(req, start_dir, end_dir)
+        replayed, checks = replay_checks(req, start_dir, end_dir)
     except BadCommittedFile as exc:
-        return _start_failed(req, {file_owner(exc.name, stage, W): str(exc)})
-    for r, exc in end_bad.items():  # its commitment is false whatever the replay shows
-        verdicts[r] = replace(verdicts[r], verdict="fail", max_distance=math.inf, reason=f"end checkpoint: {exc}")
-        broken.add(r)
-    on_numbers = [r for r, v in enumerate(verdicts) if v.verdict == "fail" and r not in broken]
-    if fresh_process and on_numbers:
-        again, _ = _in_fresh_process(req, start_dir, end_dir)
-        if [v.verdict for r, v in enumerate(again) if r not in broken] != [
-            v.verdict for r, v in enumerate(verdicts) if r not in broken
-        ]:
-            why = "the convicting replay did not reproduce in a fresh process"
-            verdicts = [v if r in broken else replace(v, verdict="void", reason=why) for r, v in enumerate(verdicts)]
-    return [Finding(req.receipts[r], r, v.verdict, v.max_distance, v.reason) for r, v in enumerate(verdicts)]
+        return Evidence(start_faults={file_owner(exc.name, stage, W): str(exc)})
+    ev = Evidence(replayed=replayed, end_checks=checks, end_faults={r: str(e) for r, e in end_bad.items()})
+    if fresh_process and convicts_on_numbers(*first_verdicts(req.step_start, req.committed, ev, req.tolerance)):
+        again, again_checks = _in_fresh_process(req, start_dir, end_dir)
+        ev = replace(ev, replayed_again=again, end_checks_again=again_checks)
+    return ev
 
 
 def check_interval(req: ReplayRequest, store: object) -> ReplayResult:
-    """The Ray task a verifier node runs: ``judge_interval`` on the head's store, each finding
-    signed as a VerificationReport by this node's signing process (the key is not in this process).
+    """The Ray task a verifier node runs: ``gather_evidence`` on the head's store, then the node's
+    signing process judges it (``judgment.decide``) and signs one VerificationReport per finding
+    (neither the key nor the verdict is this process's: it ran the submitter's code).
 
     Args:
         store: the job's ``ContentStore`` actor handle.
+
+    Raises:
+        WalletError: the signer refused the request (``SigningRefused``) or cannot be reached.
     """
-    from gpucoin.wallet.messages import distance_e9
     from gpucoin.wallet.signer import SignerClient
 
     signer = SignerClient()
     with tempfile.TemporaryDirectory(prefix="gpucoin-replay-") as tmp:
-        findings = judge_interval(req, StoreClient(store).get, Path(tmp))
-    reports = [
-        signer.sign(
-            "VerificationReport",
-            {
-                "verifier": signer.address,
-                "receiptDigest": f.receipt,
-                "verdict": f.verdict,
-                "distanceE9": distance_e9(f.distance),
-                "nonce": _NONCES.next(),
-            },
-        ).to_json()
-        for f in findings
-    ]
+        ev = gather_evidence(req, StoreClient(store).get, Path(tmp))
+    reports, findings = signer.judge(
+        step_start=req.step_start,
+        committed=req.committed,
+        evidence=ev,
+        receipts=req.receipt_messages,
+        start_receipts=req.start_receipt_messages,
+        assignments=req.assignments,
+        vetted=is_vetted(req),
+    )
     return ReplayResult(signer.address, tuple(reports), tuple(findings))

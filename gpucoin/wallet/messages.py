@@ -35,6 +35,8 @@ from eth_account.messages import encode_typed_data
 from eth_utils import to_checksum_address
 
 from gpucoin.exceptions import AmountError, SignatureError
+from gpucoin.jsonsafe import MAX_SAFE_INTEGER, parse_uint_text
+from gpucoin.jsonsafe import dumps as js_safe_dumps
 from gpucoin.money import MAX_AMOUNT_UGPC
 
 try:  # coincurve is libsecp256k1: much faster recovery than eth_keys' pure-Python backend
@@ -290,8 +292,27 @@ def _bytes32(value: Any, what: str) -> str:
     return value.lower()
 
 
+def _from_text(value: Any, what: str) -> Any:
+    """The int a JavaScript-safe decimal string stands for (``gpucoin.jsonsafe``); anything else unchanged.
+
+    Raises:
+        MessageFieldError: for a string that is not the canonical decimal of an integer above 2**53 - 1.
+    """
+    if not isinstance(value, str):
+        return value
+    n = parse_uint_text(value)
+    if n is None:
+        raise MessageFieldError(
+            f"{what} = {value!r}: a uint is a JSON integer, or the decimal string (digits only, no leading"
+            f" zero) of one above {MAX_SAFE_INTEGER}"
+        )
+    return n
+
+
 def _uint(value: Any, bits: int, what: str, *, amount: bool) -> int:
-    """``value`` if it is an int within uintN (and within BIGINT for N = 64)."""
+    """``value`` if it is an int within uintN (and within BIGINT for N = 64), or the decimal string
+    of one above 2**53 - 1 (the form JSON gpucoin writes gives it, ``gpucoin.jsonsafe``)."""
+    value = _from_text(value, what)
     if amount:
         try:
             return _check_amount_field(value, what)
@@ -466,6 +487,7 @@ class Domain:
     version: str = "1"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "chain_id", _from_text(self.chain_id, "domain chainId"))
         if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int):
             raise MessageFieldError(f"domain chainId must be an int, got {self.chain_id!r}")
         if not 0 <= self.chain_id <= MAX_FIELD_INT:
@@ -693,8 +715,9 @@ class SignedMessage:
         return build_typed_data(self.primary_type, self.domain, self.message)
 
     def to_json(self) -> str:
-        """Deterministic JSON text (sorted keys, no spaces) of all six attributes."""
-        return json.dumps(
+        """Deterministic JSON text (sorted keys, no spaces) of all six attributes; an integer above
+        2**53 - 1 is written as its decimal string, so JavaScript reads it exactly (``gpucoin.jsonsafe``)."""
+        return js_safe_dumps(
             {
                 "primaryType": self.primary_type,
                 "domain": self.domain,

@@ -20,8 +20,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """`gpucoin train` on a tiny model (2 layers, d=64): 12 steps in 3 intervals of 4."""
-    from tests.conftest import TINY_MODEL, write_spec
+    """`gpucoin train` on a tiny model (2 layers, d=64): 12 steps in 3 intervals of 4, after an
+    interrupted DeepSpeed op build left its lock behind."""
+    from tests.conftest import TINY_MODEL, plant_stale_build_lock, write_spec
+
+    lock = plant_stale_build_lock()
 
     home = tmp_path_factory.mktemp("home")
     spec = write_spec(tmp_path_factory.mktemp("job"), TINY_MODEL)
@@ -47,6 +50,8 @@ def run(tmp_path_factory):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert "left by an interrupted DeepSpeed op build" in said and lock.name in said
     return home, json.loads(summary.read_text()), proc.stdout + proc.stderr
 
 

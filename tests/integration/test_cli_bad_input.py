@@ -16,7 +16,7 @@ from gpucoin.cluster.local import fund_engineer, participant
 from gpucoin.coordinator.job import LocalOptions, open_ledger
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.ledger import Ledger
-from gpucoin.policy.model import load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "jobs" / "shakespeare_char" / "job.yaml"
@@ -26,7 +26,7 @@ EXCERPT = REPO / "tests" / "data" / "shakespeare_excerpt.txt"
 @pytest.fixture
 def home(tmp_path):
     """A local home whose ledger already has its Genesis and the engineer's faucet grant."""
-    policy = load_policy(REPO / "policies" / "local.toml")
+    policy = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
     coordinator, engineer = participant("coordinator", tmp_path), participant("engineer", tmp_path)
     with open_ledger(LocalOptions(policy=policy, home=tmp_path), coordinator) as lg:
         fund_engineer(Coordinator(lg, policy, coordinator.account, lg.domain), engineer)
@@ -55,7 +55,7 @@ def _train(home: Path, *args: str, spec: Path = JOB):
         (["--bid", "-1"], "--bid"),
         (["--bid", "0.5"], "ask above the bid"),
         (["--budget", "1.0000001"], "7 decimals"),
-        (["--policy", str(REPO / "policies" / "default.toml")], "was started with policy 'local' v3, not 'default' v3"),
+        (["--policy", "default"], "was started with policy 'local' v3, not 'default' v3"),
     ],
 )
 def test_refused_with_one_line_and_no_ledger_change(home, args, expect):

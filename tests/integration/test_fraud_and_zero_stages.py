@@ -14,12 +14,12 @@ from gpucoin.cluster.local import participant
 from gpucoin.coordinator.job import LocalOptions, train_local
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import BURNED, wallet_account
-from gpucoin.policy.model import load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 from gpucoin.runtime.faults import FAULT_SKIP_ENV
 from gpucoin.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY = load_policy(REPO / "policies" / "local.toml")
+POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 STAKE = 500_000_000
 
 pytestmark = pytest.mark.ray

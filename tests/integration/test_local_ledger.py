@@ -12,10 +12,10 @@ import pytest
 from gpucoin.cluster.local import participant
 from gpucoin.coordinator.job import LocalOptions, open_ledger
 from gpucoin.exceptions import LedgerError, StoredPolicyOutdated
-from gpucoin.policy.model import load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY = load_policy(REPO / "policies" / "local.toml")
+POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 
 
 def _rewrite_policy_body(db: Path, rewrite) -> None:

@@ -22,17 +22,17 @@ from gpucoin.coordinator.run import JobRun
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.exceptions import SignatureError
 from gpucoin.ledger.accounts import BURNED, TREASURY, escrow_account, wallet_account
-from gpucoin.policy.model import load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 from gpucoin.policy.tokenomics import interval_payment_ugpc
-from gpucoin.runtime.sketch import sketch_root
 from gpucoin.spec import load_spec
 from gpucoin.storage import sha256_digest
+from gpucoin.verify.commitment import sketch_root
 from gpucoin.verify.verifier import Finding, ReplayResult
 from gpucoin.wallet.messages import ZERO_BYTES32, SignedMessage, distance_e9, sign
 from tests.conftest import TINY_MODEL, write_spec
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY = load_policy(REPO / "policies" / "local.toml")
+POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 STAKE = 500_000_000
 JOB = "job-1"
 

@@ -34,12 +34,12 @@ from gpucoin.ledger.plans import (
     slash_split,
 )
 from gpucoin.money import MICRO_PER_GPC
-from gpucoin.policy.model import Policy, load_policy, policy_hash
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, Policy, load_policy, policy_hash
 from gpucoin.spec import package_hash
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, SignedMessage, sign
 
 GPC = MICRO_PER_GPC
-POLICY: Policy = load_policy(Path(__file__).resolve().parents[2] / "policies" / "local.toml")
+POLICY: Policy = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 PACKAGE = package_hash(Path(__file__).resolve().parents[2] / "jobs" / "shakespeare_char")
 """The main job's package: vetted by the shipped policies, so its jobs' ranks can be slashed."""
 UNVETTED = "0x" + "ab" * 32

@@ -8,7 +8,6 @@ malformed ones are built by hand with plain eth-account, as an attacker would.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +26,7 @@ from gpucoin.exceptions import (
     UnknownParty,
 )
 from gpucoin.ledger import Ledger
-from gpucoin.policy.model import load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 from gpucoin.wallet.messages import (
     EIP712_DOMAIN_TYPE,
     MESSAGE_TYPES,
@@ -53,7 +52,7 @@ from tests.ledger.helpers import (
 
 NOW = 1_700_000_000
 """The ledger's clock in these tests, unix seconds (in the past: a later real-clock audit sees nothing in its future)."""
-POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
+POLICY_DIR = SHIPPED_POLICIES_DIR
 
 
 @pytest.fixture

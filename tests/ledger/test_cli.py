@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from eth_account.messages import encode_typed_data
 
 from gpucoin.cli.main import cli
 from gpucoin.ledger import Ledger
+from tests.conftest import exact_double
 from tests.ledger.helpers import (
     CONSUMER,
     ESCROW,
@@ -37,7 +40,7 @@ def run(*args: str) -> Any:
 
 @pytest.fixture
 def history(ledger: Ledger) -> Ledger:
-    s = Signer()
+    s = Signer(start=2**60)  # nonces as wallets draw them: most above 2**53 - 1
     normal_history(ledger, s)
     Market(ledger, s).unbond(WORKER, 100 * GPC)  # the worker still has 250 GPC bonded after its slash
     return ledger
@@ -60,12 +63,15 @@ def test_export_lets_anyone_reverify_messages_and_the_chain_without_gpucoin(
     out = tmp_path / "ledger.jsonl"
     r = run("ledger", "export", "--format", "jsonl", "--ledger-url", ledger_url, "-o", str(out))
     assert r.exit_code == 0, r.output
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert records[0]["kind"] == "header" and records[0]["format"] == "gpucoin-ledger-export-v2"
+    # read as JavaScript's plain JSON.parse would: every number a double, none of them rounded
+    records = [json.loads(line, parse_int=exact_double) for line in out.read_text().splitlines()]
+    assert records[0]["kind"] == "header" and records[0]["format"] == "gpucoin-ledger-export-v3"
     messages = [x for x in records if x["kind"] == "message"]
     transfers = [x for x in records if x["kind"] == "transfer"]
     assert len(messages) == len(history.messages()) and len(transfers) == len(history.transfers()) == 12
-    for m in messages:  # plain eth-account recovers every signer from the exported typed data
+    big = [m for m in messages if isinstance(m["typed_data"]["message"].get("nonce"), str)]
+    assert big, "no nonce above 2**53 - 1: the test shows nothing about how they are written"
+    for m in messages:  # plain eth-account recovers every signer from the exported typed data, strings and all
         signable = encode_typed_data(full_message=m["typed_data"])
         assert Account.recover_message(signable, signature=m["signature"]) == m["signer"]
     prev = "00" * 32
@@ -91,6 +97,18 @@ def test_export_lets_anyone_reverify_messages_and_the_chain_without_gpucoin(
         balances[t["debit"]] = balances.get(t["debit"], 0) - t["amount"]
         balances[t["credit"]] = balances.get(t["credit"], 0) + t["amount"]
     assert {k: v for k, v in balances.items()} == history.balances()
+
+
+def test_export_cut_short_by_a_pipe_ends_quietly(history: Ledger, ledger_url: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpucoin", "ledger", "export", "--ledger-url", ledger_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the first line, as after `| head -0`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert err == ""
 
 
 def test_audit_passes_on_an_honest_ledger(history: Ledger, ledger_url: str) -> None:

@@ -22,7 +22,7 @@ from gpucoin.cluster.local import participant
 from gpucoin.coordinator.job import LocalOptions, train_local
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import BURNED, wallet_account
-from gpucoin.policy.model import load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 from gpucoin.runtime.faults import FAULT_CHECKPOINT_ENV
 from gpucoin.spec import JobSpec, load_spec
 from gpucoin.storage import CheckpointManifest, ContentStore, FileEntry, sha256_digest
@@ -30,7 +30,7 @@ from gpucoin.verify.verifier import Finding, ReplayRequest, judge_interval
 from tests.conftest import EXCERPT, TINY_MODEL, write_spec
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY = load_policy(REPO / "policies" / "local.toml")
+POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 STAKE = 500_000_000
 MODEL = "mp_rank_00_model_states.pt"
 SHARD1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"

@@ -133,7 +133,7 @@ def test_a_file_that_is_no_torch_file_is_refused_as_unsafe(checkpoints, tmp_path
 
 
 def test_the_coordinators_evaluation_refuses_a_crafted_checkpoint(checkpoints, tmp_path) -> None:
-    from gpucoin.coordinator.evaluate import evaluate
+    from gpucoin.coordinator.evaluate import evaluate_checkpoint, rebuilt_checkpoint
     from gpucoin.spec import load_spec
     from tests.conftest import TINY_MODEL, write_spec
 
@@ -145,8 +145,8 @@ def test_the_coordinators_evaluation_refuses_a_crafted_checkpoint(checkpoints, t
         # the rank signed it and the store holds it: the evaluation rebuilds it from there
         store = ContentStore(tmp_path / f"store{stage}")
         manifest = commit_checkpoint(store.put, evil / TAG, job_id="j", rank=0, step=1, zero_stage=stage, world=1)
-        with pytest.raises(UnsafeCheckpoint):
-            evaluate(spec, None, None, store.get, "j", [manifest], 1)
+        with pytest.raises(UnsafeCheckpoint), rebuilt_checkpoint(spec, store.get, "j", [manifest], 1) as tag_dir:
+            evaluate_checkpoint(spec, None, None, tag_dir, 1)
     assert not marker.exists()
 
 

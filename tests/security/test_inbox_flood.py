@@ -1,5 +1,5 @@
 """A rank flooding the head's inbox never drops nor blocks a co-worker's receipt (the inbox's own
-rules, without Ray; the cluster run is in test_stalling_and_flooding.py)."""
+rules, without Ray; the cluster run is in test_closed_cluster.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from eth_account import Account
 
 from gpucoin.runtime.inbox import MAX_PENDING_PER_RANK, InboxConfig, JobInbox, ProgressEvent, ReceiptEvent
-from gpucoin.runtime.sketch import sketch_root
+from gpucoin.verify.commitment import sketch_root
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, sign
 
 DOMAIN = Domain(31337, "0x" + "11" * 20)

@@ -2,24 +2,34 @@
 looks for keys and passwords in its environment and in every process's ``/proc/<pid>/environ``
 (the signers' and the head's included), then asks its node's signer for receipts it was not
 assigned and for other kinds of message. It finds no secret and every request is refused; the
-job's own receipts still verify and are paid."""
+job's own receipts still verify and are paid.
+
+In the verifier's replay the same module also tries to convict an honest rank: it asks the
+signer for a failing report outright (refused: reports are signed only on the signer's own
+verdict) and then feeds the signer forged evidence, claiming its package is vetted. The signer's
+verdict on forged evidence is a fail, but the job's package is not vetted, so the head and the
+ledger count it as void: nobody is slashed and the submitter pays for the void interval."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from gpucoin.cluster.local import participant
+from gpucoin.cluster.node_user import switching_users
 from gpucoin.coordinator.job import LocalOptions, train_local
-from gpucoin.policy.model import load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 from gpucoin.spec import load_spec
 from gpucoin.wallet.keystore import DEV_PASSWORD
 from tests.conftest import TINY_MODEL, write_spec
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY = load_policy(REPO / "policies" / "local.toml")
+POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 
 pytestmark = pytest.mark.ray
 
@@ -35,12 +45,23 @@ def _attack():
     from eth_account import Account
     from gpucoin.wallet.messages import sign, Domain
     from gpucoin.wallet.signer import SignerClient
-    report = {"pid": os.getpid(), "own_env": dict(os.environ), "environs": {}, "refused": {}, "signed": []}
+    report = {"pid": os.getpid(), "uid": os.getuid(), "own_env": dict(os.environ), "environs": {},
+              "environ_refused": [], "signer_pids": [], "refused": {}, "signed": []}
     for path in glob.glob("/proc/[0-9]*/environ"):
+        pid = int(path.split("/")[2])
         try:
+            if b"gpucoin.wallet.signer" in open(f"/proc/{pid}/cmdline", "rb").read():
+                report["signer_pids"].append(pid)
             report["environs"][path] = open(path, "rb").read().decode("latin-1")
         except OSError:
-            pass
+            report["environ_refused"].append(pid)
+    wallets = os.environ["HOSTILE_KEYSTORE_DIR"]
+    for what, probe in (("list", lambda: os.listdir(wallets)),
+                        ("read", lambda: open(os.path.join(wallets, "vol0.json")).read())):
+        try:
+            report["keystore_" + what] = str(probe())[:80]
+        except OSError as e:
+            report["keystore_" + what] = "refused: " + str(e.strerror)
     config = None  # the rank's own config, found by walking the caller's frames
     for frame in inspect.stack():
         c = frame.frame.f_locals.get("config")
@@ -85,25 +106,70 @@ def _attack():
         json.dump(report, f)
 
 _attack()
+
+
+def _forge():
+    """In the verifier's replay: make its signer convict rank 1 of honest work."""
+    import json, os
+    out_dir = os.environ.get("HOSTILE_REPORT_DIR")
+    if not os.environ.get("HOSTILE_FORGE_FAIL") or not out_dir:
+        return
+    from gpucoin.verify.judgment import Evidence
+    from gpucoin.wallet.signer import SignerClient
+    real = SignerClient.judge
+    def judge(self, **kw):
+        report = {"raw_fail": None}
+        try:
+            self.sign("VerificationReport", {"verifier": self.address, "receiptDigest": "0x" + "11" * 32,
+                                             "verdict": "fail", "distanceE9": 10**9, "nonce": 5})
+            report["raw_fail"] = "signed"
+        except Exception as e:
+            report["raw_fail"] = str(e)
+        fake = kw["committed"].copy()
+        fake[1] += 1.0
+        checks = kw["evidence"].end_checks
+        kw["evidence"] = Evidence(replayed=fake, end_checks=checks, replayed_again=fake, end_checks_again=checks)
+        kw["vetted"] = True
+        reports, findings = real(self, **kw)
+        report["verdicts"] = [f.verdict for f in findings]
+        with open(os.path.join(out_dir, f"forge-{os.getpid()}.json"), "w") as f:
+            json.dump(report, f)
+        return reports, findings
+    SignerClient.judge = judge
+
+_forge()
 '''
 
 
-def test_job_code_finds_no_key_and_its_signer_signs_nothing_out_of_scope(tmp_path) -> None:
-    reports = tmp_path / "reports"
-    reports.mkdir()
-    spec_path = write_spec(tmp_path / "job", TINY_MODEL)
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """One run of 8 steps with HOSTILE appended to the job's package on every node, the verifier's
+    forgery armed: (summary, the attack's drop box, the run's home). The drop box is writable by
+    the node user (tmp dirs are root's only when the tests run as root)."""
+    reports = Path(tempfile.mkdtemp(prefix="gpucoin-test-reports-", dir="/tmp"))
+    os.chmod(reports, 0o1777)
+    tmp = tmp_path_factory.mktemp("hostile")
+    spec_path = write_spec(tmp / "job", TINY_MODEL)
     init = spec_path.parent / "__init__.py"
     init.write_text(init.read_text() + HOSTILE)
-    env = {"HOSTILE_REPORT_DIR": str(reports)}
-    opts = LocalOptions(policy=POLICY, home=tmp_path / "home", node_env={"vol0": env, "vol1": env, "verifier0": env})
-    s = train_local(load_spec(spec_path, {"steps": 8, "checkpoint_interval_steps": 4}), opts)
-    assert s["stopped"] is None and s["audit"] == "ok" and s["receipts"]["signed"] == 4
-    assert s["receipts"]["rejected"] == 0
+    home = tmp / "home"
+    env = {"HOSTILE_REPORT_DIR": str(reports), "HOSTILE_KEYSTORE_DIR": str(home / "wallets")}
+    node_env = {"vol0": env, "vol1": env, "verifier0": {**env, "HOSTILE_FORGE_FAIL": "1"}}
+    opts = LocalOptions(policy=POLICY, home=home, node_env=node_env)
+    try:
+        yield train_local(load_spec(spec_path, {"steps": 8, "checkpoint_interval_steps": 4}), opts), reports, home
+    finally:
+        shutil.rmtree(reports, ignore_errors=True)
 
-    found = [json.loads(p.read_text()) for p in reports.glob("*.json")]
+
+def test_job_code_finds_no_key_and_its_signer_signs_nothing_out_of_scope(hostile) -> None:
+    s, reports, home = hostile
+    assert s["audit"] == "ok" and s["receipts"]["signed"] >= 2 and s["receipts"]["rejected"] == 0
+
+    found = [json.loads(p.read_text()) for p in reports.glob("[0-9]*.json")]
     assert sum(r["had_config"] for r in found) >= 2, "the attack did not run in both ranks"
     secrets = [DEV_PASSWORD] + [
-        participant(n, tmp_path / "home").account.key.hex().removeprefix("0x") for n in ("vol0", "vol1", "verifier0")
+        participant(n, home).account.key.hex().removeprefix("0x") for n in ("vol0", "vol1", "verifier0")
     ]
     for r in found:
         assert r["signed"] == [], f"a signer signed {r['signed']} for job code"
@@ -114,3 +180,25 @@ def test_job_code_finds_no_key_and_its_signer_signs_nothing_out_of_scope(tmp_pat
         for where, text in [("own env", json.dumps(r["own_env"]))] + list(r["environs"].items()):
             for secret in secrets:
                 assert secret not in text, f"a secret is readable in {where}"
+        if switching_users():  # root: job code runs as the node user, apart from keys and the head
+            assert r["uid"] != 0
+            assert r["keystore_list"].startswith("refused") and r["keystore_read"].startswith("refused"), r
+            assert r["signer_pids"] and set(r["signer_pids"]) <= set(r["environ_refused"])
+            assert os.getpid() in r["environ_refused"], "the head's environment was readable"
+
+
+def test_job_code_cannot_make_the_verifier_convict_honest_work(hostile) -> None:
+    s, reports, home = hostile
+
+    forged = [json.loads(p.read_text()) for p in reports.glob("forge-*.json")]
+    assert forged, "the forgery did not run in the verifier"
+    for f in forged:
+        assert "own verdict" in f["raw_fail"]
+        assert f["verdicts"] == ["pass", "fail"]  # the signer's verdict on what it was handed
+    assert s["audit"] == "ok" and s["receipts"]["failed"] == 0 and s["receipts"]["void"] >= 1
+    assert s["ledger"]["slashed"] == 0 and "void" in (s["stopped"] or "")
+    assert s["ledger"]["burned"] > 0  # the submitter paid for the void interval, all of it burned
+    vols = {participant(n, home).address for n in ("vol0", "vol1")}
+    for account, change in s["accounts"].items():
+        if any(v.lower() in account.lower() for v in vols):
+            assert "bonded" not in account or change["change"] >= 0, f"{account} lost bond: {change}"

@@ -17,12 +17,12 @@ from gpucoin.cluster.local import participant
 from gpucoin.coordinator.job import LocalOptions, train_local
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import BURNED, TREASURY, wallet_account
-from gpucoin.policy.model import load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 from gpucoin.spec import load_spec
 from tests.conftest import TINY_MODEL, write_spec
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY = load_policy(REPO / "policies" / "local.toml")
+POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 STAKE = 500_000_000
 HONEST = "        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)\n"
 TWO_FACED = (

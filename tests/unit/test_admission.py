@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from gpucoin.exceptions import (
@@ -15,10 +13,10 @@ from gpucoin.exceptions import (
     UnknownParty,
 )
 from gpucoin.ledger.admission import Admission, AssignmentHead, ReceiptHead
-from gpucoin.policy.model import load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 from gpucoin.wallet.messages import ZERO_BYTES32
 
-POLICY = load_policy(Path(__file__).resolve().parents[2] / "policies" / "local.toml")
+POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 DOMAIN = {"name": "gpucoin", "version": "1", "chainId": 31337, "verifyingContract": "0x" + "11" * 20}
 COORDINATOR = DOMAIN["verifyingContract"]
 ADMIN = "0x" + "33" * 20

@@ -6,8 +6,6 @@ checked directly against hand-built ``Facts``, which is also how the audit calls
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from gpucoin.exceptions import InsufficientFunds, LedgerError, StaleEpoch, Unauthorized
@@ -17,10 +15,10 @@ from gpucoin.ledger.facts import Charge, Close, Facts, GenesisInfo, Msg, Slash
 from gpucoin.ledger.plans import charge_amounts, plan_escrow, plan_interval, plan_slash, slash_split
 from gpucoin.ledger.state import LedgerState
 from gpucoin.ledger.transfer import Code, Transfer
-from gpucoin.policy.model import load_policy, policy_hash
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy, policy_hash
 from gpucoin.policy.tokenomics import SettledInterval
 
-POLICY = load_policy(Path(__file__).resolve().parents[2] / "policies" / "local.toml")
+POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 PH = policy_hash(POLICY)
 W1, W2, V, X, C = ("0x" + "a1" * 20, "0x" + "a2" * 20, "0x" + "be" * 20, "0x" + "ee" * 20, "0x" + "c0" * 20)
 
@@ -237,12 +235,28 @@ def voided(f: Facts, ranks=(0, 1), verifier: str = V) -> None:
 
 
 def test_a_failing_report_slashes_nobody_in_a_job_of_an_unvetted_package() -> None:
-    f = facts(package=UNVETTED)
+    """There a fail counts as void (``effective_verdict``): the whole interval is charged to the
+    submitter and burned, never a slash (the verifier's process ran the submitter's code)."""
+    from gpucoin.ledger.facts import VoidCharge
+    from gpucoin.ledger.plans import SettlementAmounts, plan_void_charge
+
+    f = facts(package=UNVETTED)  # rank 0 passed, rank 1 failed
     burned, whistle = slash_split(500, POLICY.slashing, whistleblower=True)
     st = settlement(f, "st", d("fail"), burned=burned, slashed=burned + whistle)
     plan = plan_slash(W2, V, 500, 0, burned, whistle, st.digest)
-    with pytest.raises(Unauthorized, match="does not vet"):
+    with pytest.raises(Unauthorized, match="void steps 0-4"):
         authorize_operation(state(**{wallet_account(W2, "bonded"): 500}), f, plan)
+    st = settlement(f, "st2", d("fail"), **SettlementAmounts(paid=7_000, burned=7_000).fields())
+    _, effects, _ = authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
+    assert effects == [VoidCharge(st.digest, "j", 0, 5, 7_000)]
+    # a pass voids nothing
+    st = settlement(f, "st3", d("pass0"), **SettlementAmounts(paid=7_000, burned=7_000).fields())
+    with pytest.raises(Unauthorized):
+        authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
+    # nor is rank 0 paid on its pass as if rank 1 had been convicted: the interval is void
+    st = settlement(f, "st4", d("pass0"), **charge_amounts(500, POLICY.tokenomics).fields())
+    with pytest.raises(Unauthorized, match="judged void"):
+        authorize_operation(state(), f, plan_interval("j", 500, POLICY.tokenomics, st.digest))
 
 
 def test_a_void_interval_of_an_unvetted_package_is_charged_and_all_of_it_burned() -> None:
@@ -276,9 +290,10 @@ def test_a_void_charge_needs_an_unvetted_package_a_void_for_every_rank_and_all_o
     with pytest.raises(Unauthorized, match="vetted package"):
         authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
     f = facts(package=UNVETTED)
-    voided(f, ranks=(0,))  # rank 1 was not judged void
-    st = settlement(f, "st", d("void0" + V[-2:]), **amounts)
-    with pytest.raises(Unauthorized, match="rank 1's receipt has no void report"):
+    other = "0x" + "7e" * 20  # a second verifier voided rank 0 and never judged rank 1
+    voided(f, ranks=(0,), verifier=other)
+    st = settlement(f, "st", d("void0" + other[-2:]), **amounts)
+    with pytest.raises(Unauthorized, match="rank 1's receipt has no report by"):
         authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
     f = facts(package=UNVETTED)
     voided(f)

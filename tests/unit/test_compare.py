@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpucoin.runtime.sketch import CountSketch, sketch_root
+from gpucoin.runtime.sketch import CountSketch
+from gpucoin.verify.commitment import sketch_root
 from gpucoin.verify.compare import compare_interval, rel_l2
 from gpucoin.verify.sampling import draw, is_checked
 

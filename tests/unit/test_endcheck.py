@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from gpucoin.verify.compare import RankVerdict
-from gpucoin.verify.endcheck import AdamHyper, EndOutcome, FileCheck, adam_inconsistency, judge_end
+from gpucoin.verify.compare import EndOutcome, FileCheck, RankVerdict, judge_end
+from gpucoin.verify.endcheck import AdamHyper, adam_inconsistency
 
 H = AdamHyper(lr=2e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, step=5)
 

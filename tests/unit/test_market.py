@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gpucoin.exceptions import AmountError, MarketError
-from gpucoin.policy.model import MarketPolicy, load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, MarketPolicy, load_policy
 from gpucoin.scheduler.market import ClearingResult, Offer, Order, Placement, clear
 
-UNIFORM: MarketPolicy = load_policy(Path(__file__).resolve().parents[2] / "policies" / "default.toml").market
+UNIFORM: MarketPolicy = load_policy(SHIPPED_POLICIES_DIR / "default.toml").market
 PAY_AS_BID = UNIFORM.model_copy(update={"clearing": "pay_as_bid"})
 MIN_BOND = UNIFORM.min_bond_ugpc  # 100 GPC
 GPC = 1_000_000

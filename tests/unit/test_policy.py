@@ -10,9 +10,17 @@ import pytest
 from pydantic import ValidationError
 
 from gpucoin.exceptions import PolicyError
-from gpucoin.policy.model import Policy, canonical_json, load_policy, parse_policy, policy_hash
+from gpucoin.policy.model import (
+    SHIPPED_POLICIES_DIR,
+    Policy,
+    canonical_json,
+    load_policy,
+    parse_policy,
+    policy_hash,
+    resolve_policy,
+)
 
-POLICIES = Path(__file__).resolve().parents[2] / "policies"
+POLICIES = SHIPPED_POLICIES_DIR
 DEFAULT = POLICIES / "default.toml"
 LOCAL = POLICIES / "local.toml"
 
@@ -57,7 +65,7 @@ def test_the_shipped_policies_vet_the_main_jobs_package_as_it_is() -> None:
     updated (and the policies' version bumped), or its ranks could no longer be slashed."""
     from gpucoin.spec import package_hash
 
-    main_job = package_hash(DEFAULT.parents[1] / "jobs" / "shakespeare_char")
+    main_job = package_hash(Path(__file__).resolve().parents[2] / "jobs" / "shakespeare_char")
     for path in (DEFAULT, LOCAL):
         assert load_policy(path).verification.vetted_packages == (main_job,), path
 
@@ -216,3 +224,13 @@ def test_policy_hash_does_not_depend_on_key_order() -> None:
         k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v) for k, v in reversed(list(data.items()))
     }
     assert policy_hash(parse_policy(reordered)) == policy_hash(parse_policy(data))
+
+
+def test_a_policy_is_named_or_a_file(tmp_path: Path, monkeypatch) -> None:
+    assert resolve_policy("local") == load_policy(LOCAL)
+    _edited(tmp_path, "version = ", "version = 9\nold_version = ")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PolicyError, match="edited.toml"):
+        resolve_policy("edited.toml")  # a file, relative to here: read and checked like any other
+    with pytest.raises(PolicyError, match="no policy 'mainnet': the shipped ones are default, local"):
+        resolve_policy("mainnet")

@@ -7,7 +7,7 @@ import pytest
 from eth_account import Account
 
 from gpucoin.coordinator.receipts import ReceiptRejected, check_receipt
-from gpucoin.runtime.sketch import sketch_root
+from gpucoin.verify.commitment import sketch_root
 from gpucoin.wallet.messages import ZERO_BYTES32, Domain, sign
 
 DOMAIN = Domain(31337, "0x" + "11" * 20)

@@ -81,3 +81,27 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     with pytest.raises(ValueError):
         lr_at(100, 100, 1e-3, 1e-4, 10)
+
+
+@pytest.mark.parametrize("name", ["keys.yaml", "__pycache__/x.pyc", "helper.py"])
+def test_a_package_with_a_symlink_anywhere_is_refused(tmp_path, name):
+    """Even where the hash skips a file (specs, bytecode), a link would be shipped and copied:
+    ``keys.yaml -> a keystore`` must not reach the nodes."""
+    from tests.conftest import write_spec
+
+    spec = write_spec(tmp_path / "job")
+    link = spec.parent / name
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(tmp_path / "secret")
+    (tmp_path / "secret").write_text("key")
+    with pytest.raises(SpecError, match="symbolic link"):
+        load_spec(spec)
+
+
+def test_a_missing_package_directory_has_no_hash(tmp_path) -> None:
+    """It used to hash as an empty package, which a policy could then list as vetted."""
+    from gpucoin.exceptions import SpecError
+    from gpucoin.spec import package_hash
+
+    with pytest.raises(SpecError, match="no such directory"):
+        package_hash(tmp_path / "nowhere")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -31,7 +30,7 @@ from gpucoin.ledger.plans import (
 )
 from gpucoin.ledger.transfer import Code, Transfer
 from gpucoin.money import MAX_AMOUNT_UGPC
-from gpucoin.policy.model import Policy, SlashingPolicy, TokenomicsPolicy, load_policy
+from gpucoin.policy.model import SHIPPED_POLICIES_DIR, Policy, SlashingPolicy, TokenomicsPolicy, load_policy
 from gpucoin.policy.tokenomics import (
     SettledInterval,
     check_probability,
@@ -42,7 +41,7 @@ from gpucoin.policy.tokenomics import (
     split_payment,
 )
 
-POLICY: Policy = load_policy(Path(__file__).resolve().parents[2] / "policies" / "default.toml")
+POLICY: Policy = load_policy(SHIPPED_POLICIES_DIR / "default.toml")
 TOK = POLICY.tokenomics
 DIRECT = TOK.model_copy(update={"mode": "direct"})
 ADDR = [f"0x{i + 1:040x}" for i in range(12)]

@@ -1,0 +1,186 @@
+"""``gpucoin join``, ``leave``, ``nodes``, ``faucet``: volunteers and the market's nodes."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from gpucoin.cli.common import DEFAULT_HOME, fail
+from gpucoin.cli.wallet import _errors, _one, _password, _wallets_dir, _wallets_opt
+from gpucoin.cluster import join as joining
+from gpucoin.head import lifecycle
+from gpucoin.money import format_gpc, parse_gpc
+
+_address_opt = click.option(
+    "--address",
+    default=None,
+    metavar="HOST:PORT",
+    help="The head's API, as `gpucoin up` printed it (default: the head started on this host from its default home).",
+)
+_wallet_opt = click.option(
+    "--wallet",
+    "wallet_ref",
+    required=True,
+    metavar="NAME|ADDRESS",
+    help="The volunteer's wallet: a name or address in the wallets directory.",
+)
+_wallets_home_opt = click.option(
+    "--wallets-home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_HOME,
+    help="Where wallets live: <wallets-home>/wallets (default: $GPUCOIN_HOME, else ~/.gpucoin/local).",
+)
+_node_home_opt = click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=joining.DEFAULT_HOME,
+    show_default=True,
+    help="State directory of the nodes this host joins: their records and logs.",
+)
+
+
+@click.command()
+@_address_opt
+@_wallet_opt
+@click.option("--stake", required=True, metavar="GPC", help="Stake to bond now (GPC), slashed if the node cheats.")
+@click.option("--ask", required=True, metavar="GPC", help="The node's ask: GPC per worker-hour.")
+@click.option("--cpus", type=click.IntRange(1, 1024), default=1, show_default=True, help="CPUs the node offers.")
+@click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True, help="GPUs the node offers.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="This host's address as the head and other nodes reach it (Ray's node IP).",
+)
+@click.option("--name", default=None, help="The node's local name (default: node-<6 hex>); `leave` takes it.")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"The cluster's Ray token file (default: ${joining.TOKEN_FILE_ENV}, else the one `gpucoin up` wrote on "
+    "this host).",
+)
+@_node_home_opt
+@_wallets_home_opt
+@_wallets_opt
+def join(address, wallet_ref, stake, ask, cpus, gpus, host, name, token_file, home, wallets_home, wallets_dir):
+    """Make this host a volunteer node of a head's cluster; return once it is admitted.
+
+    Starts the node's signing process (the wallet's key, outside Ray) and a Ray worker node that
+    joins the head's cluster with its token; signs a NodeRegistration for that Ray node and bonds
+    the stake. Refuses a head whose Python, Ray, torch or DeepSpeed versions differ from this
+    host's. The wallet's password comes from $GPUCOIN_PASSWORD or a hidden prompt.
+    """
+    with _errors():
+        api_url = lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)
+        info = _one(_wallets_dir(wallets_home, wallets_dir), wallet_ref)
+        opts = joining.JoinOptions(
+            api_url=api_url,
+            keystore=info.path,
+            password=_password(f"Password of wallet {info.name}", confirm=False),
+            stake_ugpc=parse_gpc(stake),
+            ask_ugpc_per_worker_hour=parse_gpc(ask),
+            cpus=cpus,
+            gpus=gpus,
+            host=host,
+            name=name,
+            token_file=token_file,
+            home=home,
+        )
+        with Console(stderr=True).status("joining") as spinner:
+            rec = joining.join(opts, status=spinner.update)
+    click.echo(f"joined as {rec.name}: Ray node {rec.node_id}")
+    click.echo(f"  provider {rec.provider}, ask {format_gpc(opts.ask_ugpc_per_worker_hour)} GPC/worker-hour")
+    click.echo(f"  stop it with gpucoin leave --name {rec.name}")
+
+
+@click.command()
+@click.option("--name", "names", multiple=True, help="A node to stop (repeatable).")
+@click.option("--all", "everyone", is_flag=True, help="Every node joined from --home.")
+@click.option("--keep-bond", is_flag=True, help="Stop the nodes but leave their stake bonded (no Unbond).")
+@_node_home_opt
+def leave(names, everyone, keep_bond, home):
+    """Stop nodes this host joined, then start unbonding the stake each join bonded.
+
+    Each node's Ray node and signing process stop; then a signed Unbond moves its stake from
+    bonded to unbonding, still slashable until it matures (the policy's unbonding epochs), after
+    which `gpucoin withdraw` makes it available. The wallet's password comes from $GPUCOIN_PASSWORD
+    or a hidden prompt. If the head cannot be reached, the node is stopped all the same and
+    `leave` again sends the same Unbond (it is applied once).
+    """
+    if everyone:
+        names = [r.name for r in joining.read_records(home)]
+    if not names:
+        fail("name a node (--name NAME) or give --all", 2)
+    with _errors():
+        password = None if keep_bond else _password("Password of the nodes' wallet", confirm=False)
+        for n in names:
+            rec, view = joining.leave(home, n, password)
+            click.echo(f"left: {rec.name} (Ray node {rec.node_id})")
+            if view is not None:
+                click.echo(
+                    f"  unbonding {format_gpc(rec.unbond_amount_ugpc or 0)} GPC of {rec.provider}; withdrawable from "
+                    f"epoch {view.next_maturity_epoch} (now {view.epoch}) with `gpucoin withdraw`"
+                )
+
+
+@click.command()
+@_address_opt
+@_wallet_opt
+@click.option("--amount", default=None, metavar="GPC", help="How much (default: all that has matured).")
+@_wallets_home_opt
+@_wallets_opt
+def withdraw(address, wallet_ref, amount, wallets_home, wallets_dir):
+    """Move matured unbonding stake back to the wallet's available balance (a signed Withdraw)."""
+    with _errors():
+        api_url = lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)
+        info = _one(_wallets_dir(wallets_home, wallets_dir), wallet_ref)
+        view = joining.withdraw(
+            api_url,
+            info.path,
+            _password(f"Password of wallet {info.name}", confirm=False),
+            None if amount is None else parse_gpc(amount),
+        )
+    click.echo(
+        f"{view.address}: available {format_gpc(view.available_ugpc)} GPC, bonded {format_gpc(view.bonded_ugpc)} GPC"
+    )
+
+
+@click.command()
+@_address_opt
+def nodes(address):
+    """The market's registered nodes: provider, ask, bond and whether Ray sees them alive."""
+    from gpucoin.head.client import HeadClient
+
+    with _errors():
+        views = HeadClient(lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)).nodes()
+    table = Table("node", "ask GPC/worker-h", "bonded GPC", "state")
+    table.add_column("provider", overflow="fold")
+    for v in views:
+        table.add_row(
+            v.node_id[:12], format_gpc(v.ask_ugpc_per_worker_hour), format_gpc(v.bonded_ugpc), v.state.value, v.provider
+        )
+    Console().print(table)
+    click.echo(f"{len(views)} nodes")
+
+
+@click.command()
+@click.argument("recipient", metavar="ADDRESS")
+@click.argument("amount", metavar="GPC")
+@_address_opt
+def faucet(recipient, amount, address):
+    """Dev money: mint AMOUNT GPC to ADDRESS (a dev head only; any other head refuses)."""
+    from gpucoin.head.client import HeadClient
+
+    with _errors():
+        result = HeadClient(lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)).faucet(
+            recipient, parse_gpc(amount), secrets.token_hex(16)
+        )
+    click.echo(
+        f"minted {format_gpc(result.amount_ugpc)} GPC to {result.recipient}; "
+        f"available {format_gpc(result.available_ugpc)} GPC"
+    )

@@ -1,0 +1,122 @@
+"""The head service: gpucoin's own process on the head host, never a Ray worker (SPEC.md, Trust).
+
+It holds the ledger and the coordinator's key, which never enter Ray objects, runtime
+environments or logs, and serves the HTTP API of ``gpucoin.head.api`` on uvicorn.
+``gpucoin up`` starts it as ``python -m gpucoin.head.service CONFIG`` after the Ray head and waits
+for ``/v1/status``; SIGTERM stops it (uvicorn finishes the requests in flight, then the ledger
+closes).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from gpucoin.head.records import ServiceConfig
+from gpucoin.ledger import Ledger
+from gpucoin.policy.model import resolve_policy
+from gpucoin.wallet.messages import Domain
+
+
+def open_head_ledger(cfg: ServiceConfig, coordinator) -> Ledger:
+    """The head's ledger, with a Genesis signed by ``coordinator`` for ``cfg.policy`` on first use.
+
+    A ledger that has a Genesis keeps the policy it names (``cfg.policy`` then only names the
+    policy of a new network); it must be this coordinator's market.
+
+    Raises:
+        HeadError: a ledger with no Genesis on a head that is not ``--dev`` (nothing else can
+            write one yet), or one whose Genesis names another coordinator.
+        LedgerError / DomainMismatch: the ledger cannot be opened, or is another market's.
+        PolicyError: ``cfg.policy`` does not load.
+    """
+    from gpucoin.coordinator.settle import genesis_message
+    from gpucoin.exceptions import HeadError
+
+    probe = Ledger(cfg.ledger_url)
+    try:
+        genesis = probe.genesis
+    finally:
+        probe.close()
+    if genesis is not None:
+        if genesis.coordinator != coordinator.address:
+            raise HeadError(
+                f"the ledger at {_safe_url(cfg.ledger_url)} is the market of coordinator {genesis.coordinator},"
+                f" not of this head's key {coordinator.address}"
+            )
+        domain = Domain(chain_id=genesis.policy.chain_id, verifying_contract=genesis.coordinator)
+        return Ledger(cfg.ledger_url, domain=domain)
+    if not cfg.dev:
+        raise HeadError(f"the ledger at {_safe_url(cfg.ledger_url)} has no Genesis; start a dev network with --dev")
+    policy = resolve_policy(cfg.policy)
+    domain = Domain(chain_id=policy.chain_id, verifying_contract=coordinator.address)
+    ledger = Ledger(cfg.ledger_url, domain=domain)
+    try:
+        ledger.init_genesis(genesis_message(coordinator.account, domain, policy, dev=True), policy)
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without a password, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL that does not parse is shown as its scheme only
+        return url.split(":", 1)[0] + ":..."
+
+
+def serve(cfg: ServiceConfig) -> None:
+    """Open the ledger and serve the API until SIGTERM or SIGINT.
+
+    Raises:
+        GpucoinError subclasses: as ``open_head_ledger``.
+    """
+    import uvicorn
+
+    from gpucoin.cluster.local import participant
+    from gpucoin.coordinator.settle import Coordinator
+    from gpucoin.head.api import make_app
+    from gpucoin.head.ray_state import list_nodes
+
+    coordinator = participant("coordinator", cfg.home)
+    ledger = open_head_ledger(cfg, coordinator)
+    try:
+        coord = Coordinator(ledger, ledger.policy, coordinator.account, ledger.domain)
+        app = make_app(ledger, cfg, coord, lambda: list_nodes(cfg.dashboard_url, cfg.ray_token_path))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=cfg.api_host,
+                port=cfg.api_port,
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=5,
+            )
+        )
+        server.run()
+        if not server.started:
+            raise SystemExit(f"the head's API could not listen on {cfg.api_host}:{cfg.api_port}")
+    finally:
+        ledger.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m gpucoin.head.service CONFIG.json``: serve with the ``ServiceConfig`` in that file."""
+    from gpucoin.exceptions import GpucoinError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m gpucoin.head.service CONFIG.json")
+    cfg = ServiceConfig.model_validate_json(Path(args[0]).read_text())
+    try:
+        serve(cfg)
+    except GpucoinError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

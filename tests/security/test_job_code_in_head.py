@@ -1,0 +1,149 @@
+"""The head never runs the submitter's code in its own process (no Ray here).
+
+Preparing the corpus and the end-of-job evaluation import the job's package in a child process
+(``coordinator.jobcode``); what the child answers is JSON checked against a closed schema, never
+unpickled; a child that fails, hangs or lies is a ``JobCodeError`` and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gpucoin.cluster.node_user import prepare_node_user, switching_users
+from gpucoin.coordinator.jobcode import corpus_info, evaluate_in_child
+from gpucoin.exceptions import JobCodeError
+from gpucoin.spec import load_spec
+from tests.conftest import EXCERPT, TINY_MODEL, write_spec
+
+
+def _job(tmp_path: Path, hostile: str = "") -> tuple[Path, dict]:
+    spec_path = write_spec(tmp_path / "job", TINY_MODEL)
+    init = spec_path.parent / "__init__.py"
+    init.write_text(init.read_text() + hostile)
+    loaded = load_spec(spec_path)
+    return loaded.module_dir.parent, loaded.spec.model_dump(mode="json")
+
+
+SPY = """
+import json as _json, os as _os
+with open(_os.environ["SPY_OUT"], "w") as _f:
+    _json.dump({"pid": _os.getpid(), "uid": _os.getuid(), "env": dict(_os.environ)}, _f)
+"""
+
+
+def test_corpus_is_prepared_in_a_child_without_gpucoin_variables(tmp_path, monkeypatch) -> None:
+    spy = tmp_path / "spy.json"
+    monkeypatch.setenv("SPY_OUT", str(spy))
+    monkeypatch.setenv("GPUCOIN_PASSWORD_PROBE", "not-for-job-code")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-for-job-code-either")
+    monkeypatch.setenv("GPUCOIN_CACHE_DIR", str(tmp_path / "cache"))
+    parent, spec = _job(tmp_path, SPY)
+    info = corpus_info(parent, spec, str(EXCERPT))
+    assert info.vocab_size == len(set(EXCERPT.read_text(encoding="utf-8")))
+    seen = json.loads(spy.read_text())
+    assert seen["pid"] != os.getpid() and seen["uid"] == os.getuid()
+    assert "GPUCOIN_PASSWORD_PROBE" not in seen["env"] and "RAY_AUTH_TOKEN" not in seen["env"]
+    assert seen["env"]["GPUCOIN_CACHE_DIR"] == str(tmp_path / "cache")  # the workers' cache, shared on purpose
+
+
+def test_an_error_in_job_code_is_one_clear_error(tmp_path) -> None:
+    parent, spec = _job(tmp_path)
+    with pytest.raises(JobCodeError, match="CorpusError: corpus source .* is neither 'pypi' nor an existing file"):
+        corpus_info(parent, spec, str(tmp_path / "missing.txt"))
+
+
+def test_an_answer_is_never_unpickled(tmp_path, monkeypatch) -> None:
+    """Job code that replaces the child's answer with a pickle that would run code when loaded."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    monkeypatch.setenv("EVIL_ANSWER", pickle.dumps(Payload()).hex())
+    hostile = """
+import atexit as _atexit, os as _os, sys as _sys
+def _swap():
+    open(_sys.argv[1], "wb").write(bytes.fromhex(_os.environ["EVIL_ANSWER"]))
+_atexit.register(_swap)
+"""
+    parent, spec = _job(tmp_path, hostile)
+    with pytest.raises(JobCodeError, match="no answer"):
+        corpus_info(parent, spec, str(EXCERPT))
+    assert not marker.exists()
+
+
+def test_an_answer_outside_the_schema_is_refused(tmp_path) -> None:
+    hostile = """
+_real = prepare_corpus
+def prepare_corpus(*a, **k):
+    c = _real(*a, **k)
+    class Lie:
+        vocab_size = -3
+    return Lie()
+"""
+    parent, spec = _job(tmp_path, hostile)
+    with pytest.raises(JobCodeError, match="vocab_size"):
+        corpus_info(parent, spec, str(EXCERPT))
+
+
+def test_hung_job_code_is_killed_with_what_it_started(tmp_path, monkeypatch) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    monkeypatch.setenv("PID_FILE", str(pid_file))
+    hostile = """
+import os as _os, subprocess as _sp, sys as _sys, time as _time
+_p = _sp.Popen([_sys.executable, "-c", "import time; time.sleep(600)"])
+open(_os.environ["PID_FILE"], "w").write(str(_p.pid))
+_time.sleep(600)
+"""
+    parent, spec = _job(tmp_path, hostile)
+    t0 = time.monotonic()
+    with pytest.raises(JobCodeError, match="did not answer"):
+        corpus_info(parent, spec, str(EXCERPT), timeout_s=5)
+    assert time.monotonic() - t0 < 60
+    grandchild = int(pid_file.read_text())
+    gone = not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    assert gone, "a process the job's code started outlived it"
+
+
+def test_the_untrained_model_is_evaluated_in_a_child(tmp_path, monkeypatch) -> None:
+    spy = tmp_path / "spy.json"
+    monkeypatch.setenv("SPY_OUT", str(spy))
+    parent, spec = _job(tmp_path, SPY)
+    ev = evaluate_in_child(parent, spec, str(EXCERPT), None, 0)
+    vocab = len(set(EXCERPT.read_text(encoding="utf-8")))
+    assert abs(ev.val_loss - math.log(vocab)) < 0.5  # an untrained model is near uniform
+    assert 200 <= len(ev.sample) <= 400
+    assert json.loads(spy.read_text())["pid"] != os.getpid()
+
+
+@pytest.mark.skipif(not switching_users(), reason="only root runs job code as the node user")
+def test_as_root_the_child_runs_as_the_node_user_on_copies(tmp_path, monkeypatch) -> None:
+    """tmp_path is root's only: the child reads copies of the package (and of the checkpoint)."""
+    user, _ = prepare_node_user()
+    drop = Path(tempfile.mkdtemp(prefix="gpucoin-test-spy-", dir="/tmp"))
+    os.chmod(drop, 0o1777)
+    try:
+        monkeypatch.setenv("SPY_OUT", str(drop / "spy.json"))
+        parent, spec = _job(tmp_path, SPY)
+        excerpt = drop / "excerpt.txt"
+        excerpt.write_bytes(EXCERPT.read_bytes())
+        os.chmod(excerpt, 0o644)
+        info = corpus_info(parent, spec, str(excerpt), user=user)
+        assert info.vocab_size == len(set(EXCERPT.read_text(encoding="utf-8")))
+        seen = json.loads((drop / "spy.json").read_text())
+        assert seen["uid"] == user.uid and seen["env"]["HOME"] == str(user.home)
+        ev = evaluate_in_child(parent, spec, str(excerpt), None, 0, user=user)
+        assert ev.val_loss > 0
+    finally:
+        shutil.rmtree(drop, ignore_errors=True)
