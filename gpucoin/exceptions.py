@@ -31,8 +31,9 @@
     ├── ClusterError                  the Ray cluster could not be started, reached or stopped
     ├── HeadError                     the head (``gpucoin up``) could not be started, reached or
     │   │                             stopped, or is not running where it was asked for
-    │   └── NodeRefused               a node registration the head does not admit (no live Ray
-    │                                 node of that id, the head node, another provider's node)
+    │   ├── NodeRefused               a node registration the head does not admit (no live Ray
+    │   │                             node of that id, the head node, another provider's node)
+    │   └── UnknownJob                no job (or no replay, no launch) of that id on the head
     ├── TrainingError                 a training run failed on the workers
     ├── JobCodeError                  the job's own code, run for the head in a child process,
     │                                 failed, hung or answered outside its schema
@@ -159,6 +160,11 @@ class HeadError(GpucoinError):
 class NodeRefused(HeadError):
     """A NodeRegistration the head does not admit: its node id is no live Ray node of the cluster,
     is the head node, or is registered by another provider."""
+
+
+class UnknownJob(HeadError):
+    """The head has no job of that id, or none in the state asked about (no launch before it is
+    placed, no replay it drew)."""
 
 
 class JobCodeError(GpucoinError):

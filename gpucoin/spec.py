@@ -11,6 +11,7 @@ they are written in GPC (``bid_gpc_per_worker_hour: 1.5``) and parsed exactly.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import yaml
@@ -191,6 +192,14 @@ def package_hash(package_dir: Path) -> str:
     return "0x" + h.hexdigest()
 
 
+def spec_digest(spec: JobSpec) -> str:
+    """``0x`` + sha256 of the spec's canonical JSON (``model_dump(mode="json")``, keys sorted, no
+    spaces): what a JobOrder signs as ``specHash``. It covers the spec as it runs, flags that
+    override the file included, and a head recomputes it from the spec it is sent."""
+    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "0x" + hashlib.sha256(text.encode()).hexdigest()
+
+
 class LoadedSpec(BaseModel):
     """A validated spec with where it came from."""
 
@@ -198,7 +207,9 @@ class LoadedSpec(BaseModel):
 
     spec: JobSpec
     path: Path
-    spec_hash: str = Field(description="0x sha256 of the spec file's bytes, signed into the JobOrder")
+    spec_hash: str = Field(
+        description="``spec_digest`` of the spec as it runs (overrides applied), signed into the JobOrder"
+    )
     package_hash: str = Field(description="0x sha256 of the job's package (``package_hash``), signed into the JobOrder")
 
     @property
@@ -252,7 +263,7 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> LoadedSpec:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(f"{p}: {_one_line(e)}") from None
-    digest = "0x" + hashlib.sha256(raw_bytes).hexdigest()
+    digest = spec_digest(spec)
     module_dir = _module_dir(p.resolve(), spec.module)
     if not (module_dir / "__init__.py").is_file():
         raise SpecError(f"{p}: module {spec.module!r}: no package {module_dir}/__init__.py beside the spec")

@@ -76,8 +76,17 @@ def cli() -> None:
     "--address",
     default=None,
     metavar="HEAD",
-    help="Ray head of a running gpucoin cluster. Without it, an embedded local cluster is started on this host, with dev wallets funded by a dev faucet.",
+    help="A running head's API (HOST:PORT, as `gpucoin up` printed it): submit the job to its market. Without "
+    "it, an embedded local cluster is started on this host, with dev wallets funded by a dev faucet.",
 )
+@click.option(
+    "--wallet",
+    "wallet_ref",
+    default=None,
+    metavar="NAME|ADDRESS",
+    help="With --address: the wallet that signs the JobOrder and pays (in --home's wallets directory).",
+)
+@click.option("--detach", is_flag=True, help="With --address: print the job id once it is queued and return.")
 @click.option(
     "--volunteers",
     default=2,
@@ -156,6 +165,8 @@ def cli() -> None:
 def train(
     job_spec,
     address,
+    wallet_ref,
+    detach,
     volunteers,
     workers,
     steps,
@@ -188,11 +199,8 @@ def train(
 
     bid, budget = _gpc_option(bid, "--bid"), _gpc_option(budget, "--budget")
     stake, ask = _gpc_option(stake, "--stake"), _gpc_option(ask, "--ask")
-    if address is not None:
-        _fail(
-            "joining a running cluster (--address) is not available yet; run without --address for the embedded local cluster",
-            2,
-        )
+    if address is None and (wallet_ref is not None or detach):
+        _fail("--wallet and --detach go with --address (a running head); the embedded mode uses dev wallets", 2)
     overrides = {
         "workers": workers,
         "steps": steps,
@@ -203,6 +211,11 @@ def train(
     if data_source is not None and data_source != "pypi":
         data_source = str(Path(data_source).resolve())  # a path on the command line is relative to here
     console = Console()
+    if address is not None:
+        if wallet_ref is None:
+            _fail("--address needs --wallet: the wallet that signs the JobOrder and pays for the job", 2)
+        node_cli.train_remote(job_spec, overrides, data_source, address, wallet_ref, detach, home)
+        return
     _terminate_as_interrupt()
     try:
         loaded = load_spec(job_spec, overrides)
@@ -386,7 +399,15 @@ cli.add_command(wallet)
 cli.add_command(head_cli.up)
 cli.add_command(head_cli.down)
 cli.add_command(head_cli.status)
-for _command in (node_cli.join, node_cli.leave, node_cli.withdraw, node_cli.nodes, node_cli.faucet):
+for _command in (
+    node_cli.join,
+    node_cli.leave,
+    node_cli.withdraw,
+    node_cli.nodes,
+    node_cli.faucet,
+    node_cli.jobs,
+    node_cli.logs,
+):
     cli.add_command(_command)
 
 

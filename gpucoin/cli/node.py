@@ -58,6 +58,13 @@ _node_home_opt = click.option(
 )
 @click.option("--name", default=None, help="The node's local name (default: node-<6 hex>); `leave` takes it.")
 @click.option(
+    "--role",
+    type=click.Choice(["volunteer", "verifier"]),
+    default="volunteer",
+    show_default=True,
+    help="volunteer: trains job ranks for pay; verifier: replays the intervals the head draws for checking.",
+)
+@click.option(
     "--token-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -67,7 +74,7 @@ _node_home_opt = click.option(
 @_node_home_opt
 @_wallets_home_opt
 @_wallets_opt
-def join(address, wallet_ref, stake, ask, cpus, gpus, host, name, token_file, home, wallets_home, wallets_dir):
+def join(address, wallet_ref, stake, ask, cpus, gpus, host, name, role, token_file, home, wallets_home, wallets_dir):
     """Make this host a volunteer node of a head's cluster; return once it is admitted.
 
     Starts the node's signing process (the wallet's key, outside Ray) and a Ray worker node that
@@ -90,6 +97,7 @@ def join(address, wallet_ref, stake, ask, cpus, gpus, host, name, token_file, ho
             name=name,
             token_file=token_file,
             home=home,
+            role=role,
         )
         with Console(stderr=True).status("joining") as spinner:
             rec = joining.join(opts, status=spinner.update)
@@ -153,16 +161,21 @@ def withdraw(address, wallet_ref, amount, wallets_home, wallets_dir):
 @click.command()
 @_address_opt
 def nodes(address):
-    """The market's registered nodes: provider, ask, bond and whether Ray sees them alive."""
+    """The market's registered nodes: role, provider, ask, bond and whether Ray sees them alive."""
     from gpucoin.head.client import HeadClient
 
     with _errors():
         views = HeadClient(lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)).nodes()
-    table = Table("node", "ask GPC/worker-h", "bonded GPC", "state")
+    table = Table("node", "role", "ask GPC/worker-h", "bonded GPC", "state")
     table.add_column("provider", overflow="fold")
     for v in views:
         table.add_row(
-            v.node_id[:12], format_gpc(v.ask_ugpc_per_worker_hour), format_gpc(v.bonded_ugpc), v.state.value, v.provider
+            v.node_id[:12],
+            v.role.value,
+            format_gpc(v.ask_ugpc_per_worker_hour),
+            format_gpc(v.bonded_ugpc),
+            v.state.value,
+            v.provider,
         )
     Console().print(table)
     click.echo(f"{len(views)} nodes")
@@ -184,3 +197,85 @@ def faucet(recipient, amount, address):
         f"minted {format_gpc(result.amount_ugpc)} GPC to {result.recipient}; "
         f"available {format_gpc(result.available_ugpc)} GPC"
     )
+
+
+def train_remote(job_spec: Path, overrides: dict, data_source, address, wallet_ref, detach: bool, home: Path) -> None:
+    """``gpucoin train JOB.yaml --address HEAD --wallet W``: submit to a head, then follow (or not)."""
+    from gpucoin.head.submit import follow, submit
+    from gpucoin.spec import load_spec
+    from gpucoin.wallet.keystore import load_keystore
+
+    with _errors():
+        api_url = lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)
+        loaded = load_spec(job_spec, overrides)
+        if data_source is not None:  # the JobOrder signs the spec with the corpus it names
+            data = loaded.spec.data.model_copy(update={"source": data_source}).model_dump(mode="json")
+            loaded = load_spec(job_spec, {**overrides, "data": data})
+        info = _one(_wallets_dir(home, None), wallet_ref)
+        account = load_keystore(info.path, _password(f"Password of wallet {info.name}", confirm=False))
+        view = submit(api_url, loaded, account)
+    if detach:
+        click.echo(view.job_id)
+        return
+    err = Console(stderr=True)
+    err.print(f"job {view.job_id} queued; escrowed {format_gpc(view.budget_ugpc)} GPC")
+    with _errors():
+        final = follow(api_url, view.job_id, on_event=lambda ev: err.print(ev.text, markup=False, highlight=False))
+    _print_job(final)
+    if final.state.value != "succeeded":
+        raise SystemExit(1)
+
+
+def _print_job(v) -> None:
+    click.echo(f"job {v.job_id}: {v.state.value}" + (f" ({v.reason})" if v.reason else ""))
+    if v.summary is not None:
+        s = v.summary
+        click.echo(
+            f"  settled to step {s.steps}/{v.steps}; receipts {s.receipts.signed} signed, {s.receipts.checked} checked, "
+            f"{s.receipts.failed} failed; paid {format_gpc(s.paid_ugpc)} GPC, burned {format_gpc(s.burned_ugpc)} GPC, "
+            f"refunded {format_gpc(s.refunded_ugpc)} GPC"
+        )
+
+
+@click.command()
+@_address_opt
+def jobs(address):
+    """The head's jobs: state, progress, placement, and why a queued job waits."""
+    from gpucoin.head.client import HeadClient
+
+    with _errors():
+        views = HeadClient(lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)).jobs()
+    table = Table("job", "state", "step", "workers", "bid GPC/worker-h", "price", "nodes")
+    table.add_column("note", overflow="fold")
+    for v in views:
+        table.add_row(
+            v.job_id,
+            v.state.value,
+            f"{v.step}/{v.steps}",
+            str(v.workers),
+            format_gpc(v.bid_ugpc_per_worker_hour),
+            "-" if v.price_ugpc_per_worker_hour is None else format_gpc(v.price_ugpc_per_worker_hour),
+            ", ".join(n[:8] for n in v.node_ids) or "-",
+            v.reason or "",
+        )
+    Console().print(table)
+    click.echo(f"{len(views)} jobs")
+
+
+@click.command()
+@click.argument("job_id")
+@_address_opt
+@click.option("--follow", "-f", "keep", is_flag=True, help="Keep printing new lines until the job ends.")
+def logs(job_id, address, keep):
+    """What the head logged for JOB_ID: placement, receipts, draws, verdicts, settlement."""
+    from gpucoin.head.client import HeadClient
+    from gpucoin.head.submit import follow
+
+    with _errors():
+        api_url = lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)
+        if keep:
+            final = follow(api_url, job_id, on_event=lambda ev: click.echo(ev.text))
+            _print_job(final)
+            return
+        for ev in HeadClient(api_url).job_events(job_id):
+            click.echo(ev.text)

@@ -475,6 +475,8 @@ def spawn_ray_node(
         base.update(node_user.env())
         as_user = {**node_user.popen_kwargs(), "cwd": ray_dir}
     env = node_env({**base, **extra_env}, token_path, ray_dir)
+    # a Ray job's entrypoint says ``python``: this interpreter, whatever the caller's PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     if cuda_visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible
     with log_path.open("wb") as log:

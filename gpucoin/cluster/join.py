@@ -70,6 +70,8 @@ class JoinOptions:
         cpus / gpus: what the Ray node offers. host: this host's address as other nodes reach it.
         name: the node's local name (default: ``node-<6 hex>``). token_file: the cluster's Ray token.
         home: state directory (``DEFAULT_HOME``).
+        role: ``volunteer`` (trains ranks) or ``verifier`` (replays drawn intervals; its signer
+            judges by the head policy's tolerance).
     """
 
     api_url: str
@@ -83,6 +85,7 @@ class JoinOptions:
     name: str | None = None
     token_file: Path | None = None
     home: Path = DEFAULT_HOME
+    role: str = "volunteer"
 
 
 class JoinRecord(BaseModel):
@@ -162,6 +165,8 @@ def join(opts: JoinOptions, status=lambda text: None) -> JoinRecord:
     """
     from gpucoin.wallet.keystore import load_keystore
 
+    if opts.role not in ("volunteer", "verifier"):
+        raise HeadError(f"a node's role is volunteer or verifier, not {opts.role!r}")
     client = HeadClient(opts.api_url)
     head = client.status()
     check_same(head.versions, versions())
@@ -201,8 +206,8 @@ def join(opts: JoinOptions, status=lambda text: None) -> JoinRecord:
             sockets / "signer.sock",
             head.coordinator,
             domain,
-            "volunteer",
-            None,
+            opts.role,
+            head.tolerance_rel_l2 if opts.role == "verifier" else None,
             user,
             logs / "signer.log",
         )
@@ -240,7 +245,7 @@ def join(opts: JoinOptions, status=lambda text: None) -> JoinRecord:
             {
                 "provider": account.address,
                 "nodeId": node_id,
-                "resources": json.dumps({"CPU": opts.cpus, "GPU": opts.gpus}, sort_keys=True),
+                "resources": json.dumps({"CPU": opts.cpus, "GPU": opts.gpus, "role": opts.role}, sort_keys=True),
                 "askPerWorkerHour": opts.ask_ugpc_per_worker_hour,
                 "stake": opts.stake_ugpc,
                 "nonce": NonceSource().next(),

@@ -413,6 +413,7 @@ def _run_on_cluster(
     from gpucoin.coordinator.evaluate import rebuilt_checkpoint
     from gpucoin.coordinator.jobcode import evaluate_in_child
     from gpucoin.coordinator.run import JobRun
+    from gpucoin.runtime.channel import ActorInbox, RayChannel, RayReplays
     from gpucoin.runtime.inbox import InboxConfig, JobInbox
     from gpucoin.runtime.trainer import launch
     from gpucoin.verify.verifier import check_interval
@@ -498,19 +499,23 @@ def _run_on_cluster(
                 f"the job's package {loaded.package_hash[:10]}… is not on the policy's vetted list: a replay "
                 "mismatch slashes nobody, the interval is void and its charge to you is burned"
             )
+        channel = RayChannel(inbox, store)
         job = JobRun(
             spec=spec,
             job_id=job_id,
             coord=coord,
-            inbox=inbox,
+            inbox=ActorInbox(inbox),
             rank_worker=rank_worker,
             price_ugpc_per_worker_hour=placement.price_ugpc_per_worker_hour,
             verifier_address=verifier.address,
             package_hash=loaded.package_hash,
-            replay=ray.remote(num_cpus=1, max_retries=0)(check_interval).options(
-                label_selector={"ray.io/node-id": cluster.node_id(verifier.name)}
+            replays=RayReplays(
+                ray.remote(num_cpus=1, max_retries=0)(check_interval).options(
+                    label_selector={"ray.io/node-id": cluster.node_id(verifier.name)}
+                ),
+                channel,
             ),
-            store=store,
+            store=channel,
             sketch_dir=job_dir / "sketches",
             data_source=source,
             ui=ui,
@@ -519,11 +524,10 @@ def _run_on_cluster(
         )
         t1 = time.monotonic()
         training = launch(
-            loaded,
+            spec,
             job_id=job_id,
             node_ids=list(placement.node_ids),
-            inbox=inbox,
-            store=store,
+            channel=channel,
             storage_dir=nodes.train_dir(job_dir),
             buckets=policy.verification.sketch_buckets,
             data_source=source,

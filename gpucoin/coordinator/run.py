@@ -19,6 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -30,7 +31,6 @@ from gpucoin.money import format_gpc
 from gpucoin.policy.tokenomics import check_probability, interval_payment_ugpc
 from gpucoin.runtime.inbox import ProgressEvent, ReceiptEvent
 from gpucoin.spec import JobSpec
-from gpucoin.storage import StoreClient
 from gpucoin.storage.checkpoints import commitment_problem
 from gpucoin.verify.compare import effective_verdict
 from gpucoin.verify.sampling import is_checked
@@ -40,6 +40,24 @@ from gpucoin.wallet.messages import SignedMessage, verify
 POLL_INTERVAL_S = 0.5
 MAX_RUN_S = 6 * 3600
 """Upper bound on one run's wall time; past it the run is stopped as failed."""
+
+
+class Inbox(Protocol):
+    """A job's events as the coordinator reads them (``runtime.inbox.JobInbox`` or its actor)."""
+
+    def poll(self) -> list[ReceiptEvent | ProgressEvent]: ...
+    def stop(self, reason: str) -> None: ...
+
+
+class Replays(Protocol):
+    """Where a job's drawn intervals are replayed: on its verifier node, one handle per request."""
+
+    def submit(self, req: ReplayRequest) -> object: ...
+    def result(self, handle: object, timeout_s: float | None) -> ReplayResult | None:
+        """The replay's result once it is back (None while it runs, after waiting up to
+        ``timeout_s``; None waits for it); raises why it could not run."""
+
+    def cancel(self, handle: object) -> None: ...
 
 
 @dataclass
@@ -53,7 +71,7 @@ class Interval:
     arrivals_s: dict[int, float] = field(default_factory=dict)  # rank -> its receipt's arrival, head clock
     reports: list[SignedMessage] | None = None  # the verifier's signed reports, rank order, once replayed
     wall_ms: int = 0  # metered worker time (``coordinator.meter``), what the interval is billed for
-    pending: object = None  # ObjectRef of the replay while it runs
+    pending: object = None  # the replay's handle (``Replays.submit``) while it runs
     settle_at: float | None = None  # monotonic time when a held interval's challenge window ends
     outcome: str = "open"
     settled: bool = False  # charged to the escrow (a later re-check may still slash its ranks)
@@ -64,12 +82,12 @@ class JobRun:
     """State and handlers of one running job on the coordinator.
 
     Attributes:
-        spec: the job; coord: money and messages; inbox: the job's inbox actor;
+        spec: the job; coord: money and messages; inbox: the job's events (``Inbox``);
         rank_worker: provider address per rank (the market's placement);
         price_ugpc_per_worker_hour: the clearing price; verifier_address: the verifier node's key;
         package_hash: the job's package as its JobOrder signed it (``gpucoin.spec.package_hash``);
-        replay: a Ray remote function bound to the verifier node (``verify.verifier.check_interval``);
-        store: the job's ``ContentStore`` actor (checkpoints); sketch_dir: where committed sketches
+        replays: runs ``verify.verifier.check_interval`` on the verifier node (``Replays``);
+        store: the job's checkpoints (``get``/``has`` of a ``ContentStore``); sketch_dir: where committed sketches
         are kept; data_source: the corpus;
         ui: progress reporting; secret: the sampling secret (drawn fresh if None);
         assignments: each rank's coordinator-signed Assignment (JSON), which the verifier's signer checks.
@@ -78,12 +96,12 @@ class JobRun:
     spec: JobSpec
     job_id: str
     coord: Coordinator
-    inbox: object
+    inbox: Inbox
     rank_worker: list[str]
     price_ugpc_per_worker_hour: int
     verifier_address: str
     package_hash: str
-    replay: object
+    replays: Replays
     store: object
     sketch_dir: Path
     data_source: str
@@ -123,14 +141,13 @@ class JobRun:
 
     # -- the loop -------------------------------------------------------------
     def run(self, training) -> None:
-        """Handle events until ``training`` (a ``TrainingRun``) ends and no replay is outstanding."""
-        import ray
-
+        """Handle events until ``training`` ends (``alive()`` False; ``join()`` re-raises its
+        failure) and no replay is outstanding."""
         deadline = time.monotonic() + MAX_RUN_S
         while True:
             if time.monotonic() > deadline:
                 raise TrainingError(f"job {self.job_id} did not finish within {MAX_RUN_S} s")
-            for ev in ray.get(self.inbox.poll.remote()):
+            for ev in self.inbox.poll():
                 self.on_event(ev)
             if self.lost_nodes():
                 return  # a lost rank may hold the others in a collective: the cluster's shutdown ends them
@@ -141,7 +158,7 @@ class JobRun:
                 break
             time.sleep(POLL_INTERVAL_S)
         training.join()
-        for ev in ray.get(self.inbox.poll.remote()):
+        for ev in self.inbox.poll():
             self.on_event(ev)
 
     def lost_nodes(self) -> bool:
@@ -185,7 +202,7 @@ class JobRun:
         """Ask the ranks to stop at their next interval boundary; later intervals are void."""
         if self.stopped is None:
             self.stopped = reason
-            self.inbox.stop.remote(reason)
+            self.inbox.stop(reason)
             self.ui.note(f"stopping the job: {reason}")
 
     def on_event(self, ev: ReceiptEvent | ProgressEvent) -> None:
@@ -262,7 +279,7 @@ class JobRun:
         if why or is_checked(self.secret, digests, p):
             iv.outcome = "pending"
             self.counts["checked"] += 1
-            iv.pending = self.replay.remote(self.replay_request(iv), self.store)
+            iv.pending = self.replays.submit(self.replay_request(iv))
             drawn = f"drawn for replay ({why})" if why else f"drawn for replay (p={p:.2f})"
             self.ui.note(f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; {drawn}")
         else:
@@ -282,7 +299,7 @@ class JobRun:
         rank's signed checkpoint is not all in the store (the replay convicts that rank)."""
         if iv.end == self.spec.steps:
             return "the last interval is always checked"
-        client = StoreClient(self.store)
+        client = self.store
         for r, receipt in sorted(iv.receipts.items()):
             problem = commitment_problem(
                 client.get,
@@ -327,25 +344,23 @@ class JobRun:
     # -- replays --------------------------------------------------------------
     def collect_replays(self, block: bool) -> None:
         """Take in every finished replay (or, with ``block``, wait for all)."""
-        import ray
-
         for iv in self.intervals.values():
             if iv.pending is None:
                 continue
             if iv.outcome == "void":
-                ray.cancel(iv.pending)
+                self.replays.cancel(iv.pending)
                 iv.pending = None
                 continue
-            ready, _ = ray.wait([iv.pending], timeout=None if block else 0)
-            if not ready:
-                continue
-            ref, iv.pending = iv.pending, None
             try:
-                result = ray.get(ref)
+                result = self.replays.result(iv.pending, None if block else 0.0)
+                if result is None:
+                    continue
             except Exception as e:  # noqa: BLE001 - a replay that could not run is a fact to settle, not a crash
+                iv.pending = None
                 iv.outcome = "unverifiable"
                 self.ui.note(f"steps {iv.start}-{iv.end}: replay could not run ({_last_line(e)}); not settled")
                 continue
+            iv.pending = None
             self.on_verdict(iv, result)
 
     def on_verdict(self, iv: Interval, result: ReplayResult) -> None:
@@ -446,7 +461,7 @@ class JobRun:
             return
         prev.outcome = "pending"
         self.counts["checked"] += 1
-        prev.pending = self.replay.remote(self.replay_request(prev), self.store)
+        prev.pending = self.replays.submit(self.replay_request(prev))
         self.ui.note(f"steps {prev.start}-{prev.end}: drawn for replay (the replay from its end checkpoint was void)")
 
     def void_after(self, iv: Interval) -> None:

@@ -8,16 +8,35 @@
     GET  /v1/accounts/{address}   AccountView: available, bonded, unbonding, withdrawable
     POST /v1/unbond    SignedRequest (an Unbond) -> AccountView: bonded -> unbonding
     POST /v1/withdraw  SignedRequest (a Withdraw) -> AccountView: matured unbonding -> available
+    PUT  /v1/packages/{hash}      a job package (zip) -> PackageAnswer: kept only under the hash
+                       its files have (``head.packages``)
+    POST /v1/jobs      SubmitJobRequest -> JobView: a signed JobOrder and its spec; escrowed and
+                       queued in one request (a retry of the same order changes nothing)
+    GET  /v1/jobs, /v1/jobs/{id}, /v1/jobs/{id}/events?after=N   JobView(s), the job's log
     GET  /metrics      Prometheus text (``head.metrics``)
 
-Errors answer ``{"detail": "<one line>"}`` with 400 (malformed), 403 (refused), 409 (conflict:
-a nonce or an id used before, too little money, stake not matured) or 503 (Ray's state cannot be read).
+    The ranks and the verifier of a running job (``runtime.channel.HttpChannel``; every input
+    screened, nothing here moves money):
+    GET  /v1/jobs/{id}/launch     JobLaunch: what its Ray driver starts
+    GET  /v1/jobs/{id}/stop       StopAnswer: stop at the next interval boundary?
+    POST /v1/jobs/{id}/progress   ProgressReport (display only)
+    POST /v1/jobs/{id}/receipts   ReceiptSubmission -> InboxAnswer (``runtime.inbox.JobInbox``)
+    PUT  /v1/jobs/{id}/objects    bytes -> ObjectAnswer; GET .../objects/{digest}; POST .../objects/has
+    GET  /v1/jobs/{id}/replays/{rid}   a drawn interval's ReplayRequest; POST: the verifier's ReplayAnswer
+
+Errors answer ``{"detail": "<one line>"}`` with 400 (malformed), 403 (refused), 404 (no such job,
+or not running), 409 (conflict: a nonce or an id used before, too little money, stake not
+matured) or 503 (Ray's state cannot be read).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from fastapi import Request  # at module level: FastAPI reads route annotations from these globals
 
 from gpucoin.exceptions import (
     ConflictError,
@@ -26,27 +45,49 @@ from gpucoin.exceptions import (
     InsufficientFunds,
     NodeRefused,
     RuleViolation,
+    SpecError,
     Unauthorized,
+    UnknownJob,
 )
 from gpucoin.head.admit import check_registration
+from gpucoin.head.jobs import MAX_JOB_STORE_BYTES, JobBoard, JobTable, check_job_id, job_view
+from gpucoin.head.packages import MAX_PACKAGE_BYTES, PackageStore
 from gpucoin.head.ray_state import RayNode
 from gpucoin.head.records import (
     AccountView,
     FaucetRequest,
     FaucetResult,
+    HasAnswer,
+    HasRequest,
     HeadStatus,
+    InboxAnswer,
+    JobEvent,
+    JobLaunch,
+    JobView,
+    NodeRole,
     NodeState,
     NodeView,
+    ObjectAnswer,
+    PackageAnswer,
     PolicyRef,
+    ProgressReport,
+    ReceiptSubmission,
     RegisterRequest,
+    ReplayAnswer,
     ServiceConfig,
     SignedRequest,
+    StopAnswer,
+    SubmitJobRequest,
 )
 from gpucoin.head.versions import versions
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import wallet_account
 from gpucoin.policy.model import policy_hash
+from gpucoin.spec import JobSpec, spec_digest
 from gpucoin.wallet.messages import MessageFieldError, SignedMessage, loads_json, parse_address
+
+if TYPE_CHECKING:
+    from gpucoin.head.metrics import HeadMetrics
 
 FAUCET_MAX_UGPC = 10_000_000_000
 """The most one faucet request mints: 10,000 GPC (dev money, but a bound all the same)."""
@@ -74,7 +115,23 @@ def status(ledger: Ledger, cfg: ServiceConfig) -> HeadStatus:
         slashed_ugpc=totals["slashed"],
         jobs=counts.get("JobOrder", 0),
         nodes=counts.get("NodeRegistration", 0),
+        tolerance_rel_l2=genesis.policy.verification.tolerance_rel_l2,
         versions=versions(),
+    )
+
+
+def stored_message(row) -> SignedMessage:
+    """The ``SignedMessage`` a ledger ``MessageRow`` holds."""
+    typed = loads_json(row.typed_data)
+    return SignedMessage.from_dict(
+        {
+            "primaryType": typed["primaryType"],
+            "domain": typed["domain"],
+            "message": typed["message"],
+            "digest": row.digest,
+            "signature": row.signature,
+            "signer": row.signer,
+        }
     )
 
 
@@ -82,18 +139,17 @@ def registrations(ledger: Ledger) -> dict[str, SignedMessage]:
     """The newest admitted NodeRegistration of each node id, by node id."""
     out: dict[str, SignedMessage] = {}
     for row in ledger.messages("NodeRegistration"):  # in recording order: a later one wins
-        typed = loads_json(row.typed_data)
-        out[typed["message"]["nodeId"]] = SignedMessage.from_dict(
-            {
-                "primaryType": typed["primaryType"],
-                "domain": typed["domain"],
-                "message": typed["message"],
-                "digest": row.digest,
-                "signature": row.signature,
-                "signer": row.signer,
-            }
-        )
+        msg = stored_message(row)
+        out[msg.message["nodeId"]] = msg
     return out
+
+
+def node_role(resources: str) -> NodeRole:
+    """The role a registration declares in its ``resources`` JSON (``"role"``; volunteer if none)."""
+    try:
+        return NodeRole(json.loads(resources).get("role", NodeRole.VOLUNTEER.value))
+    except (ValueError, AttributeError, TypeError):
+        return NodeRole.VOLUNTEER
 
 
 def node_views(ledger: Ledger, ray_nodes: Mapping[str, RayNode]) -> list[NodeView]:
@@ -110,6 +166,7 @@ def node_views(ledger: Ledger, ray_nodes: Mapping[str, RayNode]) -> list[NodeVie
                 resources=m["resources"],
                 bonded_ugpc=ledger.balance(wallet_account(m["provider"], "bonded")),
                 state=NodeState.ALIVE if node is not None and node.alive else NodeState.GONE,
+                role=node_role(m["resources"]),
                 registration=reg.digest,
             )
         )
@@ -139,6 +196,7 @@ def account_view(ledger: Ledger, address: str) -> AccountView:
 
 _STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (HeadError, 503),
+    (UnknownJob, 404),
     (NodeRefused, 403),
     (Unauthorized, 403),
     (InsufficientFunds, 409),
@@ -171,29 +229,43 @@ def _json_response_class():
     return JsSafeJSONResponse
 
 
-def make_app(ledger: Ledger, cfg: ServiceConfig, coordinator, ray_nodes: Callable[[], Mapping[str, RayNode]]):
+def make_app(
+    ledger: Ledger,
+    cfg: ServiceConfig,
+    coordinator,
+    ray_nodes: Callable[[], Mapping[str, RayNode]],
+    board: JobBoard | None = None,
+    metrics: HeadMetrics | None = None,
+):
     """The head's FastAPI application.
 
     Args:
         ledger: the open ledger (its Genesis written).
         cfg: the service's settings.
         coordinator: a ``coordinator.settle.Coordinator`` over ``ledger`` (writes go through it,
-            one at a time).
+            one at a time: under its ``lock`` when it has one, ``scheduler.LockedCoordinator``).
         ray_nodes: reads Ray's nodes by id (``ray_state.list_nodes`` in the service).
+        board: the running jobs the scheduler shares (default: a board of no running job under
+            ``<cfg.home>/jobs``).
+        metrics: the head's metrics, which the scheduler observes too (default: fresh ones).
     """
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from gpucoin import __version__
-    from gpucoin.head.metrics import metrics_registry
+    from gpucoin.head.metrics import HeadMetrics
 
     JsSafeJSON = _json_response_class()
     app = FastAPI(
         title="gpucoin head", version=__version__, docs_url=None, redoc_url=None, default_response_class=JsSafeJSON
     )
-    registry = metrics_registry(ledger, ray_nodes)
-    writes = threading.Lock()  # one coordinator write at a time: its nonce source and key are shared
+    registry = (metrics or HeadMetrics(ledger, ray_nodes)).registry
+    # one coordinator write at a time: its nonce source and key are shared
+    writes = getattr(coordinator, "lock", None) or threading.RLock()
+    board = board or JobBoard(cfg.home / "jobs")
+    table = JobTable(ledger.engine)
+    packages = PackageStore(cfg.home / "packages")
 
     @app.exception_handler(GpucoinError)
     def refused(request: Request, e: GpucoinError) -> JSONResponse:
@@ -218,6 +290,7 @@ def make_app(ledger: Ledger, cfg: ServiceConfig, coordinator, ray_nodes: Callabl
                 coordinator.bond(reg)
             else:
                 coordinator.record(reg)
+        board.wake.set()
         (view,) = [v for v in node_views(ledger, known) if v.node_id == reg.message["nodeId"]]
         return view
 
@@ -259,6 +332,145 @@ def make_app(ledger: Ledger, cfg: ServiceConfig, coordinator, ray_nodes: Callabl
         with writes:
             coordinator.withdraw(msg)
         return account_view(ledger, msg.message["provider"])
+
+    # -- jobs: the submitter's side --------------------------------------------
+    async def body_of(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise SpecError(f"a request body of at most {limit} bytes, declared {declared}")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise SpecError(f"a request body of at most {limit} bytes")
+        return bytes(data)
+
+    @app.put("/v1/packages/{package_hash}", response_model=PackageAnswer)
+    async def put_package(package_hash: str, request: Request) -> PackageAnswer:
+        from starlette.concurrency import run_in_threadpool
+
+        data = await body_of(request, MAX_PACKAGE_BYTES)
+        n = await run_in_threadpool(packages.put, package_hash, data)
+        return PackageAnswer(package_hash=package_hash.lower(), files=n)
+
+    @app.post("/v1/jobs", response_model=JobView)
+    def post_job(body: SubmitJobRequest) -> JobView:
+        order = SignedMessage.from_dict(body.order)
+        if order.primary_type != "JobOrder":
+            raise MessageFieldError(f"expected a signed JobOrder, got a {order.primary_type}")
+        m = order.message
+        job_id = check_job_id(m["jobId"])
+        try:
+            spec = JobSpec.model_validate(body.spec)
+        except ValueError as e:
+            raise SpecError(f"the job spec does not validate: {str(e).splitlines()[0]}") from None
+        if spec_digest(spec) != m["specHash"]:
+            raise SpecError(f"the spec hashes to {spec_digest(spec)}, the order signed specHash {m['specHash']}")
+        wanted = {
+            "workers": (spec.workers, m["workers"]),
+            "bid": (spec.bid_ugpc_per_worker_hour, m["bidPerWorkerHour"]),
+            "budget": (spec.budget_ugpc, m["budget"]),
+        }
+        for what, (in_spec, in_order) in wanted.items():
+            if in_spec != in_order:
+                raise SpecError(f"the spec's {what} is {in_spec}, the order's {in_order}")
+        if packages.path(m["packageHash"]) is None:
+            raise SpecError(f"no package {m['packageHash']} was uploaded (PUT /v1/packages/{{hash}} first)")
+        with writes:
+            try:
+                row = table.get(job_id)
+            except UnknownJob:
+                row = None
+            if row is not None:
+                if ledger.message(order.digest) is None:
+                    raise ConflictError(f"job {job_id} exists with another order")
+                return job_view(row)  # a retry of the same order
+            coordinator.escrow(order)
+            row = table.add(job_id, m["consumer"], spec)
+        board.log(
+            job_id,
+            f"queued: {spec.workers} worker(s), {spec.steps} steps, bid {m['bidPerWorkerHour']} µGPC/worker-hour",
+        )
+        board.wake.set()
+        return job_view(row)
+
+    @app.get("/v1/jobs", response_model=list[JobView])
+    def get_jobs() -> list[JobView]:
+        return [job_view(r) for r in table.all()]
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobView)
+    def get_job(job_id: str) -> JobView:
+        return job_view(table.get(job_id))
+
+    @app.get("/v1/jobs/{job_id}/events", response_model=list[JobEvent])
+    def get_job_events(job_id: str, after: int = 0) -> list[JobEvent]:
+        table.get(job_id)
+        return board.events(job_id, after)
+
+    # -- jobs: the ranks' and the verifier's side ------------------------------
+    @app.get("/v1/jobs/{job_id}/launch", response_model=JobLaunch)
+    def get_launch(job_id: str) -> JobLaunch:
+        return board.running(job_id).launch
+
+    @app.get("/v1/jobs/{job_id}/stop", response_model=StopAnswer)
+    def get_stop(job_id: str) -> StopAnswer:
+        return StopAnswer(reason=board.running(job_id).inbox.stop_reason())
+
+    @app.post("/v1/jobs/{job_id}/progress", response_model=StopAnswer)
+    def post_progress(job_id: str, body: ProgressReport) -> StopAnswer:
+        inbox = board.running(job_id).inbox
+        inbox.progress(body.step, body.loss, body.lr)
+        return StopAnswer(reason=inbox.stop_reason())
+
+    @app.post("/v1/jobs/{job_id}/receipts", response_model=InboxAnswer)
+    def post_receipt(job_id: str, body: ReceiptSubmission) -> InboxAnswer:
+        import numpy as np
+
+        inbox = board.running(job_id).inbox
+        rows = {len(r) for r in body.sketches}
+        if len(rows) != 1:
+            return InboxAnswer(accepted=False, reason="sketches must be a non-empty (steps, B) array")
+        reply = inbox.submit_receipt(
+            body.rank, body.receipt_json, np.asarray(body.sketches, dtype=np.float64), list(body.losses)
+        )
+        return InboxAnswer(accepted=reply.accepted, reason=reply.reason)
+
+    @app.put("/v1/jobs/{job_id}/objects", response_model=ObjectAnswer)
+    async def put_object(job_id: str, request: Request) -> ObjectAnswer:
+        from starlette.concurrency import run_in_threadpool
+
+        job = board.running(job_id)
+        data = await body_of(request, job.store.max_object_bytes)
+        if job.stored_bytes + len(data) > MAX_JOB_STORE_BYTES:
+            raise Unauthorized(
+                f"job {job_id} has put {job.stored_bytes} bytes, the most a job may is {MAX_JOB_STORE_BYTES}"
+            )
+        job.stored_bytes += len(data)
+        return ObjectAnswer(digest=await run_in_threadpool(job.store.put, data))
+
+    @app.get("/v1/jobs/{job_id}/objects/{digest}")
+    def get_object(job_id: str, digest: str) -> Response:
+        return Response(board.running(job_id).store.get(digest), media_type="application/octet-stream")
+
+    @app.post("/v1/jobs/{job_id}/objects/has", response_model=HasAnswer)
+    def post_has(job_id: str, body: HasRequest) -> HasAnswer:
+        return HasAnswer(present=board.running(job_id).store.has(body.digests))
+
+    @app.get("/v1/jobs/{job_id}/replays/{replay_id}")
+    def get_replay(job_id: str, replay_id: str) -> dict:
+        replay = board.running(job_id).replays.get(replay_id)
+        if replay is None:
+            raise UnknownJob(f"job {job_id} drew no replay {replay_id!r}")
+        return replay.request
+
+    @app.post("/v1/jobs/{job_id}/replays/{replay_id}", response_model=StopAnswer)
+    def post_replay(job_id: str, replay_id: str, body: ReplayAnswer) -> StopAnswer:
+        replay = board.running(job_id).replays.get(replay_id)
+        if replay is None:
+            raise UnknownJob(f"job {job_id} drew no replay {replay_id!r}")
+        if replay.answer is None:  # the first answer stands; the runner checks every report's signature
+            replay.answer = body
+        return StopAnswer(reason=None)
 
     @app.get("/metrics")
     def get_metrics() -> Response:

@@ -162,7 +162,8 @@ def up(opts: UpOptions) -> HeadInfo:
     Raises:
         HeadError: not ``--dev``; a head already runs from this home; a port is taken; the Ray
             head or the service failed to start (the log's tail is quoted). Whatever was started
-            is stopped again.
+            is stopped again. A home whose Ray head runs but whose service does not (it was
+            killed) gets its service started again, and keeps its ports.
     """
     if not opts.dev:
         raise HeadError(
@@ -173,6 +174,8 @@ def up(opts: UpOptions) -> HeadInfo:
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     old = read_info(home)
     if old is not None:
+        if old.ray_head.alive() and not old.service.alive():
+            return _restart_service(old, home)
         if old.ray_head.alive() or old.service.alive():
             raise HeadError(f"a head already runs from {home} (API {old.api_url}); stop it with `gpucoin down` first")
         _clean_up(old, home)
@@ -218,11 +221,7 @@ def up(opts: UpOptions) -> HeadInfo:
         )
         cfg_path = home / "service.json"
         write_private(cfg_path, cfg.model_dump_json(indent=2))
-        # the service needs no Ray variable and none of gpucoin's: its settings are in cfg_path
-        service_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GPUCOIN_"))}
-        service = _spawn(
-            [sys.executable, "-m", "gpucoin.head.service", str(cfg_path)], service_env, logs / "service.log"
-        )
+        service = _spawn_service(cfg_path, logs)
         started.append(service)
         api_url = f"http://{opts.host}:{opts.api_port}"
         _wait("the head service", lambda: _answers(api_url), service, logs / "service.log", deadline)
@@ -245,6 +244,42 @@ def up(opts: UpOptions) -> HeadInfo:
         stop_marked_processes(str(temp_dir), 5.0)
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
+
+
+def _spawn_service(cfg_path: Path, logs: Path) -> subprocess.Popen:
+    # the service needs no Ray variable and none of gpucoin's: its settings are in cfg_path
+    service_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GPUCOIN_"))}
+    return _spawn([sys.executable, "-m", "gpucoin.head.service", str(cfg_path)], service_env, logs / "service.log")
+
+
+def _restart_service(info: HeadInfo, home: Path) -> HeadInfo:
+    """Start the head service again beside a Ray head that still runs (the service died or was
+    killed): same settings (``<home>/service.json``), same ledger; it recovers the jobs its last
+    run left (``head.scheduler``). Returns the updated ``HeadInfo``.
+
+    Raises:
+        HeadError: the service's settings are gone, or it does not answer within ``START_TIMEOUT_S``.
+    """
+    cfg_path = home / "service.json"
+    if not cfg_path.is_file():
+        raise HeadError(
+            f"the Ray head of {home} runs but its service settings ({cfg_path}) are gone; `gpucoin down` it"
+        )
+    service = _spawn_service(cfg_path, home / "logs")
+    try:
+        _wait(
+            "the head service",
+            lambda: _answers(info.api_url),
+            service,
+            home / "logs" / "service.log",
+            time.monotonic() + START_TIMEOUT_S,
+        )
+    except BaseException:
+        stop_group(service.pid, None, STOP_TIMEOUT_S)
+        raise
+    info = info.model_copy(update={"service": ProcessRef.of(service.pid)})
+    write_private(info_path(home), info.model_dump_json(indent=2))
+    return info
 
 
 def _clean_up(info: HeadInfo, home: Path) -> None:

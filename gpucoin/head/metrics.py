@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -56,8 +56,19 @@ class LedgerCollector(Collector):
         for kind, n in sorted(counts["messages"].items()):
             messages.add_metric([kind], n)
         yield messages
+        yield from self._jobs()
         if self.ray_nodes is not None:
             yield from self._nodes()
+
+    def _jobs(self) -> Iterator[Metric]:
+        from gpucoin.head.jobs import JobTable
+        from gpucoin.head.records import JobState
+
+        rows = JobTable(self.ledger.engine).all()
+        jobs = GaugeMetricFamily("gpucoin_jobs", "jobs on the head, by state", labels=["state"])
+        for state in JobState:
+            jobs.add_metric([state.value], sum(r.state == state.value for r in rows))
+        yield jobs
 
     def _nodes(self) -> Iterator[Metric]:
         from gpucoin.head.api import node_views
@@ -73,8 +84,33 @@ class LedgerCollector(Collector):
         yield nodes
 
 
+class HeadMetrics:
+    """The head's registry (not the process-global default one): the ledger's metrics read at each
+    scrape, and what the market loop and the running jobs observe as they go.
+
+    Attributes:
+        clearing_seconds: histogram of one market round's ``clear`` call, seconds.
+        samples_per_second: per running job, training samples (sequences) per second, as rank 0's
+            progress reports show it; removed when the job ends.
+    """
+
+    def __init__(self, ledger: Ledger, ray_nodes: Callable[[], Mapping[str, RayNode]] | None = None):
+        self.registry = CollectorRegistry()
+        self.registry.register(LedgerCollector(ledger, ray_nodes))
+        self.clearing_seconds = Histogram(
+            "gpucoin_market_clearing_seconds",
+            "time to clear one market round",
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+            registry=self.registry,
+        )
+        self.samples_per_second = Gauge(
+            "gpucoin_job_samples_per_second",
+            "training samples per second of a running job",
+            ["job_id"],
+            registry=self.registry,
+        )
+
+
 def metrics_registry(ledger: Ledger, ray_nodes: Callable[[], Mapping[str, RayNode]] | None = None) -> CollectorRegistry:
-    """A registry holding the head's collectors (not the process-global default registry)."""
-    registry = CollectorRegistry()
-    registry.register(LedgerCollector(ledger, ray_nodes))
-    return registry
+    """A registry holding the head's collectors (``HeadMetrics``)."""
+    return HeadMetrics(ledger, ray_nodes).registry

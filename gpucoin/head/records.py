@@ -101,6 +101,7 @@ class HeadStatus(BaseModel):
     slashed_ugpc: int
     jobs: int = Field(description="JobOrders the ledger holds")
     nodes: int = Field(description="NodeRegistrations the ledger holds")
+    tolerance_rel_l2: float = Field(description="the policy's replay tolerance, which a verifier's signer judges by")
     versions: Versions
 
 
@@ -109,6 +110,13 @@ class NodeState(str, Enum):
 
     ALIVE = "alive"
     GONE = "gone"
+
+
+class NodeRole(str, Enum):
+    """What a joined node offers: training ranks (``volunteer``) or replays (``verifier``)."""
+
+    VOLUNTEER = "volunteer"
+    VERIFIER = "verifier"
 
 
 class NodeView(BaseModel):
@@ -122,6 +130,7 @@ class NodeView(BaseModel):
     resources: str = Field(description="what the node declared (untrusted; the market counts Ray's view)")
     bonded_ugpc: int = Field(description="the provider's whole bonded balance")
     state: NodeState
+    role: NodeRole = Field(description="what it offers, as its registration declares")
     registration: str = Field(description="digest of the NodeRegistration")
 
 
@@ -175,3 +184,190 @@ class AccountView(BaseModel):
     withdrawable_ugpc: int = Field(description="unbonding stake matured by the current epoch")
     epoch: int
     next_maturity_epoch: int | None = Field(description="when the next unbonding stake matures, if any")
+
+
+class JobState(str, Enum):
+    """A job on the head: ``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``cancelled``."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        """True once nothing more happens to the job (its escrow is settled and refunded)."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class SubmitJobRequest(BaseModel):
+    """``POST /v1/jobs``: the consumer's signed JobOrder and the job spec its ``specHash`` names
+    (``gpucoin.spec.spec_digest`` of this mapping); the package its ``packageHash`` names must be
+    uploaded first (``PUT /v1/packages/{hash}``)."""
+
+    model_config = _CLOSED
+
+    order: dict
+    spec: dict
+
+
+class ReceiptCounts(BaseModel):
+    """Receipts of a job by what became of them."""
+
+    model_config = _CLOSED
+
+    signed: int = 0
+    checked: int = 0
+    passed: int = 0
+    failed: int = 0
+    void: int = 0
+    rejected: int = 0
+
+
+class JobSummary(BaseModel):
+    """What a job that ended did (µGPC): ``steps`` is the end of the last interval settled
+    without a gap from step 0 (the checkpoint the job vouches for)."""
+
+    model_config = _CLOSED
+
+    steps: int
+    receipts: ReceiptCounts
+    intervals: dict[str, str] = Field(description="'start-end' -> the interval's outcome")
+    paid_ugpc: int
+    burned_ugpc: int
+    minted_ugpc: int
+    slashed_ugpc: int
+    refunded_ugpc: int
+    stopped: str | None = Field(description="why the job stopped early, if it did")
+
+
+class JobView(BaseModel):
+    """``GET /v1/jobs`` and ``/v1/jobs/{id}``: a job as the head sees it (µGPC)."""
+
+    model_config = _CLOSED
+
+    job_id: str
+    consumer: str
+    state: JobState
+    workers: int
+    steps: int
+    bid_ugpc_per_worker_hour: int
+    budget_ugpc: int
+    submitted_ms: int = Field(description="when the head took the order (unix ms)")
+    node_ids: list[str] = Field(description="Ray node id per rank, once placed")
+    verifier_node: str | None
+    price_ugpc_per_worker_hour: int | None = Field(description="the clearing price, once placed")
+    step: int = Field(description="the newest optimizer step rank 0 reported")
+    reason: str | None = Field(description="why it waits, or why it stopped")
+    summary: JobSummary | None = Field(description="once it ended")
+
+
+class ReceiptSubmission(BaseModel):
+    """``POST /v1/jobs/{id}/receipts``: a rank's signed WorkReceipt (JSON text), the sketches it
+    commits to, (steps, B) float64, and its losses per step (nats/char). Screened by the job's
+    ``JobInbox`` before anything is kept."""
+
+    model_config = _CLOSED
+
+    rank: int
+    receipt_json: str = Field(max_length=8192)
+    sketches: list[list[float]] = Field(max_length=10_000)
+    losses: list[float] = Field(max_length=10_000)
+
+
+class InboxAnswer(BaseModel):
+    """The inbox's answer: ``accepted``, or the ``reason`` it refused (nothing kept)."""
+
+    model_config = _CLOSED
+
+    accepted: bool
+    reason: str = ""
+
+
+class ProgressReport(BaseModel):
+    """``POST /v1/jobs/{id}/progress``: rank 0 finished optimizer step ``step`` (display only)."""
+
+    model_config = _CLOSED
+
+    step: int
+    loss: float
+    lr: float
+
+
+class StopAnswer(BaseModel):
+    """``GET /v1/jobs/{id}/stop``: why the ranks should stop at their next boundary, or None."""
+
+    model_config = _CLOSED
+
+    reason: str | None
+
+
+class HasRequest(BaseModel):
+    """``POST /v1/jobs/{id}/objects/has``: which of these object digests the job's store holds."""
+
+    model_config = _CLOSED
+
+    digests: list[str] = Field(max_length=4096)
+
+
+class HasAnswer(BaseModel):
+    """One flag per digest asked, in order."""
+
+    model_config = _CLOSED
+
+    present: list[bool]
+
+
+class ObjectAnswer(BaseModel):
+    """``PUT /v1/jobs/{id}/objects``: the stored object's name (``0x`` + sha256 of its bytes)."""
+
+    model_config = _CLOSED
+
+    digest: str
+
+
+class PackageAnswer(BaseModel):
+    """``PUT /v1/packages/{hash}``: the package the head holds under that hash."""
+
+    model_config = _CLOSED
+
+    package_hash: str
+    files: int
+
+
+class JobLaunch(BaseModel):
+    """``GET /v1/jobs/{id}/launch``: what a job's Ray driver starts its ranks with (public: the
+    Assignments are signed, nothing here is secret)."""
+
+    model_config = _CLOSED
+
+    job_id: str
+    spec: dict
+    node_ids: list[str]
+    assignments: list[str] = Field(description="the coordinator-signed Assignment (JSON) of each rank")
+    buckets: int
+    data_source: str
+    api_url: str = Field(description="where the ranks reach the head (``runtime.channel.HttpChannel``)")
+
+
+class JobEvent(BaseModel):
+    """One line of a job's log on the head (``GET /v1/jobs/{id}/events``): ``seq`` counts from 1."""
+
+    model_config = _CLOSED
+
+    seq: int
+    time_ms: int = Field(description="unix ms")
+    text: str
+
+
+class ReplayAnswer(BaseModel):
+    """``POST /v1/jobs/{id}/replays/{rid}``: what the verifier's replay job hands back: its
+    address, its signed VerificationReports (JSON; the head checks each signature) and the
+    findings behind them (``verify.judgment.Finding`` as dicts; read, never trusted)."""
+
+    model_config = _CLOSED
+
+    verifier: str
+    reports: list[str] = Field(max_length=1024)
+    findings: list[dict] = Field(max_length=1024)

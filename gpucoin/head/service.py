@@ -1,7 +1,8 @@
 """The head service: gpucoin's own process on the head host, never a Ray worker (SPEC.md, Trust).
 
 It holds the ledger and the coordinator's key, which never enter Ray objects, runtime
-environments or logs, and serves the HTTP API of ``gpucoin.head.api`` on uvicorn.
+environments or logs, serves the HTTP API of ``gpucoin.head.api`` on uvicorn and runs the
+market loop and the jobs (``gpucoin.head.scheduler``) in threads of its own.
 ``gpucoin up`` starts it as ``python -m gpucoin.head.service CONFIG`` after the Ray head and waits
 for ``/v1/status``; SIGTERM stops it (uvicorn finishes the requests in flight, then the ledger
 closes).
@@ -79,14 +80,37 @@ def serve(cfg: ServiceConfig) -> None:
 
     from gpucoin.cluster.local import participant
     from gpucoin.coordinator.settle import Coordinator
-    from gpucoin.head.api import make_app
+    from gpucoin.head.api import make_app, node_views
+    from gpucoin.head.jobs import JobBoard, JobTable
+    from gpucoin.head.metrics import HeadMetrics
+    from gpucoin.head.packages import PackageStore
     from gpucoin.head.ray_state import list_nodes
+    from gpucoin.head.rayjobs import RayJobs
+    from gpucoin.head.scheduler import LockedCoordinator, Scheduler
 
     coordinator = participant("coordinator", cfg.home)
     ledger = open_head_ledger(cfg, coordinator)
     try:
-        coord = Coordinator(ledger, ledger.policy, coordinator.account, ledger.domain)
-        app = make_app(ledger, cfg, coord, lambda: list_nodes(cfg.dashboard_url, cfg.ray_token_path))
+        coord = LockedCoordinator(Coordinator(ledger, ledger.policy, coordinator.account, ledger.domain))
+        board = JobBoard(cfg.home / "jobs")
+        metrics = HeadMetrics(ledger, lambda: list_nodes(cfg.dashboard_url, cfg.ray_token_path))
+
+        def ray_nodes():
+            return list_nodes(cfg.dashboard_url, cfg.ray_token_path)
+
+        scheduler = Scheduler(
+            ledger,
+            coord,
+            board,
+            JobTable(ledger.engine),
+            PackageStore(cfg.home / "packages"),
+            RayJobs(cfg.dashboard_url, cfg.ray_token_path),
+            ray_nodes,
+            public_api_url(cfg),
+            lambda: node_views(ledger, ray_nodes()),
+            metrics,
+        )
+        app = make_app(ledger, cfg, coord, ray_nodes, board, metrics)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -97,11 +121,24 @@ def serve(cfg: ServiceConfig) -> None:
                 timeout_graceful_shutdown=5,
             )
         )
-        server.run()
+        scheduler.start()
+        try:
+            server.run()
+        finally:
+            scheduler.stop()
         if not server.started:
             raise SystemExit(f"the head's API could not listen on {cfg.api_host}:{cfg.api_port}")
     finally:
         ledger.close()
+
+
+def public_api_url(cfg: ServiceConfig) -> str:
+    """Where ranks and verifiers on other hosts reach the API: its own address, or the head
+    node's (the Ray address's host) when it listens on every interface."""
+    host = cfg.api_host
+    if host in ("0.0.0.0", "::", ""):
+        host = cfg.ray_address.rsplit(":", 1)[0]
+    return f"http://{host}:{cfg.api_port}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ so a write that bypasses the code is refused by the database too.
     void_charge  each void interval of an unvetted job's package a Settlement charged and burned
     slash        each receipt whose worker a Settlement slashed
     epoch_close  each closed epoch and what its EpochClose minted
+    head_job     the head service's jobs: state, placement, progress (mutable; no money)
 
 The schema is created and upgraded by the Alembic migrations in ``gpucoin/ledger/migrations``
 (``gpucoin.ledger.migrate``); these classes are the ORM's view of it and must match the head
@@ -409,6 +410,45 @@ class EpochCloseRow(SQLModel, table=True):
     op_id: str = Field(sa_column=Column(Text, ForeignKey("operation.op_id"), nullable=False))
 
 
+class HeadJobRow(SQLModel, table=True):
+    """The head service's own record of one job it runs (``gpucoin.head.jobs``): mutable, unlike
+    the ledger's tables, because a job's state moves; the money is never here.
+
+    Attributes:
+        job_id: the JobOrder's ``jobId`` (its order is in ``job_order``).
+        state: ``head.records.JobState`` value.
+        consumer: the order's signer.
+        spec_json: the job spec the order's ``specHash`` names, as JSON.
+        submitted_ms: when the head took the order (unix ms): ties in the queue go to the earlier.
+        node_ids: JSON list of the Ray node id per rank, once placed.
+        verifier_node: the Ray node id that replays its intervals, once placed.
+        price: the clearing price (µGPC per worker-hour), once placed.
+        package_uri: the job package's URI in Ray's GCS (what a replay's runtime env names).
+        step: the newest optimizer step rank 0 reported (display only).
+        reason: why it waits, or why it stopped.
+        summary_json: the final ``JobSummary`` as JSON, once ended.
+    """
+
+    __tablename__ = "head_job"
+    __table_args__ = (
+        CheckConstraint("state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="ck_head_job_state"),
+        _STRICT,
+    )
+
+    job_id: str = Field(sa_column=Column(Text, ForeignKey("job_order.job_id"), primary_key=True))
+    state: str = Field(sa_column=Column(Text, nullable=False))
+    consumer: str = Field(sa_column=Column(Text, nullable=False))
+    spec_json: str = Field(sa_column=Column(Text, nullable=False))
+    submitted_ms: int = Field(sa_column=Column(BIGINT, nullable=False))
+    node_ids: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
+    verifier_node: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
+    price: Optional[int] = Field(default=None, sa_column=Column(BIGINT, nullable=True))
+    package_uri: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
+    step: int = Field(default=0, sa_column=Column(BIGINT, nullable=False))
+    reason: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
+    summary_json: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
 LEDGER_TABLES = [
     SQLModel.metadata.tables[name]
     for name in (
@@ -430,6 +470,7 @@ LEDGER_TABLES = [
         "slash",
         "epoch_close",
         "void_charge",
+        "head_job",
     )
 ]
 """The ledger's tables, in creation order."""

@@ -63,27 +63,25 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def before_submit(step: int, inbox, rank: int, receipt_json: str, sketches, losses: list[float]) -> None:
-    """What this node does just before handing in its receipt for the interval ending at ``step``."""
+def before_submit(step: int, channel, rank: int, receipt_json: str, sketches, losses: list[float]) -> None:
+    """What this node does just before handing in its receipt for the interval ending at ``step``
+    (``channel``: the head, ``runtime.channel.JobChannel``)."""
     import time
 
     import numpy as np
-    import ray
 
     flood = int(os.environ.get(FAULT_FLOOD_ENV, "0") or 0)
-    refs = []
     for i in range(flood):
         kind = i % 4
         if kind == 0:
-            refs.append(inbox.submit_receipt.remote(0 if rank else 1, receipt_json, sketches, losses))
+            channel.submit_receipt(0 if rank else 1, receipt_json, sketches, losses)
         elif kind == 1:
-            refs.append(inbox.submit_receipt.remote(rank, receipt_json + " " * 100_000, sketches, losses))
+            channel.submit_receipt(rank, receipt_json + " " * 100_000, sketches, losses)
         elif kind == 2:
             big = np.zeros((sketches.shape[0], sketches.shape[1] * 64))
-            refs.append(inbox.submit_receipt.remote(rank, receipt_json, big, losses))
+            channel.submit_receipt(rank, receipt_json, big, losses)
         else:
-            refs.append(inbox.progress.remote(10**9, float("nan"), 0.0))
-    ray.get(refs)
+            channel.progress(10**9, float("nan"), 0.0)
     value = os.environ.get(FAULT_STALL_ENV, "")
     if value:
         seconds, _, at = value.partition("@")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gpucoin.exceptions import TrainingError
 from gpucoin.runtime.worker import train_loop_per_worker
-from gpucoin.spec import LoadedSpec
+from gpucoin.spec import JobSpec
 
 
 @dataclass
@@ -33,12 +33,11 @@ class TrainingRun:
 
 
 def launch(
-    loaded: LoadedSpec,
+    spec: JobSpec,
     *,
     job_id: str,
     node_ids: list[str],
-    inbox,
-    store,
+    channel,
     storage_dir: Path,
     buckets: int,
     data_source: str,
@@ -54,19 +53,20 @@ def launch(
     one selector per rank, so Ray places every rank on exactly the node the market chose, or
     not at all. Gloo on CPU, NCCL when the nodes have GPUs (Ray Train picks the backend).
 
-    The job's package (``loaded.module_dir``) must be in the driver's job-level runtime env
-    (``py_modules``), which is the only level where Ray uploads a local directory.
+    The job's package must be in the driver's job-level runtime env (``py_modules``), which is
+    the only level where Ray uploads a local directory.
 
     Args:
         assignments: per rank, the coordinator-signed Assignment (JSON) that rank's node signer
             needs before it signs that rank's receipts.
-        store: the job's ``ContentStore`` actor on the head, where the ranks put their checkpoints.
+        channel: how the ranks reach the head (``runtime.channel``): the stop flag, progress,
+            receipts, and the job's store, where they put their checkpoints.
         storage_dir: Ray Train's own run directory.
         start_step / start_manifests / previous: to resume after ``start_step`` steps: per rank,
             the ``checkpointHash`` and the digest of the receipt that ended there.
 
     Returns:
-        A ``TrainingRun``; progress and receipts arrive in ``inbox``.
+        A ``TrainingRun``; progress and receipts go through ``channel``.
 
     Raises:
         TrainingError: for a placement or resume point that does not fit the job.
@@ -77,7 +77,6 @@ def launch(
 
     from gpucoin.runtime.rendezvous import torch_config
 
-    spec = loaded.spec
     if len(node_ids) != spec.workers:
         raise TrainingError(f"{len(node_ids)} nodes placed for a job of {spec.workers} workers")
     if start_step and len(start_manifests or []) != spec.workers:
@@ -86,10 +85,9 @@ def launch(
     config = {
         "spec": spec.model_dump(mode="json"),
         "job_id": job_id,
-        "store": store,
         "start_step": start_step,
         "start_manifests": list(start_manifests or []),
-        "inbox": inbox,
+        "channel": channel,
         "buckets": buckets,
         "threads": threads_per_worker,
         "data_source": data_source,

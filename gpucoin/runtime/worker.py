@@ -24,10 +24,9 @@ PROGRESS_EVERY_STEPS = 5
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. ``config`` keys: spec (JobSpec dict), job_id, store (the job's
-    ``ContentStore`` actor), start_step, start_manifests (per rank, the ``checkpointHash`` of the
-    receipt that ended at ``start_step``; for resumes), inbox
-    (actor handle), buckets, threads, previous (per-rank digest of the last receipt, for resumes),
+    """Ray Train entry point. ``config`` keys: spec (JobSpec dict), job_id, channel (the head:
+    ``runtime.channel.JobChannel``), start_step, start_manifests (per rank, the ``checkpointHash`` of the
+    receipt that ended at ``start_step``; for resumes), buckets, threads, previous (per-rank digest of the last receipt, for resumes),
     assignments (per rank, the coordinator-signed Assignment JSON the node's signer requires)."""
     import deepspeed
     import ray.train
@@ -41,7 +40,7 @@ def train_loop_per_worker(config: dict) -> None:
     from gpucoin.runtime.schedule import lr_at
     from gpucoin.runtime.sketch import CountSketch
     from gpucoin.spec import JobSpec
-    from gpucoin.storage import StoreClient, commit_checkpoint, fetch_checkpoint
+    from gpucoin.storage import commit_checkpoint, fetch_checkpoint
     from gpucoin.verify.commitment import sketch_root
     from gpucoin.wallet.nonces import NonceSource
     from gpucoin.wallet.signer import SignerClient
@@ -51,7 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(config.get("threads", 1))
     spec = JobSpec.model_validate(config["spec"])
     ds, opt = spec.deepspeed, spec.deepspeed.optimizer
-    inbox = config["inbox"]
+    channel = config["channel"]  # the head: stop flag, progress, receipts, the job's store (runtime.channel)
     signer = SignerClient()
     nonces = NonceSource()
 
@@ -70,14 +69,13 @@ def train_loop_per_worker(config: dict) -> None:
     sketch = CountSketch(model.parameters(), config["buckets"], spec.seed)
     sketch.attach()
 
-    store = StoreClient(config["store"])
     # this rank's own files only: the checkpoint others read is the one in the store, checked by hash
     # under the node's Ray temp dir, which goes with the node: a rank that dies leaves nothing in /tmp
     scratch = Path(tempfile.mkdtemp(prefix=f"gpucoin-{config['job_id']}-rank{rank}-", dir=os.environ.get("RAY_TMPDIR")))
     start = config["start_step"]
     if start > 0:
         bad = fetch_checkpoint(
-            store.get,
+            channel.get,
             config["start_manifests"],
             job_id=config["job_id"],
             step=start,
@@ -94,7 +92,7 @@ def train_loop_per_worker(config: dict) -> None:
         if s < start:
             continue
         # every rank must agree, or a rank left alone would hang in the next collective
-        stop = torch.tensor([int(ray.get(inbox.stop_reason.remote()) is not None)], device=device)
+        stop = torch.tensor([int(channel.stop_reason() is not None)], device=device)
         torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
         if stop.item():
             break
@@ -118,9 +116,9 @@ def train_loop_per_worker(config: dict) -> None:
             sketches.append(sketch.take())
             losses.append(step_loss)
             if rank == 0 and (step % PROGRESS_EVERY_STEPS == 0 or step == e - 1):
-                inbox.progress.remote(step + 1, step_loss, lr)
+                channel.progress(step + 1, step_loss, lr)
         engine.save_checkpoint(str(scratch), tag=tag_for(e))
-        tag_dir, put, attack = scratch / tag_for(e), store.put, faults.checkpoint_attack(e)
+        tag_dir, put, attack = scratch / tag_for(e), channel.put, faults.checkpoint_attack(e)
         if attack == "withhold":
             put = faults.withholding(put)
         elif attack:
@@ -149,9 +147,9 @@ def train_loop_per_worker(config: dict) -> None:
             config["assignments"][rank],
         )
         previous = receipt.digest
-        faults.before_submit(e, inbox, rank, receipt.to_json(), sk, losses)
+        faults.before_submit(e, channel, rank, receipt.to_json(), sk, losses)
         # Blocking: the receipt is in the coordinator's hands before the next interval starts.
-        reply = ray.get(inbox.submit_receipt.remote(rank, receipt.to_json(), sk, losses))
+        reply = channel.submit_receipt(rank, receipt.to_json(), sk, losses)
         if not reply.accepted:
             raise TrainingError(f"the job's inbox refused rank {rank}'s receipt for steps {s}-{e}: {reply.reason}")
     sketch.detach()

@@ -29,14 +29,14 @@ from __future__ import annotations
 import multiprocessing
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from gpucoin.exceptions import BadCommittedFile, VerificationError
 from gpucoin.runtime.checkpoint import tag_for
-from gpucoin.storage.checkpoints import Get, StoreClient, fetch_checkpoint
+from gpucoin.storage.checkpoints import Get, fetch_checkpoint
 from gpucoin.storage.manifest import file_owner
 from gpucoin.verify.compare import FileCheck
 from gpucoin.verify.judgment import Evidence, Finding, convicts_on_numbers, decide, first_verdicts
@@ -81,6 +81,31 @@ class ReplayRequest:
     receipt_messages: tuple[str, ...] = ()
     start_receipt_messages: tuple[str, ...] = ()
     assignments: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """As JSON-ready data (``committed`` as nested lists; floats round-trip exactly through JSON)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["committed"] = np.asarray(self.committed, dtype=np.float64).tolist()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReplayRequest":
+        """Inverse of ``to_dict``.
+
+        Raises:
+            VerificationError: a field is missing or of the wrong shape.
+        """
+        try:
+            kw = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+            kw["committed"] = np.asarray(data["committed"], dtype=np.float64)
+            if kw["committed"].ndim != 3:
+                raise ValueError(f"committed must be (W, K, B), got {kw['committed'].shape}")
+            for f in fields(cls):
+                if isinstance(kw.get(f.name), list):
+                    kw[f.name] = tuple(kw[f.name])
+            return cls(**kw)
+        except (KeyError, TypeError, ValueError) as e:
+            raise VerificationError(f"a replay request that does not parse: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -216,13 +241,13 @@ def gather_evidence(req: ReplayRequest, get: Get, workdir: Path, fresh_process: 
     return ev
 
 
-def check_interval(req: ReplayRequest, store: object) -> ReplayResult:
+def check_interval(req: ReplayRequest, store) -> ReplayResult:
     """The Ray task a verifier node runs: ``gather_evidence`` on the head's store, then the node's
     signing process judges it (``judgment.decide``) and signs one VerificationReport per finding
     (neither the key nor the verdict is this process's: it ran the submitter's code).
 
     Args:
-        store: the job's ``ContentStore`` actor handle.
+        store: the job's store as the verifier reaches it (``runtime.channel.JobChannel``).
 
     Raises:
         WalletError: the signer refused the request (``SigningRefused``) or cannot be reached.
@@ -231,7 +256,7 @@ def check_interval(req: ReplayRequest, store: object) -> ReplayResult:
 
     signer = SignerClient()
     with tempfile.TemporaryDirectory(prefix="gpucoin-replay-") as tmp:
-        ev = gather_evidence(req, StoreClient(store).get, Path(tmp))
+        ev = gather_evidence(req, store.get, Path(tmp))
     reports, findings = signer.judge(
         step_start=req.step_start,
         committed=req.committed,

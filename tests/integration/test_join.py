@@ -1,5 +1,6 @@
 """Volunteers join a head from the command line: ``gpucoin up --dev``, then three ``gpucoin join``
-as separate processes on loopback, each with its own wallet; one head for the module."""
+volunteers and one verifier as separate processes on loopback, each with its own wallet; an
+engineer submits two jobs with ``gpucoin train --address``; one head for the module."""
 
 from __future__ import annotations
 
@@ -19,12 +20,17 @@ from gpucoin.cluster.join import JoinRecord, read_records
 from gpucoin.exceptions import HeadError
 from gpucoin.head.client import HeadClient
 from gpucoin.head.ray_state import list_nodes
+from gpucoin.head.rayjobs import RayJobs
 from gpucoin.head.records import HeadInfo
+from gpucoin.ledger import Ledger
+from gpucoin.ledger.accounts import escrow_account
 from gpucoin.wallet.keystore import keystore_address, load_keystore
 from gpucoin.wallet.messages import Domain, sign
+from tests.conftest import TINY_MODEL, write_spec
 
 PASSWORD = "a volunteer's password"
 VOLUNTEERS = 3
+NODES = VOLUNTEERS + 1  # and one verifier
 
 
 def gpucoin(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -50,9 +56,11 @@ class Market:
     def api(self) -> str:
         return self.info.api_url
 
-    def join_args(self, name: str, wallet: str | None = None) -> list[str]:
+    def join_args(self, name: str, wallet: str | None = None, role: str = "volunteer") -> list[str]:
         return [
             "join",
+            "--role",
+            role,
             "--address",
             self.api,
             "--wallet",
@@ -60,7 +68,7 @@ class Market:
             "--wallets-dir",
             str(self.wallets),
             "--stake",
-            "500",
+            "0" if role == "verifier" else "500",
             "--ask",
             "0.8",
             "--token-file",
@@ -82,8 +90,7 @@ def market(tmp_path_factory):
     info = HeadInfo.model_validate_json((head_home / "head.json").read_text())
     m = Market(head_home, info, root / "nodes", root / "wallets", {})
     try:
-        for i in range(VOLUNTEERS + 1):  # one more wallet for the attacks
-            name = f"vol{i}"
+        for name in [*(f"vol{i}" for i in range(VOLUNTEERS + 1)), "ver0", "eng"]:  # vol3: for the attacks
             r = gpucoin("wallet", "new", "--name", name, "--wallets-dir", str(m.wallets), "--scrypt-n", "1024")
             assert r.returncode == 0, r.stderr
             address = keystore_address(m.wallets / f"{name}.json")
@@ -91,6 +98,7 @@ def market(tmp_path_factory):
             assert r.returncode == 0 and "available 600.000000 GPC" in r.stdout, r.stderr
         for i in range(VOLUNTEERS):
             m.joined[f"vol{i}"] = gpucoin(*m.join_args(f"vol{i}"))
+        m.joined["ver0"] = gpucoin(*m.join_args("ver0", role="verifier"))
         yield m
     finally:
         gpucoin("leave", "--all", "--home", str(m.node_home))
@@ -102,15 +110,16 @@ def test_three_volunteers_join_and_bond(market: Market) -> None:
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"joined as {name}" in r.stdout
     records = {r.name: r for r in read_records(market.node_home)}
-    assert sorted(records) == ["vol0", "vol1", "vol2"]
+    assert sorted(records) == ["ver0", "vol0", "vol1", "vol2"]
     views = {v.node_id: v for v in HeadClient(market.api).nodes()}
     assert sorted(views) == sorted(r.node_id for r in records.values())
     for rec in records.values():
         v = views[rec.node_id]
         assert v.provider == rec.provider == keystore_address(market.wallets / f"{rec.name}.json")
-        assert v.state.value == "alive" and v.bonded_ugpc == 500_000_000 and v.ask_ugpc_per_worker_hour == 800_000
+        assert v.state.value == "alive" and v.ask_ugpc_per_worker_hour == 800_000
+        assert (v.role.value, v.bonded_ugpc) == (("verifier", 0) if rec.name == "ver0" else ("volunteer", 500_000_000))
     out = gpucoin("nodes", "--address", market.api)
-    assert out.returncode == 0 and "3 nodes" in out.stdout
+    assert out.returncode == 0 and f"{NODES} nodes" in out.stdout
     audit = gpucoin("ledger", "audit", "--ledger-url", f"sqlite:///{market.head_home / 'ledger.db'}")
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
@@ -131,6 +140,108 @@ def test_no_password_reaches_a_node_or_its_signer(market: Market) -> None:
         if os.geteuid() == 0:  # as root, Ray's node processes run as the node user, the signer as us
             assert psutil.Process(rec.ray_node.pid).uids().real != 0
             assert psutil.Process(rec.signer.pid).uids().real == 0
+
+
+def test_two_jobs_run_at_once_on_joined_nodes_settle_and_audit(market: Market, tmp_path) -> None:
+    """Two one-worker jobs submitted with ``gpucoin train --address --detach`` are placed on two
+    volunteers in one round, run at the same time as Ray jobs whose drivers run on rank 0's node
+    (never the head's), are replayed on the verifier node, settle, and the ledger audits clean."""
+    spec = write_spec(
+        tmp_path / "job",
+        {
+            **TINY_MODEL,
+            "workers: 2": "workers: 1",
+            "steps: 400": "steps: 4",
+            "checkpoint_interval_steps: 50": "checkpoint_interval_steps: 4",
+        },
+    )
+    ids = []
+    for _ in range(2):
+        r = gpucoin(
+            "train",
+            str(spec),
+            "--address",
+            market.api,
+            "--wallet",
+            "eng",
+            "--home",
+            str(market.wallets.parent),
+            "--detach",
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        ids.append(r.stdout.strip())
+    client = HeadClient(market.api)
+    deadline = time.monotonic() + 900
+    together = False
+    while True:
+        views = {v.job_id: v for v in client.jobs()}
+        together |= all(views[j].state.value == "running" for j in ids)
+        if all(views[j].state.ended for j in ids):
+            break
+        assert time.monotonic() < deadline, {j: (views[j].state, views[j].reason) for j in ids}
+        time.sleep(0.5)
+    assert together, "both jobs should have run at once (three volunteers, one worker each)"
+    (head_id,) = [
+        n.node_id for n in list_nodes(market.info.dashboard_url, market.info.token_path).values() if n.is_head
+    ]
+    rayjobs = RayJobs(market.info.dashboard_url, market.info.token_path)
+    for j in ids:
+        v = views[j]
+        assert v.state.value == "succeeded", (v.reason, gpucoin("logs", j, "--address", market.api).stdout)
+        assert v.summary.steps == 4 and v.summary.receipts.signed == 1 and v.summary.receipts.passed == 1
+        assert v.summary.refunded_ugpc > 0 and v.summary.burned_ugpc > 0
+        assert rayjobs.driver_node(j) == v.node_ids[0] != head_id
+    assert not set(views[ids[0]].node_ids) & set(views[ids[1]].node_ids)
+    listed = gpucoin("jobs", "--address", market.api, env={"COLUMNS": "250"})
+    assert listed.returncode == 0 and all(j in listed.stdout for j in ids) and "succeeded" in listed.stdout
+    logs = gpucoin("logs", ids[0], "--address", market.api)
+    assert logs.returncode == 0 and "replay passed" in logs.stdout, logs.stdout
+    audit = gpucoin("ledger", "audit", "--ledger-url", f"sqlite:///{market.head_home / 'ledger.db'}")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_a_head_service_killed_mid_job_loses_no_receipt_and_no_escrow(market: Market, tmp_path) -> None:
+    """SIGKILL the head service while a job trains, Ray's head left running; ``gpucoin up`` again
+    starts only the service, which finds the job it ran: the Ray job is stopped, what was not
+    settled of the escrow is refunded, every receipt stays in the ledger, the audit passes."""
+    spec = write_spec(
+        tmp_path / "job",
+        {
+            **TINY_MODEL,
+            "workers: 2": "workers: 1",
+            "checkpoint_interval_steps: 50": "checkpoint_interval_steps: 4",
+        },
+    )
+    home = str(market.wallets.parent)
+    r = gpucoin("train", str(spec), "--address", market.api, "--wallet", "eng", "--home", home, "--detach")
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = r.stdout.strip()
+    client = HeadClient(market.api)
+    deadline = time.monotonic() + 600
+    while not any("receipts signed" in e.text for e in client.job_events(job_id)):
+        assert time.monotonic() < deadline and not client.job(job_id).state.ended, client.job(job_id)
+        time.sleep(0.5)
+    ledger_url = f"sqlite:///{market.head_home / 'ledger.db'}"
+    service = psutil.Process(market.info.service.pid)
+    service.kill()
+    service.wait(timeout=10)
+    with Ledger(ledger_url) as lg:
+        receipts = {m.digest for m in lg.messages("WorkReceipt")}
+    assert receipts
+    r = gpucoin("up", "--dev", "--home", str(market.head_home))
+    assert r.returncode == 0, r.stderr[-3000:]
+    market.info = HeadInfo.model_validate_json((market.head_home / "head.json").read_text())
+    view = HeadClient(market.api).job(job_id)
+    assert view.state.value == "failed" and "restarted" in (view.reason or ""), view
+    rayjobs = RayJobs(market.info.dashboard_url, market.info.token_path)
+    deadline = time.monotonic() + 60
+    while rayjobs.status(job_id) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.monotonic() < deadline, rayjobs.status(job_id)
+        time.sleep(1)
+    with Ledger(ledger_url) as lg:
+        assert receipts <= {m.digest for m in lg.messages("WorkReceipt")}
+        assert lg.balance(escrow_account(job_id)) == 0
+        assert lg.audit() == []
 
 
 def _registration(market: Market, wallet: str, node_id: str) -> dict:
@@ -162,7 +273,7 @@ def test_the_head_node_and_another_volunteers_node_cannot_be_claimed(market: Mar
         client.register(_registration(market, "vol3", head_id))
     with pytest.raises(HeadError, match=f"403.*registered by {vol0.provider}"):
         client.register(_registration(market, "vol3", vol0.node_id))
-    assert len(client.nodes()) == VOLUNTEERS
+    assert len(client.nodes()) == NODES
 
 
 def test_a_join_that_cannot_go_through_says_why_and_leaves_nothing(market: Market, tmp_path) -> None:
@@ -173,8 +284,8 @@ def test_a_join_that_cannot_go_through_says_why_and_leaves_nothing(market: Marke
     i = args.index("--token-file")
     r = gpucoin(*(args[:i] + args[i + 2 :]), env={"HOME": str(tmp_path)})
     assert r.returncode == 1 and "no Ray token" in r.stderr
-    assert sorted(x.name for x in read_records(market.node_home)) == ["vol0", "vol1", "vol2"]
-    assert len(HeadClient(market.api).nodes()) == VOLUNTEERS
+    assert sorted(x.name for x in read_records(market.node_home)) == ["ver0", "vol0", "vol1", "vol2"]
+    assert len(HeadClient(market.api).nodes()) == NODES
     left = [
         p
         for p in psutil.process_iter(["pid", "cmdline"])
@@ -204,7 +315,7 @@ def test_leave_stops_the_node_and_the_head_sees_it_gone(market: Market) -> None:
             break
         assert time.monotonic() < deadline, states
         time.sleep(1)
-    assert sum(s == "alive" for s in states.values()) == VOLUNTEERS - 1
+    assert sum(s == "alive" for s in states.values()) == NODES - 1
 
 
 ROGUE = """
@@ -292,4 +403,8 @@ def test_a_rogue_client_with_the_token_gets_no_key_no_money_and_no_pay(market: M
         a: v.model_dump(include=money) for a, v in before.items()
     }
     now = client.status()
-    assert (now.minted_ugpc, now.supply_ugpc, now.jobs) == (status_before.minted_ugpc, status_before.supply_ugpc, 0)
+    assert (now.minted_ugpc, now.supply_ugpc, now.jobs) == (
+        status_before.minted_ugpc,
+        status_before.supply_ugpc,
+        status_before.jobs,
+    )

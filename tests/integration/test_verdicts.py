@@ -38,24 +38,32 @@ JOB = "job-1"
 
 
 class Dispatch:
-    """Stands in for the Ray task handle: records what would be replayed."""
+    """Stands in for the verifier node (``coordinator.run.Replays``): records what would be replayed."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
 
-    def remote(self, request, store) -> str:
+    def submit(self, request) -> str:
         self.calls.append((request.step_start, request.step_end))
         return f"ref{len(self.calls)}"
 
+    def result(self, handle, timeout_s):
+        return None
+
+    def cancel(self, handle) -> None:
+        pass
+
 
 class Inbox:
-    """Stands in for the job's inbox actor: records the stop the ranks would be told."""
+    """Stands in for the job's inbox (``coordinator.run.Inbox``): records the stop the ranks would be told."""
 
     def __init__(self) -> None:
         self.stopped: list[str] = []
-        self.stop = self
 
-    def remote(self, reason: str) -> None:
+    def poll(self) -> list:
+        return []
+
+    def stop(self, reason: str) -> None:
         self.stopped.append(reason)
 
 
@@ -103,7 +111,7 @@ def _market(tmp_path, package: str | None = None):
         price_ugpc_per_worker_hour=800_000,
         verifier_address=participant("verifier0", tmp_path).address,
         package_hash=package or loaded.package_hash,
-        replay=Dispatch(),
+        replays=Dispatch(),
         store=None,
         sketch_dir=tmp_path / "sketches",
         data_source="",
@@ -170,7 +178,7 @@ def test_a_rank_convicted_by_both_checks_its_checkpoint_bounds_is_slashed_once(m
     run, vols, verifier = market
     first = deliver(run, vols, 0)
     second = deliver(run, vols, 4)
-    assert run.replay.calls == [(0, 4), (4, 8)]
+    assert run.replays.calls == [(0, 4), (4, 8)]
     run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (first[1], "fail")]))
     # the replay of 4-8 was already running: its start file is rank 1's, so it convicts rank 1 again
     again = [(second[0], "void"), (second[1], "void"), (first[1], "fail")]
@@ -221,7 +229,7 @@ def test_a_void_replay_checks_the_interval_that_wrote_its_start(market) -> None:
     second = deliver(run, vols, 4)
     run.on_verdict(run.intervals[4], verdict(verifier, run, [(second[0], "void"), (second[1], "void")]))
     assert run.intervals[4].outcome == "void" and run.stopped
-    assert run.replay.calls == [(4, 8), (0, 4)] and run.intervals[0].outcome == "pending"
+    assert run.replays.calls == [(4, 8), (0, 4)] and run.intervals[0].outcome == "pending"
     paid = run.money["paid"]
     first = [run.intervals[0].receipts[r] for r in range(2)]
     run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (first[1], "pass")]))

@@ -36,9 +36,10 @@ RAY = {
 }
 
 
-def _client(ledger: Ledger, tmp_path: Path) -> TestClient:
-    cfg = ServiceConfig(
-        home=tmp_path,
+def service_config(home: Path) -> ServiceConfig:
+    """Settings of a head service whose Ray is never called (``ray_nodes`` is given)."""
+    return ServiceConfig(
+        home=home,
         ledger_url="sqlite://",
         dev=True,
         policy="local",
@@ -46,8 +47,12 @@ def _client(ledger: Ledger, tmp_path: Path) -> TestClient:
         api_port=1,
         ray_address="127.0.0.1:2",
         dashboard_url="http://127.0.0.1:3",
-        ray_token_path=tmp_path / "token",
+        ray_token_path=home / "token",
     )
+
+
+def _client(ledger: Ledger, tmp_path: Path) -> TestClient:
+    cfg = service_config(tmp_path)
     coord = Coordinator(ledger, ledger.policy, COORDINATOR, DOMAIN)
     return TestClient(make_app(ledger, cfg, coord, lambda: RAY))
 

@@ -1,0 +1,405 @@
+"""The head's market loop and job runners (in the head service's process, never in Ray).
+
+Every ``ROUND_INTERVAL_S`` seconds, and at once when a job is queued, a node registers or a job
+ends, a round:
+
+1. closes every ended epoch (its emission is minted);
+2. clears the queue (``scheduler.market.clear``) onto the live, admitted volunteer nodes no
+   running job holds: bid order, gang all-or-nothing, the policy's clearing price; an unplaced
+   job's row says why it waits;
+3. for each placed job, signs one Assignment per rank, opens its inbox and store on the head and
+   starts a runner thread, which submits the job's driver as a Ray job pinned to rank 0's node
+   (``head.rayjobs``) and runs ``coordinator.run.JobRun`` over the API's inbox: receipts in,
+   draws, replays on a verifier node (each a Ray job pinned there), settlement, then the refund
+   of what is left in escrow.
+
+A head that restarts finds the jobs its last run left ``running``: their Ray jobs are stopped and
+what is left of their escrow is refunded (what was settled stays paid; every receipt stays in the
+ledger); orders escrowed but never queued are refunded too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from gpucoin.exceptions import GpucoinError, SpecError, VerificationError
+from gpucoin.head.jobs import JobBoard, JobTable, Replay, RunningJob
+from gpucoin.head.packages import PackageStore
+from gpucoin.head.rayjobs import TERMINAL, RayJobs, RayJobTraining
+from gpucoin.head.records import JobLaunch, JobState, JobSummary, NodeRole, NodeState, ReceiptCounts
+from gpucoin.runtime.inbox import InboxConfig, JobInbox
+from gpucoin.spec import JobSpec
+from gpucoin.storage import ContentStore
+from gpucoin.verify.judgment import Finding
+from gpucoin.verify.verifier import ReplayRequest, ReplayResult
+
+log = logging.getLogger("gpucoin.head")
+
+ROUND_INTERVAL_S = 2.0
+"""Longest wait between two market rounds."""
+
+REPLAY_POLL_S = 0.5
+"""How often a runner that waits for a replay looks again."""
+
+RUNNER_JOIN_S = 10.0
+"""How long stopping the service waits for each job runner."""
+
+
+class LockedCoordinator:
+    """A ``coordinator.settle.Coordinator`` whose every method runs under one lock: the API's
+    requests and the job runners share its key and nonce source. Attributes pass through."""
+
+    def __init__(self, coord):
+        self._coord = coord
+        self.lock = threading.RLock()
+
+    def __getattr__(self, name: str):
+        value = getattr(self._coord, name)
+        if not callable(value):
+            return value
+
+        def locked(*args, **kwargs):
+            with self.lock:
+                return value(*args, **kwargs)
+
+        return locked
+
+
+class BoardUI:
+    """``coordinator.job.UI`` for a job on the head: lines go to the job's log, progress to its
+    row and to the ``gpucoin_job_samples_per_second`` gauge (``block_size``: tokens per sample)."""
+
+    def __init__(self, board: JobBoard, table: JobTable, job_id: str, metrics=None, block_size: int = 1):
+        self.board, self.table, self.job_id = board, table, job_id
+        self.metrics, self.block_size = metrics, block_size
+
+    def status(self, text: str) -> None:
+        self.board.log(self.job_id, text)
+
+    def training_started(self, total_steps: int, first_step: int) -> None:
+        self.board.log(self.job_id, f"training: steps {first_step}-{total_steps}")
+
+    def step(self, step: int, loss: float, tokens_per_s: float) -> None:
+        self.board.log(self.job_id, f"step {step} loss {loss:.4f} {tokens_per_s:,.0f} tok/s")
+        self.table.update(self.job_id, step=step)
+        if self.metrics is not None:
+            self.metrics.samples_per_second.labels(self.job_id).set(tokens_per_s / self.block_size)
+
+    def note(self, text: str) -> None:
+        self.board.log(self.job_id, text)
+
+    def training_done(self) -> None:
+        self.board.log(self.job_id, "training ended")
+
+
+class HttpReplays:
+    """``coordinator.run.Replays`` for the head: each drawn interval is a Ray job on the verifier
+    node (``verify.replay_job``) that reads its request from, and posts its reports to, the API."""
+
+    def __init__(self, jobs: RayJobs, board: JobBoard, job_id: str, node_id: str, module_dir: Path, api_url: str):
+        self.jobs, self.board, self.job_id = jobs, board, job_id
+        self.node_id, self.module_dir, self.api_url = node_id, module_dir, api_url
+        self._n = 0
+
+    def _submission(self, rid: str) -> str:
+        return f"{self.job_id}-replay-{rid}"
+
+    def submit(self, req: ReplayRequest) -> str:
+        self._n += 1
+        rid = f"{req.step_start}-{self._n}"
+        self.board.running(self.job_id).replays[rid] = Replay(request=req.to_dict())
+        self.jobs.submit(
+            self._submission(rid),
+            ["gpucoin.verify.replay_job", self.api_url, self.job_id, rid],
+            self.node_id,
+            self.module_dir,
+        )
+        return rid
+
+    def result(self, handle: str, timeout_s: float | None) -> ReplayResult | None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            replay = self.board.running(self.job_id).replays[handle]
+            status = None if replay.answer is not None else self.jobs.status(self._submission(handle))
+            replay = self.board.running(self.job_id).replays[handle]  # the answer may have come meanwhile
+            if replay.answer is not None:
+                a = replay.answer
+                findings = tuple(
+                    Finding.from_dict({**f, "distance": float("inf") if f.get("distance") is None else f["distance"]})
+                    for f in a.findings
+                )
+                return ReplayResult(a.verifier, tuple(a.reports), findings)
+            if status in TERMINAL:
+                lines = [x for x in self.jobs.logs_tail(self._submission(handle)).splitlines() if x.strip()]
+                raise VerificationError(f"the replay job ended {status}: {lines[-1] if lines else 'no log'}")
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(REPLAY_POLL_S)
+
+    def cancel(self, handle: str) -> None:
+        self.jobs.stop(self._submission(handle))
+
+
+class Scheduler:
+    """The market loop and the job runners of one head service.
+
+    Args:
+        ledger / coord: the head's ledger and its (locked) coordinator.
+        board / table: the running jobs' in-process state and their database rows.
+        packages: uploaded job packages. rayjobs: Ray's job API.
+        ray_nodes: reads Ray's nodes by id. api_url: where ranks and verifiers reach the API.
+        node_views: ``head.api.node_views`` (the registered nodes with their bond and liveness).
+        metrics: ``head.metrics.HeadMetrics`` to observe into, or None.
+    """
+
+    def __init__(
+        self,
+        ledger,
+        coord,
+        board: JobBoard,
+        table: JobTable,
+        packages: PackageStore,
+        rayjobs: RayJobs,
+        ray_nodes: Callable[[], Mapping],
+        api_url: str,
+        node_views: Callable,
+        metrics=None,
+    ):
+        self.ledger, self.coord, self.board, self.table = ledger, coord, board, table
+        self.packages, self.rayjobs, self.ray_nodes, self.api_url = packages, rayjobs, ray_nodes, api_url
+        self.node_views = node_views
+        self.metrics = metrics
+        self.runners: dict[str, tuple[threading.Thread, frozenset[str]]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the loop -------------------------------------------------------------
+    def start(self) -> None:
+        """Recover what the last run of the service left, then run rounds in a thread."""
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="market", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the rounds; running jobs' runners are daemon threads and end with the process
+        (a restarted head refunds what their escrow holds)."""
+        self._stop.set()
+        self.board.wake.set()
+        if self._thread is not None:
+            self._thread.join(RUNNER_JOIN_S)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.round()
+            except Exception:  # noqa: BLE001 - one failed round must not end the market
+                log.exception("market round failed")
+            self.board.wake.wait(ROUND_INTERVAL_S)
+            self.board.wake.clear()
+
+    def busy_nodes(self) -> set[str]:
+        """Nodes a running job holds."""
+        for job_id, (thread, _) in list(self.runners.items()):
+            if not thread.is_alive():
+                self.runners.pop(job_id, None)
+        return {n for _, nodes in self.runners.values() for n in nodes}
+
+    def round(self) -> None:
+        """One market round (module docstring)."""
+        from gpucoin.scheduler.market import Offer, Order, clear
+
+        self.coord.close_epochs()
+        queued = self.table.all(JobState.QUEUED)
+        if not queued:
+            return
+        views = [v for v in self.node_views() if v.state == NodeState.ALIVE]
+        busy = self.busy_nodes()
+        offers = [
+            Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc)
+            for v in views
+            if v.role == NodeRole.VOLUNTEER and v.node_id not in busy
+        ]
+        verifiers = [v for v in views if v.role == NodeRole.VERIFIER]
+        specs = {r.job_id: JobSpec.model_validate_json(r.spec_json) for r in queued}
+        orders = [
+            Order(r.job_id, specs[r.job_id].bid_ugpc_per_worker_hour, specs[r.job_id].workers, 1, r.submitted_ms / 1000)
+            for r in queued
+        ]
+        t0 = time.perf_counter()
+        result = clear(orders, offers, self.ledger.policy.market)
+        if self.metrics is not None:
+            self.metrics.clearing_seconds.observe(time.perf_counter() - t0)
+        provider_of = {o.node_id: o.provider for o in offers}
+        for placement in result.placements:
+            providers = {provider_of[n] for n in placement.node_ids}
+            verifier = next((v for v in verifiers if v.provider not in providers), None)
+            if verifier is None:
+                self.table.update(placement.job_id, reason="waiting for a verifier node that is not one of its workers")
+                continue
+            self.start_job(placement, specs[placement.job_id], provider_of, verifier)
+        for job_id, why in result.unplaced.items():
+            self.table.update(job_id, reason=why)
+
+    # -- one job --------------------------------------------------------------
+    def order_of(self, job_id: str):
+        """The JobOrder the ledger recorded for ``job_id``."""
+        from sqlmodel import Session
+
+        from gpucoin.head.api import stored_message
+        from gpucoin.ledger.models import JobOrderRow
+
+        with Session(self.ledger.engine) as s:
+            row = s.get(JobOrderRow, job_id)
+        if row is None:
+            raise SpecError(f"no JobOrder for job {job_id}")
+        return stored_message(self.ledger.message(row.digest))
+
+    def start_job(self, placement, spec: JobSpec, provider_of: dict[str, str], verifier) -> None:
+        """Assign the ranks, open the job's inbox and store, start its runner."""
+        job_id = placement.job_id
+        order = self.order_of(job_id)
+        job_dir = self.board.job_dir(job_id)
+        module_dir = job_dir / "modules" / spec.module
+        if not module_dir.is_dir():
+            self.packages.materialize(order.message["packageHash"], module_dir)
+        node_ids = list(placement.node_ids)
+        rank_worker = [provider_of[n] for n in node_ids]
+        assignments = [self.coord.assign(job_id, r, rank_worker[r], n).to_json() for r, n in enumerate(node_ids)]
+        policy = self.ledger.policy
+        inbox = JobInbox(
+            InboxConfig(
+                job_id=job_id,
+                domain=self.coord.domain.as_dict(),
+                rank_worker=tuple(rank_worker),
+                steps_per_interval=spec.checkpoint_interval_steps,
+                buckets=policy.verification.sketch_buckets,
+                total_steps=spec.steps,
+            )
+        )
+        launch = JobLaunch(
+            job_id=job_id,
+            spec=spec.model_dump(mode="json"),
+            node_ids=node_ids,
+            assignments=assignments,
+            buckets=policy.verification.sketch_buckets,
+            data_source=spec.data.source,
+            api_url=self.api_url,
+        )
+        self.board.add_running(job_id, RunningJob(inbox=inbox, store=ContentStore(job_dir / "store"), launch=launch))
+        self.table.update(
+            job_id,
+            state=JobState.RUNNING,
+            node_ids=node_ids,
+            verifier_node=verifier.node_id,
+            price=placement.price_ugpc_per_worker_hour,
+            reason=None,
+        )
+        self.board.log(
+            job_id, f"placed on {len(node_ids)} node(s) at {placement.price_ugpc_per_worker_hour} µGPC/worker-hour"
+        )
+        t = threading.Thread(
+            target=self._run_job,
+            args=(job_id, spec, order, placement, rank_worker, assignments, verifier, module_dir),
+            name=f"job-{job_id}",
+            daemon=True,
+        )
+        self.runners[job_id] = (t, frozenset(node_ids))
+        t.start()
+
+    def _run_job(self, job_id, spec, order, placement, rank_worker, assignments, verifier, module_dir) -> None:
+        """Run a placed job to its end, then refund what is left of its escrow (whatever happened)."""
+        from gpucoin.coordinator.run import JobRun
+
+        job, state, reason = None, JobState.FAILED, None
+        try:
+            running = self.board.running(job_id)
+            job = JobRun(
+                spec=spec,
+                job_id=job_id,
+                coord=self.coord,
+                inbox=running.inbox,
+                rank_worker=rank_worker,
+                price_ugpc_per_worker_hour=placement.price_ugpc_per_worker_hour,
+                verifier_address=verifier.provider,
+                package_hash=order.message["packageHash"],
+                replays=HttpReplays(self.rayjobs, self.board, job_id, verifier.node_id, module_dir, self.api_url),
+                store=running.store,
+                sketch_dir=self.board.job_dir(job_id) / "sketches",
+                data_source=spec.data.source,
+                ui=BoardUI(self.board, self.table, job_id, self.metrics, spec.model.block_size),
+                assignments=tuple(assignments),
+            )
+            self.rayjobs.submit(
+                job_id, ["gpucoin.runtime.driver", self.api_url, job_id], placement.node_ids[0], module_dir
+            )
+            training = RayJobTraining(self.rayjobs, job_id)
+            job.run(training)
+            if training.alive():  # a lost rank: the others may wait in a collective forever
+                self.rayjobs.stop(job_id)
+            job.finish()
+            reason = job.stopped
+            if job.stopped is None and job.last_settled_step() == spec.steps:
+                state = JobState.SUCCEEDED
+        except GpucoinError as e:
+            reason = " ".join(str(e).split())[:500]
+            self.rayjobs.stop(job_id)
+        except Exception as e:  # noqa: BLE001 - the escrow must be refunded whatever went wrong
+            log.exception("job %s failed", job_id)
+            reason = f"internal error: {type(e).__name__}: {e}"[:500]
+            self.rayjobs.stop(job_id)
+        finally:
+            refunded = self.coord.refund(job_id, order)
+            summary = None if job is None else _summary(job, refunded)
+            self.board.log(
+                job_id, f"{state.value}: settled to step {summary.steps if summary else 0}, refunded {refunded} µGPC"
+            )
+            self.table.update(job_id, state=state, reason=reason, summary=summary)
+            self.board.remove_running(job_id)
+            if self.metrics is not None:
+                try:
+                    self.metrics.samples_per_second.remove(job_id)
+                except KeyError:
+                    pass
+            self.board.wake.set()
+
+    # -- a restart ------------------------------------------------------------
+    def recover(self) -> None:
+        """End what the service's last run left behind (module docstring)."""
+        from gpucoin.ledger.accounts import escrow_account
+
+        for row in self.table.all(JobState.RUNNING):
+            self.rayjobs.stop(row.job_id)
+            refunded = self.coord.refund(row.job_id, self.order_of(row.job_id))
+            why = (
+                "the head service restarted while the job ran: its settled intervals stay paid, "
+                f"the rest of its escrow ({refunded} µGPC) was refunded"
+            )
+            self.board.log(row.job_id, why)
+            self.table.update(row.job_id, state=JobState.FAILED, reason=why)
+        known = {r.job_id for r in self.table.all()}
+        from gpucoin.head.api import stored_message
+
+        for msg_row in self.ledger.messages("JobOrder"):
+            order = stored_message(msg_row)
+            job_id = order.message["jobId"]
+            if job_id not in known and self.ledger.balance(escrow_account(job_id)) > 0:
+                self.coord.refund(job_id, order)
+
+
+def _summary(job, refunded_ugpc: int) -> JobSummary:
+    """What a ``coordinator.run.JobRun`` that ended did."""
+    return JobSummary(
+        steps=job.last_settled_step(),
+        receipts=ReceiptCounts(**job.counts),
+        intervals={f"{iv.start}-{iv.end}": iv.outcome for iv in job.intervals.values()},
+        paid_ugpc=job.money["paid"],
+        burned_ugpc=job.money["burned"],
+        minted_ugpc=job.money["minted"],
+        slashed_ugpc=job.money["slashed"],
+        refunded_ugpc=refunded_ugpc,
+        stopped=job.stopped,
+    )

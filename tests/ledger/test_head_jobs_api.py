@@ -1,0 +1,159 @@
+"""The head API's job endpoints over a real ledger (SQLite and PostgreSQL): a submitter uploads a
+package and queues a signed JobOrder (escrowed in the same request), and the ranks' endpoints
+screen what they are handed. Ray is not involved: the scheduler that places jobs is tested
+against a real cluster in tests/integration/test_join.py."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpucoin.coordinator.settle import Coordinator
+from gpucoin.head.api import make_app
+from gpucoin.head.jobs import JobBoard, RunningJob
+from gpucoin.head.packages import pack
+from gpucoin.head.records import JobLaunch
+from gpucoin.ledger import Ledger
+from gpucoin.ledger.accounts import escrow_account, wallet_account
+from gpucoin.runtime.inbox import InboxConfig, JobInbox
+from gpucoin.spec import load_spec
+from gpucoin.storage import ContentStore
+from gpucoin.storage.manifest import sha256_digest
+from gpucoin.wallet.messages import sign
+from tests.conftest import TINY_MODEL, write_spec
+from tests.ledger.helpers import CONSUMER, COORDINATOR, DOMAIN, GPC, WORKER
+from tests.ledger.test_head_api import service_config
+
+
+@pytest.fixture
+def head(ledger: Ledger, tmp_path):
+    cfg = service_config(tmp_path / "head")
+    board = JobBoard(cfg.home / "jobs")
+    coord = Coordinator(ledger, ledger.policy, COORDINATOR, DOMAIN)
+    client = TestClient(make_app(ledger, cfg, coord, lambda: {}, board))
+    r = client.post(
+        "/v1/faucet", json={"recipient": CONSUMER.address, "amount_ugpc": 100 * GPC, "request_id": "fund-consumer"}
+    )
+    assert r.status_code == 200, r.text
+    loaded = load_spec(write_spec(tmp_path / "job", TINY_MODEL))
+    return client, board, loaded
+
+
+def _order(loaded, job_id: str = "job-1", nonce: int = 1, **changes) -> dict:
+    spec = loaded.spec
+    message = {
+        "consumer": CONSUMER.address,
+        "jobId": job_id,
+        "specHash": loaded.spec_hash,
+        "packageHash": loaded.package_hash,
+        "workers": spec.workers,
+        "bidPerWorkerHour": spec.bid_ugpc_per_worker_hour,
+        "budget": spec.budget_ugpc,
+        "nonce": nonce,
+        "deadline": int(time.time()) + 600,
+    }
+    message.update(changes)
+    return json.loads(sign(CONSUMER, "JobOrder", DOMAIN, message).to_json())
+
+
+def _upload(client, loaded) -> None:
+    r = client.put(f"/v1/packages/{loaded.package_hash}", content=pack(loaded.module_dir))
+    assert r.status_code == 200, r.text
+
+
+def test_a_signed_order_is_escrowed_and_queued_once(head, ledger: Ledger) -> None:
+    client, board, loaded = head
+    _upload(client, loaded)
+    order = _order(loaded)
+    body = {"order": order, "spec": loaded.spec.model_dump(mode="json")}
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 200, r.text
+    view = r.json()
+    assert view["job_id"] == "job-1" and view["state"] == "queued" and view["consumer"] == CONSUMER.address
+    assert ledger.balance(escrow_account("job-1")) == loaded.spec.budget_ugpc
+    assert board.wake.is_set()  # a round starts at once
+    again = client.post("/v1/jobs", json=body)  # a retry: nothing twice
+    assert again.status_code == 200 and ledger.balance(escrow_account("job-1")) == loaded.spec.budget_ugpc
+    other = client.post("/v1/jobs", json={**body, "order": _order(loaded, nonce=2)})
+    assert other.status_code == 409, other.text
+    assert [j["job_id"] for j in client.get("/v1/jobs").json()] == ["job-1"]
+    assert "queued" in client.get("/v1/jobs/job-1/events").json()[0]["text"]
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    assert {s.labels["state"]: s.value for s in families["gpucoin_jobs"].samples}["queued"] == 1
+    assert "gpucoin_market_clearing_seconds" in families and "gpucoin_job_samples_per_second" in families
+    assert ledger.audit() == []
+
+
+@pytest.mark.parametrize(
+    "change, upload, status, detail",
+    [
+        ({"specHash": "0x" + "00" * 32}, True, 400, "the order signed specHash"),
+        ({"budget": 7}, True, 400, "budget"),
+        ({}, False, 400, "no package"),
+        ({"jobId": "../../etc"}, True, 400, "job id"),
+        ({"budget": 10_000 * GPC}, True, 400, "budget"),
+    ],
+    ids=["spec-hash", "budget-not-the-spec's", "no-package", "path-in-job-id", "budget-above-balance"],
+)
+def test_an_order_the_head_must_not_take_changes_nothing(head, ledger: Ledger, change, upload, status, detail) -> None:
+    client, _, loaded = head
+    if upload:
+        _upload(client, loaded)
+    before = (ledger.balances(), len(ledger.messages()))
+    r = client.post("/v1/jobs", json={"order": _order(loaded, **change), "spec": loaded.spec.model_dump(mode="json")})
+    assert r.status_code == status and detail in r.json()["detail"], r.text
+    assert (ledger.balances(), len(ledger.messages())) == before
+    assert client.get("/v1/jobs").json() == []
+
+
+def test_a_spec_that_asks_more_than_the_balance_is_refused_by_the_ledger(head, ledger: Ledger, tmp_path) -> None:
+    client, _, _ = head
+    loaded = load_spec(write_spec(tmp_path / "big", {**TINY_MODEL, 'budget_gpc: "5"': 'budget_gpc: "5000"'}))
+    _upload(client, loaded)
+    r = client.post("/v1/jobs", json={"order": _order(loaded), "spec": loaded.spec.model_dump(mode="json")})
+    assert r.status_code == 409 and "exceeds" in r.json()["detail"], r.text
+    assert ledger.balance(wallet_account(CONSUMER.address)) == 100 * GPC
+
+
+def test_rank_endpoints_of_a_job_that_does_not_run_are_404(head) -> None:
+    client, _, _ = head
+    assert client.get("/v1/jobs/nope").status_code == 404
+    assert client.get("/v1/jobs/nope/stop").status_code == 404
+    assert client.put("/v1/jobs/nope/objects", content=b"x").status_code == 404
+    assert client.get("/v1/jobs/nope/replays/0-1").status_code == 404
+
+
+def test_the_ranks_endpoints_screen_what_they_are_handed(head, tmp_path) -> None:
+    client, board, loaded = head
+    inbox = JobInbox(InboxConfig("job-2", DOMAIN.as_dict(), (WORKER.address,), 4, 8, 8))
+    store = ContentStore(tmp_path / "store")
+    launch = JobLaunch(
+        job_id="job-2", spec={}, node_ids=["n"], assignments=[], buckets=8, data_source="x", api_url="http://h"
+    )
+    board.add_running("job-2", RunningJob(inbox=inbox, store=store, launch=launch))
+    assert client.get("/v1/jobs/job-2/launch").json()["node_ids"] == ["n"]
+    assert client.get("/v1/jobs/job-2/stop").json() == {"reason": None}
+    put = client.put("/v1/jobs/job-2/objects", content=b"weights")
+    assert put.status_code == 200 and put.json()["digest"] == sha256_digest(b"weights")
+    assert client.get(f"/v1/jobs/job-2/objects/{sha256_digest(b'weights')}").content == b"weights"
+    has = client.post("/v1/jobs/job-2/objects/has", json={"digests": [sha256_digest(b"weights"), "0x" + "00" * 32]})
+    assert has.json() == {"present": [True, False]}
+    # a receipt nobody signed, for a rank that does not exist, or with a ragged sketch: refused, nothing kept
+    forged = {"rank": 0, "receipt_json": "{}", "sketches": [[0.0] * 8], "losses": [1.0]}
+    assert client.post("/v1/jobs/job-2/receipts", json=forged).json()["accepted"] is False
+    assert client.post("/v1/jobs/job-2/receipts", json={**forged, "rank": 5}).json()["accepted"] is False
+    ragged = {**forged, "sketches": [[0.0] * 8, [0.0] * 7], "losses": [1.0, 1.0]}
+    assert client.post("/v1/jobs/job-2/receipts", json=ragged).json()["accepted"] is False
+    assert client.post("/v1/jobs/job-2/receipts", json={**forged, "receipt_json": "x" * 9000}).status_code == 422
+    assert inbox.poll() == [] and inbox.refused == 2
+    # progress is display only, and a nonsense one is dropped
+    client.post("/v1/jobs/job-2/progress", json={"step": 3, "loss": 2.5, "lr": 0.001})
+    client.post("/v1/jobs/job-2/progress", json={"step": 10**9, "loss": 1.0, "lr": 0.0})
+    (ev,) = inbox.poll()
+    assert ev.step == 3 and ev.loss == 2.5
+    inbox.stop("a proven fraud")
+    assert client.get("/v1/jobs/job-2/stop").json() == {"reason": "a proven fraud"}
