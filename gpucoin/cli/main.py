@@ -407,6 +407,8 @@ for _command in (
     node_cli.faucet,
     node_cli.jobs,
     node_cli.logs,
+    node_cli.pull,
+    node_cli.cancel,
 ):
     cli.add_command(_command)
 

@@ -201,6 +201,7 @@ def faucet(recipient, amount, address):
 
 def train_remote(job_spec: Path, overrides: dict, data_source, address, wallet_ref, detach: bool, home: Path) -> None:
     """``gpucoin train JOB.yaml --address HEAD --wallet W``: submit to a head, then follow (or not)."""
+    from gpucoin.head.client import HeadClient
     from gpucoin.head.submit import follow, submit
     from gpucoin.spec import load_spec
     from gpucoin.wallet.keystore import load_keystore
@@ -211,16 +212,30 @@ def train_remote(job_spec: Path, overrides: dict, data_source, address, wallet_r
         if data_source is not None:  # the JobOrder signs the spec with the corpus it names
             data = loaded.spec.data.model_copy(update={"source": data_source}).model_dump(mode="json")
             loaded = load_spec(job_spec, {**overrides, "data": data})
+        HeadClient(api_url).status()  # a head that is not there is said before a password is asked
         info = _one(_wallets_dir(home, None), wallet_ref)
         account = load_keystore(info.path, _password(f"Password of wallet {info.name}", confirm=False))
         view = submit(api_url, loaded, account)
     if detach:
         click.echo(view.job_id)
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     err = Console(stderr=True)
     err.print(f"job {view.job_id} queued; escrowed {format_gpc(view.budget_ugpc)} GPC")
-    with _errors():
-        final = follow(api_url, view.job_id, on_event=lambda ev: err.print(ev.text, markup=False, highlight=False))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with _errors(), Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("queued", total=view.steps)
+
+        def on_view(v) -> None:
+            bar.update(task, completed=v.step, description=f"{v.state.value} step")
+
+        final = follow(
+            api_url,
+            view.job_id,
+            on_event=lambda ev: bar.console.print(ev.text, markup=False, highlight=False),
+            on_view=on_view,
+        )
     _print_job(final)
     if final.state.value != "succeeded":
         raise SystemExit(1)
@@ -279,3 +294,59 @@ def logs(job_id, address, keep):
             return
         for ev in HeadClient(api_url).job_events(job_id):
             click.echo(ev.text)
+
+
+@click.command()
+@click.argument("job_id")
+@_address_opt
+@click.option(
+    "--output",
+    "-o",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory to write model.safetensors and config.json into (default: ./JOB_ID).",
+)
+def pull(job_id, address, out_dir):
+    """Fetch an ended job's final weights as safetensors, checked against the receipts its ranks signed.
+
+    The checkpoint is the end of the last interval settled without a gap from step 0. Every file
+    is checked against the hash in the manifest each rank's signed WorkReceipt names, the shards
+    are consolidated into one fp32 state dict without unpickling anything but by a weights-only
+    load, and no job code runs.
+    """
+    from gpucoin.head.pull import pull as pull_weights
+
+    with _errors():
+        got = pull_weights(lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME), job_id, out_dir or Path(job_id))
+    click.echo(f"{got.weights}: {got.tensors} tensors after step {got.step}")
+    click.echo(f"{got.config}: the model config and the receipts and checkpoint hashes they came from")
+
+
+@click.command()
+@click.argument("job_id")
+@_address_opt
+@click.option("--wallet", "wallet_ref", required=True, metavar="NAME|ADDRESS", help="The wallet that ordered the job.")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_HOME,
+    help="Where the wallet lives: <home>/wallets (default: $GPUCOIN_HOME, else ~/.gpucoin/local).",
+)
+def cancel(job_id, address, wallet_ref, home):
+    """Cancel JOB_ID with a JobCancel signed by the wallet that ordered it.
+
+    A queued job leaves the queue and its escrow is refunded at once; a running one stops at its
+    next interval boundary, what was verified is settled, and the rest of the escrow is refunded.
+    """
+    from gpucoin.head.client import HeadClient
+    from gpucoin.head.submit import cancel as cancel_job
+    from gpucoin.wallet.keystore import load_keystore
+
+    with _errors():
+        api_url = lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)
+        HeadClient(api_url).job(job_id)
+        info = _one(_wallets_dir(home, None), wallet_ref)
+        account = load_keystore(info.path, _password(f"Password of wallet {info.name}", confirm=False))
+        view = cancel_job(api_url, job_id, account)
+    click.echo(f"job {view.job_id}: {view.state.value}" + (f" ({view.reason})" if view.reason else ""))

@@ -42,7 +42,7 @@ from gpucoin.head.lifecycle import read_info, write_private
 from gpucoin.head.versions import check_same, versions
 from gpucoin.wallet.messages import Domain, sign
 from gpucoin.wallet.nonces import NonceSource
-from gpucoin.wallet.signer import SOCKET_ENV, start_signer
+from gpucoin.wallet.signer import SOCKET_ENV, socket_dir_for, start_signer
 
 DEFAULT_HOME = Path.home() / ".gpucoin" / "node"
 """The state directory of the nodes this host joins (records, logs)."""
@@ -197,9 +197,7 @@ def join(opts: JoinOptions, status=lambda text: None) -> JoinRecord:
         status("starting the node's signing process")
         sockets = temp_dir / "sign"
         sockets.mkdir(mode=0o700)
-        if user is not None:
-            os.chown(sockets, -1, user.gid)
-            os.chmod(sockets, 0o710)
+        socket_dir_for(sockets, user)
         signer = start_signer(
             opts.keystore,
             opts.password,
@@ -252,7 +250,7 @@ def join(opts: JoinOptions, status=lambda text: None) -> JoinRecord:
                 "deadline": int(time.time()) + REGISTRATION_TTL_S,
             },
         )
-        client.register(json.loads(reg.to_json()))
+        client.register(reg.to_dict())
         rec = JoinRecord(
             name=name,
             node_id=node_id,
@@ -402,7 +400,7 @@ def leave(home: Path, name: str, password: str | None) -> tuple[JoinRecord, obje
                 Domain(chain_id=status.chain_id, verifying_contract=status.coordinator),
                 {"provider": rec.provider, "amount": rec.unbond_amount_ugpc, "nonce": rec.unbond_nonce},
             )
-            view = client.unbond(json.loads(msg.to_json()))
+            view = client.unbond(msg.to_dict())
     path.unlink(missing_ok=True)
     return rec, view
 
@@ -440,4 +438,4 @@ def withdraw(api_url: str, keystore: Path, password: str, amount_ugpc: int | Non
         Domain(chain_id=status.chain_id, verifying_contract=status.coordinator),
         {"provider": account.address, "amount": amount, "nonce": NonceSource().next()},
     )
-    return client.withdraw(json.loads(msg.to_json()))
+    return client.withdraw(msg.to_dict())

@@ -69,10 +69,17 @@ def evaluate_checkpoint(spec: JobSpec, module, corpus, tag_dir: Path | None, ste
     if tag_dir is None:
         torch.manual_seed(spec.seed)
         return _evaluate(spec, module, corpus, None)
-    return _evaluate(spec, module, corpus, _weights(spec, tag_dir, step))
+    return _evaluate(spec, module, corpus, consolidated_weights(spec, tag_dir, step))
 
 
-def _weights(spec: JobSpec, tag_dir: Path, step: int) -> dict:
+def consolidated_weights(spec: JobSpec, tag_dir: Path, step: int) -> dict:
+    """The model's fp32 weights (parameter name -> tensor) in the DeepSpeed checkpoint ``tag_dir``
+    of ``step`` steps, whatever its ZeRO stage, loaded as ``evaluate_checkpoint`` says (no file is
+    unpickled but by a weights-only load). Runs no job code.
+
+    Raises:
+        VerificationError: a file that a weights-only load refuses.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if spec.deepspeed.zero_stage == 0:

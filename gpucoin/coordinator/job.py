@@ -52,6 +52,7 @@ from gpucoin.scheduler.market import Offer, Order, clear
 from gpucoin.spec import LoadedSpec
 from gpucoin.storage import ContentStore
 from gpucoin.wallet.messages import Domain, sign
+from gpucoin.wallet.signer import socket_dir_for
 
 JOB_ORDER_TTL_S = 3600
 
@@ -387,11 +388,8 @@ def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, 
     with contextlib.ExitStack() as stack:
         # each node's key lives in its own signing process, outside Ray; its socket dir is ours
         # only, or searchable by the node user's group, whose processes alone the signer serves
-        sockets = short_temp_dir("gpucoin-sign-")
+        sockets = socket_dir_for(short_temp_dir("gpucoin-sign-"), nodes.user)
         stack.callback(shutil.rmtree, sockets, True)
-        if nodes.user is not None:
-            os.chown(sockets, -1, nodes.user.gid)
-            os.chmod(sockets, 0o710)
         signers = {}
         for p in [*volunteers, verifier]:
             role = "verifier" if p is verifier else "volunteer"

@@ -13,6 +13,9 @@
     POST /v1/jobs      SubmitJobRequest -> JobView: a signed JobOrder and its spec; escrowed and
                        queued in one request (a retry of the same order changes nothing)
     GET  /v1/jobs, /v1/jobs/{id}, /v1/jobs/{id}/events?after=N   JobView(s), the job's log
+    POST /v1/jobs/{id}/cancel     SignedRequest (its consumer's JobCancel) -> JobView: a queued job
+                       is refunded; a running one stops at its next interval boundary, is settled
+                       for what was verified and refunded the rest
     GET  /metrics      Prometheus text (``head.metrics``)
 
     The ranks and the verifier of a running job (``runtime.channel.HttpChannel``; every input
@@ -50,7 +53,7 @@ from gpucoin.exceptions import (
     UnknownJob,
 )
 from gpucoin.head.admit import check_registration
-from gpucoin.head.jobs import MAX_JOB_STORE_BYTES, JobBoard, JobTable, check_job_id, job_view
+from gpucoin.head.jobs import MAX_JOB_STORE_BYTES, JobBoard, JobTable, check_job_id, job_order, job_view
 from gpucoin.head.packages import MAX_PACKAGE_BYTES, PackageStore
 from gpucoin.head.ray_state import RayNode
 from gpucoin.head.records import (
@@ -63,6 +66,7 @@ from gpucoin.head.records import (
     InboxAnswer,
     JobEvent,
     JobLaunch,
+    JobState,
     JobView,
     NodeRole,
     NodeState,
@@ -84,7 +88,8 @@ from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import wallet_account
 from gpucoin.policy.model import policy_hash
 from gpucoin.spec import JobSpec, spec_digest
-from gpucoin.wallet.messages import MessageFieldError, SignedMessage, loads_json, parse_address
+from gpucoin.storage import ContentStore
+from gpucoin.wallet.messages import MessageFieldError, SignedMessage, loads_json, parse_address, verify
 
 if TYPE_CHECKING:
     from gpucoin.head.metrics import HeadMetrics
@@ -282,6 +287,10 @@ def make_app(
     @app.post("/v1/nodes", response_model=NodeView)
     def post_node(body: RegisterRequest) -> NodeView:
         reg = SignedMessage.from_dict(body.registration)
+        if reg.primary_type != "NodeRegistration":
+            raise MessageFieldError(f"expected a signed NodeRegistration, got a {reg.primary_type}")
+        # the signature first: a forged request costs one recovery, never a read of Ray or the ledger
+        verify(reg, expected_signer=reg.message["provider"], domain=ledger.domain)
         with writes:
             known = ray_nodes()
             holders = {n: r.message["provider"] for n, r in registrations(ledger).items()}
@@ -402,6 +411,29 @@ def make_app(
     def get_job(job_id: str) -> JobView:
         return job_view(table.get(job_id))
 
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
+    def post_cancel(job_id: str, body: SignedRequest) -> JobView:
+        msg = signed_of(body, "JobCancel")
+        row = table.get(job_id)
+        if msg.message["jobId"] != job_id:
+            raise MessageFieldError(f"the JobCancel names job {msg.message['jobId']!r}, not {job_id!r}")
+        verify(msg, domain=ledger.domain)
+        if msg.signer != row.consumer:
+            raise Unauthorized(f"only job {job_id}'s consumer {row.consumer} cancels it, not {msg.signer}")
+        with writes:  # the market round places a job under the same lock: a cancel comes before or after it
+            state = JobState(table.get(job_id).state)
+            if state == JobState.QUEUED:
+                coordinator.refund(job_id, job_order(ledger, job_id))
+                table.update(job_id, state=JobState.CANCELLED, reason="cancelled by its consumer before it was placed")
+                board.log(job_id, "cancelled by its consumer; the escrow was refunded")
+            elif state == JobState.RUNNING:
+                running = board.running(job_id)
+                if not running.cancelled:
+                    running.cancelled = True
+                    running.inbox.stop("cancelled by its consumer")
+                    board.log(job_id, "cancelled by its consumer: stopping at the next interval boundary")
+        return job_view(table.get(job_id))
+
     @app.get("/v1/jobs/{job_id}/events", response_model=list[JobEvent])
     def get_job_events(job_id: str, after: int = 0) -> list[JobEvent]:
         table.get(job_id)
@@ -433,7 +465,7 @@ def make_app(
         reply = inbox.submit_receipt(
             body.rank, body.receipt_json, np.asarray(body.sketches, dtype=np.float64), list(body.losses)
         )
-        return InboxAnswer(accepted=reply.accepted, reason=reply.reason)
+        return InboxAnswer(accepted=reply.accepted, reason=reply.reason, busy=reply.busy)
 
     @app.put("/v1/jobs/{job_id}/objects", response_model=ObjectAnswer)
     async def put_object(job_id: str, request: Request) -> ObjectAnswer:
@@ -450,7 +482,12 @@ def make_app(
 
     @app.get("/v1/jobs/{job_id}/objects/{digest}")
     def get_object(job_id: str, digest: str) -> Response:
-        return Response(board.running(job_id).store.get(digest), media_type="application/octet-stream")
+        try:
+            store = board.running(job_id).store
+        except UnknownJob:  # an ended job's checkpoints stay readable (``gpucoin pull``)
+            table.get(job_id)
+            store = ContentStore(board.job_dir(job_id) / "store")
+        return Response(store.get(digest), media_type="application/octet-stream")
 
     @app.post("/v1/jobs/{job_id}/objects/has", response_model=HasAnswer)
     def post_has(job_id: str, body: HasRequest) -> HasAnswer:

@@ -140,6 +140,11 @@ class HeadClient:
         """``GET /v1/jobs/{id}/events?after=N``: the job's log lines after the ``after``-th."""
         return self._call("GET", f"/v1/jobs/{_q(job_id)}/events?after={int(after)}", None, list[JobEvent])
 
+    def cancel_job(self, message: dict) -> JobView:
+        """``POST /v1/jobs/{id}/cancel`` with the consumer's signed JobCancel (``SignedMessage`` as a dict)."""
+        job_id = str(message.get("message", {}).get("jobId", ""))
+        return self._call("POST", f"/v1/jobs/{_q(job_id)}/cancel", SignedRequest(message=message), JobView)
+
     def job_launch(self, job_id: str) -> JobLaunch:
         """``GET /v1/jobs/{id}/launch`` (the job's Ray driver)."""
         return self._call("GET", f"/v1/jobs/{_q(job_id)}/launch", None, JobLaunch)
@@ -158,7 +163,7 @@ class HeadClient:
             rank=rank, receipt_json=receipt_json, sketches=[list(map(float, row)) for row in sketches], losses=losses
         )
         answer = self._call("POST", f"/v1/jobs/{_q(job_id)}/receipts", body, InboxAnswer)
-        return InboxReply(answer.accepted, answer.reason)
+        return InboxReply(answer.accepted, answer.reason, answer.busy)
 
     def job_put(self, job_id: str, data: bytes) -> str:
         """``PUT /v1/jobs/{id}/objects``: store ``data``; returns its name (``0x`` + sha256)."""

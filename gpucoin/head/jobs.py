@@ -16,10 +16,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlmodel import Session, select
+from sqlmodel import select
 
 from gpucoin.exceptions import SpecError, UnknownJob
 from gpucoin.head.records import JobEvent, JobLaunch, JobState, JobSummary, JobView, ReplayAnswer
+from gpucoin.ledger import db
 from gpucoin.ledger.models import HeadJobRow
 from gpucoin.runtime.inbox import JobInbox
 from gpucoin.spec import JobSpec
@@ -45,14 +46,15 @@ def check_job_id(job_id: str) -> str:
 
 
 class JobTable:
-    """``head_job`` rows on the ledger's engine; every call is its own transaction."""
+    """``head_job`` rows on the ledger's engine; every call is its own transaction (``ledger.db.session``:
+    a write takes SQLite's write lock before it reads, so concurrent runners wait, never fail)."""
 
     def __init__(self, engine):
         self.engine = engine
 
     def add(self, job_id: str, consumer: str, spec: JobSpec) -> HeadJobRow:
         """Queue a job whose JobOrder the ledger recorded (idempotent: an existing row is returned)."""
-        with Session(self.engine) as s:
+        with db.session(self.engine, write=True) as s:
             row = s.get(HeadJobRow, job_id)
             if row is None:
                 row = HeadJobRow(
@@ -64,13 +66,12 @@ class JobTable:
                     step=0,
                 )
                 s.add(row)
-                s.commit()
-                s.refresh(row)
+                s.flush()
             return row
 
     def get(self, job_id: str) -> HeadJobRow:
         """The row of ``job_id``; ``UnknownJob`` if there is none."""
-        with Session(self.engine) as s:
+        with db.session(self.engine, write=False) as s:
             row = s.get(HeadJobRow, job_id)
         if row is None:
             raise UnknownJob(f"no job {job_id!r} on this head")
@@ -78,7 +79,7 @@ class JobTable:
 
     def all(self, state: JobState | None = None) -> list[HeadJobRow]:
         """Every job (of ``state``), oldest submission first."""
-        with Session(self.engine) as s:
+        with db.session(self.engine, write=False) as s:
             q = select(HeadJobRow).order_by(HeadJobRow.submitted_ms, HeadJobRow.job_id)
             if state is not None:
                 q = q.where(HeadJobRow.state == state.value)
@@ -87,7 +88,7 @@ class JobTable:
     def update(self, job_id: str, **values) -> None:
         """Set columns of ``job_id``'s row (``state`` as a ``JobState``; lists as JSON;
         ``summary`` as a ``JobSummary`` or None)."""
-        with Session(self.engine) as s:
+        with db.session(self.engine, write=True) as s:  # BEGIN IMMEDIATE on SQLite: no read-then-write race
             row = s.get(HeadJobRow, job_id)
             if row is None:
                 raise UnknownJob(f"no job {job_id!r} on this head")
@@ -102,7 +103,18 @@ class JobTable:
                     k = "summary_json"
                 setattr(row, k, v)
             s.add(row)
-            s.commit()
+
+
+def job_order(ledger, job_id: str):
+    """The signed JobOrder the ledger recorded for ``job_id``; ``UnknownJob`` if none."""
+    from gpucoin.head.api import stored_message
+    from gpucoin.ledger.models import JobOrderRow
+
+    with db.session(ledger.engine, write=False) as s:
+        row = s.get(JobOrderRow, job_id)
+    if row is None:
+        raise UnknownJob(f"no JobOrder for job {job_id!r}")
+    return stored_message(ledger.message(row.digest))
 
 
 def job_view(row: HeadJobRow) -> JobView:
@@ -123,6 +135,7 @@ def job_view(row: HeadJobRow) -> JobView:
         step=row.step,
         reason=row.reason,
         summary=JobSummary.model_validate_json(row.summary_json) if row.summary_json else None,
+        spec=spec.model_dump(mode="json"),
     )
 
 
@@ -143,6 +156,7 @@ class RunningJob:
     launch: JobLaunch
     replays: dict[str, Replay] = field(default_factory=dict)
     stored_bytes: int = 0
+    cancelled: bool = False
 
 
 class JobBoard:

@@ -98,6 +98,16 @@ class RayJobs:
         except (RuntimeError, ConnectionError):
             return ""
 
+    def stop_prefixed(self, prefix: str) -> int:
+        """Stop every unfinished Ray job whose submission id starts with ``prefix``; how many."""
+        try:
+            found = [j.submission_id for j in self.client().list_jobs() if (j.submission_id or "").startswith(prefix)]
+        except (RuntimeError, ConnectionError):
+            return 0
+        for sid in found:
+            self.stop(sid)
+        return len(found)
+
     def stop(self, submission_id: str) -> None:
         """Ask Ray to stop the job (no-op for one that ended or does not exist)."""
         try:
@@ -111,17 +121,26 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 @dataclass
 class RayJobTraining:
-    """A job's training as its Ray job (``coordinator.run.JobRun.run``'s ``training``)."""
+    """A job's training as its Ray job (``coordinator.run.JobRun.run``'s ``training``); Ray is
+    asked at most every ``ask_every_s`` seconds (``alive`` is called on every loop of the run)."""
 
     jobs: RayJobs
     submission_id: str
+    ask_every_s: float = 2.0
+    _status: str | None = None
+    _asked_s: float = -1e9
 
     def alive(self) -> bool:
         """True until the Ray job ended (a dashboard that cannot be read counts as still running)."""
-        try:
-            return self.jobs.status(self.submission_id) not in TERMINAL
-        except HeadError:
-            return True
+        import time
+
+        if self._status not in TERMINAL and time.monotonic() - self._asked_s >= self.ask_every_s:
+            self._asked_s = time.monotonic()
+            try:
+                self._status = self.jobs.status(self.submission_id)
+            except HeadError:
+                return True
+        return self._status not in TERMINAL
 
     def join(self) -> None:
         """Raise ``TrainingError`` with the log's last line if the Ray job did not succeed."""

@@ -240,6 +240,11 @@ class JobSummary(BaseModel):
     slashed_ugpc: int
     refunded_ugpc: int
     stopped: str | None = Field(description="why the job stopped early, if it did")
+    checkpoint_receipts: list[str] = Field(
+        default_factory=list,
+        description="the signed WorkReceipts (JSON, rank order) of the interval that ended at ``steps``: their "
+        "``checkpointHash`` names the checkpoint ``gpucoin pull`` fetches (empty after 0 steps)",
+    )
 
 
 class JobView(BaseModel):
@@ -261,6 +266,7 @@ class JobView(BaseModel):
     step: int = Field(description="the newest optimizer step rank 0 reported")
     reason: str | None = Field(description="why it waits, or why it stopped")
     summary: JobSummary | None = Field(description="once it ended")
+    spec: dict = Field(description="the job spec its JobOrder's specHash names")
 
 
 class ReceiptSubmission(BaseModel):
@@ -277,12 +283,14 @@ class ReceiptSubmission(BaseModel):
 
 
 class InboxAnswer(BaseModel):
-    """The inbox's answer: ``accepted``, or the ``reason`` it refused (nothing kept)."""
+    """The inbox's answer: ``accepted``, or the ``reason`` it refused (nothing kept); ``busy``: only
+    because the rank's queue is full, so try again later (``runtime.inbox.InboxReply``)."""
 
     model_config = _CLOSED
 
     accepted: bool
     reason: str = ""
+    busy: bool = False
 
 
 class ProgressReport(BaseModel):

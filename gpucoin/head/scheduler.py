@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from gpucoin.exceptions import GpucoinError, SpecError, VerificationError
-from gpucoin.head.jobs import JobBoard, JobTable, Replay, RunningJob
+from gpucoin.exceptions import GpucoinError, VerificationError
+from gpucoin.head.jobs import JobBoard, JobTable, Replay, RunningJob, job_order
 from gpucoin.head.packages import PackageStore
 from gpucoin.head.rayjobs import TERMINAL, RayJobs, RayJobTraining
 from gpucoin.head.records import JobLaunch, JobState, JobSummary, NodeRole, NodeState, ReceiptCounts
@@ -44,6 +44,9 @@ ROUND_INTERVAL_S = 2.0
 
 REPLAY_POLL_S = 0.5
 """How often a runner that waits for a replay looks again."""
+
+STATUS_EVERY_S = 5.0
+"""How often a runner asks Ray about one replay job or the job's driver (an HTTP request each)."""
 
 RUNNER_JOIN_S = 10.0
 """How long stopping the service waits for each job runner."""
@@ -84,8 +87,13 @@ class BoardUI:
         self.board.log(self.job_id, f"training: steps {first_step}-{total_steps}")
 
     def step(self, step: int, loss: float, tokens_per_s: float) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
         self.board.log(self.job_id, f"step {step} loss {loss:.4f} {tokens_per_s:,.0f} tok/s")
-        self.table.update(self.job_id, step=step)
+        try:
+            self.table.update(self.job_id, step=step)
+        except SQLAlchemyError:  # display only: a busy database must not fail the job
+            log.warning("job %s: progress not recorded", self.job_id, exc_info=True)
         if self.metrics is not None:
             self.metrics.samples_per_second.labels(self.job_id).set(tokens_per_s / self.block_size)
 
@@ -104,6 +112,7 @@ class HttpReplays:
         self.jobs, self.board, self.job_id = jobs, board, job_id
         self.node_id, self.module_dir, self.api_url = node_id, module_dir, api_url
         self._n = 0
+        self._asked: dict[str, float] = {}  # handle -> when Ray was last asked about its replay job
 
     def _submission(self, rid: str) -> str:
         return f"{self.job_id}-replay-{rid}"
@@ -124,8 +133,12 @@ class HttpReplays:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             replay = self.board.running(self.job_id).replays[handle]
-            status = None if replay.answer is not None else self.jobs.status(self._submission(handle))
-            replay = self.board.running(self.job_id).replays[handle]  # the answer may have come meanwhile
+            status = None
+            if replay.answer is None and time.monotonic() - self._asked.get(handle, 0.0) >= STATUS_EVERY_S:
+                # the answer arrives in memory; Ray is asked now and then, to learn of a replay that died
+                self._asked[handle] = time.monotonic()
+                status = self.jobs.status(self._submission(handle))
+                replay = self.board.running(self.job_id).replays[handle]  # the answer may have come meanwhile
             if replay.answer is not None:
                 a = replay.answer
                 findings = tuple(
@@ -247,16 +260,7 @@ class Scheduler:
     # -- one job --------------------------------------------------------------
     def order_of(self, job_id: str):
         """The JobOrder the ledger recorded for ``job_id``."""
-        from sqlmodel import Session
-
-        from gpucoin.head.api import stored_message
-        from gpucoin.ledger.models import JobOrderRow
-
-        with Session(self.ledger.engine) as s:
-            row = s.get(JobOrderRow, job_id)
-        if row is None:
-            raise SpecError(f"no JobOrder for job {job_id}")
-        return stored_message(self.ledger.message(row.digest))
+        return job_order(self.ledger, job_id)
 
     def start_job(self, placement, spec: JobSpec, provider_of: dict[str, str], verifier) -> None:
         """Assign the ranks, open the job's inbox and store, start its runner."""
@@ -268,7 +272,27 @@ class Scheduler:
             self.packages.materialize(order.message["packageHash"], module_dir)
         node_ids = list(placement.node_ids)
         rank_worker = [provider_of[n] for n in node_ids]
-        assignments = [self.coord.assign(job_id, r, rank_worker[r], n).to_json() for r, n in enumerate(node_ids)]
+        # a cancel (the API, under the same lock) comes before the placement or after, never between
+        with self.coord.lock:
+            if self.table.get(job_id).state != JobState.QUEUED.value:
+                return
+            assignments = [self.coord.assign(job_id, r, rank_worker[r], n).to_json() for r, n in enumerate(node_ids)]
+            self._open(job_id, spec, placement, rank_worker, assignments, verifier)
+        self.board.log(
+            job_id, f"placed on {len(node_ids)} node(s) at {placement.price_ugpc_per_worker_hour} µGPC/worker-hour"
+        )
+        t = threading.Thread(
+            target=self._run_job,
+            args=(job_id, spec, order, placement, rank_worker, assignments, verifier, module_dir),
+            name=f"job-{job_id}",
+            daemon=True,
+        )
+        self.runners[job_id] = (t, frozenset(node_ids))
+        t.start()
+
+    def _open(self, job_id, spec, placement, rank_worker, assignments, verifier) -> None:
+        """The job's inbox, store and launch on the board; its row ``running``."""
+        node_ids = list(placement.node_ids)
         policy = self.ledger.policy
         inbox = JobInbox(
             InboxConfig(
@@ -289,7 +313,8 @@ class Scheduler:
             data_source=spec.data.source,
             api_url=self.api_url,
         )
-        self.board.add_running(job_id, RunningJob(inbox=inbox, store=ContentStore(job_dir / "store"), launch=launch))
+        store = ContentStore(self.board.job_dir(job_id) / "store")
+        self.board.add_running(job_id, RunningJob(inbox=inbox, store=store, launch=launch))
         self.table.update(
             job_id,
             state=JobState.RUNNING,
@@ -298,17 +323,6 @@ class Scheduler:
             price=placement.price_ugpc_per_worker_hour,
             reason=None,
         )
-        self.board.log(
-            job_id, f"placed on {len(node_ids)} node(s) at {placement.price_ugpc_per_worker_hour} µGPC/worker-hour"
-        )
-        t = threading.Thread(
-            target=self._run_job,
-            args=(job_id, spec, order, placement, rank_worker, assignments, verifier, module_dir),
-            name=f"job-{job_id}",
-            daemon=True,
-        )
-        self.runners[job_id] = (t, frozenset(node_ids))
-        t.start()
 
     def _run_job(self, job_id, spec, order, placement, rank_worker, assignments, verifier, module_dir) -> None:
         """Run a placed job to its end, then refund what is left of its escrow (whatever happened)."""
@@ -342,7 +356,9 @@ class Scheduler:
                 self.rayjobs.stop(job_id)
             job.finish()
             reason = job.stopped
-            if job.stopped is None and job.last_settled_step() == spec.steps:
+            if running.cancelled:
+                state, reason = JobState.CANCELLED, "cancelled by its consumer"
+            elif job.stopped is None and job.last_settled_step() == spec.steps:
                 state = JobState.SUCCEEDED
         except GpucoinError as e:
             reason = " ".join(str(e).split())[:500]
@@ -355,7 +371,9 @@ class Scheduler:
             refunded = self.coord.refund(job_id, order)
             summary = None if job is None else _summary(job, refunded)
             self.board.log(
-                job_id, f"{state.value}: settled to step {summary.steps if summary else 0}, refunded {refunded} µGPC"
+                job_id,
+                f"{state.value}: settled to step {summary.steps if summary else 0}, refunded {refunded} µGPC"
+                + (f" ({reason})" if reason else ""),
             )
             self.table.update(job_id, state=state, reason=reason, summary=summary)
             self.board.remove_running(job_id)
@@ -373,6 +391,7 @@ class Scheduler:
 
         for row in self.table.all(JobState.RUNNING):
             self.rayjobs.stop(row.job_id)
+            self.rayjobs.stop_prefixed(f"{row.job_id}-replay-")
             refunded = self.coord.refund(row.job_id, self.order_of(row.job_id))
             why = (
                 "the head service restarted while the job ran: its settled intervals stay paid, "
@@ -392,8 +411,10 @@ class Scheduler:
 
 def _summary(job, refunded_ugpc: int) -> JobSummary:
     """What a ``coordinator.run.JobRun`` that ended did."""
+    step = job.last_settled_step()
+    iv = next((i for i in job.intervals.values() if i.end == step), None)
     return JobSummary(
-        steps=job.last_settled_step(),
+        steps=step,
         receipts=ReceiptCounts(**job.counts),
         intervals={f"{iv.start}-{iv.end}": iv.outcome for iv in job.intervals.values()},
         paid_ugpc=job.money["paid"],
@@ -402,4 +423,5 @@ def _summary(job, refunded_ugpc: int) -> JobSummary:
         slashed_ugpc=job.money["slashed"],
         refunded_ugpc=refunded_ugpc,
         stopped=job.stopped,
+        checkpoint_receipts=[] if step == 0 else [iv.receipts[r].to_json() for r in sorted(iv.receipts)],
     )

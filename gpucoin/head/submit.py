@@ -8,7 +8,6 @@ have, so what runs on the ranks is what the consumer signed for.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 
@@ -63,7 +62,7 @@ def submit(api_url: str, loaded: LoadedSpec, account) -> JobView:
             "deadline": int(time.time()) + JOB_ORDER_TTL_S,
         },
     )
-    return client.submit_job(json.loads(order.to_json()), spec.model_dump(mode="json"))
+    return client.submit_job(order.to_dict(), spec.model_dump(mode="json"))
 
 
 def follow(
@@ -96,3 +95,18 @@ def follow(
         if time.monotonic() > deadline:
             raise HeadError(f"job {job_id} did not end within {timeout_s:.0f} s (it goes on; `gpucoin jobs` shows it)")
         time.sleep(FOLLOW_POLL_S)
+
+
+def cancel(api_url: str, job_id: str, account) -> JobView:
+    """Sign a JobCancel of ``job_id`` with ``account`` (its consumer) and send it.
+
+    Raises:
+        HeadError: the head cannot be reached, has no such job, or refuses (another signer).
+    """
+    client = HeadClient(api_url, retry_s=10.0)
+    head = client.status()
+    domain = Domain(chain_id=head.chain_id, verifying_contract=head.coordinator)
+    msg = sign(
+        account, "JobCancel", domain, {"consumer": account.address, "jobId": job_id, "nonce": NonceSource().next()}
+    )
+    return client.cancel_job(msg.to_dict())

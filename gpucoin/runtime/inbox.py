@@ -20,7 +20,8 @@ import numpy as np
 MAX_RECEIPT_JSON_CHARS = 8192
 """A signed WorkReceipt as JSON is about 1.5 kB; anything longer is refused unparsed."""
 MAX_PENDING_PER_RANK = 4
-"""Receipts one rank may have waiting for the coordinator (an honest rank has one: it waits for it)."""
+"""Receipts one rank may have waiting for the coordinator; a rank that is that far ahead is told
+``busy`` and waits (``runtime.worker``)."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,13 @@ class ProgressEvent:
 
 @dataclass(frozen=True)
 class InboxReply:
-    """The inbox's answer to a submission: ``accepted``, or the ``reason`` it was refused (nothing kept)."""
+    """The inbox's answer to a submission: ``accepted``, or the ``reason`` it was refused (nothing
+    kept); ``busy`` when the only reason is that the rank's queue is full: the coordinator has
+    not taken its earlier receipts yet, and the same submission may be tried again later."""
 
     accepted: bool
     reason: str = ""
+    busy: bool = False
 
 
 class JobInbox:
@@ -109,7 +113,8 @@ class JobInbox:
         """
         problem = self._screen(rank, receipt_json, sketches, losses)
         if problem is None and len(self._receipts[rank]) >= MAX_PENDING_PER_RANK:
-            problem = f"rank {rank} already has {MAX_PENDING_PER_RANK} receipts waiting"
+            self.refused += 1
+            return InboxReply(False, f"rank {rank} already has {MAX_PENDING_PER_RANK} receipts waiting", busy=True)
         if problem is not None:
             self.refused += 1
             return InboxReply(False, problem)

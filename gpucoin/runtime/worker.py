@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 PROGRESS_EVERY_STEPS = 5
+RECEIPT_WAIT_S = 600.0
+"""How long a rank waits for a head whose inbox is full of its earlier receipts."""
+RECEIPT_RETRY_S = 0.5
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -148,9 +151,12 @@ def train_loop_per_worker(config: dict) -> None:
         )
         previous = receipt.digest
         faults.before_submit(e, channel, rank, receipt.to_json(), sk, losses)
-        # Blocking: the receipt is in the coordinator's hands before the next interval starts.
-        reply = channel.submit_receipt(rank, receipt.to_json(), sk, losses)
-        if not reply.accepted:
-            raise TrainingError(f"the job's inbox refused rank {rank}'s receipt for steps {s}-{e}: {reply.reason}")
+        # Blocking: the receipt is in the head's hands before the next interval starts; a head
+        # that is behind (busy) is waited for, a bounded time
+        deadline = time.monotonic() + RECEIPT_WAIT_S
+        while not (reply := channel.submit_receipt(rank, receipt.to_json(), sk, losses)).accepted:
+            if not reply.busy or time.monotonic() > deadline:
+                raise TrainingError(f"the job's inbox refused rank {rank}'s receipt for steps {s}-{e}: {reply.reason}")
+            time.sleep(RECEIPT_RETRY_S)
     sketch.detach()
     shutil.rmtree(scratch, ignore_errors=True)

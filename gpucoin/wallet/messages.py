@@ -191,6 +191,7 @@ MESSAGE_TYPES: dict[str, list[dict[str, str]]] = {
     ),
     "Unbond": _fields(("address", "provider"), ("uint64", "amount"), ("uint64", "nonce")),
     "Withdraw": _fields(("address", "provider"), ("uint64", "amount"), ("uint64", "nonce")),
+    "JobCancel": _fields(("address", "consumer"), ("string", "jobId"), ("uint64", "nonce")),
     "EpochClose": _fields(
         ("address", "coordinator"),
         ("uint64", "epoch"),
@@ -230,6 +231,7 @@ SIGNER_FIELD: dict[str, str | None] = {
     "Unbond": "provider",
     "Withdraw": "provider",
     "EpochClose": "coordinator",
+    "JobCancel": "consumer",
 }
 """The address field that must equal the signer, per primary type (None: no such field)."""
 
@@ -246,6 +248,7 @@ AMOUNT_FIELDS: dict[str, frozenset[str]] = {
     "Unbond": frozenset({"amount"}),
     "Withdraw": frozenset({"amount"}),
     "EpochClose": frozenset({"emission", "minted", "payments"}),
+    "JobCancel": frozenset(),
     "Allocation": frozenset({"amount"}),
 }
 """The µGPC fields per primary or struct type; out of range they raise ``MessageAmountError``."""
@@ -714,18 +717,22 @@ class SignedMessage:
         """
         return build_typed_data(self.primary_type, self.domain, self.message)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The six attributes under their JSON names (what ``from_dict`` reads back)."""
+        return {
+            "primaryType": self.primary_type,
+            "domain": self.domain,
+            "message": self.message,
+            "digest": self.digest,
+            "signature": self.signature,
+            "signer": self.signer,
+        }
+
     def to_json(self) -> str:
-        """Deterministic JSON text (sorted keys, no spaces) of all six attributes; an integer above
+        """Deterministic JSON text (sorted keys, no spaces) of ``to_dict``; an integer above
         2**53 - 1 is written as its decimal string, so JavaScript reads it exactly (``gpucoin.jsonsafe``)."""
         return js_safe_dumps(
-            {
-                "primaryType": self.primary_type,
-                "domain": self.domain,
-                "message": self.message,
-                "digest": self.digest,
-                "signature": self.signature,
-                "signer": self.signer,
-            },
+            self.to_dict(),
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,

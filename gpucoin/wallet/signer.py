@@ -416,6 +416,17 @@ class SignerProcess:
                 self.process.wait(timeout=5)
 
 
+def socket_dir_for(path: Path, node_user: NodeUser | None) -> Path:
+    """Make ``path`` (an existing directory of ours) fit to hold signer sockets: ours alone, or
+    searchable by ``node_user``'s group, whose processes alone a signer serves besides ours."""
+    if node_user is not None:
+        os.chown(path, -1, node_user.gid)
+        os.chmod(path, 0o710)
+    else:
+        os.chmod(path, 0o700)
+    return path
+
+
 def start_signer(
     keystore: Path,
     password: str,

@@ -6,6 +6,7 @@ previous (simulated) run, and it must be byte-for-byte the same afterwards.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,27 @@ def test_every_option_has_a_real_help_text():
         for p in cmd.params:
             if p.param_type_name == "option" and p.name not in ("help", "version"):
                 assert p.help and len(p.help.split()) >= 4, f"{path} {p.opts}"
+
+
+@pytest.mark.parametrize(
+    "args, code, says",
+    [
+        (["--detach"], 2, "go with --address"),
+        (["--wallet", "engineer"], 2, "go with --address"),
+        (["--address", "127.0.0.1:9"], 2, "needs --wallet"),
+        (["--address", "ftp://h:1", "--wallet", "engineer"], 1, "expected HOST:PORT"),
+        (["--address", "127.0.0.1:9", "--wallet", "engineer"], 1, "cannot reach the head"),
+    ],
+    ids=["detach-alone", "wallet-alone", "address-without-wallet", "bad-address", "no-head-there"],
+)
+def test_submitting_to_a_head_that_cannot_take_it_says_why_in_one_line(home, args, code, says):
+    before = _snapshot(home)
+    p = subprocess.run(
+        [sys.executable, "-m", "gpucoin", "train", str(JOB), "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "GPUCOIN_PASSWORD": "x"},
+    )
+    assert p.returncode == code and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert _snapshot(home) == before

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from gpucoin.cluster.embedded import PortPool
 from gpucoin.cluster.join import JoinRecord, read_records
@@ -22,6 +24,7 @@ from gpucoin.head.client import HeadClient
 from gpucoin.head.ray_state import list_nodes
 from gpucoin.head.rayjobs import RayJobs
 from gpucoin.head.records import HeadInfo
+from gpucoin.head.submit import cancel
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import escrow_account
 from gpucoin.wallet.keystore import keystore_address, load_keystore
@@ -194,30 +197,66 @@ def test_two_jobs_run_at_once_on_joined_nodes_settle_and_audit(market: Market, t
     assert not set(views[ids[0]].node_ids) & set(views[ids[1]].node_ids)
     listed = gpucoin("jobs", "--address", market.api, env={"COLUMNS": "250"})
     assert listed.returncode == 0 and all(j in listed.stdout for j in ids) and "succeeded" in listed.stdout
+    # what the engineer paid for: the weights, checked against the receipts the ranks signed
+    out = tmp_path / "weights"
+    pulled = gpucoin("pull", ids[0], "--address", market.api, "-o", str(out))
+    assert pulled.returncode == 0, pulled.stderr
+    state = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    assert config["step"] == 4 and config["job_id"] == ids[0] and len(config["checkpoint_hashes"]) == 1
+    assert state and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())
+    assert any(k.endswith("wte.weight") for k in state), sorted(state)[:5]
+    store = market.head_home / "jobs" / ids[1] / "store" / "sha256"
+    biggest = max(store.rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0)
+    biggest.chmod(0o600)
+    biggest.write_bytes(b"\0" * biggest.stat().st_size)  # the head's copy no longer what the ranks signed
+    refused = gpucoin("pull", ids[1], "--address", market.api, "-o", str(tmp_path / "w2"))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert not (tmp_path / "w2" / "model.safetensors").exists()
     logs = gpucoin("logs", ids[0], "--address", market.api)
     assert logs.returncode == 0 and "replay passed" in logs.stdout, logs.stdout
     audit = gpucoin("ledger", "audit", "--ledger-url", f"sqlite:///{market.head_home / 'ledger.db'}")
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
-def test_a_head_service_killed_mid_job_loses_no_receipt_and_no_escrow(market: Market, tmp_path) -> None:
-    """SIGKILL the head service while a job trains, Ray's head left running; ``gpucoin up`` again
-    starts only the service, which finds the job it ran: the Ray job is stopped, what was not
+def test_a_cancelled_job_settles_and_a_killed_head_service_loses_no_receipt(market: Market, tmp_path) -> None:
+    """Two long jobs start. The first is cancelled by its consumer (``gpucoin cancel``): it stops at
+    its next interval boundary, what was verified is settled, the rest refunded. Then the head
+    service is killed with SIGKILL while the second trains, Ray's head left running; ``gpucoin up``
+    again starts only the service, which finds the job it ran: its Ray job is stopped, what was not
     settled of the escrow is refunded, every receipt stays in the ledger, the audit passes."""
     spec = write_spec(
         tmp_path / "job",
         {
             **TINY_MODEL,
             "workers: 2": "workers: 1",
-            "checkpoint_interval_steps: 50": "checkpoint_interval_steps: 4",
+            "checkpoint_interval_steps: 50": "checkpoint_interval_steps: 20",  # few intervals, so few replays to wait for
         },
     )
     home = str(market.wallets.parent)
-    r = gpucoin("train", str(spec), "--address", market.api, "--wallet", "eng", "--home", home, "--detach")
-    assert r.returncode == 0, r.stderr[-3000:]
-    job_id = r.stdout.strip()
+    cancelled, killed = [], []
+    for ids in (cancelled, killed):
+        r = gpucoin("train", str(spec), "--address", market.api, "--wallet", "eng", "--home", home, "--detach")
+        assert r.returncode == 0, r.stderr[-3000:]
+        ids.append(r.stdout.strip())
+    (cancelled,), (job_id,) = cancelled, killed
     client = HeadClient(market.api)
     deadline = time.monotonic() + 600
+    while not any("receipts signed" in e.text for e in client.job_events(cancelled)):
+        assert time.monotonic() < deadline and not client.job(cancelled).state.ended, client.job(cancelled)
+        time.sleep(0.2)
+    # at once (every interval trained meanwhile is drawn and replayed before the job settles)
+    assert cancel(market.api, cancelled, load_keystore(market.wallets / "eng.json", PASSWORD)).state.value == "running"
+    stranger = gpucoin("cancel", cancelled, "--address", market.api, "--wallet", "vol3", "--home", home)
+    assert stranger.returncode == 1 and "403" in stranger.stderr, stranger.stderr
+    again = gpucoin("cancel", cancelled, "--address", market.api, "--wallet", "eng", "--home", home)
+    assert again.returncode == 0 and ("running" in again.stdout or "cancelled" in again.stdout), again  # no harm
+    while not (view := client.job(cancelled)).state.ended:
+        assert time.monotonic() < deadline, view
+        time.sleep(0.5)
+    assert view.state.value == "cancelled" and view.summary.steps >= 20 and view.summary.paid_ugpc > 0, view
+    assert view.summary.refunded_ugpc > 0 and view.summary.steps < view.steps
+
     while not any("receipts signed" in e.text for e in client.job_events(job_id)):
         assert time.monotonic() < deadline and not client.job(job_id).state.ended, client.job(job_id)
         time.sleep(0.5)
@@ -240,7 +279,7 @@ def test_a_head_service_killed_mid_job_loses_no_receipt_and_no_escrow(market: Ma
         time.sleep(1)
     with Ledger(ledger_url) as lg:
         assert receipts <= {m.digest for m in lg.messages("WorkReceipt")}
-        assert lg.balance(escrow_account(job_id)) == 0
+        assert lg.balance(escrow_account(job_id)) == 0 and lg.balance(escrow_account(cancelled)) == 0
         assert lg.audit() == []
 
 

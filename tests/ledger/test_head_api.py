@@ -231,3 +231,14 @@ def test_answers_are_json_javascript_reads_exactly(ledger: Ledger, tmp_path) -> 
         json.loads(text, parse_int=exact_double)
     assert json.loads(r.text)["ask_ugpc_per_worker_hour"] == str(big)
     assert NodeView.model_validate_json(r.text).ask_ugpc_per_worker_hour == big
+
+
+def test_a_forged_registration_is_refused_before_ray_or_the_ledger_is_read(ledger: Ledger, tmp_path) -> None:
+    calls = []
+    coord = Coordinator(ledger, ledger.policy, COORDINATOR, DOMAIN)
+    client = TestClient(make_app(ledger, service_config(tmp_path), coord, lambda: calls.append(1) or RAY))
+    reg = _registration(WORKER, VOL, 0)
+    reg["message"]["askPerWorkerHour"] += 1  # the signature no longer covers the message
+    before = len(ledger.messages())
+    r = client.post("/v1/nodes", json={"registration": reg})
+    assert r.status_code == 400 and calls == [] and len(ledger.messages()) == before, r.text

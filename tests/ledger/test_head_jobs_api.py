@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.head.api import make_app
-from gpucoin.head.jobs import JobBoard, RunningJob
+from gpucoin.head.jobs import JobBoard, JobTable, RunningJob
 from gpucoin.head.packages import pack
-from gpucoin.head.records import JobLaunch
+from gpucoin.head.records import JobLaunch, JobState
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import escrow_account, wallet_account
 from gpucoin.runtime.inbox import InboxConfig, JobInbox
@@ -157,3 +157,39 @@ def test_the_ranks_endpoints_screen_what_they_are_handed(head, tmp_path) -> None
     assert ev.step == 3 and ev.loss == 2.5
     inbox.stop("a proven fraud")
     assert client.get("/v1/jobs/job-2/stop").json() == {"reason": "a proven fraud"}
+
+
+def _cancel(job_id: str, who=CONSUMER, nonce: int = 50) -> dict:
+    return sign(who, "JobCancel", DOMAIN, {"consumer": who.address, "jobId": job_id, "nonce": nonce}).to_dict()
+
+
+def test_a_queued_job_cancelled_by_its_consumer_is_refunded_once(head, ledger: Ledger) -> None:
+    client, board, loaded = head
+    _upload(client, loaded)
+    client.post("/v1/jobs", json={"order": _order(loaded), "spec": loaded.spec.model_dump(mode="json")})
+    stranger = client.post("/v1/jobs/job-1/cancel", json={"message": _cancel("job-1", WORKER)})
+    assert stranger.status_code == 403 and ledger.balance(escrow_account("job-1")) == loaded.spec.budget_ugpc
+    other_job = client.post("/v1/jobs/job-1/cancel", json={"message": _cancel("job-2")})
+    assert other_job.status_code == 400
+    r = client.post("/v1/jobs/job-1/cancel", json={"message": _cancel("job-1")})
+    assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+    assert ledger.balance(escrow_account("job-1")) == 0
+    assert ledger.balance(wallet_account(CONSUMER.address)) == 100 * GPC
+    again = client.post("/v1/jobs/job-1/cancel", json={"message": _cancel("job-1", nonce=51)})
+    assert again.status_code == 200 and again.json()["state"] == "cancelled"
+    assert ledger.balance(wallet_account(CONSUMER.address)) == 100 * GPC and ledger.audit() == []
+
+
+def test_a_running_job_cancelled_is_told_to_stop_at_its_next_boundary(head, ledger: Ledger, tmp_path) -> None:
+    client, board, loaded = head
+    _upload(client, loaded)
+    client.post("/v1/jobs", json={"order": _order(loaded), "spec": loaded.spec.model_dump(mode="json")})
+    JobTable(ledger.engine).update("job-1", state=JobState.RUNNING)  # as the market round leaves it
+    inbox = JobInbox(InboxConfig("job-1", DOMAIN.as_dict(), (WORKER.address,), 4, 8, 8))
+    launch = JobLaunch(job_id="job-1", spec={}, node_ids=["n"], assignments=[], buckets=8, data_source="x", api_url="h")
+    board.add_running("job-1", RunningJob(inbox=inbox, store=ContentStore(tmp_path / "s"), launch=launch))
+    r = client.post("/v1/jobs/job-1/cancel", json={"message": _cancel("job-1")})
+    assert r.status_code == 200 and r.json()["state"] == "running"
+    assert client.get("/v1/jobs/job-1/stop").json() == {"reason": "cancelled by its consumer"}
+    assert board.running("job-1").cancelled  # the runner settles what was verified, then refunds
+    assert ledger.balance(escrow_account("job-1")) == loaded.spec.budget_ugpc

@@ -84,9 +84,20 @@ def test_a_flood_from_one_rank_never_drops_nor_blocks_a_co_workers_receipt() -> 
 def test_each_hostile_submission_is_refused_with_its_reason_and_nothing_kept(args, reason) -> None:
     inbox = JobInbox(CONFIG)
     reply = inbox.submit_receipt(*args)
-    assert not reply.accepted
+    assert not reply.accepted and not reply.busy  # refused for what it is: trying again will not help
     assert __import__("re").search(reason, reply.reason), reply.reason
     assert inbox.poll() == []
+
+
+def test_a_rank_ahead_of_the_coordinator_is_told_busy_and_its_receipt_taken_later() -> None:
+    inbox = JobInbox(CONFIG)
+    queued = [receipt(ATTACKER, 1, nonce=n + 2) for n in range(MAX_PENDING_PER_RANK)]
+    assert all(inbox.submit_receipt(1, *r).accepted for r in queued)
+    one_more = receipt(ATTACKER, 1, nonce=99)
+    reply = inbox.submit_receipt(1, *one_more)
+    assert not reply.accepted and reply.busy and "waiting" in reply.reason
+    assert len(inbox.poll()) == MAX_PENDING_PER_RANK  # the coordinator takes what waits ...
+    assert inbox.submit_receipt(1, *one_more).accepted  # ... and the rank's retry goes in
 
 
 def test_progress_keeps_only_the_latest_report() -> None:

@@ -110,6 +110,7 @@ def sample(primary_type: str, signer: str = ALICE.address) -> dict:
         "Assignment": dict(jobId="shakespeare-1", rank=1, provider=BOB.address, nodeId="ab" * 28, fromStep=0, nonce=13),
         "Unbond": dict(provider=signer, amount=100_000_000, nonce=14),
         "Withdraw": dict(provider=signer, amount=100_000_000, nonce=15),
+        "JobCancel": dict(consumer=signer, jobId="shakespeare-1", nonce=17),
         "EpochClose": dict(
             coordinator=signer,
             epoch=4,
@@ -139,6 +140,7 @@ def test_every_type_has_a_sample_and_a_signer_rule():
         "Unbond",
         "Withdraw",
         "EpochClose",
+        "JobCancel",
     }
     assert set(SIGNER_FIELD) == set(ALL_TYPES)
     for t in ALL_TYPES:
