@@ -190,6 +190,12 @@ def train(
     it, every rank signs a WorkReceipt per interval, drawn intervals are replayed on the
     verifier, and the ledger burns, mints, slashes and refunds. A summary is printed.
     Everything started is stopped at the end, also on Ctrl-C or an error.
+
+    \b
+    With --address HOST:PORT and --wallet W: submits to a running head (`gpucoin up`): uploads
+    the job's package, signs the JobOrder with W, the head escrows the budget and queues the
+    job, its market places it on joined volunteers; then follows it (--detach: prints the job
+    id and returns; `gpucoin jobs`, `logs`, `cancel`, `pull` take it from there).
     """
     from gpucoin.cli.render import RichUI, render_summary
     from gpucoin.coordinator.job import LocalOptions, train_local
@@ -201,6 +207,13 @@ def train(
     stake, ask = _gpc_option(stake, "--stake"), _gpc_option(ask, "--ask")
     if address is None and (wallet_ref is not None or detach):
         _fail("--wallet and --detach go with --address (a running head); the embedded mode uses dev wallets", 2)
+    if address is not None:
+        ctx = click.get_current_context()
+        local_only = ["volunteers", "policy_ref", "stake", "ask", "head_port", "summary_json"]
+        given = [n for n in local_only if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+        if given:
+            flags = ", ".join("--" + n.removesuffix("_ref").replace("_", "-") for n in given)
+            _fail(f"{flags}: for the embedded mode only; a head's market has its own nodes and policy", 2)
     overrides = {
         "workers": workers,
         "steps": steps,

@@ -132,8 +132,18 @@ def test_every_option_has_a_real_help_text():
         (["--address", "127.0.0.1:9"], 2, "needs --wallet"),
         (["--address", "ftp://h:1", "--wallet", "engineer"], 1, "expected HOST:PORT"),
         (["--address", "127.0.0.1:9", "--wallet", "engineer"], 1, "cannot reach the head"),
+        (["--address", "127.0.0.1:9", "--wallet", "e", "--volunteers", "3"], 2, "--volunteers: for the embedded"),
+        (["--address", "127.0.0.1:9", "--wallet", "e", "--policy", "local"], 2, "--policy: for the embedded"),
     ],
-    ids=["detach-alone", "wallet-alone", "address-without-wallet", "bad-address", "no-head-there"],
+    ids=[
+        "detach-alone",
+        "wallet-alone",
+        "address-without-wallet",
+        "bad-address",
+        "no-head-there",
+        "volunteers-with-address",
+        "policy-with-address",
+    ],
 )
 def test_submitting_to_a_head_that_cannot_take_it_says_why_in_one_line(home, args, code, says):
     before = _snapshot(home)
