@@ -325,10 +325,12 @@ def test_a_join_that_cannot_go_through_says_why_and_leaves_nothing(market: Marke
     assert r.returncode == 1 and "no Ray token" in r.stderr
     assert sorted(x.name for x in read_records(market.node_home)) == ["ver0", "vol0", "vol1", "vol2"]
     assert len(HeadClient(market.api).nodes()) == NODES
+    # what a join starts: its signer and its Ray node (Ray itself may start idle workers meanwhile)
+    started_by_join = ("gpucoin.wallet.signer", "gpucoin.cluster.ray_node", "gpucoin join")
     left = [
         p
         for p in psutil.process_iter(["pid", "cmdline"])
-        if p.pid not in before and "gpucoin" in " ".join(p.info["cmdline"] or ())
+        if p.pid not in before and any(m in " ".join(p.info["cmdline"] or ()) for m in started_by_join)
     ]
     assert left == []
 
