@@ -505,7 +505,13 @@ def make_app(
         replay = board.running(job_id).replays.get(replay_id)
         if replay is None:
             raise UnknownJob(f"job {job_id} drew no replay {replay_id!r}")
-        if replay.answer is None:  # the first answer stands; the runner checks every report's signature
+        # anyone can reach this endpoint: only an answer signed by the job's verifier takes the slot
+        # (else a forged one would stand and fail the job); the runner checks what the reports name
+        if body.verifier != replay.verifier or not body.reports:
+            raise Unauthorized(f"replay {replay_id} of job {job_id} is answered by its verifier {replay.verifier}")
+        for text in body.reports:
+            verify(SignedMessage.from_json(text), expected_signer=replay.verifier, domain=ledger.domain)
+        if replay.answer is None:  # the verifier's first answer stands
             replay.answer = body
         return StopAnswer(reason=None)
 

@@ -141,9 +141,11 @@ def job_view(row: HeadJobRow) -> JobView:
 
 @dataclass
 class Replay:
-    """One drawn interval's replay: the request (JSON) the verifier reads, the answer it posts."""
+    """One drawn interval's replay: the request (JSON) the verifier reads, the address whose
+    signature alone its answer is taken with, and the answer it posts."""
 
     request: dict
+    verifier: str
     answer: ReplayAnswer | None = None
 
 

@@ -108,8 +108,10 @@ class HttpReplays:
     """``coordinator.run.Replays`` for the head: each drawn interval is a Ray job on the verifier
     node (``verify.replay_job``) that reads its request from, and posts its reports to, the API."""
 
-    def __init__(self, jobs: RayJobs, board: JobBoard, job_id: str, node_id: str, module_dir: Path, api_url: str):
-        self.jobs, self.board, self.job_id = jobs, board, job_id
+    def __init__(
+        self, jobs: RayJobs, board: JobBoard, job_id: str, node_id: str, verifier: str, module_dir: Path, api_url: str
+    ):
+        self.jobs, self.board, self.job_id, self.verifier = jobs, board, job_id, verifier
         self.node_id, self.module_dir, self.api_url = node_id, module_dir, api_url
         self._n = 0
         self._asked: dict[str, float] = {}  # handle -> when Ray was last asked about its replay job
@@ -120,7 +122,7 @@ class HttpReplays:
     def submit(self, req: ReplayRequest) -> str:
         self._n += 1
         rid = f"{req.step_start}-{self._n}"
-        self.board.running(self.job_id).replays[rid] = Replay(request=req.to_dict())
+        self.board.running(self.job_id).replays[rid] = Replay(request=req.to_dict(), verifier=self.verifier)
         self.jobs.submit(
             self._submission(rid),
             ["gpucoin.verify.replay_job", self.api_url, self.job_id, rid],
@@ -340,7 +342,9 @@ class Scheduler:
                 price_ugpc_per_worker_hour=placement.price_ugpc_per_worker_hour,
                 verifier_address=verifier.provider,
                 package_hash=order.message["packageHash"],
-                replays=HttpReplays(self.rayjobs, self.board, job_id, verifier.node_id, module_dir, self.api_url),
+                replays=HttpReplays(
+                    self.rayjobs, self.board, job_id, verifier.node_id, verifier.provider, module_dir, self.api_url
+                ),
                 store=running.store,
                 sketch_dir=self.board.job_dir(job_id) / "sketches",
                 data_source=spec.data.source,

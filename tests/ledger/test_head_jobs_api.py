@@ -193,3 +193,40 @@ def test_a_running_job_cancelled_is_told_to_stop_at_its_next_boundary(head, ledg
     assert client.get("/v1/jobs/job-1/stop").json() == {"reason": "cancelled by its consumer"}
     assert board.running("job-1").cancelled  # the runner settles what was verified, then refunds
     assert ledger.balance(escrow_account("job-1")) == loaded.spec.budget_ugpc
+
+
+def test_only_the_verifier_answers_a_replay(head, tmp_path) -> None:
+    """Anyone reaching the API may post a replay's answer: a forged one (another signer, another
+    verifier named, no report) is refused and leaves the slot to the verifier's own."""
+    from gpucoin.head.jobs import Replay
+    from tests.ledger.helpers import VERIFIER
+
+    client, board, _ = head
+    inbox = JobInbox(InboxConfig("job-3", DOMAIN.as_dict(), (WORKER.address,), 4, 8, 8))
+    launch = JobLaunch(job_id="job-3", spec={}, node_ids=["n"], assignments=[], buckets=8, data_source="x", api_url="h")
+    board.add_running("job-3", RunningJob(inbox=inbox, store=ContentStore(tmp_path / "s"), launch=launch))
+    board.running("job-3").replays["0-1"] = Replay(request={"step_start": 0}, verifier=VERIFIER.address)
+    assert client.get("/v1/jobs/job-3/replays/0-1").json() == {"step_start": 0}
+
+    def report(who) -> str:
+        msg = {
+            "verifier": who.address,
+            "receiptDigest": "0x" + "11" * 32,
+            "verdict": "fail",
+            "distanceE9": 10**9,
+            "nonce": 3,
+        }
+        return sign(who, "VerificationReport", DOMAIN, msg).to_json()
+
+    forged = [
+        {"verifier": WORKER.address, "reports": [report(WORKER)], "findings": []},  # another verifier named
+        {"verifier": VERIFIER.address, "reports": [report(WORKER)], "findings": []},  # signed by another key
+        {"verifier": VERIFIER.address, "reports": [], "findings": []},  # nothing signed at all
+    ]
+    for body in forged:
+        r = client.post("/v1/jobs/job-3/replays/0-1", json=body)
+        assert r.status_code in (400, 403), r.text
+    assert board.running("job-3").replays["0-1"].answer is None
+    good = {"verifier": VERIFIER.address, "reports": [report(VERIFIER)], "findings": []}
+    assert client.post("/v1/jobs/job-3/replays/0-1", json=good).status_code == 200
+    assert board.running("job-3").replays["0-1"].answer.reports == good["reports"]
