@@ -148,13 +148,13 @@ def cli() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=DEFAULT_HOME,
     show_default=True,
-    help="Embedded mode state: ledger, dev wallets, checkpoints (env GPUCOIN_HOME).",
+    help="Embedded mode: the private head's home (ledger, dev wallets, job checkpoints, logs; env GPUCOIN_HOME).",
 )
 @click.option(
     "--head-port",
     type=click.IntRange(1024, 65535),
     default=None,
-    help="Embedded mode: GCS port of the local Ray head (default: a free port; 6379 is often Redis).",
+    help="Embedded mode: GCS port of the private head's Ray head (default: a free port; 6379 is often Redis).",
 )
 @click.option(
     "--summary-json",
@@ -184,12 +184,15 @@ def train(
     """Train JOB_SPEC (a job YAML) on volunteer nodes, spot-check it and settle it in the ledger.
 
     \b
-    With no --address: starts Ray on this host with --volunteers volunteer nodes and one
-    verifier node, funds dev wallets from a dev faucet, bonds the volunteers' stake, signs
-    your JobOrder and escrows the budget; then the market places the job, DeepSpeed trains
-    it, every rank signs a WorkReceipt per interval, drawn intervals are replayed on the
-    verifier, and the ledger burns, mints, slashes and refunds. A summary is printed.
-    Everything started is stopped at the end, also on Ctrl-C or an error.
+    With no --address (the embedded mode): the same path as a real market, every party on this
+    host. It funds dev wallets from the dev faucet, starts a private head (`gpucoin up --dev
+    --home HOME` on free ports), joins --volunteers volunteer nodes (each bonds --stake, asks
+    --ask) and one verifier node (`gpucoin join`), and submits the job as --address does: the
+    head escrows the budget, its market places the job, DeepSpeed trains it, every rank signs a
+    WorkReceipt per interval, drawn intervals are replayed on the verifier, the ledger burns,
+    mints, slashes and refunds, and the head evaluates the final checkpoint. Then the nodes
+    leave, the head goes down and a summary is printed. Everything started is stopped at the
+    end, also on Ctrl-C or an error, and what is left in escrow is refunded.
 
     \b
     With --address HOST:PORT and --wallet W: submits to a running head (`gpucoin up`): uploads
@@ -198,7 +201,7 @@ def train(
     id and returns; `gpucoin jobs`, `logs`, `cancel`, `pull` take it from there).
     """
     from gpucoin.cli.render import RichUI, render_summary
-    from gpucoin.coordinator.job import LocalOptions, train_local
+    from gpucoin.coordinator.job import LocalOptions, train_local, with_data_source
     from gpucoin.money import parse_gpc
     from gpucoin.policy.model import resolve_policy
     from gpucoin.spec import load_spec
@@ -233,8 +236,7 @@ def train(
     try:
         loaded = load_spec(job_spec, overrides)
         if data_source is not None:
-            spec = loaded.spec.model_copy(update={"data": loaded.spec.data.model_copy(update={"source": data_source})})
-            loaded = loaded.model_copy(update={"spec": spec})
+            loaded = with_data_source(loaded, data_source)
         policy = resolve_policy(policy_ref)
         opts = LocalOptions(
             policy=policy,

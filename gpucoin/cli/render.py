@@ -63,9 +63,9 @@ def render_summary(console: Console, s: dict) -> None:
     """Print the end-of-job summary: loss, sample text, receipts, money per account, audit."""
     console.print()
     loss = "not evaluated" if s["val_loss"] is None else f"[bold]{s['val_loss']:.3f}[/] nats/char"
+    uniform = "" if s["uniform_loss"] is None else f" (uniform: {s['uniform_loss']:.2f})"
     console.print(
-        f"[bold]job[/] {s['job_id']}: {s['steps']} steps on {s['workers']} volunteers, "
-        f"validation loss {loss} (uniform: {s['uniform_loss']:.2f})"
+        f"[bold]job[/] {s['job_id']}: {s['steps']} steps on {s['workers']} volunteers, validation loss {loss}{uniform}"
     )
     if s.get("stopped"):
         console.print(

@@ -17,7 +17,8 @@ import re
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -72,6 +73,8 @@ class JoinOptions:
         home: state directory (``DEFAULT_HOME``).
         role: ``volunteer`` (trains ranks) or ``verifier`` (replays drawn intervals; its signer
             judges by the head policy's tolerance).
+        env: extra environment of the Ray node's processes (the embedded mode sets a node's
+            ``CUDA_VISIBLE_DEVICES`` with it, and tests their fault injection); never a secret.
     """
 
     api_url: str
@@ -86,6 +89,7 @@ class JoinOptions:
     token_file: Path | None = None
     home: Path = DEFAULT_HOME
     role: str = "volunteer"
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 class JoinRecord(BaseModel):
@@ -226,7 +230,7 @@ def join(opts: JoinOptions, status=lambda text: None) -> JoinRecord:
         status(f"starting a Ray node and joining {head.ray_address}")
         proc = spawn_ray_node(
             args,
-            {SOCKET_ENV: str(signer.socket_path)},
+            {**opts.env, SOCKET_ENV: str(signer.socket_path)},
             user,
             ray_dir,
             node_token,

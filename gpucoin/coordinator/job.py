@@ -1,21 +1,21 @@
-"""One job in the embedded local mode, end to end (SPEC.md, Flow of one job).
+"""One job in the embedded local mode, end to end (SPEC.md, Flow of one job), on the head's path.
 
-spec -> preflight (nothing written) -> dev wallets, faucet, volunteers bond and register ->
-JobOrder signed, budget escrowed -> local Ray cluster -> market clears -> ranks placed on the
-chosen nodes -> per interval: receipts checked and recorded, draw, replay on the verifier
-node, verdict -> settlement (burn, treasury; slash on fraud) -> epochs close and mint ->
-refund -> final evaluation -> audit -> summary.
+spec -> preflight (nothing written) -> dev wallets funded on the local ledger -> ``gpucoin up``
+(a private head from ``--home``) -> ``gpucoin join`` of the volunteers (their stake bonded) and
+of a verifier -> the JobOrder submitted as ``gpucoin train --address`` does (budget escrowed) ->
+the head's market places it, its ranks train, their receipts are checked and settled, drawn
+intervals replayed on the verifier, epochs closed, escrow refunded, the final checkpoint
+evaluated -> nodes leave, head down -> audit -> summary. There is one way a job runs; here
+every party of it is on this host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
-import math
 import os
 import secrets
 import shutil
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +23,8 @@ from typing import Protocol
 
 from gpucoin.cluster.auth import home_token_path
 from gpucoin.cluster.build_cache import build_root, clear_stale_locks
-from gpucoin.cluster.embedded import EmbeddedCluster, NodeSpec, short_temp_dir, sigint_ignored
-from gpucoin.cluster.local import engineer_available_after_faucet, fund_engineer, participant, register_volunteer
+from gpucoin.cluster.embedded import NODE_IP, free_port, short_temp_dir, sigint_ignored
+from gpucoin.cluster.local import Participant, engineer_available_after_faucet, fund_engineer, participant
 from gpucoin.cluster.node_user import (
     NODE_USER,
     NodeUser,
@@ -34,27 +34,16 @@ from gpucoin.cluster.node_user import (
     prepare_node_user,
     switching_users,
 )
-from gpucoin.coordinator.jobcode import corpus_info
 from gpucoin.coordinator.settle import Coordinator, genesis_message
-from gpucoin.exceptions import (
-    InsufficientFunds,
-    JobCodeError,
-    NoPlacement,
-    PolicyError,
-    StoredPolicyOutdated,
-    VerificationError,
-)
+from gpucoin.exceptions import InsufficientFunds, NoPlacement, PolicyError, StoredPolicyOutdated
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import wallet_account
 from gpucoin.money import format_gpc
 from gpucoin.policy.model import Policy, policy_hash
 from gpucoin.scheduler.market import Offer, Order, clear
-from gpucoin.spec import LoadedSpec
-from gpucoin.storage import ContentStore
-from gpucoin.wallet.messages import Domain, sign
-from gpucoin.wallet.signer import socket_dir_for
-
-JOB_ORDER_TTL_S = 3600
+from gpucoin.spec import LoadedSpec, spec_digest
+from gpucoin.wallet.keystore import DEV_PASSWORD
+from gpucoin.wallet.messages import Domain
 
 
 class UI(Protocol):
@@ -117,13 +106,10 @@ def new_job_id(name: str) -> str:
 
 @dataclass
 class NodeSetup:
-    """Who the nodes (and the head's job-code children) run as, and the directories they write.
+    """Who the nodes (and the head's job-code children) run as, and where they read the corpus.
 
     As root: the node user (``cluster.node_user``) and a working dir of ours holding one it owns
-    (``node_dir``) for the checkpoint store, Ray Train's run dir and a copy of the corpus file;
-    ``keep`` copies the regular files of the store and run dir into the job's directory (which the
-    node user cannot reach) once the cluster has stopped and every process of that user has ended.
-    Otherwise: this user, and everything in the job's directory.
+    (``node_dir``) for a copy of the corpus file. Otherwise: this user, and the corpus where it is.
 
     Attributes:
         user: the node user, or None; work: our working dir, or None; node_area: the node user's dir in it.
@@ -169,23 +155,6 @@ class NodeSetup:
         chown_tree(dest.parent, self.user)  # type: ignore[arg-type]
         return str(dest)
 
-    def store_dir(self, job_dir: Path) -> Path:
-        """Where the store actor keeps the job's checkpoints while the cluster runs."""
-        return job_dir / "store" if self.node_area is None else self.node_area / "store"
-
-    def train_dir(self, job_dir: Path) -> Path:
-        """Ray Train's run directory while the cluster runs."""
-        return job_dir / "ray_train" if self.node_area is None else self.node_area / "ray_train"
-
-    def keep(self, job_dir: Path) -> None:
-        """Copy the regular files the nodes wrote into ``job_dir``, never following a link
-        (after the cluster has stopped, so no process of the node user runs)."""
-        if self.node_area is None:
-            return
-        kill_processes(self.user)  # type: ignore[arg-type]
-        for name in ("store", "ray_train"):
-            copy_regular_files(self.node_area / name, job_dir / name)
-
     def close(self) -> None:
         """End every process of the node user and remove the working dir."""
         if self.user is not None:
@@ -193,26 +162,6 @@ class NodeSetup:
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = self.node_area = None
-
-
-def copy_regular_files(src: Path, dest: Path) -> None:
-    """Copy every regular file under ``src`` to the same place under ``dest``; links, FIFOs and
-    devices are skipped, never followed or opened (``src`` is a directory another user wrote)."""
-    if src.is_symlink() or not src.is_dir():
-        return
-    for root, _, files, root_fd in os.fwalk(src, follow_symlinks=False):
-        for name in files:
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root_fd)
-            except OSError:
-                continue  # a link, or gone
-            with os.fdopen(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    continue
-                out = dest / Path(root).relative_to(src) / name
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with out.open("wb") as g:
-                    shutil.copyfileobj(f, g)
 
 
 def _data_source(loaded: LoadedSpec) -> str:
@@ -300,278 +249,225 @@ def _move_aside(path: Path, aside: Path) -> None:
 
 
 def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) -> dict:
-    """Run ``loaded`` on an embedded local cluster and return the summary.
+    """Run ``loaded`` on a private head of this host and return the summary.
 
-    The summary (also what ``--summary-json`` writes) has: job_id, val_loss (nats/char, of the
-    checkpoint after ``steps``; None if it could not be loaded) and uniform_loss, steps (the end
-    of the last interval settled without a gap from step 0: the checkpoint the job vouches for),
-    workers, stopped (why the job stopped early, or None), sample (generated text), receipts
-    {signed, checked, passed, failed, void, rejected},
-    intervals [{steps, outcome, wall_ms}], unsettled_intervals, max_replay_distance,
-    price_ugpc_per_worker_hour, ledger {escrowed, paid, burned, treasury, minted, slashed, refunded,
-    supply, total_minted, total_burned} in µGPC, accounts {name: {before, after, change}} in µGPC,
-    audit ("ok" or the list of problems) and timings_s.
+    The embedded mode is the head's path with every party on this host (SPEC.md, Roles): the
+    dev wallets are funded on the local ledger (nothing runs yet), then ``gpucoin up`` starts a
+    head from ``opts.home`` (Ray head + head service), ``gpucoin join`` adds ``opts.volunteers``
+    volunteer nodes and one verifier node, the engineer's wallet submits the job to the head as
+    ``gpucoin train --address`` does, and the job is followed to its end; then the nodes leave
+    (their stake stays bonded for the next run), the head goes down, and the ledger is audited.
+
+    The summary (also what ``--summary-json`` writes) has: job_id, state, val_loss (nats/char, of
+    the checkpoint after ``steps``; None if it could not be evaluated) and uniform_loss, steps
+    (the end of the last interval settled without a gap from step 0: the checkpoint the job
+    vouches for), workers, stopped (why the job stopped early, or None), sample (generated
+    text), receipts {signed, checked, passed, failed, void, rejected}, intervals [{steps,
+    outcome, wall_ms}], unsettled_intervals, max_replay_distance, price_ugpc_per_worker_hour,
+    ledger {escrowed, paid, burned, treasury, minted, slashed, refunded, supply, total_minted,
+    total_burned} in µGPC, accounts {name: {before, after, change}} in µGPC, audit ("ok" or the
+    list of problems) and timings_s.
 
     Raises:
-        GpucoinError subclasses for bad input (before any ledger change), ClusterError,
-        TrainingError. On any failure after the escrow, what is left in escrow is refunded.
+        GpucoinError subclasses for bad input (before any ledger change); HeadError /
+        ClusterError when the head or a node does not start; NoPlacement when the market does not
+        place the job within ``PLACEMENT_TIMEOUT_S``; TrainingError when the job failed (its
+        reason). On any failure or interrupt after the escrow, everything started is stopped and
+        what is left in escrow is refunded.
     """
     ui = ui or QuietUI()
-    spec = loaded.spec
-    policy = opts.policy
     home = opts.home
     coordinator_p = participant("coordinator", home)
     engineer = participant("engineer", home)
+    volunteers = [participant(f"vol{i}", home) for i in range(opts.volunteers)]
+    verifier = participant("verifier0", home)
     ledger = open_ledger(opts, coordinator_p)
-    domain = ledger.domain
-    stack = contextlib.ExitStack()
     try:
-        coord = Coordinator(ledger, policy, coordinator_p.account, domain)
+        coord = Coordinator(ledger, opts.policy, coordinator_p.account, ledger.domain)
         preflight(loaded, opts, coord, engineer)
-
-        nodes = NodeSetup.prepare(ui)
-        stack.callback(nodes.close)
-        ui.status("preparing the corpus")
-        source = nodes.stage(_data_source(loaded))
-        # the job's code runs in a child process, never in this one (it holds the coordinator's key)
-        corpus = corpus_info(loaded.module_dir.parent, spec.model_dump(mode="json"), source, user=nodes.user)
-
-        job_id = new_job_id(spec.name)
-        job_dir = home / "jobs" / job_id
-        volunteers = [participant(f"vol{i}", home) for i in range(opts.volunteers)]
-        verifier = participant("verifier0", home)
         before = ledger.balances()
         fund_engineer(coord, engineer)
-        order = sign(
-            engineer.account,
-            "JobOrder",
-            domain,
-            {
-                "consumer": engineer.address,
-                "jobId": job_id,
-                "specHash": loaded.spec_hash,
-                "packageHash": loaded.package_hash,
-                "workers": spec.workers,
-                "bidPerWorkerHour": spec.bid_ugpc_per_worker_hour,
-                "budget": spec.budget_ugpc,
-                "nonce": coord.nonces.next(),
-                "deadline": int(time.time()) + JOB_ORDER_TTL_S,
-            },
-        )
-        coord.escrow(order)
-        try:
-            summary = _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, corpus, source, nodes)
-        finally:
-            with sigint_ignored():  # a second Ctrl-C must not leave the budget in escrow
-                refunded = coord.refund(job_id, order)
-        summary["ledger"]["refunded"] = refunded
-        after = ledger.balances()
-        summary["accounts"] = {
-            a: {"before": before.get(a, 0), "after": after.get(a, 0), "change": after.get(a, 0) - before.get(a, 0)}
-            for a in sorted(set(before) | set(after))
-            if after.get(a, 0) != before.get(a, 0)
-        }
-        totals = ledger.totals()
-        summary["ledger"].update(
-            {"supply": totals["supply"], "total_minted": totals["minted"], "total_burned": totals["burned"]}
-        )
-        problems = ledger.audit()
-        summary["audit"] = "ok" if not problems else problems
-        return summary
+        stakes = {v.name: fund_volunteer(coord, v, opts.stake_ugpc) for v in volunteers}
     finally:
-        stack.close()
         ledger.close()
+    nodes = NodeSetup.prepare(ui)
+    try:
+        ui.status("preparing the corpus")
+        loaded = with_data_source(loaded, nodes.stage(_data_source(loaded)))
+        final, timings = _run_on_head(loaded, opts, ui, nodes, engineer, volunteers, verifier, stakes)
+    finally:
+        with sigint_ignored():  # a second Ctrl-C must not leave the budget in escrow
+            nodes.close()
+            _settle_left_jobs(opts, coordinator_p)
+    return _summary(final, loaded, opts, before, timings)
 
 
-def _run(loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, corpus, source, nodes) -> dict:
-    """Start the nodes' signing processes, then run the job on a fresh embedded cluster."""
-    with contextlib.ExitStack() as stack:
-        # each node's key lives in its own signing process, outside Ray; its socket dir is ours
-        # only, or searchable by the node user's group, whose processes alone the signer serves
-        sockets = socket_dir_for(short_temp_dir("gpucoin-sign-"), nodes.user)
-        stack.callback(shutil.rmtree, sockets, True)
-        signers = {}
-        for p in [*volunteers, verifier]:
-            role = "verifier" if p is verifier else "volunteer"
-            tolerance = opts.policy.verification.tolerance_rel_l2 if p is verifier else None
-            signers[p.name] = p.start_signer(
-                sockets / f"{p.name}.sock", coord.account.address, coord.domain, role, tolerance, nodes.user
+PLACEMENT_TIMEOUT_S = 120.0
+"""How long the embedded mode waits for its head's market to place the job on its own nodes."""
+
+
+def fund_volunteer(coord: Coordinator, vol: Participant, stake_ugpc: int) -> int:
+    """Top a dev volunteer's wallet up from the dev faucet so that it can bond up to
+    ``stake_ugpc``; return the stake its join is to bond (µGPC; 0 when an earlier run's bond
+    already holds ``stake_ugpc``)."""
+    bonded = coord.ledger.balance(wallet_account(vol.address, "bonded"))
+    stake = max(0, stake_ugpc - bonded)
+    short = stake - coord.ledger.balance(wallet_account(vol.address))
+    if short > 0:
+        coord.faucet(vol.address, short, f"faucet:{vol.address}:{secrets.token_hex(8)}")
+    return stake
+
+
+def with_data_source(loaded: LoadedSpec, source: str) -> LoadedSpec:
+    """``loaded`` with its corpus at ``source``, and the spec hash its JobOrder signs to match."""
+    if source == loaded.spec.data.source:
+        return loaded
+    spec = loaded.spec.model_copy(update={"data": loaded.spec.data.model_copy(update={"source": source})})
+    return loaded.model_copy(update={"spec": spec, "spec_hash": spec_digest(spec)})
+
+
+def _run_on_head(loaded, opts, ui, nodes, engineer, volunteers, verifier, stakes):
+    """Up, join, submit, follow; leave and down whatever happens. Returns (final JobView, timings)."""
+    from gpucoin.cluster.join import JoinOptions, join, leave
+    from gpucoin.head.lifecycle import UpOptions, down, up
+    from gpucoin.head.records import JobState
+    from gpucoin.head.submit import events_to_ui, follow, submit
+
+    home = opts.home
+    stack = contextlib.ExitStack()
+    try:
+        t0 = time.monotonic()
+        ui.status(f"starting a local head (Ray head + head service) and {len(volunteers)} volunteers + 1 verifier")
+        info = up(
+            UpOptions(
+                home=home,
+                dev=True,
+                policy=opts.policy.name,
+                host=NODE_IP,
+                ray_port=opts.head_port or free_port(),
+                api_port=free_port(),
             )
-            stack.callback(signers[p.name].stop)
-        return _run_on_cluster(
-            loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, corpus, source, nodes, signers
         )
-
-
-def _run_on_cluster(
-    loaded, opts, ui, coord, order, job_id, job_dir, volunteers, verifier, corpus, source, nodes, signers
-) -> dict:
-    import ray
-
-    from gpucoin.coordinator.evaluate import rebuilt_checkpoint
-    from gpucoin.coordinator.jobcode import evaluate_in_child
-    from gpucoin.coordinator.run import JobRun
-    from gpucoin.runtime.channel import ActorInbox, RayChannel, RayReplays
-    from gpucoin.runtime.inbox import InboxConfig, JobInbox
-    from gpucoin.runtime.trainer import launch
-    from gpucoin.verify.verifier import check_interval
-
-    spec, policy, ledger = loaded.spec, opts.policy, coord.ledger
-    host_gpus = _host_gpu_count()
-    node_specs = [
-        NodeSpec(
-            p.name,
-            1,
-            {**p.node_env(signers[p.name]), **opts.node_env.get(p.name, {})},
-            gpu=i if i < host_gpus and p in volunteers else None,
-        )
-        for i, p in enumerate([*volunteers, verifier])
-    ]
-    ui.status(f"starting a local Ray cluster: head + {len(volunteers)} volunteers + 1 verifier")
-    t0 = time.monotonic()
-    with EmbeddedCluster(
-        job_dir / "logs",
-        node_specs,
-        head_port=opts.head_port,
-        runtime_env={"py_modules": [str(loaded.module_dir)]},
-        auth_token_path=home_token_path(opts.home),
-        node_user=nodes.user,
-    ) as cluster:
-        cluster_s = time.monotonic() - t0
+        stack.callback(down, home)
         if nodes.user is None:
             ui.note(
                 f"job code runs as OS user {getpass.getuser()}, as the nodes' signing processes and this one do: "
                 f"no key is in its environment, but it can read this user's files (the dev keystores under "
-                f"{opts.home / 'wallets'}); run as root for a node user of its own; see docs/security.md"
+                f"{home / 'wallets'}); run as root for a node user of its own; see docs/security.md"
             )
-        for v in volunteers:
-            register_volunteer(coord, v, cluster.node_id(v.name), opts.ask_ugpc_per_worker_hour, opts.stake_ugpc)
-        offers = [
-            Offer(
-                cluster.node_id(v.name),
-                v.address,
-                opts.ask_ugpc_per_worker_hour,
-                1,
-                ledger.balance(wallet_account(v.address, "bonded")),
+        host_gpus = _host_gpu_count()
+        for i, p in enumerate([*volunteers, verifier]):
+            role = "verifier" if p is verifier else "volunteer"
+            gpu = role == "volunteer" and i < host_gpus
+            join(
+                JoinOptions(
+                    api_url=info.api_url,
+                    keystore=p.keystore,
+                    password=DEV_PASSWORD,
+                    stake_ugpc=stakes.get(p.name, 0),
+                    ask_ugpc_per_worker_hour=opts.ask_ugpc_per_worker_hour,
+                    gpus=1 if gpu else 0,
+                    host=NODE_IP,
+                    name=p.name,
+                    token_file=home_token_path(home),
+                    home=home,
+                    role=role,
+                    env={**({"CUDA_VISIBLE_DEVICES": str(i)} if gpu else {}), **opts.node_env.get(p.name, {})},
+                )
             )
-            for v in volunteers
-        ]
-        result = clear(
-            [Order(job_id, spec.bid_ugpc_per_worker_hour, spec.workers, 1, time.time())], offers, policy.market
-        )
-        if not result.placements:
-            raise NoPlacement(f"job {job_id} could not be placed: {result.unplaced[job_id]}")
-        placement = result.placements[0]
-        provider_of = {o.node_id: o.provider for o in offers}
-        name_of = {cluster.node_id(v.name): v.name for v in volunteers}
-        ui.note(
-            f"market: job {job_id} placed on {', '.join(name_of[n] for n in placement.node_ids)} "
-            f"at {format_gpc(placement.price_ugpc_per_worker_hour)} GPC/worker-hour (bid {spec.bid_gpc_per_worker_hour})"
-        )
-        assignments = [
-            coord.assign(job_id, rank, provider_of[node_id], node_id).to_json()
-            for rank, node_id in enumerate(placement.node_ids)
-        ]
-        rank_worker = [provider_of[n] for n in placement.node_ids]
-        inbox_config = InboxConfig(
-            job_id=job_id,
-            domain=coord.domain.as_dict(),
-            rank_worker=tuple(rank_worker),
-            steps_per_interval=spec.checkpoint_interval_steps,
-            buckets=policy.verification.sketch_buckets,
-            total_steps=spec.steps,
-        )
-        inbox = (
-            ray.remote(JobInbox)
-            .options(num_cpus=0, label_selector={"ray.io/node-id": cluster.node_id("head")})
-            .remote(inbox_config)
-        )
-        # checkpoints live write-once under the head's control, named by hash (gpucoin.storage)
-        store = (
-            ray.remote(ContentStore)
-            .options(num_cpus=0, max_concurrency=4, label_selector={"ray.io/node-id": cluster.node_id("head")})
-            .remote(str(nodes.store_dir(job_dir)))
-        )
-        if loaded.package_hash not in policy.verification.vetted_packages:
-            ui.note(
-                f"the job's package {loaded.package_hash[:10]}… is not on the policy's vetted list: a replay "
-                "mismatch slashes nobody, the interval is void and its charge to you is burned"
-            )
-        channel = RayChannel(inbox, store)
-        job = JobRun(
-            spec=spec,
-            job_id=job_id,
-            coord=coord,
-            inbox=ActorInbox(inbox),
-            rank_worker=rank_worker,
-            price_ugpc_per_worker_hour=placement.price_ugpc_per_worker_hour,
-            verifier_address=verifier.address,
-            package_hash=loaded.package_hash,
-            replays=RayReplays(
-                ray.remote(num_cpus=1, max_retries=0)(check_interval).options(
-                    label_selector={"ray.io/node-id": cluster.node_id(verifier.name)}
-                ),
-                channel,
-            ),
-            store=channel,
-            sketch_dir=job_dir / "sketches",
-            data_source=source,
-            ui=ui,
-            assignments=tuple(assignments),
-            secret=opts.seed_secret,
-        )
+            stack.callback(leave, home, p.name, None)  # the stake stays bonded for the next run
+        cluster_s = time.monotonic() - t0
+        ui.status("submitting the job: its package, the signed JobOrder, the escrow")
+        view = submit(info.api_url, loaded, engineer.account)
         t1 = time.monotonic()
-        training = launch(
-            spec,
-            job_id=job_id,
-            node_ids=list(placement.node_ids),
-            channel=channel,
-            storage_dir=nodes.train_dir(job_dir),
-            buckets=policy.verification.sketch_buckets,
-            data_source=source,
-            assignments=assignments,
-        )
-        cluster.track_driver_thread(training.thread)
+
+        def on_view(v) -> None:
+            if v.state == JobState.QUEUED and time.monotonic() - t1 > PLACEMENT_TIMEOUT_S:
+                raise NoPlacement(f"job {v.job_id} was not placed within {PLACEMENT_TIMEOUT_S:.0f} s: {v.reason}")
+
         try:
-            job.run(training)
+            final = follow(info.api_url, view.job_id, on_event=events_to_ui(ui), on_view=on_view)
         finally:
             ui.training_done()
-        train_s = time.monotonic() - t1
-        # The local cluster's challenge window and epoch end when it stops: settle and mint now.
-        job.finish()
+        return final, {"cluster_start": round(cluster_s, 1), "training": round(time.monotonic() - t1, 1)}
+    finally:
+        with sigint_ignored():  # the nodes and the head are stopped whatever a second Ctrl-C says
+            stack.close()
 
-    nodes.keep(job_dir)
-    last_step = job.last_settled_step()
-    ui.status("evaluating the trained model")
+
+def _settle_left_jobs(opts: LocalOptions, coordinator_p: Participant) -> None:
+    """After the local head went down: a job it left queued or running is failed and what is left
+    of its escrow refunded (``head.scheduler.settle_lost_jobs``), by this process, which holds the
+    local coordinator's key and, the head being down, is the ledger's only writer."""
+    from gpucoin.head.jobs import JobBoard, JobTable
+    from gpucoin.head.scheduler import settle_lost_jobs
+
+    ledger = open_ledger(opts, coordinator_p)
     try:
-        manifests = job.end_manifests(last_step)
-        with rebuilt_checkpoint(spec, ContentStore(job_dir / "store").get, job_id, manifests, last_step) as tag_dir:
-            ev = evaluate_in_child(
-                loaded.module_dir.parent, spec.model_dump(mode="json"), source, tag_dir, last_step, user=nodes.user
-            )
-        val_loss, sample = ev.val_loss, ev.sample
-    except (VerificationError, JobCodeError) as e:  # e.g. a checkpoint a rank signed that the safe load refuses
-        val_loss, sample = None, f"(no evaluation: {e})"
-    return {
-        "job_id": job_id,
-        "val_loss": val_loss,
-        "uniform_loss": math.log(corpus.vocab_size),
-        "steps": last_step,
-        "workers": spec.workers,
-        "stopped": job.stopped,
-        "sample": sample,
-        "receipts": {k: job.counts[k] for k in ("signed", "checked", "passed", "failed", "void", "rejected")},
+        coord = Coordinator(ledger, opts.policy, coordinator_p.account, ledger.domain)
+        settle_lost_jobs(
+            ledger,
+            coord,
+            JobTable(ledger.engine),
+            JobBoard(opts.home / "jobs"),
+            "the local run stopped before the job ended",
+            include_queued=True,
+        )
+    finally:
+        ledger.close()
+
+
+def _summary(final, loaded: LoadedSpec, opts: LocalOptions, before: dict[str, int], timings: dict) -> dict:
+    """The summary ``train_local`` returns, from the job's final view and the ledger."""
+    from gpucoin.exceptions import TrainingError
+    from gpucoin.head.records import JobState
+
+    s = final.summary
+    if s is None or (final.state == JobState.FAILED and s.steps == 0 and s.receipts.signed == 0):
+        raise TrainingError(f"job {final.job_id} {final.state.value}: {final.reason or 'no reason given'}")
+    ev = s.evaluation
+    summary = {
+        "job_id": final.job_id,
+        "state": final.state.value,
+        "val_loss": None if ev is None else ev.val_loss,
+        "uniform_loss": None if ev is None else ev.uniform_loss,
+        "steps": s.steps,
+        "workers": loaded.spec.workers,
+        "stopped": s.stopped if s.stopped is not None or final.state == JobState.SUCCEEDED else final.reason,
+        "sample": "(not evaluated)" if ev is None else ev.sample,
+        "receipts": s.receipts.model_dump(),
         "intervals": [
-            {"steps": [iv.start, iv.end], "outcome": iv.outcome, "wall_ms": iv.wall_ms} for iv in job.intervals.values()
+            {"steps": [int(x) for x in k.split("-")], "outcome": o, "wall_ms": s.interval_wall_ms.get(k, 0)}
+            for k, o in s.intervals.items()
         ],
-        "unsettled_intervals": [
-            f"{iv.start}-{iv.end}" for iv in job.intervals.values() if iv.outcome in ("pending", "held")
-        ],
-        "max_replay_distance": max(job.distances, default=None),
-        "price_ugpc_per_worker_hour": placement.price_ugpc_per_worker_hour,
-        "ledger": {k: job.money[k] for k in ("escrowed", "paid", "burned", "treasury", "minted", "slashed")},
-        "timings_s": {"cluster_start": round(cluster_s, 1), "training": round(train_s, 1)},
+        "unsettled_intervals": [k for k, o in s.intervals.items() if o in ("pending", "held")],
+        "max_replay_distance": s.max_replay_distance,
+        "price_ugpc_per_worker_hour": final.price_ugpc_per_worker_hour,
+        "ledger": {
+            "escrowed": s.escrowed_ugpc,
+            "paid": s.paid_ugpc,
+            "burned": s.burned_ugpc,
+            "treasury": s.treasury_ugpc,
+            "minted": s.minted_ugpc,
+            "slashed": s.slashed_ugpc,
+            "refunded": s.refunded_ugpc,
+        },
+        "timings_s": timings,
     }
+    with Ledger(f"sqlite:///{opts.home / 'ledger.db'}") as ledger:
+        after = ledger.balances()
+        totals = ledger.totals()
+        problems = ledger.audit()
+    summary["accounts"] = {
+        a: {"before": before.get(a, 0), "after": after.get(a, 0), "change": after.get(a, 0) - before.get(a, 0)}
+        for a in sorted(set(before) | set(after))
+        if after.get(a, 0) != before.get(a, 0)
+    }
+    summary["ledger"].update(
+        {"supply": totals["supply"], "total_minted": totals["minted"], "total_burned": totals["burned"]}
+    )
+    summary["audit"] = "ok" if not problems else problems
+    return summary
 
 
 def _host_gpu_count() -> int:

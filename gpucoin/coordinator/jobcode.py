@@ -62,11 +62,13 @@ class CorpusInfo(BaseModel):
 
 
 class Evaluation(BaseModel):
-    """The trained model's validation loss (nats per token, mean over ``eval_batches``) and a text sample."""
+    """The trained model's validation loss (nats per token, mean over ``eval_batches``), a text
+    sample and the corpus' vocabulary size (ln of it is the loss of a uniform guess)."""
 
     model_config = ConfigDict(extra="forbid")
     val_loss: float
     sample: Annotated[str, Field(max_length=8192)]
+    vocab_size: Annotated[int, Field(gt=0, le=2**31)]
 
 
 class _Request(BaseModel):
@@ -254,7 +256,7 @@ def _serve(req: _Request) -> dict:
 
     tag_dir = None if req.tag_dir is None else Path(req.tag_dir)
     loss, sample = evaluate_checkpoint(spec, module, corpus, tag_dir, req.step)
-    return Evaluation(val_loss=loss, sample=sample).model_dump()
+    return Evaluation(val_loss=loss, sample=sample, vocab_size=corpus.vocab_size).model_dump()
 
 
 def main(argv: list[str]) -> int:

@@ -29,7 +29,8 @@
 
 Errors answer ``{"detail": "<one line>"}`` with 400 (malformed), 403 (refused), 404 (no such job,
 or not running), 409 (conflict: a nonce or an id used before, too little money, stake not
-matured) or 503 (Ray's state cannot be read).
+matured), 410 (an object the job's store does not hold: the verifier's loader pins that on the
+rank whose signed manifest names it) or 503 (Ray's state cannot be read).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from gpucoin.exceptions import (
     HeadError,
     InsufficientFunds,
     NodeRefused,
+    ObjectMissing,
     RuleViolation,
     SpecError,
     Unauthorized,
@@ -202,6 +204,7 @@ def account_view(ledger: Ledger, address: str) -> AccountView:
 _STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (HeadError, 503),
     (UnknownJob, 404),
+    (ObjectMissing, 410),
     (NodeRefused, 403),
     (Unauthorized, 403),
     (InsufficientFunds, 409),

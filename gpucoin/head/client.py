@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter
 
-from gpucoin.exceptions import HeadError
+from gpucoin.exceptions import HeadError, ObjectMissing
 from gpucoin.head.records import (
     AccountView,
     FaucetRequest,
@@ -71,6 +71,8 @@ class HeadClient:
             except urllib.error.HTTPError as e:
                 if e.code in (502, 503, 504) and time.monotonic() + delay <= deadline:
                     pass  # a head that is starting again
+                elif e.code == 410:  # the job's store does not hold the object asked for
+                    raise ObjectMissing(_detail(e)) from None
                 else:
                     raise HeadError(f"the head refused {method} {path} ({e.code}): {_detail(e)}") from None
             except (urllib.error.URLError, OSError) as e:

@@ -19,7 +19,16 @@ from pathlib import Path
 from sqlmodel import select
 
 from gpucoin.exceptions import SpecError, UnknownJob
-from gpucoin.head.records import JobEvent, JobLaunch, JobState, JobSummary, JobView, ReplayAnswer
+from gpucoin.head.records import (
+    EventKind,
+    JobEvent,
+    JobLaunch,
+    JobState,
+    JobSummary,
+    JobView,
+    ReplayAnswer,
+    StepProgress,
+)
 from gpucoin.ledger import db
 from gpucoin.ledger.models import HeadJobRow
 from gpucoin.runtime.inbox import JobInbox
@@ -196,12 +205,14 @@ class JobBoard:
             raise UnknownJob(f"job {job_id!r} is not running on this head")
         return job
 
-    def log(self, job_id: str, text: str) -> None:
+    def log(
+        self, job_id: str, text: str, kind: EventKind = EventKind.NOTE, progress: StepProgress | None = None
+    ) -> None:
         """Append a line to the job's log (memory and ``events.log``)."""
         with self._lock:
             seq = self._seq.get(job_id, 0) + 1
             self._seq[job_id] = seq
-            ev = JobEvent(seq=seq, time_ms=int(time.time() * 1000), text=str(text)[:2000])
+            ev = JobEvent(seq=seq, time_ms=int(time.time() * 1000), text=str(text)[:2000], kind=kind, progress=progress)
             self._logs.setdefault(job_id, deque(maxlen=MAX_LOG_LINES)).append(ev)
         path = self.job_dir(job_id) / "events.log"
         path.parent.mkdir(parents=True, exist_ok=True)

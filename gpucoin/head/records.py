@@ -225,6 +225,18 @@ class ReceiptCounts(BaseModel):
     rejected: int = 0
 
 
+class JobEvaluation(BaseModel):
+    """The head's evaluation of a job's final checkpoint, run as the job's code in a child
+    process (``coordinator.jobcode.evaluate_in_child``)."""
+
+    model_config = _CLOSED
+
+    step: int = Field(description="the optimizer step of the checkpoint evaluated (the summary's ``steps``)")
+    val_loss: float | None = Field(description="validation loss, nats per token; None if it could not be evaluated")
+    uniform_loss: float | None = Field(description="ln(vocabulary size): the loss of a model that knows nothing")
+    sample: str = Field(description="text the model generated, or why there is none")
+
+
 class JobSummary(BaseModel):
     """What a job that ended did (µGPC): ``steps`` is the end of the last interval settled
     without a gap from step 0 (the checkpoint the job vouches for)."""
@@ -234,6 +246,15 @@ class JobSummary(BaseModel):
     steps: int
     receipts: ReceiptCounts
     intervals: dict[str, str] = Field(description="'start-end' -> the interval's outcome")
+    interval_wall_ms: dict[str, int] = Field(
+        default_factory=dict,
+        description="'start-end' -> metered worker time billed for the interval, ms (``coordinator.meter``)",
+    )
+    max_replay_distance: float | None = Field(
+        default=None, description="the largest relative L2 distance a replay found (None: nothing replayed)"
+    )
+    escrowed_ugpc: int = 0
+    treasury_ugpc: int = 0
     paid_ugpc: int
     burned_ugpc: int
     minted_ugpc: int
@@ -245,6 +266,7 @@ class JobSummary(BaseModel):
         description="the signed WorkReceipts (JSON, rank order) of the interval that ended at ``steps``: their "
         "``checkpointHash`` names the checkpoint ``gpucoin pull`` fetches (empty after 0 steps)",
     )
+    evaluation: JobEvaluation | None = Field(default=None, description="the final checkpoint's evaluation")
 
 
 class JobView(BaseModel):
@@ -359,14 +381,38 @@ class JobLaunch(BaseModel):
     api_url: str = Field(description="where the ranks reach the head (``runtime.channel.HttpChannel``)")
 
 
+class EventKind(str, Enum):
+    """What a job's log line is: the calls of ``coordinator.job.UI`` the head's runner made."""
+
+    STATUS = "status"
+    NOTE = "note"
+    TRAINING_STARTED = "training_started"
+    STEP = "step"
+    TRAINING_DONE = "training_done"
+
+
+class StepProgress(BaseModel):
+    """Training progress carried by ``training_started`` and ``step`` events."""
+
+    model_config = _CLOSED
+
+    step: int = Field(description="optimizer steps done (the first step of the run for ``training_started``)")
+    total_steps: int
+    loss: float | None = Field(default=None, description="rank 0's loss at ``step``, nats per token")
+    tokens_per_s: float | None = Field(default=None, description="tokens trained per second, all ranks")
+
+
 class JobEvent(BaseModel):
-    """One line of a job's log on the head (``GET /v1/jobs/{id}/events``): ``seq`` counts from 1."""
+    """One line of a job's log on the head (``GET /v1/jobs/{id}/events``): ``seq`` counts from 1.
+    Lines read back from the log file after a restart of the head are all ``note``."""
 
     model_config = _CLOSED
 
     seq: int
     time_ms: int = Field(description="unix ms")
     text: str
+    kind: EventKind = EventKind.NOTE
+    progress: StepProgress | None = None
 
 
 class ReplayAnswer(BaseModel):

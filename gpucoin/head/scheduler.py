@@ -30,7 +30,17 @@ from gpucoin.exceptions import GpucoinError, VerificationError
 from gpucoin.head.jobs import JobBoard, JobTable, Replay, RunningJob, job_order
 from gpucoin.head.packages import PackageStore
 from gpucoin.head.rayjobs import TERMINAL, RayJobs, RayJobTraining
-from gpucoin.head.records import JobLaunch, JobState, JobSummary, NodeRole, NodeState, ReceiptCounts
+from gpucoin.head.records import (
+    EventKind,
+    JobEvaluation,
+    JobLaunch,
+    JobState,
+    JobSummary,
+    NodeRole,
+    NodeState,
+    ReceiptCounts,
+    StepProgress,
+)
 from gpucoin.runtime.inbox import InboxConfig, JobInbox
 from gpucoin.spec import JobSpec
 from gpucoin.storage import ContentStore
@@ -79,17 +89,29 @@ class BoardUI:
     def __init__(self, board: JobBoard, table: JobTable, job_id: str, metrics=None, block_size: int = 1):
         self.board, self.table, self.job_id = board, table, job_id
         self.metrics, self.block_size = metrics, block_size
+        self.total_steps = 0
 
     def status(self, text: str) -> None:
-        self.board.log(self.job_id, text)
+        self.board.log(self.job_id, text, EventKind.STATUS)
 
     def training_started(self, total_steps: int, first_step: int) -> None:
-        self.board.log(self.job_id, f"training: steps {first_step}-{total_steps}")
+        self.total_steps = total_steps
+        self.board.log(
+            self.job_id,
+            f"training: steps {first_step}-{total_steps}",
+            EventKind.TRAINING_STARTED,
+            StepProgress(step=first_step, total_steps=total_steps),
+        )
 
     def step(self, step: int, loss: float, tokens_per_s: float) -> None:
         from sqlalchemy.exc import SQLAlchemyError
 
-        self.board.log(self.job_id, f"step {step} loss {loss:.4f} {tokens_per_s:,.0f} tok/s")
+        self.board.log(
+            self.job_id,
+            f"step {step} loss {loss:.4f} {tokens_per_s:,.0f} tok/s",
+            EventKind.STEP,
+            StepProgress(step=step, total_steps=self.total_steps, loss=loss, tokens_per_s=tokens_per_s),
+        )
         try:
             self.table.update(self.job_id, step=step)
         except SQLAlchemyError:  # display only: a busy database must not fail the job
@@ -101,7 +123,7 @@ class BoardUI:
         self.board.log(self.job_id, text)
 
     def training_done(self) -> None:
-        self.board.log(self.job_id, "training ended")
+        self.board.log(self.job_id, "training ended", EventKind.TRAINING_DONE)
 
 
 class HttpReplays:
@@ -169,6 +191,8 @@ class Scheduler:
         ray_nodes: reads Ray's nodes by id. api_url: where ranks and verifiers reach the API.
         node_views: ``head.api.node_views`` (the registered nodes with their bond and liveness).
         metrics: ``head.metrics.HeadMetrics`` to observe into, or None.
+        job_code_user: the ``cluster.node_user.NodeUser`` the end-of-job evaluation runs the
+            job's code as (None: this process's user).
     """
 
     def __init__(
@@ -183,11 +207,13 @@ class Scheduler:
         api_url: str,
         node_views: Callable,
         metrics=None,
+        job_code_user=None,
     ):
         self.ledger, self.coord, self.board, self.table = ledger, coord, board, table
         self.packages, self.rayjobs, self.ray_nodes, self.api_url = packages, rayjobs, ray_nodes, api_url
         self.node_views = node_views
         self.metrics = metrics
+        self.job_code_user = job_code_user
         self.runners: dict[str, tuple[threading.Thread, frozenset[str]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -330,7 +356,7 @@ class Scheduler:
         """Run a placed job to its end, then refund what is left of its escrow (whatever happened)."""
         from gpucoin.coordinator.run import JobRun
 
-        job, state, reason = None, JobState.FAILED, None
+        job, state, reason, evaluation = None, JobState.FAILED, None, None
         try:
             running = self.board.running(job_id)
             job = JobRun(
@@ -359,6 +385,7 @@ class Scheduler:
             if training.alive():  # a lost rank: the others may wait in a collective forever
                 self.rayjobs.stop(job_id)
             job.finish()
+            evaluation = self.evaluate(job, spec, running.store, module_dir)
             reason = job.stopped
             if running.cancelled:
                 state, reason = JobState.CANCELLED, "cancelled by its consumer"
@@ -373,7 +400,7 @@ class Scheduler:
             self.rayjobs.stop(job_id)
         finally:
             refunded = self.coord.refund(job_id, order)
-            summary = None if job is None else _summary(job, refunded)
+            summary = None if job is None else _summary(job, refunded, evaluation)
             self.board.log(
                 job_id,
                 f"{state.value}: settled to step {summary.steps if summary else 0}, refunded {refunded} µGPC"
@@ -388,32 +415,71 @@ class Scheduler:
                     pass
             self.board.wake.set()
 
+    def evaluate(self, job, spec: JobSpec, store: ContentStore, module_dir: Path) -> JobEvaluation:
+        """Validation loss and a sample of the checkpoint the job vouches for, from the job's code
+        run in a child process (as ``job_code_user``) on the checkpoint rebuilt from the store by
+        the manifests its ranks signed. Never raises: what went wrong is the sample's text."""
+        import math
+
+        from gpucoin.coordinator.evaluate import rebuilt_checkpoint
+        from gpucoin.coordinator.jobcode import evaluate_in_child
+
+        step = job.last_settled_step()
+        self.board.log(job.job_id, f"evaluating the checkpoint after step {step}", EventKind.STATUS)
+        try:
+            with rebuilt_checkpoint(spec, store.get, job.job_id, job.end_manifests(step), step) as tag_dir:
+                ev = evaluate_in_child(
+                    module_dir.parent,
+                    spec.model_dump(mode="json"),
+                    spec.data.source,
+                    tag_dir,
+                    step,
+                    user=self.job_code_user,
+                )
+            return JobEvaluation(
+                step=step, val_loss=ev.val_loss, uniform_loss=math.log(ev.vocab_size), sample=ev.sample
+            )
+        except Exception as e:  # noqa: BLE001 - a job whose evaluation fails is still settled and summarized
+            if not isinstance(e, GpucoinError):
+                log.exception("job %s: evaluation failed", job.job_id)
+            return JobEvaluation(step=step, val_loss=None, uniform_loss=None, sample=f"(no evaluation: {e})")
+
     # -- a restart ------------------------------------------------------------
     def recover(self) -> None:
         """End what the service's last run left behind (module docstring)."""
-        from gpucoin.ledger.accounts import escrow_account
-
         for row in self.table.all(JobState.RUNNING):
             self.rayjobs.stop(row.job_id)
             self.rayjobs.stop_prefixed(f"{row.job_id}-replay-")
-            refunded = self.coord.refund(row.job_id, self.order_of(row.job_id))
-            why = (
-                "the head service restarted while the job ran: its settled intervals stay paid, "
-                f"the rest of its escrow ({refunded} µGPC) was refunded"
-            )
-            self.board.log(row.job_id, why)
-            self.table.update(row.job_id, state=JobState.FAILED, reason=why)
-        known = {r.job_id for r in self.table.all()}
-        from gpucoin.head.api import stored_message
-
-        for msg_row in self.ledger.messages("JobOrder"):
-            order = stored_message(msg_row)
-            job_id = order.message["jobId"]
-            if job_id not in known and self.ledger.balance(escrow_account(job_id)) > 0:
-                self.coord.refund(job_id, order)
+        settle_lost_jobs(
+            self.ledger, self.coord, self.table, self.board, "the head service restarted while the job ran"
+        )
 
 
-def _summary(job, refunded_ugpc: int) -> JobSummary:
+def settle_lost_jobs(ledger, coord, table: JobTable, board: JobBoard, why: str, include_queued: bool = False) -> None:
+    """Jobs no runner holds any more (``why``: what ended their runner): each one left ``running``
+    is marked failed and what is left of its escrow refunded (its settled intervals stay paid, its
+    receipts stay in the ledger); a JobOrder escrowed but never queued is refunded too. Called by
+    a restarted head, and by the embedded mode after it stopped its head mid-job. Nothing of the
+    job may still run (its Ray jobs stopped, or the cluster gone). ``include_queued``: queued jobs
+    too (a head that is gone for good: the embedded mode's)."""
+    from gpucoin.head.api import stored_message
+    from gpucoin.ledger.accounts import escrow_account
+
+    rows = table.all(JobState.RUNNING) + (table.all(JobState.QUEUED) if include_queued else [])
+    for row in rows:
+        refunded = coord.refund(row.job_id, job_order(ledger, row.job_id))
+        text = f"{why}: its settled intervals stay paid, the rest of its escrow ({refunded} µGPC) was refunded"
+        board.log(row.job_id, text)
+        table.update(row.job_id, state=JobState.FAILED, reason=text)
+    known = {r.job_id for r in table.all()}
+    for msg_row in ledger.messages("JobOrder"):
+        order = stored_message(msg_row)
+        job_id = order.message["jobId"]
+        if job_id not in known and ledger.balance(escrow_account(job_id)) > 0:
+            coord.refund(job_id, order)
+
+
+def _summary(job, refunded_ugpc: int, evaluation: JobEvaluation | None = None) -> JobSummary:
     """What a ``coordinator.run.JobRun`` that ended did."""
     step = job.last_settled_step()
     iv = next((i for i in job.intervals.values() if i.end == step), None)
@@ -421,6 +487,11 @@ def _summary(job, refunded_ugpc: int) -> JobSummary:
         steps=step,
         receipts=ReceiptCounts(**job.counts),
         intervals={f"{iv.start}-{iv.end}": iv.outcome for iv in job.intervals.values()},
+        interval_wall_ms={f"{iv.start}-{iv.end}": iv.wall_ms for iv in job.intervals.values()},
+        max_replay_distance=max(job.distances, default=None),
+        escrowed_ugpc=job.money["escrowed"],
+        treasury_ugpc=job.money["treasury"],
+        evaluation=evaluation,
         paid_ugpc=job.money["paid"],
         burned_ugpc=job.money["burned"],
         minted_ugpc=job.money["minted"],

@@ -79,6 +79,7 @@ def serve(cfg: ServiceConfig) -> None:
     import uvicorn
 
     from gpucoin.cluster.local import participant
+    from gpucoin.cluster.node_user import prepare_node_user, switching_users
     from gpucoin.coordinator.settle import Coordinator
     from gpucoin.head.api import make_app, node_views
     from gpucoin.head.jobs import JobBoard, JobTable
@@ -89,6 +90,8 @@ def serve(cfg: ServiceConfig) -> None:
     from gpucoin.head.scheduler import LockedCoordinator, Scheduler
 
     coordinator = participant("coordinator", cfg.home)
+    # as root, the job's code (the end-of-job evaluation) runs as the unprivileged node user
+    job_code_user = prepare_node_user()[0] if switching_users() else None
     ledger = open_head_ledger(cfg, coordinator)
     try:
         coord = LockedCoordinator(Coordinator(ledger, ledger.policy, coordinator.account, ledger.domain))
@@ -109,6 +112,7 @@ def serve(cfg: ServiceConfig) -> None:
             public_api_url(cfg),
             lambda: node_views(ledger, ray_nodes()),
             metrics,
+            job_code_user,
         )
         app = make_app(ledger, cfg, coord, ray_nodes, board, metrics)
         server = uvicorn.Server(

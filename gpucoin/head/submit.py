@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from gpucoin.head.client import HeadClient
 from gpucoin.head.packages import pack
-from gpucoin.head.records import JobEvent, JobView
+from gpucoin.head.records import EventKind, JobEvent, JobView
 from gpucoin.spec import LoadedSpec
 from gpucoin.wallet.messages import Domain, sign
 from gpucoin.wallet.nonces import NonceSource
@@ -95,6 +95,26 @@ def follow(
         if time.monotonic() > deadline:
             raise HeadError(f"job {job_id} did not end within {timeout_s:.0f} s (it goes on; `gpucoin jobs` shows it)")
         time.sleep(FOLLOW_POLL_S)
+
+
+def events_to_ui(ui) -> Callable[[JobEvent], None]:
+    """An ``on_event`` for ``follow`` that makes the calls of ``ui`` (``coordinator.job.UI``) the
+    head's runner made: status lines, notes, the training progress."""
+
+    def on_event(ev: JobEvent) -> None:
+        p = ev.progress
+        if ev.kind == EventKind.STATUS:
+            ui.status(ev.text)
+        elif ev.kind == EventKind.TRAINING_STARTED and p is not None:
+            ui.training_started(p.total_steps, p.step)
+        elif ev.kind == EventKind.STEP and p is not None:
+            ui.step(p.step, p.loss if p.loss is not None else float("nan"), p.tokens_per_s or 0.0)
+        elif ev.kind == EventKind.TRAINING_DONE:
+            ui.training_done()
+        else:
+            ui.note(ev.text)
+
+    return on_event
 
 
 def cancel(api_url: str, job_id: str, account) -> JobView:

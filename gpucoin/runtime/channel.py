@@ -1,15 +1,11 @@
-"""How a job's ranks and its verifier reach the head: one interface, two transports.
+"""How a job's ranks and its verifier reach the head.
 
 A rank asks whether to stop, reports progress, hands in its signed receipts with their sketches
 and puts its checkpoint files into the job's store; a verifier reads that store. Both go through
-a ``JobChannel``:
-
-- ``RayChannel``: the embedded mode's ``JobInbox`` and ``ContentStore`` actors on the head node;
-- ``HttpChannel``: the head service's API (``gpucoin.head.api``, ``/v1/jobs/{id}/...``), for jobs
-  that ``gpucoin up``'s head places on joined nodes: no gpucoin actor runs on the head node, and
-  the head holds the inbox and the store in its own process.
-
-Either is small and picklable: Ray ships it to the ranks inside the training config.
+a ``JobChannel``; ``HttpChannel`` is the head service's API (``gpucoin.head.api``,
+``/v1/jobs/{id}/...``): no gpucoin actor runs on the head node, and the head holds the inbox and
+the store in its own process. It is small and picklable: Ray ships it to the ranks inside the
+training config.
 """
 
 from __future__ import annotations
@@ -34,41 +30,6 @@ class JobChannel(Protocol):
     def put(self, data: bytes) -> str: ...
     def get(self, digest: str) -> bytes: ...
     def has(self, digests: list[str]) -> list[bool]: ...
-
-
-@dataclass(frozen=True)
-class RayChannel:
-    """The job's ``JobInbox`` and ``ContentStore`` Ray actors (the embedded cluster's head node)."""
-
-    inbox: object
-    store: object
-
-    def stop_reason(self) -> str | None:
-        import ray
-
-        return ray.get(self.inbox.stop_reason.remote())
-
-    def progress(self, step: int, loss: float, lr: float) -> None:
-        self.inbox.progress.remote(step, loss, lr)  # display only: not waited for
-
-    def submit_receipt(self, rank: int, receipt_json: str, sketches: np.ndarray, losses: list[float]) -> InboxReply:
-        import ray
-
-        return ray.get(self.inbox.submit_receipt.remote(rank, receipt_json, sketches, losses))
-
-    def _store(self):
-        from gpucoin.storage.checkpoints import StoreClient
-
-        return StoreClient(self.store)
-
-    def put(self, data: bytes) -> str:
-        return self._store().put(data)
-
-    def get(self, digest: str) -> bytes:
-        return self._store().get(digest)
-
-    def has(self, digests: list[str]) -> list[bool]:
-        return self._store().has(digests)
 
 
 @dataclass(frozen=True)
@@ -112,41 +73,3 @@ class HttpChannel:
 
     def has(self, digests: list[str]) -> list[bool]:
         return self._client().job_has(self.job_id, digests)
-
-
-@dataclass(frozen=True)
-class ActorInbox:
-    """The coordinator's side of a ``JobInbox`` Ray actor (``coordinator.run.Inbox``)."""
-
-    actor: object
-
-    def poll(self) -> list:
-        import ray
-
-        return ray.get(self.actor.poll.remote())
-
-    def stop(self, reason: str) -> None:
-        self.actor.stop.remote(reason)
-
-
-@dataclass(frozen=True)
-class RayReplays:
-    """Replays as Ray tasks (``coordinator.run.Replays``): ``remote_fn`` is
-    ``verify.verifier.check_interval`` bound to the verifier node, ``channel`` the job's store."""
-
-    remote_fn: object
-    channel: JobChannel
-
-    def submit(self, req) -> object:
-        return self.remote_fn.remote(req, self.channel)
-
-    def result(self, handle: object, timeout_s: float | None):
-        import ray
-
-        ready, _ = ray.wait([handle], timeout=timeout_s)
-        return ray.get(handle) if ready else None
-
-    def cancel(self, handle: object) -> None:
-        import ray
-
-        ray.cancel(handle)

@@ -5,54 +5,23 @@ digest is what its WorkReceipt signs. ``fetch_checkpoint``: a verifier, a resumi
 evaluation rebuilds a tag directory from the ranks' manifest digests, checking every byte against
 what was signed, and learns which rank's commitment does not hold.
 
-Both take the store as plain ``put``/``get`` callables, so the same code runs against a local
-``ContentStore`` or one running as a Ray actor on the head (``StoreClient``).
+Both take the store as plain ``put``/``get`` callables, so the same code runs against the head's
+``ContentStore`` and against the head's API (``runtime.channel.HttpChannel``).
 """
 
 from __future__ import annotations
 
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from gpucoin.exceptions import BadCommittedFile, GpucoinError, ObjectMissing, TrainingError
+from gpucoin.exceptions import BadCommittedFile, ObjectMissing, TrainingError
 from gpucoin.storage.manifest import CheckpointManifest, FileEntry, rank_files
 
 Put = Callable[[bytes], str]
 """Stores bytes, returns their name (``ContentStore.put``)."""
 Get = Callable[[str], bytes]
 """Returns the bytes stored under a name (``ContentStore.get``); raises ``ObjectMissing``."""
-
-STORE_TIMEOUT_S = 600.0
-"""Bound on one call to a store actor (a 2 GiB object on a slow link)."""
-
-
-@dataclass(frozen=True)
-class StoreClient:
-    """``put``/``get``/``has`` of a ``ContentStore`` running as a Ray actor, each bounded by
-    ``STORE_TIMEOUT_S``. The store's errors (``ObjectMissing``, ...) reach the caller as themselves."""
-
-    actor: object
-
-    def _call(self, method: str, arg: object) -> object:
-        import ray
-
-        try:
-            return ray.get(getattr(self.actor, method).remote(arg), timeout=STORE_TIMEOUT_S)
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, GpucoinError):
-                raise exc.cause from None
-            raise
-
-    def put(self, data: bytes) -> str:
-        return self._call("put", data)
-
-    def get(self, digest: str) -> bytes:
-        return self._call("get", digest)
-
-    def has(self, digests: list[str]) -> list[bool]:
-        return self._call("has", digests)
 
 
 def commit_checkpoint(

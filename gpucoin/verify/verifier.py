@@ -175,7 +175,7 @@ def judge_interval(req: ReplayRequest, get: Get, workdir: Path, fresh_process: b
     then ``judgment.decide`` (what the verifier's signer runs).
 
     Args:
-        get: the store's ``get`` (``ContentStore.get`` or ``StoreClient.get``).
+        get: the store's ``get`` (``ContentStore.get`` or ``HttpChannel.get``).
         workdir: an empty private directory for the rebuilt checkpoints.
         fresh_process: reproduce a convicting replay in a fresh process (step 4).
 

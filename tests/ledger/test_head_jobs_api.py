@@ -142,6 +142,8 @@ def test_the_ranks_endpoints_screen_what_they_are_handed(head, tmp_path) -> None
     assert client.get(f"/v1/jobs/job-2/objects/{sha256_digest(b'weights')}").content == b"weights"
     has = client.post("/v1/jobs/job-2/objects/has", json={"digests": [sha256_digest(b"weights"), "0x" + "00" * 32]})
     assert has.json() == {"present": [True, False]}
+    # a missing object is 410, not 404 (no such job): the verifier pins it on the rank that signed it
+    assert client.get(f"/v1/jobs/job-2/objects/0x{'00' * 32}").status_code == 410
     # a receipt nobody signed, for a rank that does not exist, or with a ragged sketch: refused, nothing kept
     forged = {"rank": 0, "receipt_json": "{}", "sketches": [[0.0] * 8], "losses": [1.0]}
     assert client.post("/v1/jobs/job-2/receipts", json=forged).json()["accepted"] is False

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +67,7 @@ def _spec(directory: Path) -> JobSpec:
 
 
 @pytest.fixture(scope="module")
-def honest(tmp_path_factory) -> Honest:
+def honest(tmp_path_factory) -> Iterator[Honest]:
     home = tmp_path_factory.mktemp("honest")
     loaded = _spec(home / "job")
     s = train_local(loaded, LocalOptions(policy=POLICY, home=home))
@@ -77,7 +79,9 @@ def honest(tmp_path_factory) -> Honest:
             m = json.loads(row.typed_data)["message"]
             receipts.setdefault(m["stepStart"], {})[m["rank"]] = (row.digest, m["checkpointHash"])
     starts = sorted(receipts)
-    return Honest(
+    # the offline replays below run in this process, which imports the job's package like a verifier
+    sys.path.insert(0, str(loaded.module_dir.parent))
+    yield Honest(
         spec=loaded.spec,
         job_id=s["job_id"],
         package_hash=loaded.package_hash,
@@ -88,6 +92,7 @@ def honest(tmp_path_factory) -> Honest:
             a: np.stack([np.load(job_dir / "sketches" / f"rank{r}-step{a:08d}.npy") for r in range(2)]) for a in starts
         },
     )
+    sys.path.remove(str(loaded.module_dir.parent))
 
 
 @pytest.fixture

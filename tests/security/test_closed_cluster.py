@@ -166,11 +166,15 @@ def test_a_stalling_flooding_rank_raises_no_bill_and_drops_no_receipt(run: Run) 
 def test_the_cluster_refuses_a_client_without_its_token(tmp_path) -> None:
     """A process on this host that does not hold gpucoin's token cannot use the cluster; the same
     process with the token (read from the 0600 file) can, so the refusal is the token's."""
-    from gpucoin.cluster.embedded import EmbeddedCluster
+    from gpucoin.cluster.auth import home_token_path
+    from gpucoin.cluster.embedded import free_port
+    from gpucoin.head.lifecycle import UpOptions, down, up
 
-    token_path = tmp_path / "tok"
-    with EmbeddedCluster(tmp_path / "logs", [], auth_token_path=token_path) as cluster:
-        probe = f"import ray\nray.init(address='{cluster.address}')\nprint('CONNECTED', ray.cluster_resources())\n"
+    home = tmp_path / "head"
+    info = up(UpOptions(home=home, dev=True, ray_port=free_port(), api_port=free_port()))
+    try:
+        token_path = home_token_path(home)
+        probe = f"import ray\nray.init(address='{info.ray_address}')\nprint('CONNECTED', ray.cluster_resources())\n"
 
         def connect(token: str) -> subprocess.CompletedProcess:
             env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -183,3 +187,5 @@ def test_the_cluster_refuses_a_client_without_its_token(tmp_path) -> None:
         assert "token" in guess.stderr.lower(), guess.stderr[-2000:]
         holder = connect(token_path.read_text())
         assert holder.returncode == 0 and "CONNECTED" in holder.stdout, holder.stderr[-2000:]
+    finally:
+        down(home)
