@@ -259,6 +259,8 @@ def train(
         summary_json.write_text(js_safe_dumps(summary, indent=2) + "\n")
     if summary["audit"] != "ok":
         sys.exit(3)
+    if summary["state"] != "succeeded":
+        sys.exit(1)  # the summary says why: stopped early (a fraud, a rank lost) or failed
 
 
 @cli.group()

@@ -33,15 +33,17 @@ NODE_IP = "127.0.0.1"
 
 @contextlib.contextmanager
 def sigint_ignored():
-    """Ignore SIGINT inside the block (main thread only; elsewhere signals are not ours to set)."""
+    """Ignore SIGINT, and SIGTERM and SIGHUP (which ``gpucoin train`` turns into Ctrl-C), inside
+    the block: a clean-up is not cut short. Main thread only; elsewhere signals are not ours to set."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def ephemeral_port_range() -> tuple[int, int]:

@@ -30,6 +30,7 @@ from gpucoin.cluster.embedded import (
     check_short_temp_dir,
     component_ports,
     short_temp_dir,
+    sigint_ignored,
     spawn_ray_node,
     stop_marked_processes,
 )
@@ -271,10 +272,11 @@ def join(opts: JoinOptions, status=lambda text: None) -> JoinRecord:
         write_private(path, rec.model_dump_json(indent=2))
         return rec
     except BaseException:
-        for pid in reversed(started):
-            stop_group(pid, None, STOP_TIMEOUT_S)
-        stop_marked_processes(str(temp_dir), 5.0)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        with sigint_ignored():  # a second Ctrl-C must not leave processes no node record names
+            for pid in reversed(started):
+                stop_group(pid, None, STOP_TIMEOUT_S)
+            stop_marked_processes(str(temp_dir), 5.0)
+            shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
 

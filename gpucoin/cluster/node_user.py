@@ -260,3 +260,29 @@ def kill_processes(user: NodeUser, timeout_s: float = 10.0) -> int:
         if uids is not None and user.uid in (uids.real, uids.effective):
             found.append(p)
     return end_processes(found, timeout_s)
+
+
+def kill_marked_processes(user: NodeUser, mark: str, timeout_s: float = 10.0) -> int:
+    """Terminate, then kill, every process of ``user`` whose environment holds ``mark`` (a
+    ``NAME=value`` pair given to one child alone) or whose working directory is under ``mark``'s
+    value when that is a path: what one job-code child left running, without touching the user's
+    other processes (the Ray nodes of this host run as the same user while the head evaluates a
+    job). A process that cleared its environment and left both is not found: it can do no more
+    than any job code running as that user already can (docs/security.md, residual risks).
+
+    Returns:
+        How many processes were found.
+    """
+    import psutil
+
+    name, _, value = mark.partition("=")
+    found = []
+    for p in psutil.process_iter(["uids", "environ", "cwd"]):
+        uids = p.info["uids"]
+        if uids is None or user.uid not in (uids.real, uids.effective):
+            continue
+        env = p.info["environ"] or {}
+        cwd = p.info["cwd"] or ""
+        if env.get(name) == value or (value.startswith("/") and (cwd == value or cwd.startswith(value + "/"))):
+            found.append(p)
+    return end_processes(found, timeout_s)

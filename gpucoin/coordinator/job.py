@@ -11,7 +11,6 @@ every party of it is on this host.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import os
 import secrets
@@ -23,7 +22,7 @@ from typing import Protocol
 
 from gpucoin.cluster.auth import home_token_path
 from gpucoin.cluster.build_cache import build_root, clear_stale_locks
-from gpucoin.cluster.embedded import NODE_IP, free_port, short_temp_dir, sigint_ignored
+from gpucoin.cluster.embedded import NODE_IP, short_temp_dir, sigint_ignored
 from gpucoin.cluster.local import Participant, engineer_available_after_faucet, fund_engineer, participant
 from gpucoin.cluster.node_user import (
     NODE_USER,
@@ -35,7 +34,7 @@ from gpucoin.cluster.node_user import (
     switching_users,
 )
 from gpucoin.coordinator.settle import Coordinator, genesis_message
-from gpucoin.exceptions import InsufficientFunds, NoPlacement, PolicyError, StoredPolicyOutdated
+from gpucoin.exceptions import InsufficientFunds, NoPlacement, PolicyError, SpecError, StoredPolicyOutdated
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import wallet_account
 from gpucoin.money import format_gpc
@@ -85,7 +84,6 @@ class LocalOptions:
         stake_ugpc: bond of each dev volunteer, µGPC.
         ask_ugpc_per_worker_hour: ask of each dev volunteer, µGPC per worker-hour.
         head_port: GCS port of the local head (None: a free one).
-        seed_secret: sampling secret (None: fresh random bytes; tests may fix it).
         node_env: extra environment per node name (``vol0``...), e.g. test fault injection.
     """
 
@@ -95,7 +93,6 @@ class LocalOptions:
     stake_ugpc: int = 500_000_000
     ask_ugpc_per_worker_hour: int = 800_000
     head_port: int | None = None
-    seed_secret: bytes | None = None
     node_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
@@ -178,8 +175,12 @@ def preflight(loaded: LoadedSpec, opts: LocalOptions, coord: Coordinator, engine
     Raises:
         NoPlacement: more workers than volunteers, or a bid below the volunteers' ask.
         InsufficientFunds: a budget the engineer's wallet cannot cover.
+        SpecError: a corpus file that is not a readable file.
     """
     spec = loaded.spec
+    source = _data_source(loaded)
+    if source != "pypi" and not (os.path.isfile(source) and os.access(source, os.R_OK)):
+        raise SpecError(f"data.source {source}: no readable file there")
     offers = [
         Offer(f"vol{i}", f"vol{i}", opts.ask_ugpc_per_worker_hour, 1, opts.stake_ugpc) for i in range(opts.volunteers)
     ]
@@ -290,20 +291,42 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
         stakes = {v.name: fund_volunteer(coord, v, opts.stake_ugpc) for v in volunteers}
     finally:
         ledger.close()
+    run = _LocalRun(job_id=new_job_id(loaded.spec.name))
     nodes = NodeSetup.prepare(ui)
     try:
         ui.status("preparing the corpus")
         loaded = with_data_source(loaded, nodes.stage(_data_source(loaded)))
-        final, timings = _run_on_head(loaded, opts, ui, nodes, engineer, volunteers, verifier, stakes)
+        final, timings = _run_on_head(loaded, opts, ui, run, engineer, volunteers, verifier, stakes, nodes.user)
     finally:
         with sigint_ignored():  # a second Ctrl-C must not leave the budget in escrow
-            nodes.close()
-            _settle_left_jobs(opts, coordinator_p)
+            _quietly(ui, "ending the node user's processes", nodes.close)
+            if run.submitted and run.head_down:
+                _quietly(ui, "refunding the job's escrow", _settle_own_job, opts, coordinator_p, run.job_id)
     return _summary(final, loaded, opts, before, timings)
 
 
 PLACEMENT_TIMEOUT_S = 120.0
 """How long the embedded mode waits for its head's market to place the job on its own nodes."""
+
+
+@dataclass
+class _LocalRun:
+    """What one embedded run started, so that its clean-up undoes exactly that."""
+
+    job_id: str
+    head_up: bool = False
+    head_down: bool = False
+    submitted: bool = False
+    joined: list[str] = field(default_factory=list)
+
+
+def _quietly(ui: UI, what: str, fn, *args) -> None:
+    """``fn(*args)`` as one step of a clean-up: an error is said, and the clean-up (and the error
+    that started it, if any) goes on."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - the next clean-up step and the first error matter more
+        ui.note(f"{what} failed: {type(e).__name__}: {e}")
 
 
 def fund_volunteer(coord: Coordinator, vol: Participant, stake_ugpc: int) -> int:
@@ -326,30 +349,32 @@ def with_data_source(loaded: LoadedSpec, source: str) -> LoadedSpec:
     return loaded.model_copy(update={"spec": spec, "spec_hash": spec_digest(spec)})
 
 
-def _run_on_head(loaded, opts, ui, nodes, engineer, volunteers, verifier, stakes):
-    """Up, join, submit, follow; leave and down whatever happens. Returns (final JobView, timings)."""
+def _run_on_head(loaded, opts, ui, run: _LocalRun, engineer, volunteers, verifier, stakes, node_user):
+    """Up, join, submit, follow; the nodes leave and the head goes down whatever happens (each
+    step undone only if this run did it). Returns (final JobView, timings)."""
+    from gpucoin.cluster.embedded import PortPool
     from gpucoin.cluster.join import JoinOptions, join, leave
     from gpucoin.head.lifecycle import UpOptions, down, up
     from gpucoin.head.records import JobState
     from gpucoin.head.submit import events_to_ui, follow, submit
 
     home = opts.home
-    stack = contextlib.ExitStack()
     try:
         t0 = time.monotonic()
         ui.status(f"starting a local head (Ray head + head service) and {len(volunteers)} volunteers + 1 verifier")
+        ports = PortPool()
         info = up(
             UpOptions(
                 home=home,
                 dev=True,
                 policy=opts.policy.name,
                 host=NODE_IP,
-                ray_port=opts.head_port or free_port(),
-                api_port=free_port(),
+                ray_port=opts.head_port or ports.take(),
+                api_port=ports.take(),
             )
         )
-        stack.callback(down, home)
-        if nodes.user is None:
+        run.head_up = True
+        if node_user is None:
             ui.note(
                 f"job code runs as OS user {getpass.getuser()}, as the nodes' signing processes and this one do: "
                 f"no key is in its environment, but it can read this user's files (the dev keystores under "
@@ -375,10 +400,11 @@ def _run_on_head(loaded, opts, ui, nodes, engineer, volunteers, verifier, stakes
                     env={**({"CUDA_VISIBLE_DEVICES": str(i)} if gpu else {}), **opts.node_env.get(p.name, {})},
                 )
             )
-            stack.callback(leave, home, p.name, None)  # the stake stays bonded for the next run
+            run.joined.append(p.name)
         cluster_s = time.monotonic() - t0
         ui.status("submitting the job: its package, the signed JobOrder, the escrow")
-        view = submit(info.api_url, loaded, engineer.account)
+        run.submitted = True  # from here on the escrow may be taken, even if the answer is lost
+        view = submit(info.api_url, loaded, engineer.account, job_id=run.job_id)
         t1 = time.monotonic()
 
         def on_view(v) -> None:
@@ -392,13 +418,20 @@ def _run_on_head(loaded, opts, ui, nodes, engineer, volunteers, verifier, stakes
         return final, {"cluster_start": round(cluster_s, 1), "training": round(time.monotonic() - t1, 1)}
     finally:
         with sigint_ignored():  # the nodes and the head are stopped whatever a second Ctrl-C says
-            stack.close()
+            for name in reversed(run.joined):  # the stake stays bonded for the next run
+                _quietly(ui, f"stopping node {name}", leave, home, name, None)
+            if run.head_up:
+                try:
+                    down(home)
+                    run.head_down = True
+                except Exception as e:  # noqa: BLE001 - said; the job stays the head's to settle
+                    ui.note(f"stopping the local head failed: {type(e).__name__}: {e}; `gpucoin down --home {home}`")
 
 
-def _settle_left_jobs(opts: LocalOptions, coordinator_p: Participant) -> None:
-    """After the local head went down: a job it left queued or running is failed and what is left
-    of its escrow refunded (``head.scheduler.settle_lost_jobs``), by this process, which holds the
-    local coordinator's key and, the head being down, is the ledger's only writer."""
+def _settle_own_job(opts: LocalOptions, coordinator_p: Participant, job_id: str) -> None:
+    """After this run's head went down: if the job it submitted did not end, it is failed and
+    what is left of its escrow refunded (``head.scheduler.settle_lost_jobs``), by this process,
+    which holds the local coordinator's key and, the head being down, is the ledger's only writer."""
     from gpucoin.head.jobs import JobBoard, JobTable
     from gpucoin.head.scheduler import settle_lost_jobs
 
@@ -412,6 +445,7 @@ def _settle_left_jobs(opts: LocalOptions, coordinator_p: Participant) -> None:
             JobBoard(opts.home / "jobs"),
             "the local run stopped before the job ended",
             include_queued=True,
+            job_ids={job_id},
         )
     finally:
         ledger.close()

@@ -35,7 +35,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gpucoin.cluster.node_user import NodeUser, chown_tree, kill_processes, node_dir
+from gpucoin.cluster.node_user import NodeUser, chown_tree, kill_marked_processes, node_dir
 from gpucoin.exceptions import JobCodeError
 
 CORPUS_TIMEOUT_S = 900.0
@@ -48,6 +48,9 @@ MAX_ANSWER_BYTES = 64 * 1024
 """Largest answer read from the child (a sample of ~300 characters and a few numbers)."""
 
 _KEPT_ENV = ("GPUCOIN_CACHE_DIR",)
+
+JOBCODE_DIR_ENV = "GPUCOIN_JOBCODE_DIR"
+"""Set in a job-code child's environment to its working dir: marks what it started."""
 
 
 class CorpusInfo(BaseModel):
@@ -184,13 +187,15 @@ def _run(req: _Request, timeout_s: float, user: NodeUser | None = None) -> dict:
         if user is not None:
             req = _as_user(req, work, user)
             as_user = {**user.popen_kwargs(), "cwd": work}
+        # names what this child (and whatever it starts) runs in: found and ended afterwards
+        mark = f"{JOBCODE_DIR_ENV}={work}"
         with log_path.open("w+b") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "gpucoin.coordinator.jobcode", str(answer_path)],
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=child_env(user),
+                env={**child_env(user), JOBCODE_DIR_ENV: str(work)},
                 start_new_session=True,
                 **as_user,
             )
@@ -206,7 +211,7 @@ def _run(req: _Request, timeout_s: float, user: NodeUser | None = None) -> dict:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 if user is not None:  # also what left its session
-                    kill_processes(user)
+                    kill_marked_processes(user, mark)
             log.seek(max(0, os.fstat(log.fileno()).st_size - 600))
             log_tail = log.read(600)
         raw = _read_answer(answer_path, os.getuid() if user is None else user.uid)

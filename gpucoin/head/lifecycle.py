@@ -32,6 +32,7 @@ from gpucoin.cluster.embedded import (
     PortPool,
     component_ports,
     short_temp_dir,
+    sigint_ignored,
     spawn_ray_node,
     stop_marked_processes,
 )
@@ -177,7 +178,9 @@ def up(opts: UpOptions) -> HeadInfo:
         if old.ray_head.alive() and not old.service.alive():
             return _restart_service(old, home)
         if old.ray_head.alive() or old.service.alive():
-            raise HeadError(f"a head already runs from {home} (API {old.api_url}); stop it with `gpucoin down` first")
+            raise HeadError(
+                f"a head already runs from {home} (API {old.api_url}); stop it with `gpucoin down --home {home}` first"
+            )
         _clean_up(old, home)
     for port in (opts.ray_port, opts.api_port):
         if _listening(opts.host, port):
@@ -239,10 +242,11 @@ def up(opts: UpOptions) -> HeadInfo:
         write_private(info_path(home), info.model_dump_json(indent=2))
         return info
     except BaseException:
-        for proc in reversed(started):
-            stop_group(proc.pid, None, STOP_TIMEOUT_S)
-        stop_marked_processes(str(temp_dir), 5.0)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        with sigint_ignored():  # a second Ctrl-C must not leave processes no head.json names
+            for proc in reversed(started):
+                stop_group(proc.pid, None, STOP_TIMEOUT_S)
+            stop_marked_processes(str(temp_dir), 5.0)
+            shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
 

@@ -356,7 +356,14 @@ class Scheduler:
         """Run a placed job to its end, then refund what is left of its escrow (whatever happened)."""
         from gpucoin.coordinator.run import JobRun
 
-        job, state, reason, evaluation = None, JobState.FAILED, None, None
+        job, state, reason, finished = None, JobState.FAILED, None, False
+        package = order.message["packageHash"]
+        if package not in self.ledger.policy.verification.vetted_packages:
+            self.board.log(
+                job_id,
+                f"the job's package {package[:10]}… is not on the policy's vetted list: a replay mismatch slashes "
+                "nobody, the interval is void and its charge to the consumer is burned",
+            )
         try:
             running = self.board.running(job_id)
             job = JobRun(
@@ -367,7 +374,7 @@ class Scheduler:
                 rank_worker=rank_worker,
                 price_ugpc_per_worker_hour=placement.price_ugpc_per_worker_hour,
                 verifier_address=verifier.provider,
-                package_hash=order.message["packageHash"],
+                package_hash=package,
                 replays=HttpReplays(
                     self.rayjobs, self.board, job_id, verifier.node_id, verifier.provider, module_dir, self.api_url
                 ),
@@ -385,7 +392,7 @@ class Scheduler:
             if training.alive():  # a lost rank: the others may wait in a collective forever
                 self.rayjobs.stop(job_id)
             job.finish()
-            evaluation = self.evaluate(job, spec, running.store, module_dir)
+            finished = True
             reason = job.stopped
             if running.cancelled:
                 state, reason = JobState.CANCELLED, "cancelled by its consumer"
@@ -400,6 +407,12 @@ class Scheduler:
             self.rayjobs.stop(job_id)
         finally:
             refunded = self.coord.refund(job_id, order)
+            evaluation = None
+            if finished and not running.cancelled:  # a cancelled job's consumer can still `gpucoin pull` it
+                # the nodes are free for the next job while the head evaluates this one's checkpoint
+                self.runners[job_id] = (threading.current_thread(), frozenset())
+                self.board.wake.set()
+                evaluation = self.evaluate(job, spec, running.store, module_dir)
             summary = None if job is None else _summary(job, refunded, evaluation)
             self.board.log(
                 job_id,
@@ -418,13 +431,26 @@ class Scheduler:
     def evaluate(self, job, spec: JobSpec, store: ContentStore, module_dir: Path) -> JobEvaluation:
         """Validation loss and a sample of the checkpoint the job vouches for, from the job's code
         run in a child process (as ``job_code_user``) on the checkpoint rebuilt from the store by
-        the manifests its ranks signed. Never raises: what went wrong is the sample's text."""
+        the manifests its ranks signed. Never raises: what went wrong is the sample's text.
+
+        Without a ``job_code_user`` (not root) the job's code would run as the head's own user,
+        who can read the coordinator's keystore: only a dev network (the embedded mode, where
+        every party is this user anyway, and says so) evaluates then."""
         import math
 
         from gpucoin.coordinator.evaluate import rebuilt_checkpoint
         from gpucoin.coordinator.jobcode import evaluate_in_child
 
         step = job.last_settled_step()
+        genesis = self.ledger.genesis
+        if self.job_code_user is None and not (genesis is not None and genesis.dev):
+            return JobEvaluation(
+                step=step,
+                val_loss=None,
+                uniform_loss=None,
+                sample="(not evaluated: a head that is not a dev network runs job code only as another OS user; "
+                "run it as root, and the job's code runs as the node user)",
+            )
         self.board.log(job.job_id, f"evaluating the checkpoint after step {step}", EventKind.STATUS)
         try:
             with rebuilt_checkpoint(spec, store.get, job.job_id, job.end_manifests(step), step) as tag_dir:
@@ -455,18 +481,26 @@ class Scheduler:
         )
 
 
-def settle_lost_jobs(ledger, coord, table: JobTable, board: JobBoard, why: str, include_queued: bool = False) -> None:
+def settle_lost_jobs(
+    ledger,
+    coord,
+    table: JobTable,
+    board: JobBoard,
+    why: str,
+    include_queued: bool = False,
+    job_ids: set[str] | None = None,
+) -> None:
     """Jobs no runner holds any more (``why``: what ended their runner): each one left ``running``
     is marked failed and what is left of its escrow refunded (its settled intervals stay paid, its
     receipts stay in the ledger); a JobOrder escrowed but never queued is refunded too. Called by
     a restarted head, and by the embedded mode after it stopped its head mid-job. Nothing of the
     job may still run (its Ray jobs stopped, or the cluster gone). ``include_queued``: queued jobs
-    too (a head that is gone for good: the embedded mode's)."""
+    too (a head that is gone for good: the embedded mode's). ``job_ids``: only these jobs (None: all)."""
     from gpucoin.head.api import stored_message
     from gpucoin.ledger.accounts import escrow_account
 
     rows = table.all(JobState.RUNNING) + (table.all(JobState.QUEUED) if include_queued else [])
-    for row in rows:
+    for row in [r for r in rows if job_ids is None or r.job_id in job_ids]:
         refunded = coord.refund(row.job_id, job_order(ledger, row.job_id))
         text = f"{why}: its settled intervals stay paid, the rest of its escrow ({refunded} µGPC) was refunded"
         board.log(row.job_id, text)
@@ -475,6 +509,8 @@ def settle_lost_jobs(ledger, coord, table: JobTable, board: JobBoard, why: str, 
     for msg_row in ledger.messages("JobOrder"):
         order = stored_message(msg_row)
         job_id = order.message["jobId"]
+        if job_ids is not None and job_id not in job_ids:
+            continue
         if job_id not in known and ledger.balance(escrow_account(job_id)) > 0:
             coord.refund(job_id, order)
 

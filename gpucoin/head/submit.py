@@ -28,8 +28,10 @@ MAX_FOLLOW_S = 7 * 24 * 3600
 """The longest ``follow`` waits for one job."""
 
 
-def submit(api_url: str, loaded: LoadedSpec, account) -> JobView:
-    """Upload ``loaded``'s package, sign its JobOrder with ``account`` (the consumer) and queue it.
+def submit(api_url: str, loaded: LoadedSpec, account, job_id: str | None = None) -> JobView:
+    """Upload ``loaded``'s package, sign its JobOrder with ``account`` (the consumer) and queue it
+    as ``job_id`` (None: a new one, ``coordinator.job.new_job_id``; a caller that picks it first
+    knows which escrow is its own even if the head's answer is lost).
 
     The budget is escrowed by the head as it queues the job (refunded, what is left of it, when
     the job ends).
@@ -52,7 +54,7 @@ def submit(api_url: str, loaded: LoadedSpec, account) -> JobView:
         domain,
         {
             "consumer": account.address,
-            "jobId": new_job_id(spec.name),
+            "jobId": job_id or new_job_id(spec.name),
             "specHash": loaded.spec_hash,
             "packageHash": loaded.package_hash,
             "workers": spec.workers,

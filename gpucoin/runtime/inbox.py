@@ -76,7 +76,8 @@ class InboxReply:
 
 
 class JobInbox:
-    """Ray actor (``num_cpus=0``, on the head node) that screens and buffers one job's events."""
+    """Screens and buffers one job's events, in the head service's process (the API hands it
+    what the ranks post; ``coordinator.run.JobRun`` polls it)."""
 
     def __init__(self, config: InboxConfig) -> None:
         from gpucoin.wallet.messages import Domain

@@ -6,7 +6,7 @@ hook sketches the local gradient before DeepSpeed reduces it), optimizer step; a
 the interval save a DeepSpeed checkpoint into this rank's own scratch directory, put the files
 this rank wrote and their manifest into the job's store on the head, sign a WorkReceipt naming
 the manifest through this node's signing process (the key is not in this process: job code
-runs here) and hand it with the sketches to the job's inbox actor.
+runs here) and hand it with the sketches to the head (``runtime.channel``).
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ def _train(home: Path, *args: str, spec: Path = JOB):
         (["--bid", "0.5"], "ask above the bid"),
         (["--budget", "1.0000001"], "7 decimals"),
         (["--policy", "default"], "was started with policy 'local' v3, not 'default' v3"),
+        (["--data", "/nonexistent/corpus.txt"], "data.source /nonexistent/corpus.txt: no readable file there"),
     ],
 )
 def test_refused_with_one_line_and_no_ledger_change(home, args, expect):

@@ -232,3 +232,32 @@ def test_only_the_verifier_answers_a_replay(head, tmp_path) -> None:
     good = {"verifier": VERIFIER.address, "reports": [report(VERIFIER)], "findings": []}
     assert client.post("/v1/jobs/job-3/replays/0-1", json=good).status_code == 200
     assert board.running("job-3").replays["0-1"].answer.reports == good["reports"]
+
+
+def test_jobs_a_gone_head_left_are_failed_and_refunded_once(head, ledger: Ledger, tmp_path) -> None:
+    """A restarted head keeps its queue and refunds what it was running; the embedded mode, whose
+    head is gone for good, also refunds what was still queued. Twice changes nothing."""
+    from gpucoin.head.scheduler import settle_lost_jobs
+
+    client, board, loaded = head
+    _upload(client, loaded)
+    spec = loaded.spec.model_dump(mode="json")
+    for n, job_id in enumerate(("job-q", "job-r"), 1):
+        assert client.post("/v1/jobs", json={"order": _order(loaded, job_id, nonce=n), "spec": spec}).status_code == 200
+    table = JobTable(ledger.engine)
+    table.update("job-r", state=JobState.RUNNING)
+    coord = Coordinator(ledger, ledger.policy, COORDINATOR, DOMAIN)
+    budget = loaded.spec.budget_ugpc
+    before = ledger.balance(wallet_account(CONSUMER.address))
+
+    settle_lost_jobs(ledger, coord, table, board, "the head service restarted")
+    assert table.get("job-r").state == JobState.FAILED.value and "restarted" in table.get("job-r").reason
+    assert table.get("job-q").state == JobState.QUEUED.value
+    assert ledger.balance(escrow_account("job-r")) == 0 and ledger.balance(escrow_account("job-q")) == budget
+
+    for _ in range(2):
+        settle_lost_jobs(ledger, coord, table, board, "the local run stopped", include_queued=True)
+    assert table.get("job-q").state == JobState.FAILED.value
+    assert ledger.balance(escrow_account("job-q")) == 0
+    assert ledger.balance(wallet_account(CONSUMER.address)) == before + 2 * budget
+    assert ledger.audit() == []

@@ -37,6 +37,8 @@ POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 RAY_SERVERS = {"gcs_server", "raylet"}
 STALL_S = 15
+OWN_TEMP_PREFIXES = ("gpucoin-head-", "gpucoin-node-", "gpucoin-work-", "gpucoin-eval-", "gpucoin-jobcode-")
+"""The temp dirs an embedded run makes (its head's, its nodes', the node user's working dir, an evaluation's)."""
 
 pytestmark = pytest.mark.ray
 
@@ -94,7 +96,7 @@ def run(tmp_path_factory):
     stale.write_text("127.0.0.1:1")  # a dead head a user's ray.init() would try to reach
     system_ray = Path("/tmp/ray")
     system_before = set(os.listdir(system_ray)) if system_ray.is_dir() else set()
-    own_before = {d for d in os.listdir("/tmp") if d.startswith("gpucoin-ray-")}
+    own_before = {d for d in os.listdir("/tmp") if d.startswith(OWN_TEMP_PREFIXES)}
     home = tmp / "gpucoin"
     opts = LocalOptions(
         policy=POLICY, home=home, node_env={"vol1": {FAULT_STALL_ENV: f"{STALL_S}@8", FAULT_FLOOD_ENV: "400"}}
@@ -134,7 +136,7 @@ def test_a_run_listens_on_loopback_only_and_leaves_the_users_ray_state_alone(run
     system_ray = Path("/tmp/ray")
     if system_ray.is_dir():
         assert set(os.listdir(system_ray)) <= run.system_before, "the run left Ray state in /tmp/ray"
-    own_after = {d for d in os.listdir("/tmp") if d.startswith("gpucoin-ray-")}
+    own_after = {d for d in os.listdir("/tmp") if d.startswith(OWN_TEMP_PREFIXES)}
     assert own_after <= run.own_before, f"own Ray temp dir left: {own_after - run.own_before}"
     for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR"):
         assert k not in os.environ, f"{k} leaked into the caller's environment"

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -146,4 +147,37 @@ def test_as_root_the_child_runs_as_the_node_user_on_copies(tmp_path, monkeypatch
         ev = evaluate_in_child(parent, spec, str(excerpt), None, 0, user=user)
         assert ev.val_loss > 0
     finally:
+        shutil.rmtree(drop, ignore_errors=True)
+
+
+@pytest.mark.skipif(not switching_users(), reason="only root runs job code as the node user")
+def test_as_root_what_the_child_left_is_ended_and_nothing_else_of_the_node_user(tmp_path, monkeypatch) -> None:
+    """A daemon the job's code leaves in a session of its own is ended with it; a process of the
+    node user that the child did not start (a Ray node of this host, while the head evaluates a
+    job) keeps running."""
+    user, _ = prepare_node_user()
+    drop = Path(tempfile.mkdtemp(prefix="gpucoin-test-daemon-", dir="/tmp"))
+    os.chmod(drop, 0o1777)
+    bystander = subprocess.Popen(
+        ["sleep", "600"], cwd="/", env=user.env(), start_new_session=True, **user.popen_kwargs()
+    )
+    try:
+        monkeypatch.setenv("PID_FILE", str(drop / "daemon.pid"))
+        hostile = """
+import os as _os, subprocess as _sp, sys as _sys
+_p = _sp.Popen([_sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+open(_os.environ["PID_FILE"], "w").write(str(_p.pid))
+"""
+        parent, spec = _job(tmp_path, hostile)
+        excerpt = drop / "excerpt.txt"
+        excerpt.write_bytes(EXCERPT.read_bytes())
+        os.chmod(excerpt, 0o644)
+        corpus_info(parent, spec, str(excerpt), user=user)
+        daemon = int((drop / "daemon.pid").read_text())
+        gone = not psutil.pid_exists(daemon) or psutil.Process(daemon).status() == psutil.STATUS_ZOMBIE
+        assert gone, "a daemon the job's code started outlived it"
+        assert bystander.poll() is None, "a process of the node user the child did not start was ended"
+    finally:
+        bystander.kill()
+        bystander.wait()
         shutil.rmtree(drop, ignore_errors=True)
