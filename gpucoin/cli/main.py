@@ -77,7 +77,7 @@ def cli() -> None:
     default=None,
     metavar="HEAD",
     help="A running head's API (HOST:PORT, as `gpucoin up` printed it): submit the job to its market. Without "
-    "it, an embedded local cluster is started on this host, with dev wallets funded by a dev faucet.",
+    "it, the embedded mode: a private head on this host with dev volunteers joined to it and dev wallets.",
 )
 @click.option(
     "--wallet",
