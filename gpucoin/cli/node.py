@@ -201,6 +201,7 @@ def faucet(recipient, amount, address):
 
 def train_remote(job_spec: Path, overrides: dict, data_source, address, wallet_ref, detach: bool, home: Path) -> None:
     """``gpucoin train JOB.yaml --address HEAD --wallet W``: submit to a head, then follow (or not)."""
+    from gpucoin.coordinator.job import with_data_source
     from gpucoin.head.client import HeadClient
     from gpucoin.head.submit import follow, submit
     from gpucoin.spec import load_spec
@@ -210,8 +211,7 @@ def train_remote(job_spec: Path, overrides: dict, data_source, address, wallet_r
         api_url = lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)
         loaded = load_spec(job_spec, overrides)
         if data_source is not None:  # the JobOrder signs the spec with the corpus it names
-            data = loaded.spec.data.model_copy(update={"source": data_source}).model_dump(mode="json")
-            loaded = load_spec(job_spec, {**overrides, "data": data})
+            loaded = with_data_source(loaded, data_source)
         HeadClient(api_url).status()  # a head that is not there is said before a password is asked
         info = _one(_wallets_dir(home, None), wallet_ref)
         account = load_keystore(info.path, _password(f"Password of wallet {info.name}", confirm=False))

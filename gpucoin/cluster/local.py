@@ -12,9 +12,8 @@ from pathlib import Path
 
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.ledger.accounts import wallet_account
-from gpucoin.wallet.keystore import DEV_PASSWORD, dev_account
+from gpucoin.wallet.keystore import dev_account
 from gpucoin.wallet.messages import SignedMessage, sign
-from gpucoin.wallet.signer import SOCKET_ENV, SignerProcess, start_signer
 
 ENGINEER_FAUCET_UGPC = 1_000_000_000
 """What the dev faucet gives the engineer's dev wallet, once: 1,000 GPC."""
@@ -34,25 +33,6 @@ class Participant:
     def address(self) -> str:
         """Checksum address."""
         return self.account.address
-
-    def start_signer(
-        self,
-        socket_path: Path,
-        coordinator: str,
-        domain,
-        role: str = "volunteer",
-        tolerance: float | None = None,
-        node_user=None,
-    ) -> SignerProcess:
-        """Start this dev wallet's signing process (the dev password goes to it on a pipe);
-        ``tolerance``: the policy's ``tolerance_rel_l2``, for a verifier's; ``node_user``: whose
-        processes may connect besides ours (``start_signer``)."""
-        return start_signer(self.keystore, DEV_PASSWORD, socket_path, coordinator, domain, role, tolerance, node_user)
-
-    @staticmethod
-    def node_env(signer: SignerProcess) -> dict[str, str]:
-        """Environment for this participant's Ray node: where its signer listens, nothing secret."""
-        return {SOCKET_ENV: str(signer.socket_path)}
 
 
 def participant(name: str, home: Path) -> Participant:

@@ -342,10 +342,16 @@ def fund_volunteer(coord: Coordinator, vol: Participant, stake_ugpc: int) -> int
 
 
 def with_data_source(loaded: LoadedSpec, source: str) -> LoadedSpec:
-    """``loaded`` with its corpus at ``source``, and the spec hash its JobOrder signs to match."""
+    """``loaded`` with its corpus at ``source`` (the spec validated again), and the spec hash its
+    JobOrder signs to match.
+
+    Raises:
+        pydantic.ValidationError: the changed spec does not validate.
+    """
     if source == loaded.spec.data.source:
         return loaded
-    spec = loaded.spec.model_copy(update={"data": loaded.spec.data.model_copy(update={"source": source})})
+    fields = loaded.spec.model_dump(mode="json")
+    spec = type(loaded.spec).model_validate({**fields, "data": {**fields["data"], "source": source}})
     return loaded.model_copy(update={"spec": spec, "spec_hash": spec_digest(spec)})
 
 
