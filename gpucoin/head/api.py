@@ -25,7 +25,9 @@
     POST /v1/jobs/{id}/progress   ProgressReport (display only)
     POST /v1/jobs/{id}/receipts   ReceiptSubmission -> InboxAnswer (``runtime.inbox.JobInbox``)
     PUT  /v1/jobs/{id}/objects    bytes -> ObjectAnswer; GET .../objects/{digest}; POST .../objects/has
-    GET  /v1/jobs/{id}/replays/{rid}   a drawn interval's ReplayRequest; POST: the verifier's ReplayAnswer
+    GET  /v1/jobs/{id}/replays    ReplayQueue: the drawn replays the job's replay worker is to run
+    GET  /v1/jobs/{id}/replays/{rid}?worker=G   a drawn interval's ReplayRequest (taken by replay
+                       worker generation G); POST: the verifier's ReplayAnswer
 
 Errors answer ``{"detail": "<one line>"}`` with 400 (malformed), 403 (refused), 404 (no such job,
 or not running), 409 (conflict: a nonce or an id used before, too little money, stake not
@@ -80,6 +82,7 @@ from gpucoin.head.records import (
     ReceiptSubmission,
     RegisterRequest,
     ReplayAnswer,
+    ReplayQueue,
     ServiceConfig,
     SignedRequest,
     StopAnswer,
@@ -496,11 +499,23 @@ def make_app(
     def post_has(job_id: str, body: HasRequest) -> HasAnswer:
         return HasAnswer(present=board.running(job_id).store.has(body.digests))
 
+    @app.get("/v1/jobs/{job_id}/replays", response_model=ReplayQueue)
+    def get_replays(job_id: str) -> ReplayQueue:
+        try:
+            replays = board.running(job_id).replays
+        except UnknownJob:
+            return ReplayQueue(pending=[], open=False)
+        pending = [rid for rid, r in list(replays.items()) if r.answer is None and not r.cancelled]
+        return ReplayQueue(pending=pending, open=True)
+
     @app.get("/v1/jobs/{job_id}/replays/{replay_id}")
-    def get_replay(job_id: str, replay_id: str) -> dict:
+    def get_replay(job_id: str, replay_id: str, worker: int | None = None) -> dict:
         replay = board.running(job_id).replays.get(replay_id)
         if replay is None:
             raise UnknownJob(f"job {job_id} drew no replay {replay_id!r}")
+        if worker is not None and replay.started_by is None:
+            # read by anyone; a wrong mark only makes a worker's death fail this replay, not retry it
+            replay.started_by = worker
         return replay.request
 
     @app.post("/v1/jobs/{job_id}/replays/{replay_id}", response_model=StopAnswer)

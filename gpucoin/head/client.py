@@ -30,6 +30,7 @@ from gpucoin.head.records import (
     ReceiptSubmission,
     RegisterRequest,
     ReplayAnswer,
+    ReplayQueue,
     SignedRequest,
     StopAnswer,
     SubmitJobRequest,
@@ -185,9 +186,15 @@ class HeadClient:
         """``POST /v1/jobs/{id}/objects/has``."""
         return self._call("POST", f"/v1/jobs/{_q(job_id)}/objects/has", HasRequest(digests=digests), HasAnswer).present
 
-    def replay_request(self, job_id: str, replay_id: str) -> dict:
-        """``GET /v1/jobs/{id}/replays/{rid}`` (the verifier's replay job): the request as JSON."""
-        return self._call("GET", f"/v1/jobs/{_q(job_id)}/replays/{_q(replay_id)}", None, dict)
+    def replay_queue(self, job_id: str) -> ReplayQueue:
+        """``GET /v1/jobs/{id}/replays`` (the job's replay worker): what it is to replay."""
+        return self._call("GET", f"/v1/jobs/{_q(job_id)}/replays", None, ReplayQueue)
+
+    def replay_request(self, job_id: str, replay_id: str, worker: int | None = None) -> dict:
+        """``GET /v1/jobs/{id}/replays/{rid}`` (the job's replay worker, generation ``worker``,
+        which the head then holds answerable for it): the request as JSON."""
+        query = "" if worker is None else f"?worker={int(worker)}"
+        return self._call("GET", f"/v1/jobs/{_q(job_id)}/replays/{_q(replay_id)}{query}", None, dict)
 
     def replay_result(self, job_id: str, replay_id: str, result: dict) -> None:
         """``POST /v1/jobs/{id}/replays/{rid}``: the verifier's signed reports and findings."""

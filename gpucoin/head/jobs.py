@@ -151,11 +151,19 @@ def job_view(row: HeadJobRow) -> JobView:
 @dataclass
 class Replay:
     """One drawn interval's replay: the request (JSON) the verifier reads, the address whose
-    signature alone its answer is taken with, and the answer it posts."""
+    signature alone its answer is taken with, and the answer it posts.
+
+    Attributes:
+        started_by: the generation of the job's replay worker that fetched the request (None: not
+            started yet); a worker that dies is blamed only for the replay it had started.
+        cancelled: no longer wanted (its interval was voided): the worker skips it.
+    """
 
     request: dict
     verifier: str
     answer: ReplayAnswer | None = None
+    started_by: int | None = None
+    cancelled: bool = False
 
 
 @dataclass

@@ -425,3 +425,15 @@ class ReplayAnswer(BaseModel):
     verifier: str
     reports: list[str] = Field(max_length=1024)
     findings: list[dict] = Field(max_length=1024)
+
+
+class ReplayQueue(BaseModel):
+    """``GET /v1/jobs/{id}/replays``: what the job's replay worker on its verifier node is to do.
+
+    ``pending``: the drawn replays not answered or cancelled yet, oldest first; ``open``: False
+    once the job is not running on this head (the worker then exits)."""
+
+    model_config = _CLOSED
+
+    pending: list[str]
+    open: bool

@@ -10,7 +10,8 @@ ends, a round:
 3. for each placed job, signs one Assignment per rank, opens its inbox and store on the head and
    starts a runner thread, which submits the job's driver as a Ray job pinned to rank 0's node
    (``head.rayjobs``) and runs ``coordinator.run.JobRun`` over the API's inbox: receipts in,
-   draws, replays on a verifier node (each a Ray job pinned there), settlement, then the refund
+   draws, replays on a verifier node (by the job's replay worker, a Ray job pinned there),
+   settlement, then the refund
    of what is left in escrow.
 
 A head that restarts finds the jobs its last run left ``running``: their Ray jobs are stopped and
@@ -56,7 +57,7 @@ REPLAY_POLL_S = 0.5
 """How often a runner that waits for a replay looks again."""
 
 STATUS_EVERY_S = 5.0
-"""How often a runner asks Ray about one replay job or the job's driver (an HTTP request each)."""
+"""How often a runner asks Ray about the job's replay worker or its driver (an HTTP request each)."""
 
 RUNNER_JOIN_S = 10.0
 """How long stopping the service waits for each job runner."""
@@ -127,8 +128,16 @@ class BoardUI:
 
 
 class HttpReplays:
-    """``coordinator.run.Replays`` for the head: each drawn interval is a Ray job on the verifier
-    node (``verify.replay_job``) that reads its request from, and posts its reports to, the API."""
+    """``coordinator.run.Replays`` for the head: the job's drawn intervals are replayed, one at a
+    time, by the job's replay worker (``verify.replay_job``), a Ray job on the verifier node that
+    reads its requests from, and posts its reports to, the API.
+
+    The worker is started with the job (``start``: its imports overlap the job's start, so the
+    first replay waits for none of it) and lives as long as the job. One that dies (the job's code
+    crashed it, the node went away) is blamed for the replay it had fetched, which fails with its
+    last log line (``VerificationError``: the interval is unverifiable, as a replay that could not
+    run); the next generation replays the rest, at most ``len(replays) + 1`` generations in all.
+    """
 
     def __init__(
         self, jobs: RayJobs, board: JobBoard, job_id: str, node_id: str, verifier: str, module_dir: Path, api_url: str
@@ -136,32 +145,63 @@ class HttpReplays:
         self.jobs, self.board, self.job_id, self.verifier = jobs, board, job_id, verifier
         self.node_id, self.module_dir, self.api_url = node_id, module_dir, api_url
         self._n = 0
-        self._asked: dict[str, float] = {}  # handle -> when Ray was last asked about its replay job
+        self._generation = 0
+        self._status: str | None = None
+        self._asked_s = -1e9
+        self._lock = threading.Lock()
 
-    def _submission(self, rid: str) -> str:
-        return f"{self.job_id}-replay-{rid}"
+    def _submission(self, generation: int) -> str:
+        return f"{self.job_id}-replays-{generation}"
+
+    def start(self) -> None:
+        """Submit the next generation of the job's replay worker."""
+        with self._lock:
+            self._generation += 1
+            self._status, self._asked_s = None, -1e9
+            self.jobs.submit(
+                self._submission(self._generation),
+                ["gpucoin.verify.replay_job", self.api_url, self.job_id, str(self._generation)],
+                self.node_id,
+                self.module_dir,
+            )
+
+    def stop(self) -> None:
+        """Stop the job's replay worker (the job ended; it would exit by itself within ``verify.replay_job.POLL_S``).
+        Never raises: the job's settlement comes next."""
+        try:
+            if self._generation:
+                self.jobs.stop(self._submission(self._generation))
+        except GpucoinError:
+            log.warning("job %s: its replay worker could not be stopped", self.job_id, exc_info=True)
+
+    def _worker_status(self, now: bool = False) -> str | None:
+        """Ray's status of the current worker, asked at most every ``STATUS_EVERY_S`` unless ``now``."""
+        if self._status not in TERMINAL and (now or time.monotonic() - self._asked_s >= STATUS_EVERY_S):
+            self._asked_s = time.monotonic()
+            self._status = self.jobs.status(self._submission(self._generation))
+        return self._status
 
     def submit(self, req: ReplayRequest) -> str:
         self._n += 1
         rid = f"{req.step_start}-{self._n}"
         self.board.running(self.job_id).replays[rid] = Replay(request=req.to_dict(), verifier=self.verifier)
-        self.jobs.submit(
-            self._submission(rid),
-            ["gpucoin.verify.replay_job", self.api_url, self.job_id, rid],
-            self.node_id,
-            self.module_dir,
-        )
+        if self._generation == 0 or self._worker_status(now=True) in TERMINAL:
+            self._next_worker()
         return rid
+
+    def _next_worker(self) -> None:
+        if self._generation >= len(self.board.running(self.job_id).replays) + 1:
+            raise VerificationError(f"the job's replay worker died {self._generation} times")
+        self.start()
 
     def result(self, handle: str, timeout_s: float | None) -> ReplayResult | None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             replay = self.board.running(self.job_id).replays[handle]
             status = None
-            if replay.answer is None and time.monotonic() - self._asked.get(handle, 0.0) >= STATUS_EVERY_S:
-                # the answer arrives in memory; Ray is asked now and then, to learn of a replay that died
-                self._asked[handle] = time.monotonic()
-                status = self.jobs.status(self._submission(handle))
+            if replay.answer is None:
+                # the answer arrives in memory; Ray is asked now and then, to learn of a worker that died
+                status = self._worker_status()
                 replay = self.board.running(self.job_id).replays[handle]  # the answer may have come meanwhile
             if replay.answer is not None:
                 a = replay.answer
@@ -171,14 +211,17 @@ class HttpReplays:
                 )
                 return ReplayResult(a.verifier, tuple(a.reports), findings)
             if status in TERMINAL:
-                lines = [x for x in self.jobs.logs_tail(self._submission(handle)).splitlines() if x.strip()]
-                raise VerificationError(f"the replay job ended {status}: {lines[-1] if lines else 'no log'}")
+                generation = self._generation
+                if replay.started_by == generation:
+                    lines = [x for x in self.jobs.logs_tail(self._submission(generation)).splitlines() if x.strip()]
+                    raise VerificationError(f"the replay worker ended {status}: {lines[-1] if lines else 'no log'}")
+                self._next_worker()  # it ended before it took this one: the next generation replays it
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             time.sleep(REPLAY_POLL_S)
 
     def cancel(self, handle: str) -> None:
-        self.jobs.stop(self._submission(handle))
+        self.board.running(self.job_id).replays[handle].cancelled = True
 
 
 class Scheduler:
@@ -357,6 +400,9 @@ class Scheduler:
         from gpucoin.coordinator.run import JobRun
 
         job, state, reason, finished = None, JobState.FAILED, None, False
+        replays = HttpReplays(
+            self.rayjobs, self.board, job_id, verifier.node_id, verifier.provider, module_dir, self.api_url
+        )
         package = order.message["packageHash"]
         if package not in self.ledger.policy.verification.vetted_packages:
             self.board.log(
@@ -375,9 +421,7 @@ class Scheduler:
                 price_ugpc_per_worker_hour=placement.price_ugpc_per_worker_hour,
                 verifier_address=verifier.provider,
                 package_hash=package,
-                replays=HttpReplays(
-                    self.rayjobs, self.board, job_id, verifier.node_id, verifier.provider, module_dir, self.api_url
-                ),
+                replays=replays,
                 store=running.store,
                 sketch_dir=self.board.job_dir(job_id) / "sketches",
                 data_source=spec.data.source,
@@ -387,6 +431,7 @@ class Scheduler:
             self.rayjobs.submit(
                 job_id, ["gpucoin.runtime.driver", self.api_url, job_id], placement.node_ids[0], module_dir
             )
+            replays.start()
             training = RayJobTraining(self.rayjobs, job_id)
             job.run(training)
             if training.alive():  # a lost rank: the others may wait in a collective forever
@@ -406,6 +451,7 @@ class Scheduler:
             reason = f"internal error: {type(e).__name__}: {e}"[:500]
             self.rayjobs.stop(job_id)
         finally:
+            replays.stop()
             refunded = self.coord.refund(job_id, order)
             evaluation = None
             if finished and not running.cancelled:  # a cancelled job's consumer can still `gpucoin pull` it
@@ -475,7 +521,7 @@ class Scheduler:
         """End what the service's last run left behind (module docstring)."""
         for row in self.table.all(JobState.RUNNING):
             self.rayjobs.stop(row.job_id)
-            self.rayjobs.stop_prefixed(f"{row.job_id}-replay-")
+            self.rayjobs.stop_prefixed(f"{row.job_id}-replay")
         settle_lost_jobs(
             self.ledger, self.coord, self.table, self.board, "the head service restarted while the job ran"
         )

@@ -234,6 +234,33 @@ def test_only_the_verifier_answers_a_replay(head, tmp_path) -> None:
     assert board.running("job-3").replays["0-1"].answer.reports == good["reports"]
 
 
+def test_the_replay_queue_lists_what_is_unanswered_and_marks_what_a_worker_took(head, tmp_path) -> None:
+    """The job's replay worker reads its work from ``GET /replays``: drawn, unanswered, not
+    cancelled, oldest first; fetching a request with ``?worker=G`` holds generation G answerable
+    for it (the first to take it); a job that is not running has an empty, closed queue."""
+    from gpucoin.head.jobs import Replay
+    from tests.ledger.helpers import VERIFIER
+
+    client, board, _ = head
+    assert client.get("/v1/jobs/job-4/replays").json() == {"pending": [], "open": False}
+    inbox = JobInbox(InboxConfig("job-4", DOMAIN.as_dict(), (WORKER.address,), 4, 8, 8))
+    launch = JobLaunch(job_id="job-4", spec={}, node_ids=["n"], assignments=[], buckets=8, data_source="x", api_url="h")
+    board.add_running("job-4", RunningJob(inbox=inbox, store=ContentStore(tmp_path / "s"), launch=launch))
+    replays = board.running("job-4").replays
+    for rid in ("0-1", "4-2", "8-3"):
+        replays[rid] = Replay(request={"step_start": int(rid.split("-")[0])}, verifier=VERIFIER.address)
+    replays["4-2"].cancelled = True
+    assert client.get("/v1/jobs/job-4/replays").json() == {"pending": ["0-1", "8-3"], "open": True}
+    assert client.get("/v1/jobs/job-4/replays/0-1").json() == {"step_start": 0}
+    assert replays["0-1"].started_by is None  # a plain read takes nothing
+    assert client.get("/v1/jobs/job-4/replays/0-1?worker=2").json() == {"step_start": 0}
+    assert client.get("/v1/jobs/job-4/replays/0-1?worker=3").status_code == 200
+    assert replays["0-1"].started_by == 2
+    assert client.get("/v1/jobs/job-4/replays/0-1?worker=x").status_code in (400, 422)
+    board.remove_running("job-4")
+    assert client.get("/v1/jobs/job-4/replays").json() == {"pending": [], "open": False}
+
+
 def test_jobs_a_gone_head_left_are_failed_and_refunded_once(head, ledger: Ledger, tmp_path) -> None:
     """A restarted head keeps its queue and refunds what it was running; the embedded mode, whose
     head is gone for good, also refunds what was still queued. Twice changes nothing."""
