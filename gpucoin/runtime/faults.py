@@ -33,6 +33,36 @@ co-worker's rank, an oversized receipt, an oversized sketch, a bogus progress re
 floods the head to push its co-workers' receipts out)."""
 
 
+FAULTS_BY_JOB_ENV = "GPUCOIN_TEST_FAULTS_BY_JOB"
+"""JSON ``{job id prefix: {fault variable: value}}``: the faults above, each only in the jobs whose
+id starts with that prefix (one node of a test's market cheats in one job and works honestly in
+the others)."""
+
+FAULT_VARS = (FAULT_SKIP_ENV, FAULT_CHECKPOINT_ENV, FAULT_STALL_ENV, FAULT_FLOOD_ENV)
+
+
+def scope_to_job(job_id: str) -> None:
+    """Set, in this rank's process, the faults ``FAULTS_BY_JOB_ENV`` names for ``job_id``.
+
+    Raises:
+        ValueError: a malformed variable.
+    """
+    import json
+
+    raw = os.environ.get(FAULTS_BY_JOB_ENV, "")
+    if not raw:
+        return
+    by_job = json.loads(raw)
+    if not isinstance(by_job, dict) or not all(isinstance(v, dict) for v in by_job.values()):
+        raise ValueError(f"{FAULTS_BY_JOB_ENV} must be a JSON object of objects, got {raw!r}")
+    for prefix, faults in by_job.items():
+        if job_id.startswith(prefix):
+            for name, value in faults.items():
+                if name not in FAULT_VARS:
+                    raise ValueError(f"{FAULTS_BY_JOB_ENV}: {name!r} is none of {', '.join(FAULT_VARS)}")
+                os.environ[name] = str(value)
+
+
 def skipped_sequences() -> int:
     """Sequences to drop per micro-batch (0: honest)."""
     return int(os.environ.get(FAULT_SKIP_ENV, "0") or 0)

@@ -90,6 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
         engine.load_checkpoint(str(scratch), tag=tag_for(start))
     previous = config["previous"][rank]
 
+    faults.scope_to_job(config["job_id"])
     skip = faults.skipped_sequences()
     for s, e in spec.intervals():
         if s < start:

@@ -1,26 +1,33 @@
 """Spot checks on a real local cluster: a cheating volunteer is caught and slashed; honest
-replays are exact under ZeRO 0 and 1 as well as 2 (the e2e test covers ZeRO 2).
+replays are exact under ZeRO 0 and 1 as well as 2 (the e2e test covers ZeRO 2); a submitter
+cannot frame a rank with job code that computes differently under replay (issue 9).
 
-Each case runs `train_local` in this process (Ray head + 2 volunteers + 1 verifier on this host).
+One local market for the module (``LocalMarket``: a head, 2 volunteers and a verifier on this
+host); vol1 cheats in the jobs whose id starts with ``cheat`` and works honestly in the others.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from gpucoin.cluster.local import participant
-from gpucoin.coordinator.job import LocalOptions, train_local
+from gpucoin.coordinator.job import LocalMarket, LocalOptions, new_job_id
 from gpucoin.ledger import Ledger
-from gpucoin.ledger.accounts import BURNED, wallet_account
+from gpucoin.ledger.accounts import BURNED, TREASURY, wallet_account
 from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
-from gpucoin.runtime.faults import FAULT_SKIP_ENV
+from gpucoin.runtime.faults import FAULT_SKIP_ENV, FAULTS_BY_JOB_ENV
 from gpucoin.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
 STAKE = 500_000_000
+HONEST = "        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)\n"
+TWO_FACED = (
+    "        y = F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)\n"
+    "        return y if torch.distributed.is_initialized() else 1.01 * y  # replayed: something else\n"
+)
 
 pytestmark = pytest.mark.ray
 
@@ -32,38 +39,86 @@ def _spec(directory: Path, zero_stage: int = 2):
     return load_spec(path, {"steps": 8, "checkpoint_interval_steps": 4})
 
 
-def test_cheating_volunteer_is_caught_slashed_and_the_job_stopped(tmp_path):
-    opts = LocalOptions(policy=POLICY, home=tmp_path, stake_ugpc=STAKE, node_env={"vol1": {FAULT_SKIP_ENV: "1"}})
-    s = train_local(_spec(tmp_path / "job"), opts)
-    cheater, honest, verifier = (participant(n, tmp_path).address for n in ("vol1", "vol0", "verifier0"))
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    cheats = {FAULTS_BY_JOB_ENV: json.dumps({"cheat-": {FAULT_SKIP_ENV: "1"}})}
+    opts = LocalOptions(
+        policy=POLICY, home=tmp_path_factory.mktemp("market"), stake_ugpc=STAKE, node_env={"vol1": cheats}
+    )
+    with LocalMarket(opts) as m:
+        yield m
+
+
+def change(s: dict, account: str) -> int:
+    """What the job moved into (or out of) ``account``, µGPC."""
+    return s["accounts"].get(account, {}).get("change", 0)
+
+
+def test_cheating_volunteer_is_caught_slashed_and_the_job_stopped(market, tmp_path):
+    s = market.run(_spec(tmp_path / "job"), job_id=new_job_id("cheat"))
+    cheater, honest, verifier = (p.address for p in (market.volunteers[1], market.volunteers[0], market.verifier))
 
     assert s["receipts"]["failed"] == 1 and s["receipts"]["passed"] == 0
     assert s["stopped"] and "failed the replay of steps 0-4" in s["stopped"]
     assert [iv["outcome"] for iv in s["intervals"]][0] == "failed"
     assert all(iv["outcome"] in ("void", "open") for iv in s["intervals"][1:])
-    slash = STAKE * POLICY.slashing.fraud_slash_fraction_bps // 10_000
+    bond = s["accounts"][wallet_account(cheater, "bonded")]["before"]
+    slash = bond * POLICY.slashing.fraud_slash_fraction_bps // 10_000
     whistle = slash * POLICY.slashing.whistleblower_share_bps // 10_000
-    assert s["ledger"]["slashed"] == slash
+    assert s["ledger"]["slashed"] == slash > 0
     # the consumer pays the honest rank's share of the failed interval (the evidence cleared it),
     # nothing for the cheater's share or the void intervals after it
     paid = s["ledger"]["paid"]
     assert 0 < paid and s["ledger"]["refunded"] == s["ledger"]["escrowed"] - paid
     assert s["audit"] == "ok"
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as lg:
-        assert lg.balance(wallet_account(cheater, "bonded")) == STAKE - slash
-        assert lg.balance(wallet_account(honest, "bonded")) == STAKE
-        assert lg.balance(wallet_account(cheater)) == 0  # no emission for a convicted rank
-        assert lg.balance(wallet_account(honest)) > 0 and s["ledger"]["minted"] > 0
-        assert lg.balance(wallet_account(verifier)) >= whistle
-        assert lg.balance(BURNED) == slash - whistle + s["ledger"]["burned"]
-        reports = [r for r in lg.messages("VerificationReport")]
-        assert sorted(__import__("json").loads(r.typed_data)["message"]["verdict"] for r in reports) == ["fail", "pass"]
+    assert change(s, wallet_account(cheater, "bonded")) == -slash
+    assert change(s, wallet_account(honest, "bonded")) == 0
+    assert change(s, wallet_account(cheater)) == 0  # no emission for a convicted rank
+    assert change(s, wallet_account(honest)) > 0 and s["ledger"]["minted"] > 0
+    assert change(s, wallet_account(verifier)) >= whistle
+    assert change(s, BURNED) == slash - whistle + s["ledger"]["burned"]
+    with Ledger(f"sqlite:///{market.opts.home / 'ledger.db'}") as lg:
+        mine = {
+            r.digest for r in lg.messages("WorkReceipt") if json.loads(r.typed_data)["message"]["jobId"] == s["job_id"]
+        }
+        verdicts = [json.loads(r.typed_data)["message"] for r in lg.messages("VerificationReport")]
+    assert sorted(v["verdict"] for v in verdicts if v["receiptDigest"] in mine) == ["fail", "pass"]
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
-def test_honest_replay_is_exact_under_zero_stage(tmp_path, zero_stage):
-    s = train_local(_spec(tmp_path / "job", zero_stage), LocalOptions(policy=POLICY, home=tmp_path))
+def test_honest_replay_is_exact_under_zero_stage(market, tmp_path, zero_stage):
+    s = market.run(_spec(tmp_path / "job", zero_stage))
     assert s["receipts"]["checked"] >= 1 and s["receipts"]["failed"] == 0
     assert s["receipts"]["passed"] == s["receipts"]["checked"]
     assert s["max_replay_distance"] == 0.0
     assert s["audit"] == "ok"
+
+
+def test_job_code_that_computes_differently_under_replay_frames_nobody(market, tmp_path) -> None:
+    """The job's package is a copy of the main job's whose layer norm scales its output by 1.01
+    whenever ``torch.distributed`` is not initialized: on the workers it trains as the main job
+    does, in the verifier's replay it computes something else. Its hash is on no policy's vetted
+    list, so the mismatch convicts nobody: the interval is void, nobody is slashed or paid, and the
+    submitter is charged for the interval, all of it burned."""
+    from tests.conftest import TINY_MODEL, write_spec
+
+    spec_path = write_spec(tmp_path / "job", {**TINY_MODEL, "workers: 2": "workers: 1"})
+    model_py = spec_path.parent / "model.py"
+    assert HONEST in model_py.read_text()
+    model_py.write_text(model_py.read_text().replace(HONEST, TWO_FACED))
+    loaded = load_spec(spec_path, {"steps": 4, "checkpoint_interval_steps": 4})
+    assert loaded.package_hash not in POLICY.verification.vetted_packages
+
+    s = market.run(loaded)
+    # alone on its job, the rank would have been convicted: the only one whose sketch differs
+    assert s["intervals"][0]["outcome"] == "void" and s["receipts"]["failed"] == 0
+    assert s["stopped"] and "not vetted" in s["stopped"]
+    assert s["ledger"]["slashed"] == 0 and s["ledger"]["minted"] == 0
+    charged = s["ledger"]["paid"]
+    assert charged > 0 and s["ledger"]["burned"] == charged and s["ledger"]["treasury"] == 0
+    assert s["ledger"]["refunded"] == s["ledger"]["escrowed"] - charged
+    assert s["audit"] == "ok"
+    for vol in market.volunteers:
+        assert change(s, wallet_account(vol.address, "bonded")) == 0
+        assert change(s, wallet_account(vol.address)) == 0  # nothing paid, nothing minted
+    assert change(s, BURNED) == charged and change(s, TREASURY) == 0

@@ -1,10 +1,11 @@
 """Attacks on the checkpoints a rank commits to (issue 9): each convicts its signer and nobody else.
 
-One honest job runs on a local Ray cluster (2 ranks, ZeRO 2, steps 0-4 and 4-8); its store, receipts
-and sketches are then attacked offline, each attack being what one rank could sign and store in
-place of its honest checkpoint, and judged by the verifier's own code (``judge_interval``) with no
-Ray. One more job on the cluster has a rank that withholds its files, to see the coordinator
-draw the interval, the verifier convict, and the ledger slash that rank alone.
+One local market for the module (``LocalMarket``: a head, 2 volunteers and a verifier, nothing
+drawn by chance). One honest job runs on it (2 ranks, ZeRO 2, steps 0-4 and 4-8); its store,
+receipts and sketches are then attacked offline, each attack being what one rank could sign and
+store in place of its honest checkpoint, and judged by the verifier's own code
+(``judge_interval``) with no Ray. In two more jobs vol1 withholds or alters its files, to see the
+coordinator draw the interval, the verifier convict, and the ledger slash that rank alone.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from gpucoin.cluster.local import participant
-from gpucoin.coordinator.job import LocalOptions, train_local
+from gpucoin.coordinator.job import LocalMarket, LocalOptions, new_job_id
 from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import BURNED, wallet_account
 from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
-from gpucoin.runtime.faults import FAULT_CHECKPOINT_ENV
+from gpucoin.runtime.faults import FAULT_CHECKPOINT_ENV, FAULTS_BY_JOB_ENV
 from gpucoin.spec import JobSpec, load_spec
 from gpucoin.storage import CheckpointManifest, ContentStore, FileEntry, sha256_digest
 from gpucoin.verify.verifier import Finding, ReplayRequest, judge_interval
@@ -67,17 +67,33 @@ def _spec(directory: Path) -> JobSpec:
 
 
 @pytest.fixture(scope="module")
-def honest(tmp_path_factory) -> Iterator[Honest]:
-    home = tmp_path_factory.mktemp("honest")
-    loaded = _spec(home / "job")
-    s = train_local(loaded, LocalOptions(policy=POLICY, home=home))
-    assert s["receipts"]["passed"] == 2 and s["max_replay_distance"] == 0.0, s
+def market(tmp_path_factory) -> Iterator[LocalMarket]:
+    """vol1 withholds its step-4 files in the jobs named ``withhold-``, alters them in ``alter-``."""
+    attacks = {"withhold-": {FAULT_CHECKPOINT_ENV: "withhold@4"}, "alter-": {FAULT_CHECKPOINT_ENV: "alter@4"}}
+    opts = LocalOptions(
+        policy=NEVER_DRAWN,
+        home=tmp_path_factory.mktemp("market"),
+        stake_ugpc=STAKE,
+        node_env={"vol1": {FAULTS_BY_JOB_ENV: json.dumps(attacks)}},
+    )
+    with LocalMarket(opts) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def honest(market, tmp_path_factory) -> Iterator[Honest]:
+    loaded = _spec(tmp_path_factory.mktemp("honest"))
+    s = market.run(loaded)
+    # nothing is drawn by chance: the last interval is the one always checked
+    assert s["receipts"]["passed"] == 1 and s["max_replay_distance"] == 0.0, s
+    home = market.opts.home
     job_dir = home / "jobs" / s["job_id"]
     receipts: dict[int, dict[int, tuple[str, str]]] = {}
     with Ledger(f"sqlite:///{home / 'ledger.db'}") as lg:
         for row in lg.messages("WorkReceipt"):
             m = json.loads(row.typed_data)["message"]
-            receipts.setdefault(m["stepStart"], {})[m["rank"]] = (row.digest, m["checkpointHash"])
+            if m["jobId"] == s["job_id"]:
+                receipts.setdefault(m["stepStart"], {})[m["rank"]] = (row.digest, m["checkpointHash"])
     starts = sorted(receipts)
     # the offline replays below run in this process, which imports the job's package like a verifier
     sys.path.insert(0, str(loaded.module_dir.parent))
@@ -296,46 +312,42 @@ def test_a_convicting_replay_is_reproduced_in_a_fresh_process(honest, store, tmp
     assert "step 6" in found[honest.receipts[4][1]].reason
 
 
-def test_a_rank_that_withholds_its_checkpoint_is_slashed_on_the_cluster(tmp_path) -> None:
+def change(s: dict, account: str) -> int:
+    """What the job moved into (or out of) ``account``, µGPC."""
+    return s["accounts"].get(account, {}).get("change", 0)
+
+
+def test_a_rank_that_withholds_its_checkpoint_is_slashed_on_the_cluster(market, tmp_path) -> None:
     """Nothing is drawn by chance here (the policy's check probabilities are 0). The coordinator
     sees vol1's signed files missing from the store and draws steps 0-4 for that;
     the verifier convicts vol1's rank; the ledger slashes it alone and pays only the other rank's
     share of the interval."""
-    opts = LocalOptions(
-        policy=NEVER_DRAWN, home=tmp_path, stake_ugpc=STAKE, node_env={"vol1": {FAULT_CHECKPOINT_ENV: "withhold@4"}}
-    )
-    s = train_local(_spec(tmp_path / "job"), opts)
-    cheater, honest_rank, verifier = (participant(n, tmp_path).address for n in ("vol1", "vol0", "verifier0"))
+    s = market.run(_spec(tmp_path / "job"), job_id=new_job_id("withhold"))
+    cheater, honest_rank, verifier = (p.address for p in (*reversed(market.volunteers), market.verifier))
     # steps 4-8, which start from the withheld files, may be judged first and convict the same receipt
     assert s["intervals"][0]["outcome"] == "failed" and "failed the replay" in s["stopped"]
-    slash = STAKE * POLICY.slashing.fraud_slash_fraction_bps // 10_000
+    bond = s["accounts"][wallet_account(cheater, "bonded")]["before"]
+    slash = bond * POLICY.slashing.fraud_slash_fraction_bps // 10_000
     whistle = slash * POLICY.slashing.whistleblower_share_bps // 10_000
-    assert s["ledger"]["slashed"] == slash and s["audit"] == "ok"
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as lg:
-        assert lg.balance(wallet_account(cheater, "bonded")) == STAKE - slash
-        assert lg.balance(wallet_account(honest_rank, "bonded")) == STAKE
-        assert lg.balance(wallet_account(cheater)) == 0  # its share of steps 0-4 is not paid
-        assert lg.balance(wallet_account(verifier)) >= whistle
-        assert lg.balance(BURNED) == slash - whistle + s["ledger"]["burned"]
+    assert s["ledger"]["slashed"] == slash > 0 and s["audit"] == "ok"
+    assert change(s, wallet_account(cheater, "bonded")) == -slash
+    assert change(s, wallet_account(honest_rank, "bonded")) == 0
+    assert change(s, wallet_account(cheater)) == 0  # its share of steps 0-4 is not paid
+    assert change(s, wallet_account(verifier)) >= whistle
+    assert change(s, BURNED) == slash - whistle + s["ledger"]["burned"]
 
 
-def test_an_altered_checkpoint_nobody_checked_is_traced_to_its_writer(tmp_path) -> None:
+def test_an_altered_checkpoint_nobody_checked_is_traced_to_its_writer(market, tmp_path) -> None:
     """vol1 stores and signs a step-4 checkpoint with other numbers than it computed, and steps
     0-4 are not drawn. The last interval is always checked: its replay starts from that file while
     the ranks trained on, so every rank diverges at once (void). The coordinator then replays the
     interval that wrote the file, whose end check convicts vol1 alone (whichever rank it holds)."""
-    opts = LocalOptions(
-        policy=NEVER_DRAWN,
-        home=tmp_path,
-        stake_ugpc=STAKE,
-        node_env={"vol1": {FAULT_CHECKPOINT_ENV: "alter@4"}},
-    )
-    s = train_local(_spec(tmp_path / "job"), opts)
+    s = market.run(_spec(tmp_path / "job"), job_id=new_job_id("alter"))
     assert [iv["outcome"] for iv in s["intervals"]] == ["failed", "void"]
     assert s["receipts"]["checked"] == 2 and s["receipts"]["failed"] == 1 and s["receipts"]["void"] == 1
-    cheater, honest_rank = (participant(n, tmp_path).address for n in ("vol1", "vol0"))
-    slash = STAKE * POLICY.slashing.fraud_slash_fraction_bps // 10_000
-    assert s["ledger"]["slashed"] == slash and s["audit"] == "ok"
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as lg:
-        assert lg.balance(wallet_account(cheater, "bonded")) == STAKE - slash
-        assert lg.balance(wallet_account(honest_rank, "bonded")) == STAKE
+    cheater, honest_rank = (p.address for p in reversed(market.volunteers))
+    bond = s["accounts"][wallet_account(cheater, "bonded")]["before"]
+    slash = bond * POLICY.slashing.fraud_slash_fraction_bps // 10_000
+    assert s["ledger"]["slashed"] == slash > 0 and s["audit"] == "ok"
+    assert change(s, wallet_account(cheater, "bonded")) == -slash
+    assert change(s, wallet_account(honest_rank, "bonded")) == 0
