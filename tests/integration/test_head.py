@@ -115,8 +115,9 @@ def test_the_ray_head_needs_the_token_and_offers_no_cpus(head: Head) -> None:
         env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
 
-    guess = connect("0" * 64)
+    guess = connect("0" * 64)  # a process of this host without gpucoin's token: refused for the token
     assert guess.returncode != 0 and "CONNECTED" not in guess.stdout
+    assert "token" in guess.stderr.lower(), guess.stderr[-2000:]
     holder = connect(head.info.token_path.read_text())
     assert holder.returncode == 0, holder.stderr[-2000:]
     assert "CONNECTED 0 0" in holder.stdout
