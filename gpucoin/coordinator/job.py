@@ -274,16 +274,15 @@ def train_local(loaded: LoadedSpec, opts: LocalOptions, ui: UI | None = None) ->
         reason). On any failure or interrupt after the escrow, everything started is stopped and
         what is left in escrow is refunded.
     """
-    ui = ui or QuietUI()
-    coordinator = participant("coordinator", opts.home)
-    ledger = open_ledger(opts, coordinator)
+    market = LocalMarket(opts, ui)  # its dev wallets; nothing else happens before it is entered
+    ledger = open_ledger(opts, market.coordinator)
     try:
-        coord = Coordinator(ledger, opts.policy, coordinator.account, ledger.domain)
-        preflight(loaded, opts, coord, participant("engineer", opts.home))
+        coord = Coordinator(ledger, opts.policy, market.coordinator.account, ledger.domain)
+        preflight(loaded, opts, coord, market.engineer)
         before = ledger.balances()
     finally:
         ledger.close()
-    with LocalMarket(opts, ui) as market:
+    with market:
         return market.run(loaded, before=before)
 
 

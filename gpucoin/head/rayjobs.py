@@ -1,7 +1,7 @@
 """Ray jobs the head submits through its dashboard (HTTP and JSON only: the head is no Ray driver).
 
 A placed job's driver (``runtime.driver``) and its replay worker (``verify.replay_job``) run as
-Ray jobs with ``submission_id`` chosen by the head (the job id; ``<job id>-replays-<n>``), so a
+Ray jobs with ``submission_id`` chosen by the head (the job id; ``<job id>~replays~<n>``, which no job id can be), so a
 restarted head finds them again, and with ``entrypoint_label_selector`` pinning the entrypoint
 to a volunteer's or the verifier's node: without it Ray runs every driver on the head node.
 The job's package goes in the runtime env's ``py_modules`` (Ray uploads it once, by content).

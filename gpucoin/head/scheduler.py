@@ -127,6 +127,17 @@ class BoardUI:
         self.board.log(self.job_id, "training ended", EventKind.TRAINING_DONE)
 
 
+REPLAY_WORKER_SEP = "~replays~"
+"""Between a job's id and its replay worker's generation in the worker's Ray submission id: no job
+id holds a ``~`` (``head.jobs.JOB_ID``), so no submitter can name its job (whose driver is
+submitted under the job id) as another job's replay worker, take its place or have it stopped."""
+
+
+def replay_worker_id(job_id: str, generation: int) -> str:
+    """The Ray submission id of generation ``generation`` of job ``job_id``'s replay worker."""
+    return f"{job_id}{REPLAY_WORKER_SEP}{generation}"
+
+
 class HttpReplays:
     """``coordinator.run.Replays`` for the head: the job's drawn intervals are replayed, one at a
     time, by the job's replay worker (``verify.replay_job``), a Ray job on the verifier node that
@@ -148,22 +159,20 @@ class HttpReplays:
         self._generation = 0
         self._status: str | None = None
         self._asked_s = -1e9
-        self._lock = threading.Lock()
 
     def _submission(self, generation: int) -> str:
-        return f"{self.job_id}-replays-{generation}"
+        return replay_worker_id(self.job_id, generation)
 
     def start(self) -> None:
         """Submit the next generation of the job's replay worker."""
-        with self._lock:
-            self._generation += 1
-            self._status, self._asked_s = None, -1e9
-            self.jobs.submit(
-                self._submission(self._generation),
-                ["gpucoin.verify.replay_job", self.api_url, self.job_id, str(self._generation)],
-                self.node_id,
-                self.module_dir,
-            )
+        self._generation += 1
+        self._status, self._asked_s = None, -1e9
+        self.jobs.submit(
+            self._submission(self._generation),
+            ["gpucoin.verify.replay_job", self.api_url, self.job_id, str(self._generation)],
+            self.node_id,
+            self.module_dir,
+        )
 
     def stop(self) -> None:
         """Stop the job's replay worker (the job ended; it would exit by itself within ``verify.replay_job.POLL_S``).
@@ -521,7 +530,7 @@ class Scheduler:
         """End what the service's last run left behind (module docstring)."""
         for row in self.table.all(JobState.RUNNING):
             self.rayjobs.stop(row.job_id)
-            self.rayjobs.stop_prefixed(f"{row.job_id}-replay")
+            self.rayjobs.stop_prefixed(f"{row.job_id}{REPLAY_WORKER_SEP}")
         settle_lost_jobs(
             self.ledger, self.coord, self.table, self.board, "the head service restarted while the job ran"
         )

@@ -55,12 +55,14 @@ def scope_to_job(job_id: str) -> None:
     by_job = json.loads(raw)
     if not isinstance(by_job, dict) or not all(isinstance(v, dict) for v in by_job.values()):
         raise ValueError(f"{FAULTS_BY_JOB_ENV} must be a JSON object of objects, got {raw!r}")
+    unknown = sorted({name for faults in by_job.values() for name in faults} - set(FAULT_VARS))
+    if unknown:
+        raise ValueError(
+            f"{FAULTS_BY_JOB_ENV}: not fault variables: {', '.join(unknown)} (those are {', '.join(FAULT_VARS)})"
+        )
     for prefix, faults in by_job.items():
         if job_id.startswith(prefix):
-            for name, value in faults.items():
-                if name not in FAULT_VARS:
-                    raise ValueError(f"{FAULTS_BY_JOB_ENV}: {name!r} is none of {', '.join(FAULT_VARS)}")
-                os.environ[name] = str(value)
+            os.environ.update({name: str(value) for name, value in faults.items()})
 
 
 def skipped_sequences() -> int:

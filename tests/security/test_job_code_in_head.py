@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -181,3 +182,55 @@ open(_os.environ["PID_FILE"], "w").write(str(_p.pid))
         bystander.kill()
         bystander.wait()
         shutil.rmtree(drop, ignore_errors=True)
+
+
+@pytest.mark.skipif(not switching_users(), reason="only root stages the corpus for a node user")
+def test_as_root_an_earlier_jobs_code_cannot_redirect_where_the_next_corpus_is_written(tmp_path) -> None:
+    """A market held open runs several jobs; the code of an earlier one runs as the node user while
+    the next job's corpus is staged by root. It can neither plant a link in the working dir nor
+    move what was staged there: each job's corpus is made, filled and only then handed over, in a
+    dir of its own under a dir of root's that the node user may only search."""
+    from gpucoin.coordinator.job import NodeSetup, QuietUI
+
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("to be or not to be")
+    second.write_text("that is the question")
+    nodes = NodeSetup.prepare(QuietUI())
+    try:
+        user, work = nodes.user, nodes.work
+        staged = Path(nodes.stage(str(first)))
+        victim = tmp_path / "victim"
+        victim.mkdir()
+        hostile = (
+            "import os, sys\n"
+            "work, staged, victim = sys.argv[1:]\n"
+            "failed = []\n"
+            "for name in ('data-planted', 'n'):\n"
+            "    try:\n"
+            "        os.symlink(victim, os.path.join(work, name))\n"
+            "    except OSError:\n"
+            "        failed.append('link')\n"
+            "try:\n"
+            "    os.rename(os.path.dirname(staged), os.path.join(work, 'moved'))\n"
+            "except OSError:\n"
+            "    failed.append('rename')\n"
+            "print(','.join(failed))\n"
+        )
+        p = subprocess.run(
+            [sys.executable, "-c", hostile, str(work), str(staged), str(victim)],
+            cwd="/",
+            env=user.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            **user.popen_kwargs(),
+        )
+        assert p.returncode == 0 and p.stdout.strip() == "link,link,rename", p.stdout + p.stderr
+        again = Path(nodes.stage(str(second)))
+        assert again.parent != staged.parent and again.parent.parent == work == staged.parent.parent
+        assert staged.read_text() == "to be or not to be" and again.read_text() == "that is the question"
+        assert again.stat().st_uid == again.parent.stat().st_uid == user.uid
+        assert work.stat().st_uid == 0 and oct(work.stat().st_mode & 0o777) == oct(0o711)
+        assert list(victim.iterdir()) == []
+    finally:
+        nodes.close()

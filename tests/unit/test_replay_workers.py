@@ -79,14 +79,14 @@ def test_one_worker_per_job_started_with_it_serves_every_replay(replays) -> None
     r, jobs, board = replays
     r.start()
     a, b = r.submit(Req(0)), r.submit(Req(4))
-    assert [sid for sid, _ in jobs.submitted] == ["job-1-replays-1"]
+    assert [sid for sid, _ in jobs.submitted] == ["job-1~replays~1"]
     assert jobs.submitted[0][1] == ["gpucoin.verify.replay_job", "http://127.0.0.1:1", "job-1", "1"]
     assert r.result(a, 0.0) is None  # not answered yet
     answer(board, a)
     answer(board, b)
     assert r.result(a, 0.0).verifier == VERIFIER and r.result(b, 0.0).reports == ("{}",)
     r.stop()
-    assert jobs.stopped == ["job-1-replays-1"]
+    assert jobs.stopped == ["job-1~replays~1"]
 
 
 def test_a_dead_worker_fails_only_the_replay_it_took_and_the_next_one_replays_the_rest(replays) -> None:
@@ -94,11 +94,11 @@ def test_a_dead_worker_fails_only_the_replay_it_took_and_the_next_one_replays_th
     r.start()
     taken, waiting = r.submit(Req(0)), r.submit(Req(4))
     board[taken].started_by = 1  # generation 1 fetched it (GET ...?worker=1), then died
-    jobs.status_of["job-1-replays-1"] = "FAILED"
+    jobs.status_of["job-1~replays~1"] = "FAILED"
     with pytest.raises(VerificationError, match="MemoryError: the job's code ate the node"):
         r.result(taken, 0.0)
     assert r.result(waiting, 0.0) is None  # not blamed: a new worker is started for it
-    assert [sid for sid, _ in jobs.submitted] == ["job-1-replays-1", "job-1-replays-2"]
+    assert [sid for sid, _ in jobs.submitted] == ["job-1~replays~1", "job-1~replays~2"]
     answer(board, waiting)
     assert r.result(waiting, 0.0) is not None
 
@@ -106,9 +106,9 @@ def test_a_dead_worker_fails_only_the_replay_it_took_and_the_next_one_replays_th
 def test_a_worker_that_ended_idle_is_started_again_by_the_next_draw(replays) -> None:
     r, jobs, board = replays
     r.start()
-    jobs.status_of["job-1-replays-1"] = "SUCCEEDED"  # it exited after IDLE_EXIT_S without work
+    jobs.status_of["job-1~replays~1"] = "SUCCEEDED"  # it exited after IDLE_EXIT_S without work
     r.submit(Req(0))
-    assert [sid for sid, _ in jobs.submitted] == ["job-1-replays-1", "job-1-replays-2"]
+    assert [sid for sid, _ in jobs.submitted] == ["job-1~replays~1", "job-1~replays~2"]
 
 
 def test_workers_that_keep_dying_are_started_a_bounded_number_of_times(replays) -> None:
@@ -128,3 +128,20 @@ def test_a_cancelled_replay_is_skipped_not_stopped(replays) -> None:
     rid = r.submit(Req(0))
     r.cancel(rid)
     assert board[rid].cancelled and jobs.stopped == []  # the worker serves the job's other replays
+
+
+@pytest.mark.parametrize("victim", ["job-1", "a", "shakespeare_char-20261207-044039-49e7"])
+def test_no_job_id_a_submitter_may_choose_is_another_jobs_replay_worker(victim) -> None:
+    """A job's driver runs as the Ray job named by its id, which its submitter chooses: were a
+    worker's id one a job may take, a submitter could take a victim's worker's place (the head
+    submits nothing under a taken id), have it stopped with its own job, or be stopped with it."""
+    from gpucoin.exceptions import SpecError
+    from gpucoin.head.jobs import check_job_id
+    from gpucoin.head.scheduler import REPLAY_WORKER_SEP, replay_worker_id
+
+    for generation in (1, 2, 10**6):
+        with pytest.raises(SpecError):
+            check_job_id(replay_worker_id(victim, generation))
+        assert replay_worker_id(victim, generation).startswith(f"{victim}{REPLAY_WORKER_SEP}")
+    check_job_id(f"{victim}-replays-1")  # the old scheme: a name anyone could give a job
+    assert not f"{victim}-replays-1".startswith(f"{victim}{REPLAY_WORKER_SEP}")
