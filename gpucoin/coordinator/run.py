@@ -177,11 +177,16 @@ class JobRun:
         )
         return True
 
-    def finish(self) -> None:
-        """After training: settle what is still held (the local run ends its challenge window), then
-        wait for the epochs this job's charges count in to end on the clock (at most one epoch
-        length) and close them, so the run's emission is minted before the local market stops."""
+    def settle_all(self) -> None:
+        """After training: settle what is still held (the local run ends its challenge window) and
+        close the epochs that have ended. The checkpoint the job vouches for is final from here."""
         self.settle_held(force=True)
+        self.close_epochs()
+
+    def close_epochs_on_clock(self) -> None:
+        """After ``settle_all``: wait for the epochs this job's charges count in to end on the clock
+        (at most one epoch length, ``tokenomics.epoch_length_s``) and close them, so the job's
+        emission is minted before its summary is written."""
         self.close_epochs()
         if not self.open_epochs:
             return

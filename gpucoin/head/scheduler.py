@@ -21,6 +21,7 @@ ledger); orders escrowed but never queued are refunded too.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -408,7 +409,8 @@ class Scheduler:
         """Run a placed job to its end, then refund what is left of its escrow (whatever happened)."""
         from gpucoin.coordinator.run import JobRun
 
-        job, state, reason, finished = None, JobState.FAILED, None, False
+        job, state, reason, evaluating = None, JobState.FAILED, None, None
+        evaluator = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"evaluate-{job_id}")
         replays = HttpReplays(
             self.rayjobs, self.board, job_id, verifier.node_id, verifier.provider, module_dir, self.api_url
         )
@@ -445,13 +447,19 @@ class Scheduler:
             job.run(training)
             if training.alive():  # a lost rank: the others may wait in a collective forever
                 self.rayjobs.stop(job_id)
-            job.finish()
-            finished = True
+            job.settle_all()
             reason = job.stopped
             if running.cancelled:
                 state, reason = JobState.CANCELLED, "cancelled by its consumer"
             elif job.stopped is None and job.last_settled_step() == spec.steps:
                 state = JobState.SUCCEEDED
+            if not running.cancelled:  # a cancelled job's consumer can still `gpucoin pull` it
+                # the nodes are free for the next job, and the checkpoint is evaluated while the
+                # job's last epoch ends on the clock (both take seconds; neither needs the other)
+                self.runners[job_id] = (threading.current_thread(), frozenset())
+                self.board.wake.set()
+                evaluating = evaluator.submit(self.evaluate, job, spec, running.store, module_dir)
+            job.close_epochs_on_clock()
         except GpucoinError as e:
             reason = " ".join(str(e).split())[:500]
             self.rayjobs.stop(job_id)
@@ -462,12 +470,8 @@ class Scheduler:
         finally:
             replays.stop()
             refunded = self.coord.refund(job_id, order)
-            evaluation = None
-            if finished and not running.cancelled:  # a cancelled job's consumer can still `gpucoin pull` it
-                # the nodes are free for the next job while the head evaluates this one's checkpoint
-                self.runners[job_id] = (threading.current_thread(), frozenset())
-                self.board.wake.set()
-                evaluation = self.evaluate(job, spec, running.store, module_dir)
+            evaluation = None if evaluating is None else evaluating.result()  # evaluate() never raises
+            evaluator.shutdown()
             summary = None if job is None else _summary(job, refunded, evaluation)
             self.board.log(
                 job_id,
