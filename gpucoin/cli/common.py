@@ -39,3 +39,12 @@ url_option = click.option(
     "default: the SQLite file under --home).",
 )
 """``--ledger-url``, for every command that reads the ledger."""
+
+
+wallets_home_option = click.option(
+    "--wallets-home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_HOME,
+    help="Where wallets live: <wallets-home>/wallets (default: $GPUCOIN_HOME, else ~/.gpucoin/local).",
+)
+"""``--wallets-home``, for every command that opens a wallet by name or address."""

@@ -8,7 +8,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gpucoin.cli.common import fail
+from gpucoin.cli.common import fail, wallets_home_option
+from gpucoin.cli.wallet import _password, _wallets_dir, _wallets_opt
 from gpucoin.exceptions import GpucoinError
 from gpucoin.head import lifecycle
 from gpucoin.money import format_gpc
@@ -26,12 +27,27 @@ _home_opt = click.option(
 @click.command()
 @click.option("--dev", is_flag=True, help="A development network: a dev Genesis, dev coordinator key and faucet.")
 @click.option(
+    "--genesis",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Start a new network from this Genesis file (TOML: policy, admin, [[allocations]] address/amount in "
+    "GPC), signed by --coordinator. Only for a ledger without a Genesis; given again, it must be the same.",
+)
+@click.option(
+    "--coordinator",
+    "coordinator_ref",
+    default=None,
+    metavar="NAME|ADDRESS",
+    help="The coordinator's wallet (not with --dev): its key signs the Genesis, Assignments and Settlements "
+    "and stays in the head service's process. Its password comes from $GPUCOIN_PASSWORD or a hidden prompt.",
+)
+@click.option(
     "--policy",
-    default="local",
-    show_default=True,
+    default=None,
     metavar="NAME|FILE",
-    help="Incentive policy a new network's Genesis names: a shipped one by name or a TOML file "
-    "(a ledger that has a Genesis keeps its own).",
+    help="The policy a new dev network's Genesis names: a shipped one by name or a TOML file "
+    "(default: local; a ledger that has a Genesis keeps its own; with --genesis, the file names it).",
 )
 @click.option(
     "--ledger-url",
@@ -63,17 +79,40 @@ _home_opt = click.option(
     help="The head's HTTP API port (status, metrics).",
 )
 @_home_opt
-def up(dev, policy, ledger_url, host, ray_port, api_port, home):
+@wallets_home_option
+@_wallets_opt
+def up(dev, genesis, coordinator_ref, policy, ledger_url, host, ray_port, api_port, home, wallets_home, wallets_dir):
     """Start the head and return once it is ready.
 
     The head is a Ray head node (token authentication, no CPUs or GPUs for tasks, Ray's dashboard
     on loopback) and the gpucoin head service (ledger, coordinator key, HTTP API, Prometheus
     metrics), each in a process of its own that outlives this command. `gpucoin down` stops them.
+
+    A network starts either as a dev network (--dev) or from a Genesis file (--genesis FILE
+    --coordinator WALLET); after that, `gpucoin up --coordinator WALLET` (or `--dev`) resumes it
+    from the same --home and ledger.
     """
-    opts = lifecycle.UpOptions(
-        home=home, dev=dev, policy=policy, ledger_url=ledger_url, host=host, ray_port=ray_port, api_port=api_port
-    )
+    keystore = password = None
     try:
+        if coordinator_ref is not None and not dev:
+            from gpucoin.wallet.keystore import find_wallet
+
+            info = find_wallet(_wallets_dir(wallets_home, wallets_dir), coordinator_ref)
+            keystore = info.path
+            password = _password(f"Password of wallet {info.name}", confirm=False)
+        opts = lifecycle.UpOptions(
+            home=home,
+            dev=dev,
+            policy=policy,
+            genesis=genesis,
+            # with --dev a --coordinator is refused by lifecycle.up, so it is passed on unopened
+            coordinator_keystore=keystore or (Path(coordinator_ref) if coordinator_ref else None),
+            coordinator_password=password,
+            ledger_url=ledger_url,
+            host=host,
+            ray_port=ray_port,
+            api_port=api_port,
+        )
         with Console(stderr=True).status("starting the Ray head and the head service"):
             info = lifecycle.up(opts)
     except GpucoinError as e:

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gpucoin.cli.common import DEFAULT_HOME, fail
+from gpucoin.cli.common import DEFAULT_HOME, fail, wallets_home_option
 from gpucoin.cli.wallet import _errors, _one, _password, _wallets_dir, _wallets_opt
 from gpucoin.cluster import join as joining
 from gpucoin.head import lifecycle
@@ -28,12 +28,7 @@ _wallet_opt = click.option(
     metavar="NAME|ADDRESS",
     help="The volunteer's wallet: a name or address in the wallets directory.",
 )
-_wallets_home_opt = click.option(
-    "--wallets-home",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_HOME,
-    help="Where wallets live: <wallets-home>/wallets (default: $GPUCOIN_HOME, else ~/.gpucoin/local).",
-)
+_wallets_home_opt = wallets_home_option
 _node_home_opt = click.option(
     "--home",
     type=click.Path(file_okay=False, path_type=Path),

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpucoin.cluster.auth import ensure_token, home_token_path
@@ -67,8 +67,13 @@ class UpOptions:
 
     Attributes:
         home: state directory (ledger, dev wallets, token, logs, ``head.json``).
-        dev: a development network (dev Genesis, dev coordinator key); required for now.
-        policy: name or TOML path of a new network's policy.
+        dev: a development network (dev Genesis, dev coordinator key, faucet).
+        policy: name or TOML path of a new dev network's policy (None: ``local``).
+        genesis: the Genesis file of a new network that is not dev (``head.genesis``); None
+            for a dev network or a ledger that has its Genesis.
+        coordinator_keystore: the coordinator's keystore (not dev; the key that signs the
+            Genesis, Assignments, Settlements); None for the dev coordinator of ``home``.
+        coordinator_password: its password, handed to the service on a pipe.
         ledger_url: the ledger database (None: SQLite ``<home>/ledger.db``).
         host: the address volunteers reach this host at (Ray's node IP; the API listens there too).
         ray_port: the Ray head's GCS port. api_port: the HTTP API's port.
@@ -76,7 +81,10 @@ class UpOptions:
 
     home: Path = DEFAULT_HOME
     dev: bool = False
-    policy: str = "local"
+    policy: str | None = None
+    genesis: Path | None = None
+    coordinator_keystore: Path | None = None
+    coordinator_password: str | None = field(default=None, repr=False)
     ledger_url: str | None = None
     host: str = "127.0.0.1"
     ray_port: int = DEFAULT_RAY_PORT
@@ -116,12 +124,27 @@ def write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def _spawn(args: list[str], env: dict[str, str], log: Path, secret: str | None = None) -> subprocess.Popen:
+    """Start ``args`` in a session of its own, output to ``log``; ``secret`` is written to its stdin
+    (one line), never to an argument or the environment."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        return subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
+    if secret is not None:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(secret.encode() + b"\n")
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once: the wait for it says so, with its log
+    return proc
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
@@ -160,23 +183,47 @@ def _answers(url: str) -> bool:
 def up(opts: UpOptions) -> HeadInfo:
     """Start a head from ``opts.home`` and return once its API answers.
 
+    The coordinator's key is loaded first (a wrong password is said before anything starts); a
+    new ledger gets its Genesis (``head.genesis.ensure_genesis``) before the Ray head starts.
+
     Raises:
-        HeadError: not ``--dev``; a head already runs from this home; a port is taken; the Ray
+        HeadError: options that do not go together; a head already runs from this home; a port
+            is taken; the ledger has no Genesis and none was given, or another one; the Ray
             head or the service failed to start (the log's tail is quoted). Whatever was started
             is stopped again. A home whose Ray head runs but whose service does not (it was
             killed) gets its service started again, and keeps its ports.
+        WalletError: the coordinator's keystore does not open with the password.
+        PolicyError: the dev network's policy does not load.
     """
-    if not opts.dev:
+    from gpucoin.cluster.local import participant
+    from gpucoin.head.genesis import ensure_genesis, load_genesis_file
+    from gpucoin.policy.model import resolve_policy
+    from gpucoin.wallet.keystore import load_keystore
+
+    if opts.dev and (opts.genesis is not None or opts.coordinator_keystore is not None):
         raise HeadError(
-            "only a development head (--dev: a dev Genesis and coordinator key) can be started yet; "
-            "a network from a Genesis file is not built yet"
+            "--dev starts a development network with its own Genesis and coordinator key: "
+            "leave out --genesis and --coordinator"
+        )
+    if not opts.dev and opts.coordinator_keystore is None:
+        raise HeadError(
+            "a network that is not --dev needs its coordinator's wallet (--coordinator NAME|ADDRESS): "
+            "the key that signs its Genesis, Assignments and Settlements"
+        )
+    if not opts.dev and opts.policy is not None:
+        raise HeadError(
+            "--policy names a new dev network's policy; a network's own is named in its Genesis file (--genesis)"
         )
     home = opts.home.expanduser().resolve()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if opts.dev:
+        coordinator = participant("coordinator", home).account
+    else:
+        coordinator = load_keystore(opts.coordinator_keystore, opts.coordinator_password or "")
     old = read_info(home)
     if old is not None:
         if old.ray_head.alive() and not old.service.alive():
-            return _restart_service(old, home)
+            return _restart_service(old, home, opts)
         if old.ray_head.alive() or old.service.alive():
             raise HeadError(
                 f"a head already runs from {home} (API {old.api_url}); stop it with `gpucoin down --home {home}` first"
@@ -185,6 +232,11 @@ def up(opts: UpOptions) -> HeadInfo:
     for port in (opts.ray_port, opts.api_port):
         if _listening(opts.host, port):
             raise HeadError(f"port {port} on {opts.host} is in use; choose another (--port / --api-port)")
+    ledger_url = opts.ledger_url or f"sqlite:///{home / 'ledger.db'}"
+    genesis, policy = load_genesis_file(opts.genesis) if opts.genesis is not None else (None, None)
+    if opts.dev:
+        policy = resolve_policy(opts.policy or "local")
+    ensure_genesis(ledger_url, coordinator, dev=opts.dev, policy=policy, genesis=genesis)
     token = ensure_token(home_token_path(home))
     temp_dir = short_temp_dir(HEAD_TEMP_PREFIX)
     logs = home / "logs"
@@ -213,9 +265,9 @@ def up(opts: UpOptions) -> HeadInfo:
         ray_address = f"{opts.host}:{opts.ray_port}"
         cfg = ServiceConfig(
             home=home,
-            ledger_url=opts.ledger_url or f"sqlite:///{home / 'ledger.db'}",
+            ledger_url=ledger_url,
             dev=opts.dev,
-            policy=opts.policy,
+            coordinator_keystore=None if opts.dev else Path(opts.coordinator_keystore).resolve(),
             api_host=opts.host,
             api_port=opts.api_port,
             ray_address=ray_address,
@@ -224,7 +276,7 @@ def up(opts: UpOptions) -> HeadInfo:
         )
         cfg_path = home / "service.json"
         write_private(cfg_path, cfg.model_dump_json(indent=2))
-        service = _spawn_service(cfg_path, logs)
+        service = _spawn_service(cfg_path, logs, None if opts.dev else opts.coordinator_password)
         started.append(service)
         api_url = f"http://{opts.host}:{opts.api_port}"
         _wait("the head service", lambda: _answers(api_url), service, logs / "service.log", deadline)
@@ -250,13 +302,16 @@ def up(opts: UpOptions) -> HeadInfo:
         raise
 
 
-def _spawn_service(cfg_path: Path, logs: Path) -> subprocess.Popen:
-    # the service needs no Ray variable and none of gpucoin's: its settings are in cfg_path
+def _spawn_service(cfg_path: Path, logs: Path, password: str | None) -> subprocess.Popen:
+    # the service needs no Ray variable and none of gpucoin's (GPUCOIN_PASSWORD among them): its
+    # settings are in cfg_path, the coordinator's password comes on its stdin
     service_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GPUCOIN_"))}
-    return _spawn([sys.executable, "-m", "gpucoin.head.service", str(cfg_path)], service_env, logs / "service.log")
+    return _spawn(
+        [sys.executable, "-m", "gpucoin.head.service", str(cfg_path)], service_env, logs / "service.log", password
+    )
 
 
-def _restart_service(info: HeadInfo, home: Path) -> HeadInfo:
+def _restart_service(info: HeadInfo, home: Path, opts: UpOptions) -> HeadInfo:
     """Start the head service again beside a Ray head that still runs (the service died or was
     killed): same settings (``<home>/service.json``), same ledger; it recovers the jobs its last
     run left (``head.scheduler``). Returns the updated ``HeadInfo``.
@@ -269,7 +324,16 @@ def _restart_service(info: HeadInfo, home: Path) -> HeadInfo:
         raise HeadError(
             f"the Ray head of {home} runs but its service settings ({cfg_path}) are gone; `gpucoin down` it"
         )
-    service = _spawn_service(cfg_path, home / "logs")
+    cfg = ServiceConfig.model_validate_json(cfg_path.read_text())
+    if cfg.dev != opts.dev or (
+        not opts.dev and cfg.coordinator_keystore != Path(opts.coordinator_keystore or "").resolve()
+    ):
+        raise HeadError(
+            f"the head of {home} runs "
+            + ("a dev network" if cfg.dev else f"with the coordinator keystore {cfg.coordinator_keystore}")
+            + ": start its service again with the same --dev / --coordinator"
+        )
+    service = _spawn_service(cfg_path, home / "logs", None if opts.dev else opts.coordinator_password)
     try:
         _wait(
             "the head service",

@@ -30,7 +30,11 @@ class ServiceConfig(BaseModel):
     home: Path = Field(description="the head's state directory (ledger, dev wallets, logs)")
     ledger_url: str = Field(description="SQLAlchemy URL of the ledger database")
     dev: bool = Field(description="a development network: dev Genesis, dev coordinator key, faucet")
-    policy: str = Field(description="name or TOML path of the policy a new ledger's Genesis names")
+    coordinator_keystore: Path | None = Field(
+        default=None,
+        description="the coordinator's keystore, its password read on the service's stdin (None: the dev "
+        "coordinator wallet under home)",
+    )
     api_host: str = Field(description="address the HTTP API listens on")
     api_port: int = Field(ge=1, le=65535, description="TCP port of the HTTP API (and /metrics)")
     ray_address: str = Field(description="host:port of the Ray head's GCS, which volunteers join")

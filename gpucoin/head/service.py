@@ -15,70 +15,48 @@ from pathlib import Path
 
 from gpucoin.head.records import ServiceConfig
 from gpucoin.ledger import Ledger
-from gpucoin.policy.model import resolve_policy
-from gpucoin.wallet.messages import Domain
 
 
 def open_head_ledger(cfg: ServiceConfig, coordinator) -> Ledger:
-    """The head's ledger, with a Genesis signed by ``coordinator`` for ``cfg.policy`` on first use.
-
-    A ledger that has a Genesis keeps the policy it names (``cfg.policy`` then only names the
-    policy of a new network); it must be this coordinator's market.
+    """The head's ledger, which ``gpucoin up`` gave its Genesis; it must be ``coordinator``'s market.
 
     Raises:
-        HeadError: a ledger with no Genesis on a head that is not ``--dev`` (nothing else can
-            write one yet), or one whose Genesis names another coordinator.
+        HeadError: as ``head.genesis.ensure_genesis`` (no Genesis on a network that is not dev,
+            another coordinator's market).
         LedgerError / DomainMismatch: the ledger cannot be opened, or is another market's.
-        PolicyError: ``cfg.policy`` does not load.
     """
-    from gpucoin.coordinator.settle import genesis_message
-    from gpucoin.exceptions import HeadError
+    from gpucoin.head.genesis import ensure_genesis
 
-    probe = Ledger(cfg.ledger_url)
-    try:
-        genesis = probe.genesis
-    finally:
-        probe.close()
-    if genesis is not None:
-        if genesis.coordinator != coordinator.address:
-            raise HeadError(
-                f"the ledger at {_safe_url(cfg.ledger_url)} is the market of coordinator {genesis.coordinator},"
-                f" not of this head's key {coordinator.address}"
-            )
-        domain = Domain(chain_id=genesis.policy.chain_id, verifying_contract=genesis.coordinator)
-        return Ledger(cfg.ledger_url, domain=domain)
-    if not cfg.dev:
-        raise HeadError(f"the ledger at {_safe_url(cfg.ledger_url)} has no Genesis; start a dev network with --dev")
-    policy = resolve_policy(cfg.policy)
-    domain = Domain(chain_id=policy.chain_id, verifying_contract=coordinator.address)
-    ledger = Ledger(cfg.ledger_url, domain=domain)
-    try:
-        ledger.init_genesis(genesis_message(coordinator.account, domain, policy, dev=True), policy)
-    except BaseException:
-        ledger.close()
-        raise
-    return ledger
+    domain = ensure_genesis(cfg.ledger_url, coordinator, dev=False, policy=None)
+    return Ledger(cfg.ledger_url, domain=domain)
 
 
-def _safe_url(url: str) -> str:
-    """``url`` without a password, for messages and logs."""
-    from sqlalchemy.engine import make_url
+def coordinator_account(cfg: ServiceConfig, password: str | None):
+    """The coordinator's key: the dev wallet under ``cfg.home`` on a dev network, else
+    ``cfg.coordinator_keystore`` opened with ``password``.
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a URL that does not parse is shown as its scheme only
-        return url.split(":", 1)[0] + ":..."
+    Raises:
+        WalletError: the keystore does not open with ``password``.
+    """
+    from gpucoin.cluster.local import participant
+    from gpucoin.wallet.keystore import load_keystore
+
+    if cfg.coordinator_keystore is None:
+        return participant("coordinator", cfg.home).account
+    return load_keystore(cfg.coordinator_keystore, password or "")
 
 
-def serve(cfg: ServiceConfig) -> None:
+def serve(cfg: ServiceConfig, password: str | None = None) -> None:
     """Open the ledger and serve the API until SIGTERM or SIGINT.
 
+    Args:
+        password: the coordinator keystore's (None on a dev network).
+
     Raises:
-        GpucoinError subclasses: as ``open_head_ledger``.
+        GpucoinError subclasses: as ``coordinator_account`` and ``open_head_ledger``.
     """
     import uvicorn
 
-    from gpucoin.cluster.local import participant
     from gpucoin.cluster.node_user import prepare_node_user, switching_users
     from gpucoin.coordinator.settle import Coordinator
     from gpucoin.head.api import make_app, node_views
@@ -89,12 +67,12 @@ def serve(cfg: ServiceConfig) -> None:
     from gpucoin.head.rayjobs import RayJobs
     from gpucoin.head.scheduler import LockedCoordinator, Scheduler
 
-    coordinator = participant("coordinator", cfg.home)
+    coordinator = coordinator_account(cfg, password)
     # as root, the job's code (the end-of-job evaluation) runs as the unprivileged node user
     job_code_user = prepare_node_user()[0] if switching_users() else None
     ledger = open_head_ledger(cfg, coordinator)
     try:
-        coord = LockedCoordinator(Coordinator(ledger, ledger.policy, coordinator.account, ledger.domain))
+        coord = LockedCoordinator(Coordinator(ledger, ledger.policy, coordinator, ledger.domain))
         board = JobBoard(cfg.home / "jobs")
         metrics = HeadMetrics(ledger, lambda: list_nodes(cfg.dashboard_url, cfg.ray_token_path))
 
@@ -153,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1:
         raise SystemExit("usage: python -m gpucoin.head.service CONFIG.json")
     cfg = ServiceConfig.model_validate_json(Path(args[0]).read_text())
+    password = sys.stdin.readline().rstrip("\n") if cfg.coordinator_keystore is not None else None
     try:
-        serve(cfg)
+        serve(cfg, password)
     except GpucoinError as e:
         raise SystemExit(f"error: {e}") from None
 

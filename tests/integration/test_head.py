@@ -1,5 +1,8 @@
-"""``gpucoin up`` / ``status`` / ``down``: one dev head for the module, started and stopped by the CLI
-as separate processes, as an operator runs it."""
+"""``gpucoin up`` / ``status`` / ``down``: one head for the module, started and stopped by the CLI
+as separate processes, as an operator runs it: a network from a Genesis file (``--genesis FILE
+--coordinator WALLET``, the password from ``$GPUCOIN_PASSWORD``), not a dev one, as the embedded
+mode's tests start dev heads already. The Genesis file's rules without Ray:
+tests/ledger/test_genesis_file.py."""
 
 from __future__ import annotations
 
@@ -20,10 +23,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpucoin.cluster.embedded import PortPool
 from gpucoin.head.records import HeadInfo
 
+PASSWORD = "the coordinator's own password"
+FAST_SCRYPT_N = "1024"
+ALICE = "0x" + "a1" * 20
 
-def gpucoin(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+
+def gpucoin(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gpucoin", *args], capture_output=True, text=True, timeout=timeout, env=_env()
+        [sys.executable, "-m", "gpucoin", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**_env(), **env},
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -36,12 +48,21 @@ class Head:
     home: Path
     info: HeadInfo
     up: subprocess.CompletedProcess
+    wallets: Path
+    genesis: Path
 
 
-def _start(home: Path, ray_port: int, api_port: int) -> Head:
-    r = gpucoin("up", "--dev", "--home", str(home), "--port", str(ray_port), "--api-port", str(api_port))
+def _up(home: Path, wallets: Path, *args: str, password: str = PASSWORD) -> subprocess.CompletedProcess:
+    return gpucoin(
+        "up", "--home", str(home), "--coordinator", "coord", "--wallets-home", str(wallets), *args,
+        GPUCOIN_PASSWORD=password,
+    )  # fmt: skip
+
+
+def _start(home: Path, wallets: Path, genesis: Path, ray_port: int, api_port: int, *args: str) -> Head:
+    r = _up(home, wallets, "--port", str(ray_port), "--api-port", str(api_port), *args)
     assert r.returncode == 0, r.stderr + r.stdout
-    return Head(home, HeadInfo.model_validate_json((home / "head.json").read_text()), r)
+    return Head(home, HeadInfo.model_validate_json((home / "head.json").read_text()), r, wallets, genesis)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +73,17 @@ def ports() -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, ports):
-    home = tmp_path_factory.mktemp("head")
-    h = _start(home, *ports)
+    """A network whose Genesis allocates 1,000.5 GPC to ALICE, on the local policy."""
+    tmp = tmp_path_factory.mktemp("head")
+    home, wallets = tmp / "head", tmp / "operator"
+    made = gpucoin(
+        "wallet", "new", "--name", "coord", "--home", str(wallets), "--scrypt-n", FAST_SCRYPT_N,
+        GPUCOIN_PASSWORD=PASSWORD,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    genesis = tmp / "genesis.toml"
+    genesis.write_text(f'policy = "local"\n\n[[allocations]]\naddress = "{ALICE}"\namount = "1000.5"\n')
+    h = _start(home, wallets, genesis, *ports, "--genesis", str(genesis))
     yield h
     if (home / "head.json").exists():
         gpucoin("down", "--home", str(home))
@@ -81,15 +111,21 @@ def test_up_prints_where_the_head_is_and_keeps_its_record_private(head: Head) ->
 
 def test_a_second_up_from_the_same_home_is_refused(head: Head) -> None:
     pool = PortPool()
-    r = gpucoin("up", "--dev", "--home", str(head.home), "--port", str(pool.take()), "--api-port", str(pool.take()))
+    r = _up(head.home, head.wallets, "--port", str(pool.take()), "--api-port", str(pool.take()))
     assert r.returncode == 1 and "already runs" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_status_reports_the_dev_market(head: Head) -> None:
+def test_status_reports_the_market_its_genesis_made(head: Head) -> None:
     for args in (["--home", str(head.home)], ["--address", head.info.api_url.removeprefix("http://")]):
         r = gpucoin("status", *args)
         assert r.returncode == 0, r.stderr
-        assert "chain 31337 (dev)" in r.stdout and "local v3" in r.stdout and head.info.ray_address in r.stdout
+        assert "chain 31337," in r.stdout and "(dev)" not in r.stdout and "local v3" in r.stdout
+        assert head.info.ray_address in r.stdout and "1000.500000 GPC" in r.stdout
+
+
+def test_the_faucet_is_refused_by_a_network_that_is_not_dev(head: Head) -> None:
+    r = gpucoin("faucet", ALICE, "5", "--address", head.info.api_url)
+    assert r.returncode == 1 and "only on a dev network" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_metrics_are_prometheus_text(head: Head) -> None:
@@ -147,13 +183,30 @@ def test_down_stops_everything_and_up_resumes_the_same_market(head: Head, ports)
     assert [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(head.info.api_url.rsplit(":", 1)[1])), timeout=1)
-    again = _start(head.home, *ports)
+
+    # refused before anything starts: a wrong password, no password, another Genesis, --dev on its home
+    wrong = _up(head.home, head.wallets, password="not it")
+    assert wrong.returncode == 1 and "password" in wrong.stderr and "Traceback" not in wrong.stderr
+    none = _up(head.home, head.wallets, password="")
+    assert none.returncode == 2 and "GPUCOIN_PASSWORD is set but empty" in none.stderr
+    other = head.genesis.with_name("other.toml")
+    other.write_text(head.genesis.read_text().replace("1000.5", "1000.6"))
+    r = _up(head.home, head.wallets, "--genesis", str(other))
+    assert r.returncode == 1 and "another Genesis" in r.stderr and "allocations" in r.stderr
+    r = gpucoin("up", "--dev", "--home", str(head.home))
+    assert r.returncode == 1 and "market of coordinator" in r.stderr
+    assert not (head.home / "head.json").exists()
+
+    again = _start(head.home, head.wallets, head.genesis, *ports)  # no --genesis: the ledger has it
     try:
         after = gpucoin("status", "--home", str(head.home)).stdout
         coordinator = [line for line in before.splitlines() if "coordinator" in line]
         assert coordinator and coordinator == [line for line in after.splitlines() if "coordinator" in line]
         with urllib.request.urlopen(again.info.metrics_url, timeout=10) as resp:
             assert 'gpucoin_messages_total{type="Genesis"} 1.0' in resp.read().decode()  # not a second Genesis
+        for log in (head.home / "logs").iterdir():
+            assert PASSWORD not in log.read_text(errors="replace"), f"the coordinator's password is in {log}"
+        assert PASSWORD not in (head.home / "service.json").read_text()
     finally:
         assert gpucoin("down", "--home", str(head.home)).returncode == 0
 

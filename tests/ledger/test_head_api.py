@@ -42,7 +42,6 @@ def service_config(home: Path) -> ServiceConfig:
         home=home,
         ledger_url="sqlite://",
         dev=True,
-        policy="local",
         api_host="127.0.0.1",
         api_port=1,
         ray_address="127.0.0.1:2",
