@@ -1,5 +1,5 @@
 """A rank flooding the head's inbox never drops nor blocks a co-worker's receipt (the inbox's own
-rules, without Ray; the cluster run is in test_closed_cluster.py)."""
+rules, without Ray; the cluster run is in test_hostile_parties.py)."""
 
 from __future__ import annotations
 
