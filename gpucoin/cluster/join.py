@@ -38,6 +38,7 @@ from gpucoin.cluster.node_user import NodeUser, chown_tree, node_dir, prepare_no
 from gpucoin.cluster.procs import ProcessRef, stop_group
 from gpucoin.cluster.ray_node import loopback_kept
 from gpucoin.exceptions import HeadError
+from gpucoin.head.admit import PROVIDER_LABEL
 from gpucoin.head.client import HeadClient
 from gpucoin.head.lifecycle import DEFAULT_HOME as DEFAULT_HEAD_HOME
 from gpucoin.head.lifecycle import read_info, write_private
@@ -225,6 +226,7 @@ def join(opts: JoinOptions, status=lambda text: None) -> JoinRecord:
             f"--num-cpus={opts.cpus}",
             f"--num-gpus={opts.gpus}",
             f"--resources={json.dumps({marker: 1})}",
+            f"--labels={PROVIDER_LABEL}={account.address}",  # fixed for the node's life: the head admits by it
             *[f"--{name}={port}" for name, port in component_ports(PortPool(), head=False).items()],
             "--object-store-memory=200000000",
         ]

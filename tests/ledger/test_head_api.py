@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpucoin.coordinator.settle import Coordinator
+from gpucoin.head.admit import PROVIDER_LABEL
 from gpucoin.head.api import FAUCET_MAX_UGPC, make_app
 from gpucoin.head.ray_state import RayNode
 from gpucoin.head.records import ServiceConfig
@@ -28,11 +29,16 @@ from tests.ledger.helpers import COORDINATOR, DOMAIN, GPC, WORKER, open_market
 HEAD = "aa" * 28
 VOL = "bb" * 28
 DEAD = "cc" * 28
+OTHERS = "ee" * 28
+UNLABELED = "ff" * 28
 OTHER = Account.from_key(b"\x09" * 32)
 RAY = {
     HEAD: RayNode(HEAD, "127.0.0.1", is_head=True, alive=True, labels={}),
-    VOL: RayNode(VOL, "127.0.0.1", is_head=False, alive=True, labels={}),
-    DEAD: RayNode(DEAD, "127.0.0.1", is_head=False, alive=False, labels={}),
+    VOL: RayNode(VOL, "127.0.0.1", is_head=False, alive=True, labels={PROVIDER_LABEL: WORKER.address}),
+    DEAD: RayNode(DEAD, "127.0.0.1", is_head=False, alive=False, labels={PROVIDER_LABEL: WORKER.address}),
+    # a node of another host, started for its own provider, nobody registered yet
+    OTHERS: RayNode(OTHERS, "127.0.0.2", is_head=False, alive=True, labels={PROVIDER_LABEL: OTHER.address.lower()}),
+    UNLABELED: RayNode(UNLABELED, "127.0.0.3", is_head=False, alive=True, labels={}),
 }
 
 
@@ -109,8 +115,18 @@ def test_a_live_volunteer_node_is_admitted_and_its_stake_bonded(ledger: Ledger, 
         ("dd" * 28, WORKER, 0, DOMAIN, 403, "no live node"),
         (VOL, WORKER, 0, Domain(chain_id=1, verifying_contract=COORDINATOR.address), 400, "domain"),
         (VOL, WORKER, 10_000 * GPC, DOMAIN, 409, ""),
+        (OTHERS, WORKER, 0, DOMAIN, 403, f"started for provider {OTHER.address.lower()}, not {WORKER.address}"),
+        (UNLABELED, WORKER, 0, DOMAIN, 403, f"started for no provider (no Ray label {PROVIDER_LABEL})"),
     ],
-    ids=["head-node", "dead-node", "unknown-node", "other-domain", "stake-above-balance"],
+    ids=[
+        "head-node",
+        "dead-node",
+        "unknown-node",
+        "other-domain",
+        "stake-above-balance",
+        "a-node-started-for-another-provider",
+        "a-node-started-for-nobody",
+    ],
 )
 def test_a_registration_the_head_must_not_admit_changes_nothing(
     ledger: Ledger, tmp_path, node, who, stake, domain, status, detail
