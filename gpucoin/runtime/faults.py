@@ -70,6 +70,15 @@ def skipped_sequences() -> int:
     return int(os.environ.get(FAULT_SKIP_ENV, "0") or 0)
 
 
+def batch_fault():
+    """The ``runtime.step.OnBatch`` hook of this node's fault on the micro-batches (None: honest):
+    ``FAULT_SKIP_ENV`` drops the last N sequences of each."""
+    skip = skipped_sequences()
+    if not skip:
+        return None
+    return lambda x, y, step, rank: (x[:-skip], y[:-skip])
+
+
 def checkpoint_attack(step: int) -> str | None:
     """The attack this node mounts on the checkpoint after ``step`` steps, or None.
 

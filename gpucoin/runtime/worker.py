@@ -38,10 +38,9 @@ def train_loop_per_worker(config: dict) -> None:
     from gpucoin.exceptions import TrainingError
     from gpucoin.runtime import faults, safe_load
     from gpucoin.runtime.checkpoint import tag_for
-    from gpucoin.runtime.data_order import micro_batch, window_offsets
     from gpucoin.runtime.dsconfig import deepspeed_config
-    from gpucoin.runtime.schedule import lr_at
     from gpucoin.runtime.sketch import CountSketch
+    from gpucoin.runtime.step import rank_step, set_lr
     from gpucoin.spec import JobSpec
     from gpucoin.storage import commit_checkpoint, fetch_checkpoint
     from gpucoin.verify.commitment import sketch_root
@@ -52,7 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     torch.set_num_threads(config.get("threads", 1))
     spec = JobSpec.model_validate(config["spec"])
-    ds, opt = spec.deepspeed, spec.deepspeed.optimizer
+    ds = spec.deepspeed
     channel = config["channel"]  # the head: stop flag, progress, receipts, the job's store (runtime.channel)
     signer = SignerClient()
     nonces = NonceSource()
@@ -60,7 +59,6 @@ def train_loop_per_worker(config: dict) -> None:
     module = importlib.import_module(spec.module)
     corpus = module.prepare_corpus(config["data_source"], val_fraction=spec.data.val_fraction)
     train = corpus.train
-    T = spec.model.block_size
 
     torch.manual_seed(spec.seed)
     model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
@@ -91,7 +89,15 @@ def train_loop_per_worker(config: dict) -> None:
     previous = config["previous"][rank]
 
     faults.scope_to_job(config["job_id"])
-    skip = faults.skipped_sequences()
+    on_batch = faults.batch_fault()
+
+    def forward(x, y):  # (B, T), (B, T) -> the micro-batch's mean loss
+        return engine(x.to(device), y.to(device))[1]
+
+    def backward(scaled_loss) -> None:  # rank_step has divided by the accumulation steps
+        engine.backward(scaled_loss, scale_wrt_gas=False)
+        engine.step()  # at an accumulation boundary: all-reduce, clip, AdamW
+
     for s, e in spec.intervals():
         if s < start:
             continue
@@ -103,24 +109,13 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.monotonic()
         sketches, losses, samples = [], [], 0
         for step in range(s, e):
-            lr = lr_at(step, spec.steps, opt.lr, opt.min_lr, opt.warmup_steps)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for micro in range(ds.gradient_accumulation_steps):
-                offsets = window_offsets(spec.seed, step, rank, micro, ds.micro_batch_size, len(train), T)
-                x, y = micro_batch(train, offsets, T)  # (B, T), (B, T)
-                if skip:
-                    x, y = x[:-skip], y[:-skip]
-                _, loss = engine(x.to(device), y.to(device))
-                engine.backward(loss)  # divides by gradient_accumulation_steps, as replay does
-                engine.step()
-                step_loss += loss.item() / ds.gradient_accumulation_steps
-                samples += ds.micro_batch_size
+            lr = set_lr(engine.optimizer.param_groups, spec, step)
+            done = rank_step(spec, train, step, rank, forward, backward, on_batch)  # replay runs the same
+            samples += done.samples
             sketches.append(sketch.take())
-            losses.append(step_loss)
+            losses.append(done.loss)
             if rank == 0 and (step % PROGRESS_EVERY_STEPS == 0 or step == e - 1):
-                channel.progress(step + 1, step_loss, lr)
+                channel.progress(step + 1, done.loss, lr)
         engine.save_checkpoint(str(scratch), tag=tag_for(e))
         tag_dir, put, attack = scratch / tag_for(e), channel.put, faults.checkpoint_attack(e)
         if attack == "withhold":

@@ -1,7 +1,8 @@
 """Replay one checkpoint interval honestly, in one process, and recompute every rank's sketches.
 
 From the checkpoint at the interval's start: for each step, for each rank, run that rank's
-micro-batches (fixed by seed, step, rank), sketch the rank's local gradient, then average the
+share of the step as the rank ran it (``runtime.step.rank_step``, the one definition both
+call), sketch the rank's local gradient, then average the
 ranks' gradients (the all-reduce), clip exactly as DeepSpeed does, and take torch's AdamW step,
 which is what DeepSpeed ran with ``torch_adam: true`` (SPEC.md, Verification 4).
 """
@@ -15,9 +16,8 @@ import numpy as np
 import torch
 
 from gpucoin.exceptions import VerificationError
-from gpucoin.runtime.data_order import micro_batch, window_offsets
-from gpucoin.runtime.schedule import lr_at
 from gpucoin.runtime.sketch import CountSketch
+from gpucoin.runtime.step import rank_step, set_lr
 from gpucoin.spec import JobSpec
 from gpucoin.verify.clipping import clip_zero0_, clip_zero12_
 from gpucoin.verify.consolidate import ConsolidatedState, initial_state, load_consolidated
@@ -66,7 +66,7 @@ def replay_interval(
     ds, opt = spec.deepspeed, spec.deepspeed.optimizer
     module = importlib.import_module(spec.module)
     corpus = module.prepare_corpus(data_source, val_fraction=spec.data.val_fraction)
-    train, T = corpus.train, spec.model.block_size
+    train = corpus.train
     torch.manual_seed(spec.seed)  # as the workers build it: the weights before step 0 follow from the seed
     model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
     named = dict(model.named_parameters())
@@ -88,17 +88,19 @@ def replay_interval(
     sketch = CountSketch(model.parameters(), buckets, spec.seed)
     W, K = spec.workers, step_end - step_start
     out = np.zeros((W, K, buckets), dtype=np.float64)
+
+    def forward(x, y):  # (B, T), (B, T) -> the micro-batch's mean loss
+        return model(x, y)[1]
+
+    def backward(scaled_loss) -> None:  # accumulates into each parameter's .grad
+        scaled_loss.backward()
+
     for k, step in enumerate(range(step_start, step_end)):
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, spec.steps, opt.lr, opt.min_lr, opt.warmup_steps)
+        set_lr(optimizer.param_groups, spec, step)
         total = [torch.zeros_like(p) for p in params]
         for rank in range(W):
             optimizer.zero_grad(set_to_none=True)
-            for micro in range(ds.gradient_accumulation_steps):
-                offsets = window_offsets(spec.seed, step, rank, micro, ds.micro_batch_size, len(train), T)
-                x, y = micro_batch(train, offsets, T)  # (B, T), (B, T)
-                _, loss = model(x, y)
-                (loss / ds.gradient_accumulation_steps).backward()
+            rank_step(spec, train, step, rank, forward, backward)  # what rank ``rank`` ran
             out[rank, k] = sketch.sketch_params_grad()
             for t, p in zip(total, params, strict=True):
                 if p.grad is not None:
