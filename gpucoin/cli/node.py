@@ -156,12 +156,14 @@ def withdraw(address, wallet_ref, amount, wallets_home, wallets_dir):
 @click.command()
 @_address_opt
 def nodes(address):
-    """The market's registered nodes: role, provider, ask, bond and whether Ray sees them alive."""
+    """The market's registered nodes: role, provider, ask, bond, whether Ray sees them alive, and
+    their verification record (checks passed / not passed, over every job) with the probability
+    that their next interval is replayed."""
     from gpucoin.head.client import HeadClient
 
     with _errors():
         views = HeadClient(lifecycle.api_url_of(address, lifecycle.DEFAULT_HOME)).nodes()
-    table = Table("node", "role", "ask GPC/worker-h", "bonded GPC", "state")
+    table = Table("node", "role", "ask GPC/worker-h", "bonded GPC", "state", "checks ok/not", "p(check)")
     table.add_column("provider", overflow="fold")
     for v in views:
         table.add_row(
@@ -170,6 +172,8 @@ def nodes(address):
             format_gpc(v.ask_ugpc_per_worker_hour),
             format_gpc(v.bonded_ugpc),
             v.state.value,
+            f"{v.checks.passed}/{v.checks.other}",
+            f"{v.checks.check_probability:.2f}",
             v.provider,
         )
     Console().print(table)

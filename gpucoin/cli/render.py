@@ -76,6 +76,14 @@ def render_summary(console: Console, s: dict) -> None:
     console.print(
         f"[bold]receipts[/] signed {r['signed']}, checked {r['checked']}, passed {r['passed']}, failed {r['failed']}, void {r.get('void', 0)}"
     )
+    if s.get("nodes"):
+        console.print(
+            "[bold]checks[/] per node over every job (passed/not; p = the chance its next interval is replayed): "
+            + ", ".join(
+                f"{a[:6]}…{a[-4:]} {n['passed']}/{n['other']} p={n['check_probability']:.2f}"
+                for a, n in s["nodes"].items()
+            )
+        )
     m = s["ledger"]
     console.print(
         "[bold]GPC[/] escrowed {} · paid {} · burned {} · treasury {} · minted {} · slashed {} · refunded {} · supply {}".format(

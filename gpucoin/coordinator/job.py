@@ -403,7 +403,9 @@ class LocalMarket:
             (the end of the last interval settled without a gap from step 0: the checkpoint the job
             vouches for), workers, stopped (why the job stopped early, or None), sample (generated
             text), receipts {signed, checked, passed, failed, void, rejected}, intervals [{steps,
-            outcome, wall_ms}], unsettled_intervals, max_replay_distance,
+            outcome, wall_ms, check_probability}], nodes {worker address: {passed, other,
+            clean_streak, check_probability}} (its verification record over every job, after this
+            one), unsettled_intervals, max_replay_distance,
             price_ugpc_per_worker_hour, ledger {escrowed, paid, burned, treasury, minted, slashed,
             refunded, supply, total_minted, total_burned} in µGPC, accounts {name: {before, after,
             change}} in µGPC, audit ("ok" or the list of problems) and timings_s.
@@ -542,9 +544,15 @@ def _summary(final, loaded: LoadedSpec, opts: LocalOptions, before: dict[str, in
         "sample": "(not evaluated)" if ev is None else ev.sample,
         "receipts": s.receipts.model_dump(),
         "intervals": [
-            {"steps": [int(x) for x in k.split("-")], "outcome": o, "wall_ms": s.interval_wall_ms.get(k, 0)}
+            {
+                "steps": [int(x) for x in k.split("-")],
+                "outcome": o,
+                "wall_ms": s.interval_wall_ms.get(k, 0),
+                "check_probability": s.check_probabilities.get(k),
+            }
             for k, o in s.intervals.items()
         ],
+        "nodes": {a: r.model_dump() for a, r in s.nodes.items()},
         "unsettled_intervals": [k for k, o in s.intervals.items() if o in ("pending", "held")],
         "max_replay_distance": s.max_replay_distance,
         "price_ugpc_per_worker_hour": final.price_ugpc_per_worker_hour,

@@ -28,12 +28,12 @@ from gpucoin.coordinator.receipts import ReceiptRejected, check_receipt
 from gpucoin.coordinator.settle import Coordinator
 from gpucoin.exceptions import ConflictError, ReceiptOutOfOrder, SignatureError, TrainingError, UnknownParty
 from gpucoin.money import format_gpc
-from gpucoin.policy.tokenomics import check_probability, interval_payment_ugpc
+from gpucoin.policy.tokenomics import interval_payment_ugpc
 from gpucoin.runtime.inbox import ProgressEvent, ReceiptEvent
 from gpucoin.spec import JobSpec
 from gpucoin.storage.checkpoints import commitment_problem
 from gpucoin.verify.compare import effective_verdict
-from gpucoin.verify.sampling import is_checked
+from gpucoin.verify.sampling import check_probability, is_checked
 from gpucoin.verify.verifier import ReplayRequest, ReplayResult
 from gpucoin.wallet.messages import SignedMessage, verify
 
@@ -115,8 +115,7 @@ class JobRun:
         self.ledger = self.coord.ledger
         self.vetted = self.package_hash in self.policy.verification.vetted_packages
         self.intervals = {s: Interval(s, e) for s, e in self.spec.intervals()}
-        self.passed_by_node = {w: 0 for w in self.rank_worker}
-        self.failed_nodes: set[str] = set()
+        self.check_probabilities: dict[str, float] = {}  # 'start-end' -> what its draw was held against
         self.slashed_receipts: set[str] = set()
         self.open_epochs: set[int] = set()  # epochs this job's charges count in, not closed yet
         self.counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "void": 0, "rejected": 0}
@@ -276,11 +275,11 @@ class JobRun:
             iv.outcome = "void"  # trained after a proven fraud or with the budget spent
             return
         digests = [iv.receipts[r].digest for r in range(self.spec.workers)]
-        p = max(
-            check_probability(self.policy.verification, self.passed_by_node[w], w in self.failed_nodes)
-            for w in self.rank_worker
-        )
+        # each node's record is the ledger's signed reports over every job, this one's so far included
+        records = self.ledger.verification_records(self.rank_worker)
+        p = max(check_probability(self.policy.verification, records[w]) for w in self.rank_worker)
         why = self.must_check(iv)
+        self.check_probabilities[f"{iv.start}-{iv.end}"] = 1.0 if why else p
         if why or is_checked(self.secret, digests, p):
             iv.outcome = "pending"
             self.counts["checked"] += 1
@@ -417,7 +416,6 @@ class JobRun:
             self.counts["failed"] += 1
             for (where, rank), rep in sorted(failing, key=lambda x: (x[0][0].start, x[0][1])):
                 where.outcome = "failed"  # its end checkpoint is disowned too (the job's result is an earlier one)
-                self.failed_nodes.add(self.rank_worker[rank])
                 if rep.message["receiptDigest"] in self.slashed_receipts:
                     continue  # convicted by the check of both intervals its checkpoint bounds: slashed once
                 self.slashed_receipts.add(rep.message["receiptDigest"])
@@ -440,7 +438,6 @@ class JobRun:
             # the evidence names nobody (docs/verification.md, Blame)
             iv.outcome = "void"
             self.counts["void"] += 1
-            self.failed_nodes.update(self.rank_worker)  # checked more often from now on
             self.void_after(iv)
             why = reasons.get(voids[0].message["receiptDigest"]) or "the ranks diverged together"
             if not self.vetted and not iv.settled:
@@ -450,8 +447,6 @@ class JobRun:
             return
         iv.outcome = "passed"
         self.counts["passed"] += 1
-        for w in self.rank_worker:
-            self.passed_by_node[w] += 1
         if not iv.settled:
             self.settle(iv)
         self.ui.note(f"steps {iv.start}-{iv.end}: replay passed (max relative L2 {worst:.1e}), settled")

@@ -62,6 +62,7 @@ from gpucoin.head.packages import MAX_PACKAGE_BYTES, PackageStore
 from gpucoin.head.ray_state import RayNode
 from gpucoin.head.records import (
     AccountView,
+    CheckRecord,
     FaucetRequest,
     FaucetResult,
     HasAnswer,
@@ -163,9 +164,12 @@ def node_role(resources: str) -> NodeRole:
 
 
 def node_views(ledger: Ledger, ray_nodes: Mapping[str, RayNode]) -> list[NodeView]:
-    """Every registered node with its provider's bond and Ray's liveness, by node id."""
+    """Every registered node with its provider's bond, verification record and Ray's liveness, by node id."""
     views = []
-    for node_id, reg in sorted(registrations(ledger).items()):
+    regs = sorted(registrations(ledger).items())
+    records = ledger.verification_records(r.message["provider"] for _, r in regs)
+    verification = ledger.policy.verification
+    for node_id, reg in regs:
         m = reg.message
         node = ray_nodes.get(node_id)
         views.append(
@@ -178,6 +182,7 @@ def node_views(ledger: Ledger, ray_nodes: Mapping[str, RayNode]) -> list[NodeVie
                 state=NodeState.ALIVE if node is not None and node.alive else NodeState.GONE,
                 role=node_role(m["resources"]),
                 registration=reg.digest,
+                checks=CheckRecord.of(records[m["provider"]], verification),
             )
         )
     return views

@@ -123,6 +123,30 @@ class NodeRole(str, Enum):
     VERIFIER = "verifier"
 
 
+class CheckRecord(BaseModel):
+    """A node's verification record (``verify.sampling.VerificationRecord``, from the ledger's signed
+    VerificationReports over every job) and the probability its next interval is replayed."""
+
+    model_config = _CLOSED
+
+    passed: int = Field(ge=0, description="reports that passed its receipts")
+    other: int = Field(ge=0, description="reports that failed or voided its receipts")
+    clean_streak: int = Field(ge=0, description="passes since its newest report that was not a pass")
+    check_probability: float = Field(ge=0.0, le=1.0, description="the policy's probability for this record")
+
+    @classmethod
+    def of(cls, record, verification) -> CheckRecord:
+        """From a ``VerificationRecord`` under the policy's ``verification`` section."""
+        from gpucoin.verify.sampling import check_probability
+
+        return cls(
+            passed=record.passed,
+            other=record.other,
+            clean_streak=record.clean_streak,
+            check_probability=check_probability(verification, record),
+        )
+
+
 class NodeView(BaseModel):
     """``GET /v1/nodes``: one registered node (its newest NodeRegistration), amounts in µGPC."""
 
@@ -136,6 +160,7 @@ class NodeView(BaseModel):
     state: NodeState
     role: NodeRole = Field(description="what it offers, as its registration declares")
     registration: str = Field(description="digest of the NodeRegistration")
+    checks: CheckRecord = Field(description="its provider's verification record and check probability")
 
 
 class RegisterRequest(BaseModel):
@@ -256,6 +281,14 @@ class JobSummary(BaseModel):
     )
     max_replay_distance: float | None = Field(
         default=None, description="the largest relative L2 distance a replay found (None: nothing replayed)"
+    )
+    check_probabilities: dict[str, float] = Field(
+        default_factory=dict,
+        description="'start-end' -> the probability its replay draw was held against, the largest of its ranks' "
+        "nodes' (1.0 where it had to be replayed); no entry for an interval that was never drawn",
+    )
+    nodes: dict[str, CheckRecord] = Field(
+        default_factory=dict, description="worker address -> its verification record once the job ended"
     )
     escrowed_ugpc: int = 0
     treasury_ugpc: int = 0

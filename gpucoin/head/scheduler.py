@@ -33,6 +33,7 @@ from gpucoin.head.jobs import JobBoard, JobTable, Replay, RunningJob, job_order
 from gpucoin.head.packages import PackageStore
 from gpucoin.head.rayjobs import TERMINAL, RayJobs, RayJobTraining
 from gpucoin.head.records import (
+    CheckRecord,
     EventKind,
     JobEvaluation,
     JobLaunch,
@@ -584,6 +585,11 @@ def _summary(job, refunded_ugpc: int, evaluation: JobEvaluation | None = None) -
         intervals={f"{iv.start}-{iv.end}": iv.outcome for iv in job.intervals.values()},
         interval_wall_ms={f"{iv.start}-{iv.end}": iv.wall_ms for iv in job.intervals.values()},
         max_replay_distance=max(job.distances, default=None),
+        check_probabilities=dict(job.check_probabilities),
+        nodes={
+            w: CheckRecord.of(r, job.policy.verification)
+            for w, r in job.ledger.verification_records(job.rank_worker).items()
+        },
         escrowed_ugpc=job.money["escrowed"],
         treasury_ugpc=job.money["treasury"],
         evaluation=evaluation,

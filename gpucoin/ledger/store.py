@@ -16,13 +16,14 @@ Genesis (``init_genesis``), which fixes the EIP-712 domain, the policy and the e
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, insert, or_
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, create_engine, select
 
 from gpucoin.exceptions import GpucoinError, LedgerError, NoGenesis, SignatureError, UnknownAccount
@@ -52,6 +53,7 @@ from gpucoin.ledger.transfer import Code, Operation, Transfer
 from gpucoin.policy.model import Policy, policy_hash
 from gpucoin.policy.model import canonical_json as policy_json
 from gpucoin.policy.tokenomics import Reward, distribute_emission
+from gpucoin.verify.sampling import VerificationRecord
 from gpucoin.wallet.messages import Domain
 
 MAX_BATCH = db.MAX_BATCH
@@ -594,6 +596,48 @@ class Ledger:
             "verdicts": {v: int(n) for v, n in verdicts},
             "messages": {t: int(n) for t, n in kinds},
             "bonded": int(bonded or 0),
+        }
+
+    def verification_records(self, addresses: Iterable[str]) -> dict[str, VerificationRecord]:
+        """Each address's record as a worker: the admitted VerificationReports on the WorkReceipts
+        it signed, over every job, in the order they were recorded (one read transaction).
+
+        Args:
+            addresses: checksum addresses (each is in the answer; a node never checked has an
+                empty record).
+
+        Returns:
+            address -> ``verify.sampling.VerificationRecord``.
+        """
+        wanted = sorted(set(addresses))
+        receipt, report = aliased(MessageRow), aliased(MessageRow)
+        worker, is_pass = receipt.signer.label("worker"), VerificationReportRow.verdict == "pass"
+
+        def reports(*columns: Any) -> Any:  # reports on the receipts of ``wanted``, as ``columns``
+            return (
+                select(worker, *columns)
+                .select_from(VerificationReportRow)
+                .join(receipt, receipt.digest == VerificationReportRow.receipt_digest)
+                .join(report, report.digest == VerificationReportRow.digest)
+                .where(receipt.signer.in_(wanted))
+                .group_by(worker)
+            )
+
+        newest_other = reports(func.max(report.id).label("last")).where(~is_pass).subquery()
+        with self._session(write=False) as s:
+            counts = s.exec(reports(is_pass.label("pass"), func.count()).group_by(is_pass)).all()
+            streaks = dict(
+                s.exec(
+                    reports(func.count())
+                    .outerjoin(newest_other, newest_other.c.worker == receipt.signer)
+                    .where(is_pass, report.id > func.coalesce(newest_other.c.last, -1))
+                ).all()
+            )
+        passed = {w: int(n) for w, p, n in counts if p}
+        other = {w: int(n) for w, p, n in counts if not p}
+        return {
+            a: VerificationRecord(passed=passed.get(a, 0), other=other.get(a, 0), clean_streak=int(streaks.get(a, 0)))
+            for a in wanted
         }
 
     def export(self) -> Iterator[dict[str, Any]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gpucoin.money import check_amount
-from gpucoin.policy.model import BPS, SlashingPolicy, TokenomicsPolicy, VerificationPolicy
+from gpucoin.policy.model import BPS, SlashingPolicy, TokenomicsPolicy
 
 MS_PER_HOUR = 3_600_000
 """Milliseconds in one hour: prices are per worker-hour, wall time is metered in ms."""
@@ -197,19 +197,3 @@ def slash_amounts(bond: int, slashing: SlashingPolicy) -> tuple[int, int]:
     slashed = bond * slashing.fraud_slash_fraction_bps // BPS
     whistleblower = slashed * slashing.whistleblower_share_bps // BPS
     return slashed - whistleblower, whistleblower
-
-
-def check_probability(verification: VerificationPolicy, passed_intervals_of_node: int, failed: bool) -> float:
-    """Probability that one interval of a node is drawn for replay (BOINC-style adaptive replication).
-
-    ``new_node_check_probability`` for a node with fewer than ``new_node_intervals`` passed
-    intervals or with a recent failed check; ``check_probability`` otherwise (SPEC.md,
-    Verification step 3).
-
-    Raises:
-        ValueError: for a negative or non-int count of passed intervals.
-    """
-    _count("passed_intervals_of_node", passed_intervals_of_node)
-    if failed or passed_intervals_of_node < verification.new_node_intervals:
-        return verification.new_node_check_probability
-    return verification.check_probability

@@ -24,7 +24,7 @@ from gpucoin.ledger import Ledger
 from gpucoin.ledger.accounts import wallet_account
 from gpucoin.wallet.messages import Domain, sign
 from tests.conftest import exact_double
-from tests.ledger.helpers import COORDINATOR, DOMAIN, GPC, WORKER, open_market
+from tests.ledger.helpers import CONSUMER, COORDINATOR, DOMAIN, GPC, WORKER, Market, Signer, open_market
 
 HEAD = "aa" * 28
 VOL = "bb" * 28
@@ -104,7 +104,27 @@ def test_a_live_volunteer_node_is_admitted_and_its_stake_bonded(ledger: Ledger, 
     assert view["node_id"] == VOL and view["provider"] == WORKER.address and view["state"] == "alive"
     assert view["bonded_ugpc"] == 500 * GPC == ledger.balance(wallet_account(WORKER.address, "bonded"))
     assert [v["node_id"] for v in client.get("/v1/nodes").json()] == [VOL]
+    # never checked: its intervals are replayed at the new-node rate
+    assert view["checks"] == {"passed": 0, "other": 0, "clean_streak": 0, "check_probability": 1.0}
     assert ledger.audit() == []
+
+
+def test_a_node_shows_its_record_over_every_job_and_its_check_probability(ledger: Ledger, tmp_path) -> None:
+    client = _client(ledger, tmp_path)
+    _fund(client, WORKER, 600)
+    assert client.post("/v1/nodes", json={"registration": _registration(WORKER, VOL, 500 * GPC)}).status_code == 200
+    m = Market(ledger, Signer(start=1_000))
+    m.fund(CONSUMER, 100 * GPC)
+    for job, verdicts in (("job-a", ["pass"]), ("job-b", ["pass", "fail", "pass", "pass"])):
+        m.escrow(10 * GPC, job=job)
+        m.assign(0, WORKER, job, VOL)
+        previous = None
+        for i, verdict in enumerate(verdicts):
+            previous = m.receipts(i * 10, [WORKER], job=job, previous=previous)
+            m.reports(previous, verdict)
+    (view,) = client.get("/v1/nodes").json()
+    p = ledger.policy.verification.check_probability
+    assert view["checks"] == {"passed": 4, "other": 1, "clean_streak": 2, "check_probability": p} and p < 1.0
 
 
 @pytest.mark.parametrize(

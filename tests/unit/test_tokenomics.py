@@ -33,7 +33,6 @@ from gpucoin.money import MAX_AMOUNT_UGPC
 from gpucoin.policy.model import SHIPPED_POLICIES_DIR, Policy, SlashingPolicy, TokenomicsPolicy, load_policy
 from gpucoin.policy.tokenomics import (
     SettledInterval,
-    check_probability,
     distribute_emission,
     emission_ugpc,
     interval_payment_ugpc,
@@ -262,17 +261,6 @@ def test_slash_never_exceeds_the_bond_and_sums_exactly(bond: int, fraction: int,
 def test_default_slash() -> None:
     # Half of a 100 GPC bond: 10 GPC to the verifier, 40 GPC burned.
     assert slash_amounts(100_000_000, POLICY.slashing) == (40_000_000, 10_000_000)
-
-
-def test_check_probability_is_adaptive() -> None:
-    v = POLICY.verification
-    assert check_probability(v, 0, False) == 1.0
-    assert check_probability(v, 1, False) == 1.0
-    assert check_probability(v, 2, False) == 0.1
-    assert check_probability(v, 500, False) == 0.1
-    assert check_probability(v, 500, True) == 1.0
-    with pytest.raises(ValueError):
-        check_probability(v, -1, False)
 
 
 # --- settlement plans ----------------------------------------------------------------------
