@@ -11,6 +11,7 @@ from rich.console import Console
 
 from gpucoin.cli import head as head_cli
 from gpucoin.cli import node as node_cli
+from gpucoin.cli import verify as verify_cli
 from gpucoin.cli.common import DEFAULT_HOME
 from gpucoin.cli.common import fail as _fail
 from gpucoin.cli.common import ledger_url as _ledger_url
@@ -18,6 +19,7 @@ from gpucoin.cli.common import url_option as _url_opt
 from gpucoin.cli.wallet import wallet
 from gpucoin.exceptions import AmountError, GpucoinError
 from gpucoin.jsonsafe import dumps as js_safe_dumps
+from gpucoin.runtime.cheats import SHIPPED as SHIPPED_CHEATS
 
 
 def _terminate_as_interrupt() -> None:
@@ -43,6 +45,20 @@ def _internal_error(e: BaseException, home: Path) -> str:
         where = ""
     text = str(e).strip().splitlines()
     return f"internal error: {type(e).__name__}: {text[-1] if text else ''}{where}"
+
+
+def _cheat_setting(ref: str, rank: int, workers: int) -> str:
+    """``--cheat REF --cheat-rank R`` as the volunteers' ``REF@R``, once the cheat loads here (a
+    typo is said now, not by a rank mid-job)."""
+    from gpucoin.runtime.cheats import load_cheat
+
+    if rank >= workers:
+        _fail(f"--cheat-rank {rank}: the job has ranks 0 to {workers - 1}", 2)
+    try:
+        load_cheat(ref)
+    except (ValueError, ImportError, AttributeError) as e:
+        _fail(f"--cheat {ref}: {e}", 2)
+    return f"{ref}@{rank}"
 
 
 def _gpc_option(value: str | None, flag: str) -> str | None:
@@ -157,6 +173,24 @@ def cli() -> None:
     help="Embedded mode: GCS port of the private head's Ray head (default: a free port; 6379 is often Redis).",
 )
 @click.option(
+    "--cheat",
+    "cheat_ref",
+    default=None,
+    metavar="MODULE:NAME",
+    help="Embedded mode, for tests and demos: rank --cheat-rank cheats as the object NAME of an importable MODULE "
+    "says (its on_batch, on_grads, on_commit; gpucoin.runtime.cheats), or one of the shipped strategies by name: "
+    + ", ".join(SHIPPED_CHEATS)
+    + ". Refused with --address: a submitter cannot make another's volunteer cheat (a volunteer of a test "
+    "network may, by joining with GPUCOIN_CHEAT=REF@RANK in its environment).",
+)
+@click.option(
+    "--cheat-rank",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Embedded mode: the rank that runs --cheat.",
+)
+@click.option(
     "--summary-json",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -179,6 +213,8 @@ def train(
     ask,
     home,
     head_port,
+    cheat_ref,
+    cheat_rank,
     summary_json,
 ):
     """Train JOB_SPEC (a job YAML) on volunteer nodes, spot-check it and settle it in the ledger.
@@ -212,7 +248,16 @@ def train(
         _fail("--wallet and --detach go with --address (a running head); the embedded mode uses dev wallets", 2)
     if address is not None:
         ctx = click.get_current_context()
-        local_only = ["volunteers", "policy_ref", "stake", "ask", "head_port", "summary_json"]
+        local_only = [
+            "volunteers",
+            "policy_ref",
+            "stake",
+            "ask",
+            "head_port",
+            "summary_json",
+            "cheat_ref",
+            "cheat_rank",
+        ]
         given = [n for n in local_only if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
         if given:
             flags = ", ".join("--" + n.removesuffix("_ref").replace("_", "-") for n in given)
@@ -238,6 +283,7 @@ def train(
         if data_source is not None:
             loaded = with_data_source(loaded, data_source)
         policy = resolve_policy(policy_ref)
+        cheat = None if cheat_ref is None else _cheat_setting(cheat_ref, cheat_rank, loaded.spec.workers)
         opts = LocalOptions(
             policy=policy,
             home=home,
@@ -245,6 +291,7 @@ def train(
             stake_ugpc=parse_gpc(stake),
             ask_ugpc_per_worker_hour=parse_gpc(ask),
             head_port=head_port,
+            cheat=cheat,
         )
         summary = train_local(loaded, opts, RichUI())
     except GpucoinError as e:
@@ -413,6 +460,7 @@ def export(ledger_url, home, fmt, output):
 
 
 cli.add_command(wallet)
+cli.add_command(verify_cli.verify)
 cli.add_command(head_cli.up)
 cli.add_command(head_cli.down)
 cli.add_command(head_cli.status)

@@ -76,6 +76,11 @@ def render_summary(console: Console, s: dict) -> None:
     console.print(
         f"[bold]receipts[/] signed {r['signed']}, checked {r['checked']}, passed {r['passed']}, failed {r['failed']}, void {r.get('void', 0)}"
     )
+    for iv in s.get("intervals", []):
+        if iv.get("ranks"):
+            a, b = iv["steps"]
+            ranks = ", ".join(str(r) for r in iv["ranks"])
+            console.print(f"[bold red]steps {a}-{b} failed[/]: the replay convicted rank {ranks}")
     if s.get("nodes"):
         console.print(
             "[bold]checks[/] per node over every job (passed/not; p = the chance its next interval is replayed): "

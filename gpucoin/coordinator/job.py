@@ -85,6 +85,8 @@ class LocalOptions:
         ask_ugpc_per_worker_hour: ask of each dev volunteer, µGPC per worker-hour.
         head_port: GCS port of the local head (None: a free one).
         node_env: extra environment per node name (``vol0``...), e.g. test fault injection.
+        cheat: ``REF@RANK`` (``runtime.faults.FAULT_CHEAT_ENV``): the rank of that number cheats
+            as the cheat ``REF`` says (``runtime.cheats``), on whichever volunteer it is placed.
     """
 
     policy: Policy
@@ -94,6 +96,7 @@ class LocalOptions:
     ask_ugpc_per_worker_hour: int = 800_000
     head_port: int | None = None
     node_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    cheat: str | None = None
 
 
 def new_job_id(name: str) -> str:
@@ -337,6 +340,7 @@ class LocalMarket:
         from gpucoin.cluster.embedded import PortPool
         from gpucoin.cluster.join import JoinOptions, join
         from gpucoin.head.lifecycle import UpOptions, up
+        from gpucoin.runtime.faults import FAULT_CHEAT_ENV
 
         opts, ui, home = self.opts, self.ui, self.opts.home
         ledger = open_ledger(opts, self.coordinator)
@@ -383,7 +387,11 @@ class LocalMarket:
                     token_file=home_token_path(home),
                     home=home,
                     role=role,
-                    env={**({"CUDA_VISIBLE_DEVICES": str(i)} if gpu else {}), **opts.node_env.get(p.name, {})},
+                    env={
+                        **({"CUDA_VISIBLE_DEVICES": str(i)} if gpu else {}),
+                        **({FAULT_CHEAT_ENV: opts.cheat} if opts.cheat and role == "volunteer" else {}),
+                        **opts.node_env.get(p.name, {}),
+                    },
                 )
             )
             self.joined.append(p.name)
@@ -403,7 +411,7 @@ class LocalMarket:
             (the end of the last interval settled without a gap from step 0: the checkpoint the job
             vouches for), workers, stopped (why the job stopped early, or None), sample (generated
             text), receipts {signed, checked, passed, failed, void, rejected}, intervals [{steps,
-            outcome, wall_ms, check_probability}], nodes {worker address: {passed, other,
+            outcome, wall_ms, check_probability, and for a failed one ranks: the convicted ranks}], nodes {worker address: {passed, other,
             clean_streak, check_probability}} (its verification record over every job, after this
             one), unsettled_intervals, max_replay_distance,
             price_ugpc_per_worker_hour, ledger {escrowed, paid, burned, treasury, minted, slashed,
@@ -549,6 +557,7 @@ def _summary(final, loaded: LoadedSpec, opts: LocalOptions, before: dict[str, in
                 "outcome": o,
                 "wall_ms": s.interval_wall_ms.get(k, 0),
                 "check_probability": s.check_probabilities.get(k),
+                **({"ranks": s.failed_ranks[k]} if k in s.failed_ranks else {}),
             }
             for k, o in s.intervals.items()
         ],

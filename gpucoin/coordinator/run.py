@@ -75,6 +75,7 @@ class Interval:
     settle_at: float | None = None  # monotonic time when a held interval's challenge window ends
     outcome: str = "open"
     settled: bool = False  # charged to the escrow (a later re-check may still slash its ranks)
+    failed_ranks: list[int] = field(default_factory=list)  # the ranks a replay convicted of this interval
 
 
 @dataclass
@@ -416,6 +417,7 @@ class JobRun:
             self.counts["failed"] += 1
             for (where, rank), rep in sorted(failing, key=lambda x: (x[0][0].start, x[0][1])):
                 where.outcome = "failed"  # its end checkpoint is disowned too (the job's result is an earlier one)
+                where.failed_ranks = sorted({*where.failed_ranks, rank})
                 if rep.message["receiptDigest"] in self.slashed_receipts:
                     continue  # convicted by the check of both intervals its checkpoint bounds: slashed once
                 self.slashed_receipts.add(rep.message["receiptDigest"])

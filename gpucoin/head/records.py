@@ -275,6 +275,9 @@ class JobSummary(BaseModel):
     steps: int
     receipts: ReceiptCounts
     intervals: dict[str, str] = Field(description="'start-end' -> the interval's outcome")
+    failed_ranks: dict[str, list[int]] = Field(
+        default_factory=dict, description="'start-end' -> the ranks a replay convicted of it (failed intervals only)"
+    )
     interval_wall_ms: dict[str, int] = Field(
         default_factory=dict,
         description="'start-end' -> metered worker time billed for the interval, ms (``coordinator.meter``)",

@@ -583,6 +583,7 @@ def _summary(job, refunded_ugpc: int, evaluation: JobEvaluation | None = None) -
         steps=step,
         receipts=ReceiptCounts(**job.counts),
         intervals={f"{iv.start}-{iv.end}": iv.outcome for iv in job.intervals.values()},
+        failed_ranks={f"{iv.start}-{iv.end}": iv.failed_ranks for iv in job.intervals.values() if iv.failed_ranks},
         interval_wall_ms={f"{iv.start}-{iv.end}": iv.wall_ms for iv in job.intervals.values()},
         max_replay_distance=max(job.distances, default=None),
         check_probabilities=dict(job.check_probabilities),

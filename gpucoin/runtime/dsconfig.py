@@ -14,9 +14,11 @@ def deepspeed_config(spec: JobSpec) -> dict:
     """
     ds = spec.deepspeed
     opt = ds.optimizer
+    # the ranks accumulate the micro-steps' gradients themselves (``runtime.step.rank_step``) and
+    # hand DeepSpeed one gradient per step: to DeepSpeed every step is one micro-step of the rank's share
     return {
-        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
-        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size * ds.gradient_accumulation_steps,
+        "gradient_accumulation_steps": 1,
         "train_batch_size": spec.global_batch_size,
         "optimizer": {
             "type": "AdamW",

@@ -33,12 +33,16 @@ co-worker's rank, an oversized receipt, an oversized sketch, a bogus progress re
 floods the head to push its co-workers' receipts out)."""
 
 
+FAULT_CHEAT_ENV = "GPUCOIN_CHEAT"
+"""``<MODULE:NAME or shipped name>@<rank>``: the rank of that number cheats as the cheat object
+says (``runtime.cheats``; ``gpucoin train --cheat`` sets it on the embedded mode's volunteers)."""
+
 FAULTS_BY_JOB_ENV = "GPUCOIN_TEST_FAULTS_BY_JOB"
 """JSON ``{job id prefix: {fault variable: value}}``: the faults above, each only in the jobs whose
 id starts with that prefix (one node of a test's market cheats in one job and works honestly in
 the others)."""
 
-FAULT_VARS = (FAULT_SKIP_ENV, FAULT_CHECKPOINT_ENV, FAULT_STALL_ENV, FAULT_FLOOD_ENV)
+FAULT_VARS = (FAULT_SKIP_ENV, FAULT_CHECKPOINT_ENV, FAULT_STALL_ENV, FAULT_FLOOD_ENV, FAULT_CHEAT_ENV)
 
 
 def scope_to_job(job_id: str) -> None:
@@ -70,13 +74,56 @@ def skipped_sequences() -> int:
     return int(os.environ.get(FAULT_SKIP_ENV, "0") or 0)
 
 
-def batch_fault():
-    """The ``runtime.step.OnBatch`` hook of this node's fault on the micro-batches (None: honest):
-    ``FAULT_SKIP_ENV`` drops the last N sequences of each."""
-    skip = skipped_sequences()
-    if not skip:
+class SkipSequences:
+    """The cheat of ``FAULT_SKIP_ENV``: drops the last ``n`` sequences of each micro-batch."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_batch(self, x, y, step: int, rank: int):
+        return x[: -self.n], y[: -self.n]
+
+
+def cheat_setting() -> tuple[str, int] | None:
+    """``FAULT_CHEAT_ENV`` as (cheat reference, rank), or None.
+
+    Raises:
+        ValueError: a malformed variable.
+    """
+    from gpucoin.runtime.cheats import check_ref
+
+    value = os.environ.get(FAULT_CHEAT_ENV, "")
+    if not value:
         return None
-    return lambda x, y, step, rank: (x[:-skip], y[:-skip])
+    ref, _, rank = value.rpartition("@")
+    if not rank.isdigit():
+        raise ValueError(f"{FAULT_CHEAT_ENV} must be <MODULE:NAME>@<rank>, got {value!r}")
+    return check_ref(ref), int(rank)
+
+
+def rank_cheat(rank: int, spec, train, sketch, names):
+    """This rank's cheat (``runtime.cheats``), bound to its job, or None (honest): the one
+    ``FAULT_CHEAT_ENV`` names if it names this rank, else ``FAULT_SKIP_ENV``'s.
+
+    Args:
+        spec: the ``JobSpec``; train: the train split; sketch: the job's ``CountSketch``;
+        names: the model's parameter names in order.
+
+    Raises:
+        ValueError: a malformed variable or a cheat with no hooks. ImportError: no such module.
+    """
+    from gpucoin.runtime.cheats import CheatContext, load_cheat
+
+    setting = cheat_setting()
+    if setting is not None and setting[1] == rank:
+        cheat = load_cheat(setting[0])
+    elif skipped_sequences():
+        cheat = SkipSequences(skipped_sequences())
+    else:
+        return None
+    if callable(getattr(cheat, "bind", None)):
+        cheat.bind(CheatContext(spec=spec, train=train, names=tuple(names), sketch=sketch.sketch_grads))
+    return cheat
 
 
 def checkpoint_attack(step: int) -> str | None:

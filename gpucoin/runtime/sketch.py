@@ -22,8 +22,8 @@ class CountSketch:
         buckets: sketch width B.
         seed: the job seed.
 
-    Use ``attach`` to sketch every gradient that reaches a parameter during backward (a
-    tensor hook sees the rank's local gradient before DeepSpeed reduces it), then ``take``.
+    A rank sketches its local gradient before it feeds it into the reduction, replay the one it
+    recomputes (``runtime.step.rank_step``, for both).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], buckets: int, seed: int):
@@ -46,31 +46,11 @@ class CountSketch:
         out.index_add_(0, self._index[i], grad.detach().reshape(-1).to(torch.float64).cpu() * self._sign[i])
         return out
 
-    def add(self, i: int, grad: torch.Tensor) -> None:
-        """Accumulate the sketch of ``grad`` (same shape as parameter ``i``)."""
-        self._acc += self.sketch(i, grad)
-
-    def attach(self) -> None:
-        """Register a gradient hook on every parameter that accumulates into this sketch."""
-        for i, p in enumerate(self.params):
-            self._handles.append(p.register_hook(lambda g, i=i: self.add(i, g)))
-
-    def detach(self) -> None:
-        """Remove the hooks ``attach`` registered."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def take(self) -> np.ndarray:
-        """Return the accumulated sketch as a (B,) float64 array and reset it to zero."""
-        out = self._acc.numpy().copy()
-        self._acc.zero_()
-        return out
-
-    def sketch_params_grad(self) -> np.ndarray:
-        """Sketch of the ``.grad`` currently held by the parameters: (B,) float64 (for replay)."""
+    def sketch_grads(self, grads: Iterable[torch.Tensor | None]) -> np.ndarray:
+        """Sketch of one gradient per parameter (``params``' order and shapes; None: no gradient):
+        (B,) float64, summed over the parameters."""
         acc = torch.zeros(self.buckets, dtype=torch.float64)
-        for i, p in enumerate(self.params):
-            if p.grad is not None:
-                acc += self.sketch(i, p.grad)
+        for i, g in enumerate(grads):
+            if g is not None:
+                acc += self.sketch(i, g)
         return acc.numpy()

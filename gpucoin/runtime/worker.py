@@ -1,8 +1,9 @@
 """The training loop each rank runs inside a Ray Train worker on a volunteer node.
 
 Top to bottom: load the corpus, build the model, wrap it in DeepSpeed, then per interval of
-K steps: per step read the micro-batches fixed by (seed, step, rank), forward/backward (a
-hook sketches the local gradient before DeepSpeed reduces it), optimizer step; at the end of
+K steps: per step this rank's share (``runtime.step.rank_step``, the code replay runs: the
+micro-batches fixed by (seed, step, rank), forward, the local gradient and its sketch), that
+gradient fed into DeepSpeed's all-reduce and optimizer step; at the end of
 the interval save a DeepSpeed checkpoint into this rank's own scratch directory, put the files
 this rank wrote and their manifest into the job's store on the head, sign a WorkReceipt naming
 the manifest through this node's signing process (the key is not in this process: job code
@@ -40,7 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
     from gpucoin.runtime.checkpoint import tag_for
     from gpucoin.runtime.dsconfig import deepspeed_config
     from gpucoin.runtime.sketch import CountSketch
-    from gpucoin.runtime.step import rank_step, set_lr
+    from gpucoin.runtime.step import engine_step
     from gpucoin.spec import JobSpec
     from gpucoin.storage import commit_checkpoint, fetch_checkpoint
     from gpucoin.verify.commitment import sketch_root
@@ -68,7 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
     safe_load.install(engine)  # a co-worker's checkpoint files are loaded weights-only: they cannot run code
     device = engine.device
     sketch = CountSketch(model.parameters(), config["buckets"], spec.seed)
-    sketch.attach()
+    params = list(model.named_parameters())
 
     # this rank's own files only: the checkpoint others read is the one in the store, checked by hash
     # under the node's Ray temp dir, which goes with the node: a rank that dies leaves nothing in /tmp
@@ -89,14 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     previous = config["previous"][rank]
 
     faults.scope_to_job(config["job_id"])
-    on_batch = faults.batch_fault()
-
-    def forward(x, y):  # (B, T), (B, T) -> the micro-batch's mean loss
-        return engine(x.to(device), y.to(device))[1]
-
-    def backward(scaled_loss) -> None:  # rank_step has divided by the accumulation steps
-        engine.backward(scaled_loss, scale_wrt_gas=False)
-        engine.step()  # at an accumulation boundary: all-reduce, clip, AdamW
+    cheat = faults.rank_cheat(rank, spec, train, sketch, [n for n, _ in params])  # None: honest
 
     for s, e in spec.intervals():
         if s < start:
@@ -109,10 +103,9 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.monotonic()
         sketches, losses, samples = [], [], 0
         for step in range(s, e):
-            lr = set_lr(engine.optimizer.param_groups, spec, step)
-            done = rank_step(spec, train, step, rank, forward, backward, on_batch)  # replay runs the same
+            done, lr = engine_step(engine, spec, train, step, rank, params, sketch, cheat)  # replay: rank_step
             samples += done.samples
-            sketches.append(sketch.take())
+            sketches.append(done.sketch)
             losses.append(done.loss)
             if rank == 0 and (step % PROGRESS_EVERY_STEPS == 0 or step == e - 1):
                 channel.progress(step + 1, done.loss, lr)
@@ -154,5 +147,4 @@ def train_loop_per_worker(config: dict) -> None:
             if not reply.busy or time.monotonic() > deadline:
                 raise TrainingError(f"the job's inbox refused rank {rank}'s receipt for steps {s}-{e}: {reply.reason}")
             time.sleep(RECEIPT_RETRY_S)
-    sketch.detach()
     shutil.rmtree(scratch, ignore_errors=True)

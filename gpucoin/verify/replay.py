@@ -88,23 +88,19 @@ def replay_interval(
     sketch = CountSketch(model.parameters(), buckets, spec.seed)
     W, K = spec.workers, step_end - step_start
     out = np.zeros((W, K, buckets), dtype=np.float64)
+    named_list = list(named.items())
 
     def forward(x, y):  # (B, T), (B, T) -> the micro-batch's mean loss
         return model(x, y)[1]
-
-    def backward(scaled_loss) -> None:  # accumulates into each parameter's .grad
-        scaled_loss.backward()
 
     for k, step in enumerate(range(step_start, step_end)):
         set_lr(optimizer.param_groups, spec, step)
         total = [torch.zeros_like(p) for p in params]
         for rank in range(W):
-            optimizer.zero_grad(set_to_none=True)
-            rank_step(spec, train, step, rank, forward, backward)  # what rank ``rank`` ran
-            out[rank, k] = sketch.sketch_params_grad()
-            for t, p in zip(total, params, strict=True):
-                if p.grad is not None:
-                    t.add_(p.grad)
+            done = rank_step(spec, train, step, rank, named_list, forward, sketch)  # what rank ``rank`` ran
+            out[rank, k] = done.sketch
+            for t, g in zip(total, done.grads, strict=True):
+                t.add_(g)
         for t, p in zip(total, params, strict=True):
             p.grad = t.div_(W)  # the data-parallel all-reduce (mean)
         if opt.gradient_clipping > 0:

@@ -58,6 +58,11 @@ def _train(home: Path, *args: str, spec: Path = JOB):
         (["--budget", "1.0000001"], "7 decimals"),
         (["--policy", "default"], "was started with policy 'local' v3, not 'default' v3"),
         (["--data", "/nonexistent/corpus.txt"], "data.source /nonexistent/corpus.txt: no readable file there"),
+        (["--cheat", "no_such_cheat"], "--cheat must be MODULE:NAME or one of zero_gradient"),
+        (["--cheat", "gpucoin.no_such_module:X"], "--cheat gpucoin.no_such_module:X: No module named"),
+        (["--cheat", "gpucoin.runtime.cheats:CheatContext"], "has none of on_batch, on_grads, on_commit"),
+        (["--cheat", "half_batch", "--cheat-rank", "2"], "--cheat-rank 2: the job has ranks 0 to 1"),
+        (["--cheat", "half_batch", "--address", "127.0.0.1:1"], "--cheat: for the embedded mode only"),
     ],
 )
 def test_refused_with_one_line_and_no_ledger_change(home, args, expect):

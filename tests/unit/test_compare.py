@@ -105,16 +105,15 @@ def test_count_sketch_is_linear_and_seeded():
     assert not np.array_equal(s.sketch(0, a).numpy(), s3.sketch(0, a).numpy())
 
 
-def test_hook_sketches_the_local_gradient_of_backward():
+def test_the_sketch_of_a_models_gradient_is_the_sum_of_its_parameters_sketches():
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 4)
     s = CountSketch(lin.parameters(), 16, seed=1)
-    s.attach()
-    lin(torch.randn(5, 8)).pow(2).sum().backward()
-    hooked = s.take()
-    assert np.allclose(hooked, s.sketch_params_grad())
-    assert not np.any(s.take())  # take() resets
-    s.detach()
+    grads = torch.autograd.grad(lin(torch.randn(5, 8)).pow(2).sum(), list(lin.parameters()))
+    whole = s.sketch_grads(grads)
+    assert np.allclose(whole, s.sketch(0, grads[0]).numpy() + s.sketch(1, grads[1]).numpy())
+    assert np.array_equal(s.sketch_grads([grads[0], None]), s.sketch(0, grads[0]).numpy())
+    assert not np.array_equal(s.sketch_grads([2 * grads[0], grads[1]]), whole)
 
 
 def test_sketch_root_commits_to_values_and_start_step():

@@ -7,11 +7,13 @@ for bit is what the Ray tests assert (distance 0.0 under ZeRO 0, 1 and 2)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from gpucoin.runtime.data_order import micro_batch, window_offsets
 from gpucoin.runtime.schedule import lr_at
-from gpucoin.runtime.step import rank_step, set_lr
+from gpucoin.runtime.sketch import CountSketch
+from gpucoin.runtime.step import rank_step, set_lr, surrogate_loss
 from gpucoin.spec import load_spec
 from tests.conftest import write_spec
 
@@ -21,66 +23,99 @@ def _spec(tmp_path):
     return load_spec(write_spec(tmp_path / "job"), {"steps": 80, "checkpoint_interval_steps": 4}).spec
 
 
-def _toy(vocab: int = 65):
-    torch.manual_seed(0)
-    emb = torch.nn.Embedding(vocab, 8)
-    head = torch.nn.Linear(8, vocab)
+class Toy(torch.nn.Module):
+    """An embedding and a linear head: (B, T) token ids -> (B, T, vocab) logits."""
 
-    def loss_of(x, y):  # (B, T), (B, T) -> mean cross-entropy
-        logits = head(emb(x))  # (B, T, vocab)
+    def __init__(self, vocab: int = 65) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, 8)
+        self.head = torch.nn.Linear(8, vocab)
+
+    def forward(self, x, y):  # (B, T), (B, T) -> mean cross-entropy
+        logits = self.head(self.emb(x))  # (B, T, vocab)
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
 
-    return [emb.weight, head.weight, head.bias], loss_of
 
-
-def test_a_rank_step_is_the_gradient_of_its_micro_batches_mean_loss(tmp_path) -> None:
+def _setup(tmp_path, gas: int = 1):
     spec = _spec(tmp_path)
-    spec = spec.model_copy(update={"deepspeed": spec.deepspeed.model_copy(update={"gradient_accumulation_steps": 3})})
-    ds, T = spec.deepspeed, spec.model.block_size
+    spec = spec.model_copy(update={"deepspeed": spec.deepspeed.model_copy(update={"gradient_accumulation_steps": gas})})
     train = np.random.default_rng(0).integers(0, 65, 50_000, dtype=np.uint16)  # the train split's token ids
-    params, loss_of = _toy()
+    model = Toy()
+    return spec, train, model, list(model.named_parameters()), CountSketch(model.parameters(), 64, spec.seed)
 
-    done = rank_step(spec, train, 7, 1, loss_of, lambda scaled: scaled.backward())
-    got = [p.grad.clone() for p in params]
 
-    for p in params:
-        p.grad = None
+def test_a_rank_step_is_the_gradient_of_its_micro_batches_mean_loss_and_its_sketch(tmp_path) -> None:
+    spec, train, model, params, sketch = _setup(tmp_path, gas=3)
+    ds, T = spec.deepspeed, spec.model.block_size
+
+    done = rank_step(spec, train, 7, 1, params, model, sketch)
+    assert all(p.grad is None for _, p in params)  # where the gradient goes is the caller's
+
     batches = [
         micro_batch(train, window_offsets(spec.seed, 7, 1, m, ds.micro_batch_size, len(train), T), T) for m in range(3)
     ]
-    losses = [loss_of(x, y) for x, y in batches]
+    losses = [model(x, y) for x, y in batches]
     (sum(losses) / 3).backward()
-    for g, p in zip(got, params, strict=True):
+    for g, (_, p) in zip(done.grads, params, strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-9)
+    assert np.array_equal(done.sketch, sketch.sketch_grads(done.grads))
     assert abs(done.loss - sum(x.item() for x in losses) / 3) < 1e-6
     assert done.samples == 3 * ds.micro_batch_size
 
     # another rank or step trains on other data
-    for p in params:
-        p.grad = None
-    rank_step(spec, train, 7, 0, loss_of, lambda scaled: scaled.backward())
-    assert not torch.equal(params[1].grad, got[1])
+    other = rank_step(spec, train, 7, 0, params, model, sketch)
+    assert not torch.equal(other.grads[1], done.grads[1])
 
 
-def test_a_batch_fault_changes_what_the_rank_trains_on_not_what_it_counts(tmp_path) -> None:
-    spec = _spec(tmp_path)
-    train = np.random.default_rng(0).integers(0, 65, 50_000, dtype=np.uint16)  # the train split's token ids
-    _, loss_of = _toy()
-    seen = []
+def test_the_surrogate_feeds_exactly_the_given_gradient(tmp_path) -> None:
+    _, _, model, params, _ = _setup(tmp_path)
+    grads = [torch.randn_like(p) * 1e-3 for _, p in params]
+    surrogate_loss([p for _, p in params], grads).backward()
+    assert all(torch.equal(p.grad, g) for (_, p), g in zip(params, grads, strict=True))  # bit for bit
 
-    def half(x, y, step, rank):
-        seen.append((x.shape[0], step, rank))
-        return x[: x.shape[0] // 2], y[: y.shape[0] // 2]
 
-    def forward(x, y):
-        seen.append(("fwd", x.shape[0]))
-        return loss_of(x, y)
-
-    done = rank_step(spec, train, 3, 0, forward, lambda scaled: None, half)
+def test_a_cheats_hooks_run_where_an_honest_rank_computes_and_in_order(tmp_path) -> None:
+    spec, train, model, params, sketch = _setup(tmp_path, gas=2)
     B = spec.deepspeed.micro_batch_size
-    gas = spec.deepspeed.gradient_accumulation_steps
-    assert seen == [(B, 3, 0), ("fwd", B // 2)] * gas
-    assert done.samples == gas * B  # what it claims, as a cheating rank's receipt does
+    seen = []
+    honest = rank_step(spec, train, 3, 0, params, model, sketch)
+
+    class Recorder:
+        def on_batch(self, x, y, step, rank):
+            seen.append(("batch", x.shape[0], step, rank))
+            return x[: B // 2], y[: B // 2]
+
+        def on_grads(self, grads, step, rank):
+            seen.append(("grads", tuple(grads), step, rank))
+            self.sent = {n: 2 * g for n, g in grads.items()}
+            return self.sent
+
+        def on_commit(self, committed, step, rank):
+            seen.append(("commit", step, rank))
+            self.sketched = committed.copy()
+            return committed + 1.0
+
+    cheat = Recorder()
+    done = rank_step(spec, train, 3, 0, params, model, sketch, cheat)
+    names = tuple(n for n, _ in params)
+    assert seen == [("batch", B, 3, 0), ("batch", B, 3, 0), ("grads", names, 3, 0), ("commit", 3, 0)]
+    assert all(torch.equal(g, cheat.sent[n]) for n, g in zip(names, done.grads, strict=True))  # what it feeds
+    assert np.array_equal(cheat.sketched, sketch.sketch_grads(done.grads))  # the sketch of what on_grads returned
+    assert np.array_equal(done.sketch, cheat.sketched + 1.0)  # then what on_commit returned is committed
+    assert done.samples == honest.samples == 2 * B  # what it claims, as a cheating rank's receipt does
+    assert not torch.equal(done.grads[1], 2 * honest.grads[1])  # it trained on half the batch
+
+
+def test_gradients_of_another_shape_from_a_cheat_are_refused(tmp_path) -> None:
+    spec, train, model, params, sketch = _setup(tmp_path)
+
+    class Bad:
+        def on_grads(self, grads, step, rank):
+            return {n: g[:1] for n, g in grads.items()}
+
+    with pytest.raises(ValueError, match="on_grads must return a gradient of shape"):
+        rank_step(spec, train, 0, 0, params, model, sketch, Bad())
 
 
 def test_set_lr_sets_every_group_to_the_schedule(tmp_path) -> None:
