@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,15 @@ RANK_TIMEOUT_S = 1800.0
 @dataclass(frozen=True)
 class IntervalDistances:
     """One replayed interval: ``distances`` (W, K), each rank's relative L2 distance per step
-    between the sketch it committed and the replay's."""
+    between the sketch it committed and the replay's; ``train_cpu_s``: CPU seconds the ranks spent
+    on it together (steps and checkpoint); ``replay_cpu_s``: CPU seconds its replay took (loading
+    the start checkpoint included)."""
 
     start: int
     end: int
     distances: np.ndarray
+    train_cpu_s: float
+    replay_cpu_s: float
 
 
 def _free_port() -> int:
@@ -82,11 +87,13 @@ def _rank_main(
         if callable(getattr(bound, "bind", None)):
             bound.bind(CheatContext(spec, train, tuple(n for n, _ in params), sketch.sketch_grads))
     for s, e in spec.intervals():
+        t0 = time.process_time()
         sketches = [
             engine_step(engine, spec, train, step, rank, params, sketch, bound)[0].sketch for step in range(s, e)
         ]
-        np.save(Path(out) / f"rank{rank}-step{s:08d}.npy", np.stack(sketches))  # (K, B)
         engine.save_checkpoint(out, tag=tag_for(e))
+        np.save(Path(out) / f"rank{rank}-step{s:08d}.npy", np.stack(sketches))  # (K, B)
+        np.save(Path(out) / f"rank{rank}-step{s:08d}-cpu.npy", np.array([time.process_time() - t0]))
 
 
 BUCKETS = 256
@@ -141,9 +148,12 @@ def replay_distances(
     for s, e in spec.intervals():
         committed = np.stack([np.load(out / f"rank{r}-step{s:08d}.npy") for r in range(spec.workers)])  # (W, K, B)
         tag_dir = None if s == 0 else str(out / tag_for(s))
+        t0 = time.process_time()
         replayed = replay_interval(spec, data_source, tag_dir, s, e, BUCKETS, threads).sketches  # (W, K, B)
+        replay_cpu = time.process_time() - t0
         d = np.array([[rel_l2(committed[r, k], replayed[r, k]) for k in range(e - s)] for r in range(spec.workers)])
-        found.append(IntervalDistances(s, e, d))
+        train_cpu = sum(float(np.load(out / f"rank{r}-step{s:08d}-cpu.npy")[0]) for r in range(spec.workers))
+        found.append(IntervalDistances(s, e, d, train_cpu, replay_cpu))
     return found
 
 
