@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@[ -n "$$GPUCOIN_TEST_POSTGRES" ] || scripts/ensure-postgres
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 ## The ledger's settlement throughput on SQLite and PostgreSQL against signature recovery alone.
 bench-ledger: $(STAMP)

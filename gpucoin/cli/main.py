@@ -283,6 +283,10 @@ def train(
         if data_source is not None:
             loaded = with_data_source(loaded, data_source)
         policy = resolve_policy(policy_ref)
+        if cheat_ref is None and click.get_current_context().get_parameter_source("cheat_rank") != (
+            click.core.ParameterSource.DEFAULT
+        ):
+            _fail("--cheat-rank goes with --cheat (the strategy that rank runs)", 2)
         cheat = None if cheat_ref is None else _cheat_setting(cheat_ref, cheat_rank, loaded.spec.workers)
         opts = LocalOptions(
             policy=policy,

@@ -600,7 +600,9 @@ class Ledger:
 
     def verification_records(self, addresses: Iterable[str]) -> dict[str, VerificationRecord]:
         """Each address's record as a worker: the admitted VerificationReports on the WorkReceipts
-        it signed, over every job, in the order they were recorded (one read transaction).
+        it signed, over every job, in the order they were recorded (one read transaction); a
+        report it signed itself on its own receipt counts for nothing. Counted per checked
+        receipt: a provider holding k ranks of a job gains k per checked interval.
 
         Args:
             addresses: checksum addresses (each is in the answer; a node never checked has an
@@ -619,7 +621,7 @@ class Ledger:
                 .select_from(VerificationReportRow)
                 .join(receipt, receipt.digest == VerificationReportRow.receipt_digest)
                 .join(report, report.digest == VerificationReportRow.digest)
-                .where(receipt.signer.in_(wanted))
+                .where(receipt.signer.in_(wanted), VerificationReportRow.verifier != receipt.signer)
                 .group_by(worker)
             )
 

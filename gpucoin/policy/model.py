@@ -93,7 +93,8 @@ class VerificationPolicy(BaseModel):
         description="Probability an interval is replayed for a new or recently failed node (BOINC-style adaptive)."
     )
     new_node_intervals: Annotated[int, Field(ge=0)] = Field(
-        description="Passed intervals after which a node counts as established."
+        description="Passed checks in a row (verifier reports that passed its receipts, over every job) after "
+        "which a node counts as established (``verify.sampling.check_probability``)."
     )
     sketch_buckets: Annotated[int, Field(gt=0)] = Field(description="Numbers in one per-rank gradient sketch.")
     tolerance_rel_l2: Annotated[float, Field(gt=0.0)] = Field(

@@ -40,7 +40,7 @@ class CheatContext:
     Attributes:
         spec: the job spec (workers, seed, micro-batch, accumulation).
         train: the train split, (N,) token ids, as every rank reads it.
-        names: the model's parameter names, in order.
+        names: the model's parameter names, in order (``runtime.step.job_parameters``).
         sketch: ``grads -> (B,) float64``, the job's count-sketch of one gradient per parameter (in
             ``names``' order), as an honest rank commits it.
     """

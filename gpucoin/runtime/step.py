@@ -48,6 +48,22 @@ class RankStep:
     sketch: np.ndarray
 
 
+def job_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters a rank differentiates, sketches and feeds into the reduction, in the model's
+    order (``named_parameters()``, the ones ``CountSketch`` is built over).
+
+    Raises:
+        ValueError: a parameter that does not require a gradient: the verifier lays out every
+            parameter of the ZeRO partitions and the initial state (``verify.consolidate``), which
+            DeepSpeed builds over the trainable ones only, so a frozen one is refused up front.
+    """
+    params = list(model.named_parameters())
+    frozen = [n for n, p in params if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"frozen parameters are not supported (replay lays out every parameter): {frozen[:5]}")
+    return params
+
+
 def set_lr(param_groups: Iterable[dict], spec: JobSpec, step: int) -> float:
     """Set the schedule's learning rate of ``step`` (0-based) on every param group; return it."""
     opt = spec.deepspeed.optimizer
@@ -70,8 +86,7 @@ def rank_step(
     """Run rank ``rank``'s micro-steps of ``step`` on the corpus ``train`` (1-D int64 tensor).
 
     Args:
-        params: the model's named parameters in order (``model.named_parameters()``), the ones
-            ``sketch`` was built over.
+        params: ``job_parameters(model)``, the ones ``sketch`` was built over.
         forward: ``(x, y) -> loss``, x and y (B, T) on the CPU; the loss a scalar tensor, the mean
             cross-entropy over the micro-batch.
         sketch: the job's count-sketch (``runtime.sketch``).
@@ -81,7 +96,8 @@ def rank_step(
         The ``RankStep``. No parameter's ``.grad`` is touched.
 
     Raises:
-        ValueError: a cheat's ``on_grads`` returned gradients of other names or shapes.
+        ValueError: a cheat's ``on_grads`` returned gradients of other names or shapes (its dtype
+            and device are made the parameter's).
     """
     ds, T = spec.deepspeed, spec.model.block_size
     gas = ds.gradient_accumulation_steps
@@ -115,18 +131,29 @@ def engine_step(engine, spec: JobSpec, train, step: int, rank: int, params, sket
     ``verify.calibrate`` trains with.
 
     Args:
-        params: ``engine.module.named_parameters()`` as a list.
+        params: ``job_parameters(engine.module)``.
+
+    Raises:
+        ValueError: an engine not configured as ``runtime.dsconfig`` does (one accumulation step,
+            fp32), on which feeding the gradient this way would not be what replay recomputes.
 
     Returns:
         (``RankStep``, the learning rate it stepped with).
     """
+    # the forward below bypasses the engine's, whose output hooks run ZeRO's backward prologue; that
+    # is safe only where every backward is a boundary and nothing is scaled: one accumulation step, fp32
+    if engine.gradient_accumulation_steps() != 1 or engine.fp16_enabled() or engine.bfloat16_enabled():
+        raise ValueError(
+            f"the engine must run one accumulation step in fp32 (runtime.dsconfig), got "
+            f"{engine.gradient_accumulation_steps()} steps, fp16 {engine.fp16_enabled()}, bf16 {engine.bfloat16_enabled()}"
+        )
     lr = set_lr(engine.optimizer.param_groups, spec, step)
     device = engine.device
 
     def forward(x, y):  # (B, T), (B, T) -> the micro-batch's mean loss
-        # the module itself, not the engine: DeepSpeed's forward hooks its outputs to reduce when their
-        # backward ends, which rank_step's autograd.grad is not (the gradient reaches DeepSpeed through
-        # engine.backward of the surrogate below); fp32 and ZeRO <= 2 need nothing else from its forward
+        # the module itself, not the engine: DeepSpeed 0.19's forward hooks its outputs to run its reduction
+        # epilogue when their backward ends, which fired on rank_step's autograd.grad (the gradient reaches
+        # DeepSpeed through engine.backward of the surrogate below, which runs the epilogue itself)
         return engine.module(x.to(device), y.to(device))[1]
 
     done = rank_step(spec, train, step, rank, params, forward, sketch, cheat)
@@ -143,10 +170,13 @@ def surrogate_loss(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.T
 
 
 def _checked(returned: dict, params: Sequence[tuple[str, torch.nn.Parameter]]) -> list[torch.Tensor]:
+    names = [n for n, _ in params]
+    if not isinstance(returned, dict) or sorted(returned) != sorted(names):
+        raise ValueError(f"on_grads must return a gradient for each of the {len(names)} parameters and nothing else")
     out = []
     for name, p in params:
         g = returned.get(name) if isinstance(returned, dict) else None
         if not isinstance(g, torch.Tensor) or g.shape != p.shape:
             raise ValueError(f"on_grads must return a gradient of shape {tuple(p.shape)} for {name!r}, got {g!r:.80}")
-        out.append(g.detach().to(p.dtype))
+        out.append(g.detach().to(device=p.device, dtype=p.dtype))
     return out

@@ -41,7 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
     from gpucoin.runtime.checkpoint import tag_for
     from gpucoin.runtime.dsconfig import deepspeed_config
     from gpucoin.runtime.sketch import CountSketch
-    from gpucoin.runtime.step import engine_step
+    from gpucoin.runtime.step import engine_step, job_parameters
     from gpucoin.spec import JobSpec
     from gpucoin.storage import commit_checkpoint, fetch_checkpoint
     from gpucoin.verify.commitment import sketch_root
@@ -69,7 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
     safe_load.install(engine)  # a co-worker's checkpoint files are loaded weights-only: they cannot run code
     device = engine.device
     sketch = CountSketch(model.parameters(), config["buckets"], spec.seed)
-    params = list(model.named_parameters())
+    params = job_parameters(model)
 
     # this rank's own files only: the checkpoint others read is the one in the store, checked by hash
     # under the node's Ray temp dir, which goes with the node: a rank that dies leaves nothing in /tmp

@@ -63,7 +63,7 @@ def _rank_main(
     from gpucoin.runtime.checkpoint import tag_for
     from gpucoin.runtime.dsconfig import deepspeed_config
     from gpucoin.runtime.sketch import CountSketch
-    from gpucoin.runtime.step import engine_step
+    from gpucoin.runtime.step import engine_step, job_parameters
 
     torch.set_num_threads(1)
     spec = JobSpec.model_validate_json(spec_json)
@@ -76,7 +76,7 @@ def _rank_main(
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=deepspeed_config(spec)
     )
-    params = list(model.named_parameters())
+    params = job_parameters(model)
     sketch = CountSketch(model.parameters(), BUCKETS, spec.seed)
     ref, cheat_rank = cheat if cheat else (None, -1)
     bound = None

@@ -17,7 +17,7 @@ import torch
 
 from gpucoin.exceptions import VerificationError
 from gpucoin.runtime.sketch import CountSketch
-from gpucoin.runtime.step import rank_step, set_lr
+from gpucoin.runtime.step import job_parameters, rank_step, set_lr
 from gpucoin.spec import JobSpec
 from gpucoin.verify.clipping import clip_zero0_, clip_zero12_
 from gpucoin.verify.consolidate import ConsolidatedState, initial_state, load_consolidated
@@ -88,20 +88,20 @@ def replay_interval(
     sketch = CountSketch(model.parameters(), buckets, spec.seed)
     W, K = spec.workers, step_end - step_start
     out = np.zeros((W, K, buckets), dtype=np.float64)
-    named_list = list(named.items())
+    trainable = job_parameters(model)  # what the ranks differentiate and sketch, in order (all of them)
 
     def forward(x, y):  # (B, T), (B, T) -> the micro-batch's mean loss
         return model(x, y)[1]
 
     for k, step in enumerate(range(step_start, step_end)):
         set_lr(optimizer.param_groups, spec, step)
-        total = [torch.zeros_like(p) for p in params]
+        total = [torch.zeros_like(p) for _, p in trainable]
         for rank in range(W):
-            done = rank_step(spec, train, step, rank, named_list, forward, sketch)  # what rank ``rank`` ran
+            done = rank_step(spec, train, step, rank, trainable, forward, sketch)  # what rank ``rank`` ran
             out[rank, k] = done.sketch
             for t, g in zip(total, done.grads, strict=True):
                 t.add_(g)
-        for t, p in zip(total, params, strict=True):
+        for t, (_, p) in zip(total, trainable, strict=True):
             p.grad = t.div_(W)  # the data-parallel all-reduce (mean)
         if opt.gradient_clipping > 0:
             if state.partitions is not None:

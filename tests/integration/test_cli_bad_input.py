@@ -63,6 +63,7 @@ def _train(home: Path, *args: str, spec: Path = JOB):
         (["--cheat", "gpucoin.runtime.cheats:CheatContext"], "has none of on_batch, on_grads, on_commit"),
         (["--cheat", "half_batch", "--cheat-rank", "2"], "--cheat-rank 2: the job has ranks 0 to 1"),
         (["--cheat", "half_batch", "--address", "127.0.0.1:1"], "--cheat: for the embedded mode only"),
+        (["--cheat-rank", "1"], "--cheat-rank goes with --cheat"),
     ],
 )
 def test_refused_with_one_line_and_no_ledger_change(home, args, expect):

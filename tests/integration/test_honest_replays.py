@@ -34,3 +34,14 @@ def test_honest_one_step_intervals_all_replay_within_the_tolerance(tmp_path, zer
     false_positives = [(iv.start, r) for iv in found for r, d in enumerate(iv.distances[:, 0]) if d > TOLERANCE]
     assert false_positives == []
     assert max(float(iv.distances.max()) for iv in found) == 0.0  # bit-exact here: CPU, fp32, the same code
+
+
+def test_gradient_accumulation_replays_exactly(tmp_path) -> None:
+    """Two micro-steps per step: the ranks accumulate them themselves (``rank_step``) and hand
+    DeepSpeed one gradient per step, as replay sums them; 5 one-step intervals under ZeRO 2."""
+    edits = {**TINY_MODEL, "gradient_accumulation_steps: 1": "gradient_accumulation_steps: 2"}
+    loaded = load_spec(write_spec(tmp_path / "job", edits), {"steps": 5, "checkpoint_interval_steps": 1})
+    assert loaded.spec.deepspeed.gradient_accumulation_steps == 2 and loaded.spec.deepspeed.zero_stage == 2
+    train_ranks(loaded.spec, loaded.module_dir.parent, str(EXCERPT), tmp_path / "out")
+    found = replay_distances(loaded.spec, loaded.module_dir.parent, str(EXCERPT), tmp_path / "out")
+    assert len(found) == 5 and max(float(iv.distances.max()) for iv in found) == 0.0

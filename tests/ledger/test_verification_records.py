@@ -72,3 +72,8 @@ def test_a_record_is_never_read_from_what_a_node_says(ledger: Ledger) -> None:
     for i in range(5):
         previous = m.receipts(i * 10, [WORKER], job="job-x", previous=previous)
     assert ledger.verification_records([WORKER.address])[WORKER.address] == VerificationRecord()
+    # nor by passes it signs on its own receipts (the ledger admits the messages; they count for nothing)
+    m.reports(previous, "pass", verifier=WORKER)
+    assert ledger.verification_records([WORKER.address])[WORKER.address] == VerificationRecord()
+    m.reports(previous, "pass")
+    assert ledger.verification_records([WORKER.address])[WORKER.address] == VerificationRecord(1, 0, 1)

@@ -13,7 +13,7 @@ import torch
 from gpucoin.runtime.data_order import micro_batch, window_offsets
 from gpucoin.runtime.schedule import lr_at
 from gpucoin.runtime.sketch import CountSketch
-from gpucoin.runtime.step import rank_step, set_lr, surrogate_loss
+from gpucoin.runtime.step import job_parameters, rank_step, set_lr, surrogate_loss
 from gpucoin.spec import load_spec
 from tests.conftest import write_spec
 
@@ -117,6 +117,18 @@ def test_gradients_of_another_shape_from_a_cheat_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="on_grads must return a gradient of shape"):
         rank_step(spec, train, 0, 0, params, model, sketch, Bad())
 
+    class Extra:
+        def on_grads(self, grads, step, rank):
+            return {**grads, "smuggled": next(iter(grads.values()))}
+
+    class Missing:
+        def on_grads(self, grads, step, rank):
+            return dict(list(grads.items())[1:])
+
+    for cheat in (Extra(), Missing()):
+        with pytest.raises(ValueError, match="a gradient for each of the 3 parameters and nothing else"):
+            rank_step(spec, train, 0, 0, params, model, sketch, cheat)
+
 
 def test_set_lr_sets_every_group_to_the_schedule(tmp_path) -> None:
     spec = _spec(tmp_path)
@@ -126,3 +138,11 @@ def test_set_lr_sets_every_group_to_the_schedule(tmp_path) -> None:
         lr = set_lr(groups, spec, step)
         assert lr == lr_at(step, spec.steps, opt.lr, opt.min_lr, opt.warmup_steps)
         assert [g["lr"] for g in groups] == [lr, lr]
+
+
+def test_a_frozen_parameter_is_refused_up_front(tmp_path) -> None:
+    _, _, model, _, _ = _setup(tmp_path)
+    assert [n for n, _ in job_parameters(model)] == ["emb.weight", "head.weight", "head.bias"]
+    model.emb.weight.requires_grad_(False)  # replay lays out every parameter: a frozen one would convict
+    with pytest.raises(ValueError, match=r"frozen parameters are not supported.*emb.weight"):
+        job_parameters(model)
