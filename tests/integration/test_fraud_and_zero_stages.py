@@ -31,8 +31,9 @@ from gpucoin.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = load_policy(SHIPPED_POLICIES_DIR / "local.toml")
-STAKE = 4_000_000_000
-"""4000 GPC: a node may be rank 0 of every cheating job; 6 slashes of half its bond leave it above the minimum."""
+STAKE = 10_000_000_000
+"""10,000 GPC: one node may be convicted in all 6 cheating jobs (the skip test's and 5 strategies');
+halved 6 times, its bond (156 GPC) stays above the policy's 100 GPC minimum, so every job is placed."""
 PINNED = ["zero_gradient", "random_gradient", "half_batch", "stale_gradient", "copied_commitment"]
 """The strategies whose own sketch shows them: the replay convicts the cheating rank."""
 UNPINNED = "honest_commitment_other_gradient"
@@ -59,6 +60,7 @@ def _prefix(name: str) -> str:
 @pytest.fixture(scope="module")
 def market(tmp_path_factory):
     assert sorted([*PINNED, UNPINNED]) == sorted(SHIPPED)  # a test per shipped strategy
+    assert STAKE >> (len(PINNED) + 1) >= POLICY.market.min_bond_ugpc
     strategies = {_prefix(name): {FAULT_CHEAT_ENV: f"{name}@0"} for name in SHIPPED}
     vol0 = {FAULTS_BY_JOB_ENV: json.dumps(strategies)}
     vol1 = {FAULTS_BY_JOB_ENV: json.dumps({**strategies, "cheat-": {FAULT_SKIP_ENV: "1"}})}
