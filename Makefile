@@ -38,6 +38,15 @@ bench-ledger: $(STAMP)
 bench-signatures: $(STAMP)
 	$(BIN)/python -m benchmarks.signatures.run
 
+## What verification costs per replayed interval and what it catches (benchmarks/README.md).
+.PHONY: bench-verification bench-training
+bench-verification: $(STAMP)
+	$(BIN)/python -m benchmarks.verification.run
+
+## Steps per second under gpucoin train against plain Ray Train + DeepSpeed on the same nodes (~10 minutes).
+bench-training: $(STAMP)
+	$(BIN)/python -m benchmarks.training.run
+
 ## Unit tests only (no Ray): seconds.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

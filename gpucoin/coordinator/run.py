@@ -38,6 +38,12 @@ from gpucoin.verify.verifier import ReplayRequest, ReplayResult
 from gpucoin.wallet.messages import SignedMessage, verify
 
 POLL_INTERVAL_S = 0.5
+QUIET_CHECK_S = 5.0
+"""While intervals are still to come, how often the run asks Ray whether the training still runs
+and closes ended epochs (each a few database reads or a dashboard request on the head's cores,
+which the ranks share on a small host); once the last interval's receipts are in or the job is
+stopping, on every loop, so its end is seen at once. A driver that dies mid-job is also found
+by the interval timeout."""
 MAX_RUN_S = 6 * 3600
 """Upper bound on one run's wall time; past it the run is stopped as failed."""
 
@@ -144,6 +150,7 @@ class JobRun:
         """Handle events until ``training`` ends (``alive()`` False; ``join()`` re-raises its
         failure) and no replay is outstanding."""
         deadline = time.monotonic() + MAX_RUN_S
+        checked = -QUIET_CHECK_S
         while True:
             if time.monotonic() > deadline:
                 raise TrainingError(f"job {self.job_id} did not finish within {MAX_RUN_S} s")
@@ -153,13 +160,20 @@ class JobRun:
                 return  # a lost rank may hold the others in a collective: the cluster's shutdown ends them
             self.collect_replays(block=False)
             self.settle_held(force=False)
-            self.close_epochs()
-            if not training.alive() and not self.outstanding():
-                break
+            if self.finishing() or time.monotonic() - checked >= QUIET_CHECK_S:
+                checked = time.monotonic()
+                self.close_epochs()
+                if not training.alive() and not self.outstanding():
+                    break
             time.sleep(POLL_INTERVAL_S)
         training.join()
         for ev in self.inbox.poll():
             self.on_event(ev)
+
+    def finishing(self) -> bool:
+        """True once the job is stopping or every rank's receipt of its last interval is in."""
+        last = self.intervals[max(self.intervals)]
+        return self.stopped is not None or len(last.receipts) == self.spec.workers
 
     def lost_nodes(self) -> bool:
         """Stop the job if a rank has not delivered its next receipt within the policy's
