@@ -175,7 +175,7 @@ def _checked(returned: dict, params: Sequence[tuple[str, torch.nn.Parameter]]) -
         raise ValueError(f"on_grads must return a gradient for each of the {len(names)} parameters and nothing else")
     out = []
     for name, p in params:
-        g = returned.get(name) if isinstance(returned, dict) else None
+        g = returned[name]
         if not isinstance(g, torch.Tensor) or g.shape != p.shape:
             raise ValueError(f"on_grads must return a gradient of shape {tuple(p.shape)} for {name!r}, got {g!r:.80}")
         out.append(g.detach().to(device=p.device, dtype=p.dtype))

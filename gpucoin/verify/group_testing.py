@@ -11,7 +11,9 @@ as many groups as the free nodes allow (``plan_round``; with room for one group 
 them are tested); once a suspect sits alone among fillers, every further diverging group of its
 own confirms it. A suspect is **named** when its newest ``confirmations`` groups all
 diverged, it alone among fillers in each, and those fillers were all different nodes (a suspect
-never sits alone with the same filler twice, so one cheating filler cannot frame it twice). A named node is excluded from the market, never slashed: the evidence is statistical.
+never sits alone with the same filler twice, so one cheating filler cannot frame it twice; ``record``
+refuses a round that would). A named node is excluded from the market, never slashed: the evidence
+is statistical.
 
 False accusation: an honest suspect is named only if each of its ``confirmations`` solo groups
 diverged because a filler cheated. If a fraction ``q`` of the market's nodes cheat this way,
@@ -139,8 +141,8 @@ def plan_round(test: GroupTest, free: Sequence[str]) -> list[Group]:
 
     The suspects split are ``test.focus()``. Two or more groups if the fillers allow: every one of
     them in one group, split as evenly as possible in rank order (one group per suspect when
-    there are fillers enough). Else one group: the first half (rounded up) of them. Each group is topped up to W
-    nodes with fillers; a suspect alone with fillers it never sat alone with before.
+    there are fillers enough). Else one group: the first half (rounded up) of them. Each group is
+    topped up to W nodes with fillers; a suspect alone with fillers it never sat alone with before.
 
     Returns:
         The groups (empty: the test is done, or too few fillers for even one group: wait for
@@ -176,7 +178,8 @@ def record(test: GroupTest, results: Sequence[tuple[Group, GroupOutcome]]) -> Gr
 
     Raises:
         ValueError: a group that is not W distinct nodes, holds a cleared or unknown suspect or a
-            suspect as a filler, or shares a node with another group of the round.
+            suspect as a filler, puts a suspect alone with a filler it sat alone with before
+            (``named`` counts on fresh fillers), or shares a node with another group of the round.
     """
     seen: set[str] = set()
     remaining = set(test.remaining())
@@ -187,6 +190,10 @@ def record(test: GroupTest, results: Sequence[tuple[Group, GroupOutcome]]) -> Gr
             raise ValueError(f"group {g.nodes} is not {test.world} distinct nodes")
         if not g.suspects or not set(g.suspects) <= remaining or set(g.fillers) & set(test.suspects):
             raise ValueError(f"group {g.nodes}: suspects {g.suspects} must be uncleared suspects, fillers none")
+        if len(g.suspects) == 1 and set(g.fillers) & test.met(g.suspects[0]):
+            raise ValueError(
+                f"group {g.nodes}: {g.suspects[0]} sat alone with {sorted(set(g.fillers) & test.met(g.suspects[0]))} before"
+            )
         if seen & set(g.nodes):
             raise ValueError(f"group {g.nodes} shares nodes with another group of the round")
         seen.update(g.nodes)

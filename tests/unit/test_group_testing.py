@@ -83,6 +83,10 @@ def test_record_refuses_malformed_rounds() -> None:
         record(test, [(Group(("a",), ("x",)), GroupOutcome.CLEAN), (Group(("b",), ("x",)), GroupOutcome.CLEAN)])
     with pytest.raises(ValueError, match="at least one"):
         record(test, [])
+    solo = record(test, [(Group(("a",), ("x",)), GroupOutcome.DIVERGED)])
+    with pytest.raises(ValueError, match="sat alone with"):  # the same filler cannot confirm a twice
+        record(solo, [(Group(("a",), ("x",)), GroupOutcome.DIVERGED)])
+    assert record(solo, [(Group(("a", "b"), ()), GroupOutcome.DIVERGED)]).history[-1][0][1] == GroupOutcome.DIVERGED
     cleared = record(test, [(Group(("a",), ("x",)), GroupOutcome.CLEAN)])
     with pytest.raises(ValueError, match="uncleared"):
         record(cleared, [(Group(("a",), ("y",)), GroupOutcome.DIVERGED)])
