@@ -43,7 +43,7 @@ bench-signatures: $(STAMP)
 bench-verification: $(STAMP)
 	$(BIN)/python -m benchmarks.verification.run
 
-## Steps per second under gpucoin train against plain Ray Train + DeepSpeed on the same nodes (~10 minutes).
+## Steps per second under gpucoin train against plain Ray Train + DeepSpeed on the same nodes (~16 minutes; as root, nothing else running).
 bench-training: $(STAMP)
 	$(BIN)/python -m benchmarks.training.run
 
