@@ -57,7 +57,9 @@ _node_home_opt = click.option(
     type=click.Choice(["volunteer", "verifier"]),
     default="volunteer",
     show_default=True,
-    help="volunteer: trains job ranks for pay; verifier: replays the intervals the head draws for checking.",
+    help="volunteer: trains job ranks for pay; verifier: replays the intervals the head draws for checking. "
+    "Both need --stake of at least the policy's minimum bond: a verifier's report that a second verifier's "
+    "re-check shows false is slashed from it.",
 )
 @click.option(
     "--token-file",

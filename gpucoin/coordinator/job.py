@@ -81,7 +81,9 @@ class LocalOptions:
     Attributes:
         home: state directory (ledger, dev wallets, checkpoints); default ``~/.gpucoin/local``.
         volunteers: volunteer Ray nodes to start.
-        stake_ugpc: bond of each dev volunteer, µGPC.
+        verifiers: verifier Ray nodes to start (``verifier0``...); with two or more, a policy with a
+            ``recheck_share_bps`` has a second verifier re-check the first (``verify.recheck``).
+        stake_ugpc: bond of each dev volunteer and verifier, µGPC.
         ask_ugpc_per_worker_hour: ask of each dev volunteer, µGPC per worker-hour.
         head_port: GCS port of the local head (None: a free one).
         node_env: extra environment per node name (``vol0``...), e.g. test fault injection.
@@ -92,6 +94,7 @@ class LocalOptions:
     policy: Policy
     home: Path = field(default_factory=lambda: Path.home() / ".gpucoin" / "local")
     volunteers: int = 2
+    verifiers: int = 1
     stake_ugpc: int = 500_000_000
     ask_ugpc_per_worker_hour: int = 800_000
     head_port: int | None = None
@@ -317,7 +320,8 @@ class LocalMarket:
         self.coordinator = participant("coordinator", home)
         self.engineer = participant("engineer", home)
         self.volunteers = [participant(f"vol{i}", home) for i in range(opts.volunteers)]
-        self.verifier = participant("verifier0", home)
+        self.verifiers = [participant(f"verifier{i}", home) for i in range(opts.verifiers)]
+        self.verifier = self.verifiers[0]
         self.nodes = NodeSetup()
         self.info = None
         self.head_down = False
@@ -347,12 +351,16 @@ class LocalMarket:
         try:
             coord = Coordinator(ledger, opts.policy, self.coordinator.account, ledger.domain)
             fund_engineer(coord, self.engineer)
-            stakes = {v.name: fund_volunteer(coord, v, opts.stake_ugpc) for v in self.volunteers}
+            # verifiers bond like volunteers: a report a re-check shows false is slashed from it
+            stakes = {v.name: fund_volunteer(coord, v, opts.stake_ugpc) for v in [*self.volunteers, *self.verifiers]}
         finally:
             ledger.close()
         self.nodes = NodeSetup.prepare(ui)
         t0 = time.monotonic()
-        ui.status(f"starting a local head (Ray head + head service) and {len(self.volunteers)} volunteers + 1 verifier")
+        ui.status(
+            f"starting a local head (Ray head + head service) and {len(self.volunteers)} volunteers + "
+            f"{len(self.verifiers)} verifier(s)"
+        )
         ports = PortPool()
         self.info = up(
             UpOptions(
@@ -371,8 +379,8 @@ class LocalMarket:
                 f"{home / 'wallets'}); run as root for a node user of its own; see docs/security.md"
             )
         host_gpus = _host_gpu_count()
-        for i, p in enumerate([*self.volunteers, self.verifier]):
-            role = "verifier" if p is self.verifier else "volunteer"
+        for i, p in enumerate([*self.volunteers, *self.verifiers]):
+            role = "verifier" if p in self.verifiers else "volunteer"
             gpu = role == "volunteer" and i < host_gpus
             join(
                 JoinOptions(
@@ -562,6 +570,7 @@ def _summary(final, loaded: LoadedSpec, opts: LocalOptions, before: dict[str, in
             for k, o in s.intervals.items()
         ],
         "nodes": {a: r.model_dump() for a, r in s.nodes.items()},
+        "verifiers_slashed": dict(s.verifiers_slashed),
         "unsettled_intervals": [k for k, o in s.intervals.items() if o in ("pending", "held")],
         "max_replay_distance": s.max_replay_distance,
         "price_ugpc_per_worker_hour": final.price_ugpc_per_worker_hour,

@@ -33,6 +33,7 @@ from gpucoin.runtime.inbox import ProgressEvent, ReceiptEvent
 from gpucoin.spec import JobSpec
 from gpucoin.storage.checkpoints import commitment_problem
 from gpucoin.verify.compare import effective_verdict
+from gpucoin.verify.recheck import Opinion, is_rechecked, shown_false_by
 from gpucoin.verify.sampling import check_probability, is_checked
 from gpucoin.verify.verifier import ReplayRequest, ReplayResult
 from gpucoin.wallet.messages import SignedMessage, verify
@@ -78,6 +79,8 @@ class Interval:
     reports: list[SignedMessage] | None = None  # the verifier's signed reports, rank order, once replayed
     wall_ms: int = 0  # metered worker time (``coordinator.meter``), what the interval is billed for
     pending: object = None  # the replay's handle (``Replays.submit``) while it runs
+    pending_on: object = None  # the ``Replays`` that runs it (the verifier's, or the re-checker's)
+    first: "ReplayResult | None" = None  # the verifier's result while a second verifier re-checks it
     settle_at: float | None = None  # monotonic time when a held interval's challenge window ends
     outcome: str = "open"
     settled: bool = False  # charged to the escrow (a later re-check may still slash its ranks)
@@ -98,6 +101,9 @@ class JobRun:
         are kept; data_source: the corpus;
         ui: progress reporting; secret: the sampling secret (drawn fresh if None);
         assignments: each rank's coordinator-signed Assignment (JSON), which the verifier's signer checks.
+        recheck / recheck_address: a second verifier node's ``Replays`` and key, which replays the
+            policy's ``recheck_share_bps`` of the replayed intervals again (``verify.recheck``);
+            None when the market has no second verifier free for the job.
     """
 
     spec: JobSpec
@@ -115,6 +121,8 @@ class JobRun:
     ui: object
     secret: bytes | None = None
     assignments: tuple[str, ...] = ()
+    recheck: Replays | None = None
+    recheck_address: str | None = None
 
     def __post_init__(self) -> None:
         self.secret = self.secret or secrets.token_bytes(32)
@@ -125,7 +133,8 @@ class JobRun:
         self.check_probabilities: dict[str, float] = {}  # 'start-end' -> what its draw was held against
         self.slashed_receipts: set[str] = set()
         self.open_epochs: set[int] = set()  # epochs this job's charges count in, not closed yet
-        self.counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "void": 0, "rejected": 0}
+        self.counts = {"signed": 0, "checked": 0, "passed": 0, "failed": 0, "void": 0, "rejected": 0, "rechecked": 0}
+        self.verifiers_slashed: dict[str, int] = {}  # verifier address -> µGPC its false reports cost it
         self.money = {
             "escrowed": self.spec.budget_ugpc,
             "paid": 0,
@@ -298,7 +307,7 @@ class JobRun:
         if why or is_checked(self.secret, digests, p):
             iv.outcome = "pending"
             self.counts["checked"] += 1
-            iv.pending = self.replays.submit(self.replay_request(iv))
+            self.submit_replay(iv, self.replays)
             drawn = f"drawn for replay ({why})" if why else f"drawn for replay (p={p:.2f})"
             self.ui.note(f"steps {iv.start}-{iv.end}: receipts signed by {self.spec.workers} ranks; {drawn}")
         else:
@@ -361,21 +370,31 @@ class JobRun:
         )
 
     # -- replays --------------------------------------------------------------
+    def submit_replay(self, iv: Interval, replays: Replays) -> None:
+        """Have ``replays`` (the verifier's, or the re-checker's) replay ``iv``."""
+        iv.pending, iv.pending_on = replays.submit(self.replay_request(iv)), replays
+
     def collect_replays(self, block: bool) -> None:
         """Take in every finished replay (or, with ``block``, wait for all)."""
         for iv in self.intervals.values():
             if iv.pending is None:
                 continue
+            replays = iv.pending_on or self.replays
             if iv.outcome == "void":
-                self.replays.cancel(iv.pending)
+                replays.cancel(iv.pending)
                 iv.pending = None
                 continue
             try:
-                result = self.replays.result(iv.pending, None if block else 0.0)
+                result = replays.result(iv.pending, None if block else 0.0)
                 if result is None:
                     continue
             except Exception as e:  # noqa: BLE001 - a replay that could not run is a fact to settle, not a crash
                 iv.pending = None
+                if iv.first is not None:  # the re-check could not run: the first verifier's result stands
+                    self.ui.note(f"steps {iv.start}-{iv.end}: the re-check could not run ({_last_line(e)})")
+                    first, iv.first = iv.first, None
+                    self.judge(iv, first, self._reports(iv, first, self.verifier_address, record=False))
+                    continue
                 iv.outcome = "unverifiable"
                 self.ui.note(f"steps {iv.start}-{iv.end}: replay could not run ({_last_line(e)}); not settled")
                 continue
@@ -383,17 +402,116 @@ class JobRun:
             self.on_verdict(iv, result)
 
     def on_verdict(self, iv: Interval, result: ReplayResult) -> None:
-        """Judge by the verifier's signed reports: one per receipt of ``iv``, and a failing one for
-        each receipt of the interval before whose start-checkpoint file was at fault.
+        """Take in a replay's signed reports (``_reports``). A first verifier's result is re-checked
+        by the second verifier when the draw says so (``verify.recheck.is_rechecked``), and acted on
+        once the re-check is back (``recheck``); else it is judged now (``judge``).
+
+        Raises:
+            SignatureError: a report not signed by the verifier that was asked, or naming another receipt.
+        """
+        if iv.outcome == "void":
+            return
+        if iv.first is not None:
+            self.recheck_done(iv, iv.first, result)
+            return
+        by_receipt = self._reports(iv, result, self.verifier_address)
+        share = self.policy.verification.recheck_share_bps
+        digests = [iv.receipts[r].digest for r in range(self.spec.workers)]
+        if self.recheck is not None and share and is_rechecked(self.secret, digests, share):
+            iv.first = result
+            self.counts["rechecked"] += 1
+            self.submit_replay(iv, self.recheck)
+            self.ui.note(
+                f"steps {iv.start}-{iv.end}: drawn for a re-check by a second verifier ({self.recheck_address})"
+            )
+            return
+        self.judge(iv, result, by_receipt)
+
+    def _reports(
+        self, iv: Interval, result: ReplayResult, verifier: str | None, record: bool = True
+    ) -> dict[str, SignedMessage]:
+        """The reports of ``result`` by receipt digest, each checked (signed by ``verifier`` in the
+        market's domain, naming a receipt of ``iv`` or, failing it, of the interval before, one per
+        receipt, every receipt of ``iv`` judged) and, with ``record``, recorded on the ledger.
+
+        Raises:
+            SignatureError: anything of that does not hold.
+        """
+        prev = self.previous(iv)
+        judged = {r.digest: iv for r in iv.receipts.values()}
+        if prev is not None:
+            judged.update({r.digest: prev for r in prev.receipts.values()})
+        by_receipt: dict[str, SignedMessage] = {}
+        for rep_json in result.reports:
+            rep = SignedMessage.from_json(rep_json)
+            verify(rep, expected_signer=verifier, domain=self.coord.domain)
+            digest = rep.message["receiptDigest"]
+            if digest not in judged or digest in by_receipt:
+                raise SignatureError(
+                    f"verification report {rep.digest} names receipt {digest}, not one it was asked about"
+                )
+            if judged[digest] is prev and rep.message["verdict"] != "fail":
+                raise SignatureError(
+                    f"verification report {rep.digest} judges a receipt of the interval before: {rep.message['verdict']}"
+                )
+            by_receipt[digest] = rep
+        if any(r.digest not in by_receipt for r in iv.receipts.values()):
+            raise SignatureError(f"the verifier did not judge every receipt of steps {iv.start}-{iv.end}")
+        if record:
+            for rep in by_receipt.values():
+                self.coord.record(rep)
+        return by_receipt
+
+    def recheck_done(self, iv: Interval, first: ReplayResult, second: ReplayResult) -> None:
+        """Both verifiers' reports are in: slash the verifier of each report the other's shows false
+        (``verify.recheck``, the ledger's own rule), then judge by the result none of whose reports
+        was shown false (the first's when they agree).
+
+        Raises:
+            SignatureError: a report of the second verifier not signed by it or naming another receipt.
+        """
+        mine = self._reports(iv, first, self.verifier_address, record=False)
+        theirs = self._reports(iv, second, self.recheck_address)
+        iv.first = None
+        false: set[str] = set()  # verifiers shown false
+        for digest in sorted(set(mine) | set(theirs)):
+            reports = [r for r in (mine.get(digest), theirs.get(digest)) if r is not None]
+            worker = self.ledger.message(digest).signer
+            opinions = [
+                Opinion(r.digest, r.message["verifier"], effective_verdict(r.message["verdict"], self.vetted))
+                for r in reports
+            ]
+            for rep, opinion in zip(reports, opinions, strict=True):
+                shown = shown_false_by(opinion, opinions, worker)
+                if not shown:
+                    continue
+                false.add(rep.message["verifier"])
+                by = next(r for r in reports if r.digest == shown[0].digest)
+                taken = self.coord.slash_verifier(self.job_id, rep, by)
+                self.money["slashed"] += taken
+                who = rep.message["verifier"]
+                self.verifiers_slashed[who] = self.verifiers_slashed.get(who, 0) + taken
+                self.ui.note(
+                    f"steps {iv.start}-{iv.end}: verifier {who} signed {rep.message['verdict']} on receipt "
+                    f"{digest[:10]}…, shown false by {by.message['verifier']}'s re-check; its bond was slashed "
+                    f"({format_gpc(taken)} GPC)"
+                )
+        if self.verifier_address in false:
+            self.judge(iv, second, theirs)
+        else:
+            if not false:
+                self.ui.note(f"steps {iv.start}-{iv.end}: the re-check agrees")
+            self.judge(iv, first, mine)
+
+    def judge(self, iv: Interval, result: ReplayResult, by_receipt: dict[str, SignedMessage]) -> None:
+        """Act on the verifier's signed reports (recorded): one per receipt of ``iv``, and a failing
+        one for each receipt of the interval before whose start-checkpoint file was at fault.
 
         Any fail: slash each failing receipt's worker, pay the ranks of ``iv`` that passed their
         share (when every other rank of it failed), and stop (the state the job trains on is
         disowned). Else any void (the evidence names nobody): slash nobody, pay nobody (in a job of
         an unvetted package, charge the submitter and burn it), check these nodes more often, and
         stop. Else: settle the pass.
-
-        Raises:
-            SignatureError: a report not signed by the verifier or naming another receipt.
         """
         if iv.outcome == "void":
             return
@@ -401,24 +519,6 @@ class JobRun:
         judged = {r.digest: (iv, rank) for rank, r in iv.receipts.items()}
         if prev is not None:
             judged.update({r.digest: (prev, rank) for rank, r in prev.receipts.items()})
-        by_receipt: dict[str, SignedMessage] = {}
-        for rep_json in result.reports:
-            rep = SignedMessage.from_json(rep_json)
-            verify(rep, expected_signer=self.verifier_address, domain=self.coord.domain)
-            digest = rep.message["receiptDigest"]
-            if digest not in judged or digest in by_receipt:
-                raise SignatureError(
-                    f"verification report {rep.digest} names receipt {digest}, not one it was asked about"
-                )
-            if judged[digest][0] is prev and rep.message["verdict"] != "fail":
-                raise SignatureError(
-                    f"verification report {rep.digest} judges a receipt of the interval before: {rep.message['verdict']}"
-                )
-            by_receipt[digest] = rep
-        if any(r.digest not in by_receipt for r in iv.receipts.values()):
-            raise SignatureError(f"the verifier did not judge every receipt of steps {iv.start}-{iv.end}")
-        for rep in by_receipt.values():
-            self.coord.record(rep)
         reasons = {f.receipt: f.reason for f in result.findings}
         iv.reports = [by_receipt[iv.receipts[r].digest] for r in range(self.spec.workers)]
         worst = max(r.message["distanceE9"] for r in iv.reports) / 1e9
@@ -477,7 +577,7 @@ class JobRun:
             return
         prev.outcome = "pending"
         self.counts["checked"] += 1
-        prev.pending = self.replays.submit(self.replay_request(prev))
+        self.submit_replay(prev, self.replays)
         self.ui.note(f"steps {prev.start}-{prev.end}: drawn for replay (the replay from its end checkpoint was void)")
 
     def void_after(self, iv: Interval) -> None:
@@ -489,9 +589,14 @@ class JobRun:
 
     # -- money ----------------------------------------------------------------
     def settle_held(self, force: bool) -> None:
-        """Settle held (unchecked) intervals whose challenge window is over (all of them with ``force``)."""
+        """Settle held (unchecked) intervals whose challenge window is over (all of them with
+        ``force``), in step order. Without ``force``, none after an interval whose replay is still
+        running: they trained on the state it ends with, and its failure voids them
+        (``void_after``), so their window lasts until its verdict is in."""
         now = time.monotonic()
         for iv in sorted(self.intervals.values(), key=lambda i: i.start):
+            if iv.outcome == "pending" and not force:
+                break
             if iv.outcome == "held" and (force or (iv.settle_at is not None and now >= iv.settle_at)):
                 iv.outcome = "unchecked"
                 self.settle(iv)

@@ -304,6 +304,27 @@ class Coordinator:
         )
         return burned + whistle
 
+    def slash_verifier(self, job_id: str, report: SignedMessage, shown_by: SignedMessage) -> int:
+        """Slash ``fraud_slash_fraction`` of the stake of the verifier of ``report``, which the
+        re-check report ``shown_by`` (both recorded) showed false (``verify.recheck``); the
+        whistleblower share goes to ``shown_by``'s verifier. Returns µGPC slashed (<= the stake;
+        0, and nothing written, for a verifier with no stake)."""
+        liar, whistleblower = report.message["verifier"], shown_by.message["verifier"]
+        bonded = self.ledger.balance(wallet_account(liar, "bonded"))
+        unbonding = self.ledger.balance(wallet_account(liar, "unbonding"))
+        burned, whistle = slash_split(bonded + unbonding, self.policy.slashing, whistleblower=True)
+        if burned + whistle == 0:
+            return 0
+        self._settle(
+            "slash-verifier",
+            job_id,
+            report.digest,
+            SettlementAmounts(burned=burned, slashed=burned + whistle),
+            lambda d: plan_slash(liar, whistleblower, bonded, unbonding, burned, whistle, d),
+            "slash a verifier whose report a re-check showed false",
+        )
+        return burned + whistle
+
     def close_epochs(self) -> list[EpochPlan]:
         """Close every epoch that has ended and had intervals charged, in order, for the whole ledger.
 

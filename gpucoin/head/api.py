@@ -25,7 +25,8 @@
     POST /v1/jobs/{id}/progress   ProgressReport (display only)
     POST /v1/jobs/{id}/receipts   ReceiptSubmission -> InboxAnswer (``runtime.inbox.JobInbox``)
     PUT  /v1/jobs/{id}/objects    bytes -> ObjectAnswer; GET .../objects/{digest}; POST .../objects/has
-    GET  /v1/jobs/{id}/replays    ReplayQueue: the drawn replays the job's replay worker is to run
+    GET  /v1/jobs/{id}/replays?verifier=A   ReplayQueue: the drawn replays the job's replay worker (of
+                                  verifier A; all without it) is to run
     GET  /v1/jobs/{id}/replays/{rid}?worker=G   a drawn interval's ReplayRequest (taken by replay
                        worker generation G); POST: the verifier's ReplayAnswer
 
@@ -505,12 +506,16 @@ def make_app(
         return HasAnswer(present=board.running(job_id).store.has(body.digests))
 
     @app.get("/v1/jobs/{job_id}/replays", response_model=ReplayQueue)
-    def get_replays(job_id: str) -> ReplayQueue:
+    def get_replays(job_id: str, verifier: str | None = None) -> ReplayQueue:
         try:
             replays = board.running(job_id).replays
         except UnknownJob:
             return ReplayQueue(pending=[], open=False)
-        pending = [rid for rid, r in list(replays.items()) if r.answer is None and not r.cancelled]
+        pending = [
+            rid
+            for rid, r in list(replays.items())
+            if r.answer is None and not r.cancelled and verifier in (None, r.verifier)
+        ]
         return ReplayQueue(pending=pending, open=True)
 
     @app.get("/v1/jobs/{job_id}/replays/{replay_id}")

@@ -186,9 +186,11 @@ class HeadClient:
         """``POST /v1/jobs/{id}/objects/has``."""
         return self._call("POST", f"/v1/jobs/{_q(job_id)}/objects/has", HasRequest(digests=digests), HasAnswer).present
 
-    def replay_queue(self, job_id: str) -> ReplayQueue:
-        """``GET /v1/jobs/{id}/replays`` (the job's replay worker): what it is to replay."""
-        return self._call("GET", f"/v1/jobs/{_q(job_id)}/replays", None, ReplayQueue)
+    def replay_queue(self, job_id: str, verifier: str | None = None) -> ReplayQueue:
+        """``GET /v1/jobs/{id}/replays`` (the job's replay worker): what it is to replay (of
+        ``verifier``'s replays only, when given)."""
+        query = "" if verifier is None else f"?verifier={_q(verifier)}"
+        return self._call("GET", f"/v1/jobs/{_q(job_id)}/replays{query}", None, ReplayQueue)
 
     def replay_request(self, job_id: str, replay_id: str, worker: int | None = None) -> dict:
         """``GET /v1/jobs/{id}/replays/{rid}`` (the job's replay worker, generation ``worker``,

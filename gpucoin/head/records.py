@@ -252,6 +252,7 @@ class ReceiptCounts(BaseModel):
     failed: int = 0
     void: int = 0
     rejected: int = 0
+    rechecked: int = Field(default=0, description="checked intervals a second verifier replayed again")
 
 
 class JobEvaluation(BaseModel):
@@ -292,6 +293,10 @@ class JobSummary(BaseModel):
     )
     nodes: dict[str, CheckRecord] = Field(
         default_factory=dict, description="worker address -> its verification record once the job ended"
+    )
+    verifiers_slashed: dict[str, int] = Field(
+        default_factory=dict,
+        description="verifier address -> µGPC of its bond slashed because a re-check showed its report false",
     )
     escrowed_ugpc: int = 0
     treasury_ugpc: int = 0

@@ -135,9 +135,12 @@ id holds a ``~`` (``head.jobs.JOB_ID``), so no submitter can name its job (whose
 submitted under the job id) as another job's replay worker, take its place or have it stopped."""
 
 
-def replay_worker_id(job_id: str, generation: int) -> str:
-    """The Ray submission id of generation ``generation`` of job ``job_id``'s replay worker."""
-    return f"{job_id}{REPLAY_WORKER_SEP}{generation}"
+def replay_worker_id(job_id: str, generation: int, lane: int = 0) -> str:
+    """The Ray submission id of generation ``generation`` of job ``job_id``'s replay worker on its
+    verifier (``lane`` 0) or on its re-checking second verifier (``lane`` 1)."""
+    return (
+        f"{job_id}{REPLAY_WORKER_SEP}{generation}" if lane == 0 else f"{job_id}{REPLAY_WORKER_SEP}{lane}-{generation}"
+    )
 
 
 class HttpReplays:
@@ -150,20 +153,32 @@ class HttpReplays:
     crashed it, the node went away) is blamed for the replay it had fetched, which fails with its
     last log line (``VerificationError``: the interval is unverifiable, as a replay that could not
     run); the next generation replays the rest, at most ``len(replays) + 1`` generations in all.
+
+    A job re-checked by a second verifier (``verify.recheck``) has a second ``HttpReplays`` of
+    ``lane`` 1 on that node, whose worker is only started by its first re-check; each worker
+    lists only the replays of its own verifier.
     """
 
     def __init__(
-        self, jobs: RayJobs, board: JobBoard, job_id: str, node_id: str, verifier: str, module_dir: Path, api_url: str
+        self,
+        jobs: RayJobs,
+        board: JobBoard,
+        job_id: str,
+        node_id: str,
+        verifier: str,
+        module_dir: Path,
+        api_url: str,
+        lane: int = 0,
     ):
         self.jobs, self.board, self.job_id, self.verifier = jobs, board, job_id, verifier
-        self.node_id, self.module_dir, self.api_url = node_id, module_dir, api_url
+        self.node_id, self.module_dir, self.api_url, self.lane = node_id, module_dir, api_url, lane
         self._n = 0
         self._generation = 0
         self._status: str | None = None
         self._asked_s = -1e9
 
     def _submission(self, generation: int) -> str:
-        return replay_worker_id(self.job_id, generation)
+        return replay_worker_id(self.job_id, generation, self.lane)
 
     def start(self) -> None:
         """Submit the next generation of the job's replay worker."""
@@ -171,7 +186,7 @@ class HttpReplays:
         self._status, self._asked_s = None, -1e9
         self.jobs.submit(
             self._submission(self._generation),
-            ["gpucoin.verify.replay_job", self.api_url, self.job_id, str(self._generation)],
+            ["gpucoin.verify.replay_job", self.api_url, self.job_id, str(self._generation), self.verifier],
             self.node_id,
             self.module_dir,
         )
@@ -194,14 +209,15 @@ class HttpReplays:
 
     def submit(self, req: ReplayRequest) -> str:
         self._n += 1
-        rid = f"{req.step_start}-{self._n}"
+        rid = f"{req.step_start}-{self._n}" if self.lane == 0 else f"{req.step_start}-{self.lane}.{self._n}"
         self.board.running(self.job_id).replays[rid] = Replay(request=req.to_dict(), verifier=self.verifier)
         if self._generation == 0 or self._worker_status(now=True) in TERMINAL:
             self._next_worker()
         return rid
 
     def _next_worker(self) -> None:
-        if self._generation >= len(self.board.running(self.job_id).replays) + 1:
+        mine = [r for r in self.board.running(self.job_id).replays.values() if r.verifier == self.verifier]
+        if self._generation >= len(mine) + 1:
             raise VerificationError(f"the job's replay worker died {self._generation} times")
         self.start()
 
@@ -318,7 +334,9 @@ class Scheduler:
             for v in views
             if v.role == NodeRole.VOLUNTEER and v.node_id not in busy
         ]
-        verifiers = [v for v in views if v.role == NodeRole.VERIFIER]
+        policy = self.ledger.policy
+        # verifiers bond like volunteers: a report shown false by a re-check slashes that bond
+        verifiers = [v for v in views if v.role == NodeRole.VERIFIER and v.bonded_ugpc >= policy.market.min_bond_ugpc]
         specs = {r.job_id: JobSpec.model_validate_json(r.spec_json) for r in queued}
         orders = [
             Order(r.job_id, specs[r.job_id].bid_ugpc_per_worker_hour, specs[r.job_id].workers, 1, r.submitted_ms / 1000)
@@ -331,11 +349,19 @@ class Scheduler:
         provider_of = {o.node_id: o.provider for o in offers}
         for placement in result.placements:
             providers = {provider_of[n] for n in placement.node_ids}
-            verifier = next((v for v in verifiers if v.provider not in providers), None)
-            if verifier is None:
-                self.table.update(placement.job_id, reason="waiting for a verifier node that is not one of its workers")
+            free = [v for v in verifiers if v.provider not in providers]
+            if not free:
+                self.table.update(
+                    placement.job_id,
+                    reason=f"waiting for a verifier node bonded with >= {policy.market.min_bond_ugpc} µGPC that is "
+                    "not one of its workers",
+                )
                 continue
-            self.start_job(placement, specs[placement.job_id], provider_of, verifier)
+            verifier = free[0]
+            # a second verifier, of another provider, re-checks a share of its reports (none: not re-checked)
+            second = next((v for v in free if v.provider != verifier.provider), None)
+            rechecker = second if policy.verification.recheck_share_bps else None
+            self.start_job(placement, specs[placement.job_id], provider_of, verifier, rechecker)
         for job_id, why in result.unplaced.items():
             self.table.update(job_id, reason=why)
 
@@ -344,7 +370,7 @@ class Scheduler:
         """The JobOrder the ledger recorded for ``job_id``."""
         return job_order(self.ledger, job_id)
 
-    def start_job(self, placement, spec: JobSpec, provider_of: dict[str, str], verifier) -> None:
+    def start_job(self, placement, spec: JobSpec, provider_of: dict[str, str], verifier, rechecker=None) -> None:
         """Assign the ranks, open the job's inbox and store, start its runner."""
         job_id = placement.job_id
         order = self.order_of(job_id)
@@ -365,7 +391,7 @@ class Scheduler:
         )
         t = threading.Thread(
             target=self._run_job,
-            args=(job_id, spec, order, placement, rank_worker, assignments, verifier, module_dir),
+            args=(job_id, spec, order, placement, rank_worker, assignments, verifier, module_dir, rechecker),
             name=f"job-{job_id}",
             daemon=True,
         )
@@ -406,7 +432,9 @@ class Scheduler:
             reason=None,
         )
 
-    def _run_job(self, job_id, spec, order, placement, rank_worker, assignments, verifier, module_dir) -> None:
+    def _run_job(
+        self, job_id, spec, order, placement, rank_worker, assignments, verifier, module_dir, rechecker=None
+    ) -> None:
         """Run a placed job to its end, then refund what is left of its escrow (whatever happened)."""
         from gpucoin.coordinator.run import JobRun
 
@@ -415,6 +443,11 @@ class Scheduler:
         replays = HttpReplays(
             self.rayjobs, self.board, job_id, verifier.node_id, verifier.provider, module_dir, self.api_url
         )
+        rechecks = None
+        if rechecker is not None:
+            rechecks = HttpReplays(
+                self.rayjobs, self.board, job_id, rechecker.node_id, rechecker.provider, module_dir, self.api_url, 1
+            )
         package = order.message["packageHash"]
         if package not in self.ledger.policy.verification.vetted_packages:
             self.board.log(
@@ -439,6 +472,8 @@ class Scheduler:
                 data_source=spec.data.source,
                 ui=BoardUI(self.board, self.table, job_id, self.metrics, spec.model.block_size),
                 assignments=tuple(assignments),
+                recheck=rechecks,
+                recheck_address=None if rechecker is None else rechecker.provider,
             )
             self.rayjobs.submit(
                 job_id, ["gpucoin.runtime.driver", self.api_url, job_id], placement.node_ids[0], module_dir
@@ -470,6 +505,8 @@ class Scheduler:
             self.rayjobs.stop(job_id)
         finally:
             replays.stop()
+            if rechecks is not None:
+                rechecks.stop()
             refunded = self.coord.refund(job_id, order)
             evaluation = None if evaluating is None else evaluating.result()  # evaluate() never raises
             evaluator.shutdown()
@@ -591,6 +628,7 @@ def _summary(job, refunded_ugpc: int, evaluation: JobEvaluation | None = None) -
             w: CheckRecord.of(r, job.policy.verification)
             for w, r in job.ledger.verification_records(job.rank_worker).items()
         },
+        verifiers_slashed=dict(job.verifiers_slashed),
         escrowed_ugpc=job.money["escrowed"],
         treasury_ugpc=job.money["treasury"],
         evaluation=evaluation,

@@ -13,7 +13,10 @@ policy, and what the ledger holds (``Facts`` and the balances of a ``LedgerState
                       VerificationReport (checked interval; its ranks that failed are not
                       paid) -> BURN, TREASURY, PAY of ``paid``;
                       a failing VerificationReport -> SLASH, WHISTLEBLOWER of the cheater's stake,
-                      only in a job whose package the policy vets; a void VerificationReport
+                      only in a job whose package the policy vets; a passing VerificationReport
+                      with ``paid`` = 0 and ``slashed`` > 0, which another verifier's failing
+                      report of the same receipt shows false (``verify.recheck``) -> SLASH,
+                      WHISTLEBLOWER of its verifier's stake; a void VerificationReport
                       of a job whose package it does not vet -> BURN of ``paid`` (the submitter
                       pays for the dispute, nobody earns from it);
                       the JobOrder -> REFUND of what is left in the escrow
@@ -59,6 +62,7 @@ from gpucoin.ledger.transfer import Code, Transfer
 from gpucoin.money import format_gpc
 from gpucoin.policy.tokenomics import SettledInterval
 from gpucoin.verify.compare import effective_verdict
+from gpucoin.verify.recheck import Opinion, shown_false_by
 
 AUTHORIZES: dict[str, frozenset[Code]] = {
     "Genesis": frozenset({Code.GENESIS}),
@@ -154,6 +158,8 @@ def _rule_settlement(msg: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[l
             f"Settlement {msg.digest} is signed for epoch {msg['epoch']}; the ledger's clock is in epoch {f.now_epoch}"
         )
     subject = _message(f, msg["subject"], f"Settlement {msg.digest}: its subject")
+    if _slashes_verifier(msg, subject):
+        return _slash_verifier(msg, subject, f, state, op)
     if subject.type == "JobOrder":
         return _refund(msg, subject, state)
     if subject.type == "WorkReceipt" or (subject.type == "VerificationReport" and subject["verdict"] == "pass"):
@@ -301,6 +307,58 @@ def _slash(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -> tupl
     return plan, Slash(msg.digest, receipt.digest, report.digest)
 
 
+def _false_by(f: Facts, report: Msg, where: str) -> tuple[Opinion, ...]:
+    """The recorded reports that show ``report`` false (``verify.recheck``), verdicts as they count
+    in its job; empty if none do."""
+    receipt = _message(f, report["receiptDigest"], f"{where}: the report's receipt")
+    vetted = _vetted(f, receipt["jobId"], where)
+    opinions = [
+        Opinion(d, f.messages[d]["verifier"], effective_verdict(f.messages[d]["verdict"], vetted))
+        for d in f.reports.get(receipt.digest, [])
+    ]
+    mine = Opinion(report.digest, report["verifier"], effective_verdict(report["verdict"], vetted))
+    return shown_false_by(mine, opinions, receipt["worker"])
+
+
+def _slashes_verifier(msg: Msg, subject: Msg) -> bool:
+    """Whether a Settlement of ``subject`` is the slash of a verifier (a passing report, nothing
+    paid, something slashed) rather than a charge (which pays > 0)."""
+    return (
+        subject.type == "VerificationReport"
+        and subject["verdict"] == "pass"
+        and msg["paid"] == 0
+        and msg["slashed"] > 0
+    )
+
+
+def _slash_verifier(
+    msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op
+) -> tuple[list[Transfer], Effect | None]:
+    """The policy's share of a verifier's stake, on a passing report of its that another
+    verifier's failing report of the same receipt showed false (``verify.recheck``); the
+    whistleblower share goes to the first such verifier. Only in a job whose package the policy
+    vets (in any other, a fail counts as void and shows nothing false)."""
+    receipt = _message(f, report["receiptDigest"], "the report's receipt")
+    _same_job(msg, receipt["jobId"])
+    false_by = _false_by(f, report, f"Settlement {msg.digest}")
+    if not false_by:
+        raise Unauthorized(
+            f"Settlement {msg.digest}: no other verifier's failing report of receipt {receipt.digest} shows "
+            f"{report['verifier']}'s pass false (in a job of a vetted package); it slashes nobody"
+        )
+    if report.digest in f.slashed or op.slashed(report.digest):
+        raise Unauthorized(
+            f"Settlement {msg.digest}: the verifier of report {report.digest} was already slashed for it"
+        )
+    liar, whistleblower = report["verifier"], false_by[0].verifier
+    bonded = state.balances.get(wallet_account(liar, "bonded"), 0)
+    unbonding = state.balances.get(wallet_account(liar, "unbonding"), 0)
+    burned, whistle = slash_split(bonded + unbonding, _genesis(f).policy.slashing, whistleblower=True)
+    _expect(msg, **SettlementAmounts(burned=burned, slashed=burned + whistle).fields())
+    plan = plan_slash(liar, whistleblower, bonded, unbonding, burned, whistle, msg.digest)
+    return plan, Slash(msg.digest, report.digest, false_by[0].digest)
+
+
 def _refund(msg: Msg, order: Msg, state: LedgerState) -> tuple[list[Transfer], Effect | None]:
     """What is left in the job's escrow, back to the consumer."""
     job = order["jobId"]
@@ -396,6 +454,8 @@ def accounts_read(msg: Msg, f: Facts) -> set[str]:
     receipt = f.messages.get(subject["receiptDigest"]) if subject.type == "VerificationReport" else None
     if receipt is None:
         return set()
+    if _slashes_verifier(msg, subject):
+        return {wallet_account(subject["verifier"], "bonded"), wallet_account(subject["verifier"], "unbonding")}
     if subject["verdict"] in ("pass", "void"):
         return {escrow_account(receipt["jobId"])}
     return {wallet_account(receipt["worker"], "bonded"), wallet_account(receipt["worker"], "unbonding")}

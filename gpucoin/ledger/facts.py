@@ -104,7 +104,9 @@ class VoidCharge:
 
 @dataclass(frozen=True)
 class Slash:
-    """A Settlement slashed the worker of ``receipt`` on the evidence of the failing ``report``."""
+    """A Settlement slashed the signer of ``receipt`` on the evidence of ``report``: the worker of
+    a WorkReceipt on a failing report, or the verifier of a VerificationReport (``receipt`` is
+    then that report's digest) on the first report that showed it false (``verify.recheck``)."""
 
     settlement: str
     receipt: str
@@ -141,7 +143,8 @@ class Facts:
         used: digests of messages that already authorized an operation (each authorizes one).
         charges: (job id, stepStart) -> the Charge of that interval (an interval is charged once).
         void_charges: (job id, stepStart) -> the VoidCharge of that interval (once, and never also a Charge).
-        slashed: receipt digests whose worker was slashed (one slash per receipt).
+        slashed: digests of receipts whose worker, and of reports whose verifier, was slashed for
+            them (one slash per message).
         epoch_charges: epoch -> the Charges counted in it (at least for the epochs a batch closes).
         closed: epochs already closed.
         last_closed: the newest closed epoch, -1 if none.

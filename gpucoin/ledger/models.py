@@ -384,7 +384,11 @@ class VoidChargeRow(SQLModel, table=True):
 
 
 class SlashRow(SQLModel, table=True):
-    """A slash: the worker of ``receipt`` lost stake by ``settlement`` on the failing ``report``."""
+    """A slash: the signer of ``receipt`` lost stake by ``settlement`` on the evidence of ``report``.
+
+    ``receipt`` is a WorkReceipt (its worker cheated; ``report`` failed it) or a VerificationReport
+    a re-check showed false (its verifier is slashed; ``report`` is the first that showed it,
+    ``verify.recheck``): one slash per signed message either way."""
 
     __tablename__ = "slash"
     __table_args__ = (_STRICT,)

@@ -320,7 +320,7 @@ def load_facts(
                 facts.void_charges[key] = VoidCharge(row.settlement, key[0], key[1], int(row.epoch), int(row.payment))
         sl = SlashRow.__table__
         facts.slashed.update(
-            s.execute(select(sl.c.receipt).where(in_(s, sl.c.receipt, sorted(receipt_digests)))).scalars()
+            s.execute(select(sl.c.receipt).where(in_(s, sl.c.receipt, sorted(receipt_digests | reports)))).scalars()
         )
     for _, m in sorted(msgs.found.values(), key=lambda found: found[0]):  # recording order: reports keep theirs
         facts.add_message(m)

@@ -103,6 +103,15 @@ class VerificationPolicy(BaseModel):
     challenge_window_s: Annotated[int, Field(ge=0)] = Field(
         description="Seconds an unchecked interval waits before it settles."
     )
+    recheck_share_bps: Bps = Field(
+        default=0,
+        description=(
+            "bps of the replayed intervals replayed again by a second verifier node (neither in the job nor the "
+            "first verifier; skipped when the market has none free). A report the re-check shows false slashes its "
+            "verifier as a fraud slashes a worker (``verify.recheck``); without it a verifier earns as much by "
+            "signing 'pass' without replaying."
+        ),
+    )
     vetted_packages: tuple[Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")], ...] = Field(
         default=(),
         strict=False,

@@ -1,4 +1,4 @@
-"""Fault injection for tests: a volunteer node started with one of these variables cheats.
+"""Fault injection for tests: a volunteer (or verifier) node started with one of these variables cheats.
 
 The worker loop (``gpucoin.runtime.worker``) is the honest one; these hooks are the only
 departures from it, each named after the attack it stands for, so the tests run the real
@@ -37,12 +37,23 @@ FAULT_CHEAT_ENV = "GPUCOIN_CHEAT"
 """``<MODULE:NAME or shipped name>@<rank>``: the rank of that number cheats as the cheat object
 says (``runtime.cheats``; ``gpucoin train --cheat`` sets it on the embedded mode's volunteers)."""
 
+FAULT_LAZY_VERIFIER_ENV = "GPUCOIN_TEST_FAULT_LAZY_VERIFIER"
+"""``1`` on a verifier node: it signs every receipt it is asked about as passing without replaying
+(the verifier's dilemma: a "pass" earns as much as a replay; ``verify.recheck`` is the defence)."""
+
 FAULTS_BY_JOB_ENV = "GPUCOIN_TEST_FAULTS_BY_JOB"
 """JSON ``{job id prefix: {fault variable: value}}``: the faults above, each only in the jobs whose
 id starts with that prefix (one node of a test's market cheats in one job and works honestly in
 the others)."""
 
-FAULT_VARS = (FAULT_SKIP_ENV, FAULT_CHECKPOINT_ENV, FAULT_STALL_ENV, FAULT_FLOOD_ENV, FAULT_CHEAT_ENV)
+FAULT_VARS = (
+    FAULT_SKIP_ENV,
+    FAULT_CHECKPOINT_ENV,
+    FAULT_STALL_ENV,
+    FAULT_FLOOD_ENV,
+    FAULT_CHEAT_ENV,
+    FAULT_LAZY_VERIFIER_ENV,
+)
 
 
 def scope_to_job(job_id: str) -> None:
@@ -67,6 +78,11 @@ def scope_to_job(job_id: str) -> None:
     for prefix, faults in by_job.items():
         if job_id.startswith(prefix):
             os.environ.update({name: str(value) for name, value in faults.items()})
+
+
+def lazy_verifier() -> bool:
+    """Whether this verifier node signs without replaying (``FAULT_LAZY_VERIFIER_ENV``)."""
+    return os.environ.get(FAULT_LAZY_VERIFIER_ENV, "") == "1"
 
 
 def skipped_sequences() -> int:

@@ -1,5 +1,5 @@
 """A job's replay worker on its verifier node, as the head submits it
-(``python -m gpucoin.verify.replay_job API_URL JOB_ID GENERATION``).
+(``python -m gpucoin.verify.replay_job API_URL JOB_ID GENERATION VERIFIER``).
 
 When the head places a job it submits this as a Ray job pinned to the job's verifier node, with
 the job's package in the runtime env. It runs the job's drawn replays one at a time, oldest
@@ -28,9 +28,11 @@ IDLE_EXIT_S = 600.0
 replay is drawn and none runs)."""
 
 
-def run(api_url: str, job_id: str, generation: str) -> None:
-    """Run job ``job_id``'s drawn replays until it ends; ``generation`` numbers this worker
-    among the job's replay workers (the head starts the next when one dies).
+def run(api_url: str, job_id: str, generation: str, verifier: str) -> None:
+    """Run job ``job_id``'s drawn replays of ``verifier`` (this node's address) until it ends;
+    ``generation`` numbers this worker among the job's replay workers on this node (the head
+    starts the next when one dies). A job re-checked by a second verifier has a worker there too,
+    which lists only that verifier's replays.
 
     Raises:
         HeadError: the head cannot be reached.
@@ -38,13 +40,15 @@ def run(api_url: str, job_id: str, generation: str) -> None:
     """
     from gpucoin.head.client import HeadClient
     from gpucoin.runtime.channel import HTTP_RETRY_S
+    from gpucoin.runtime.faults import scope_to_job
 
+    scope_to_job(job_id)  # a test's verifier may misbehave in one job only (runtime.faults)
     client = HeadClient(api_url, retry_s=HTTP_RETRY_S)
     gen = int(generation)
     done: set[str] = set()
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < IDLE_EXIT_S:
-        queue = client.replay_queue(job_id)
+        queue = client.replay_queue(job_id, verifier)
         if not queue.open:
             return
         todo = [rid for rid in queue.pending if rid not in done]
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: ``API_URL JOB_ID GENERATION``."""
     from gpucoin.runtime.driver import entry_point
 
-    entry_point(run, "python -m gpucoin.verify.replay_job API_URL JOB_ID GENERATION", argv)
+    entry_point(run, "python -m gpucoin.verify.replay_job API_URL JOB_ID GENERATION VERIFIER", argv)
 
 
 if __name__ == "__main__":

@@ -273,3 +273,77 @@ def test_the_ranks_the_evidence_clears_are_paid_for_the_interval_that_convicted_
     (charge,) = ledger.epoch_charges(ledger.current_epoch()) or ledger.epoch_charges(ledger.current_epoch() - 1)
     assert charge.interval.workers == (vols[0].address,) and charge.interval.payment_ugpc == paid
     assert ledger.audit() == []
+
+
+def _rechecked(run: JobRun, tmp_path) -> tuple:
+    """``run`` with every replayed interval re-checked by a second verifier; both verifiers bonded."""
+    first, second = participant("verifier0", tmp_path), participant("verifier1", tmp_path)
+    for i, v in enumerate((first, second)):
+        register_volunteer(run.coord, v, f"verifier-node{i}", 0, STAKE)
+    run.policy = POLICY.model_copy(
+        update={"verification": POLICY.verification.model_copy(update={"recheck_share_bps": 10_000})}
+    )
+    run.recheck, run.recheck_address = Dispatch(), second.address
+    return first, second
+
+
+def test_a_lazy_pass_is_caught_by_the_recheck_and_the_interval_settles_on_the_rechecks_reports(
+    market, tmp_path
+) -> None:
+    run, vols, _ = market
+    lazy, honest = _rechecked(run, tmp_path)
+    receipts = deliver(run, vols, 0)
+    lazy_result = verdict(lazy, run, [(receipts[0], "pass"), (receipts[1], "pass")])
+    run.on_verdict(run.intervals[0], lazy_result)
+    # nothing is settled on the first reports while the second verifier replays the interval
+    assert run.recheck.calls == [(0, 4)] and run.counts["rechecked"] == 1
+    assert run.intervals[0].outcome == "pending" and not run.intervals[0].settled and run.money["paid"] == 0
+    with pytest.raises(SignatureError):  # the re-check is taken from the second verifier's key only
+        run.on_verdict(run.intervals[0], verdict(lazy, run, [(receipts[0], "fail"), (receipts[1], "pass")]))
+    assert run.intervals[0].first is lazy_result  # still waiting for the second verifier
+    run.on_verdict(run.intervals[0], verdict(honest, run, [(receipts[0], "fail"), (receipts[1], "pass")]))
+    ledger = run.coord.ledger
+    slash = STAKE * POLICY.slashing.fraud_slash_fraction_bps // 10_000
+    assert run.verifiers_slashed == {lazy.address: slash}
+    assert ledger.balance(wallet_account(lazy.address, "bonded")) == STAKE - slash
+    assert ledger.balance(wallet_account(honest.address, "bonded")) == STAKE
+    # judged on the re-check: rank 0 convicted and slashed, rank 1 paid its share
+    assert run.intervals[0].outcome == "failed" and run.intervals[0].failed_ranks == [0]
+    assert ledger.balance(wallet_account(vols[0].address, "bonded")) == STAKE - slash
+    assert run.money["slashed"] == 2 * slash
+    assert run.money["paid"] == interval_payment_ugpc(run.price_ugpc_per_worker_hour, 1, run.intervals[0].wall_ms)
+    assert ledger.audit() == []
+
+
+def test_a_recheck_that_agrees_settles_the_interval_once_and_slashes_nobody(market, tmp_path) -> None:
+    run, vols, _ = market
+    first, second = _rechecked(run, tmp_path)
+    receipts = deliver(run, vols, 0)
+    run.on_verdict(run.intervals[0], verdict(first, run, [(r, "pass") for r in receipts]))
+    run.on_verdict(run.intervals[0], verdict(second, run, [(r, "pass") for r in receipts]))
+    assert run.intervals[0].outcome == "passed" and run.verifiers_slashed == {} and run.money["slashed"] == 0
+    assert run.money["paid"] == interval_payment_ugpc(run.price_ugpc_per_worker_hour, 2, run.intervals[0].wall_ms)
+    assert run.coord.ledger.audit() == []
+
+
+def test_no_interval_settles_past_one_whose_replay_runs_and_its_failure_voids_them(market) -> None:
+    """An unchecked interval's challenge window lasts until every earlier replay is back: it
+    trained on the state that replay judges."""
+    run, vols, verifier = market
+    run.must_check = lambda iv: "under test" if iv.start == 0 else None
+    run.policy = POLICY.model_copy(
+        update={
+            "verification": POLICY.verification.model_copy(
+                update={"check_probability": 0.0, "new_node_check_probability": 0.0}
+            )
+        }
+    )
+    first = deliver(run, vols, 0)
+    deliver(run, vols, 4)
+    assert [run.intervals[s].outcome for s in (0, 4)] == ["pending", "held"]  # window 0 s, still held
+    run.settle_held(force=False)
+    assert run.money["paid"] == 0
+    run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (first[1], "fail")]))
+    assert run.intervals[4].outcome == "void" and not run.intervals[4].settled
+    assert run.money["paid"] == interval_payment_ugpc(run.price_ugpc_per_worker_hour, 1, run.intervals[0].wall_ms)
+    assert run.coord.ledger.audit() == []

@@ -358,6 +358,18 @@ class Market:
         self.post(f"slash:{st.digest}", plan_slash(cheater, verifier, b, u, burned, whistle, st.digest), st)
         return st
 
+    def slash_verifier(self, report: SignedMessage, shown_by: SignedMessage, job: str = JOB) -> SignedMessage:
+        """Slash the verifier of ``report``, which ``shown_by`` showed false (``verify.recheck``)."""
+        liar, whistleblower = report.message["verifier"], shown_by.message["verifier"]
+        b = self.ledger.balance(wallet_account(liar, "bonded"))
+        u = self.ledger.balance(wallet_account(liar, "unbonding"))
+        burned, whistle = slash_split(b + u, self.policy.slashing, whistleblower=True)
+        st = self.s.settlement(
+            report.digest, self.ledger.current_epoch(), job, policy=self.policy, burned=burned, slashed=burned + whistle
+        )
+        self.post(f"slash:{st.digest}", plan_slash(liar, whistleblower, b, u, burned, whistle, st.digest), st)
+        return st
+
     def refund(self, order: SignedMessage, job: str = JOB) -> SignedMessage:
         left = self.ledger.balance(escrow_account(job))
         st = self.s.settlement(order.digest, self.ledger.current_epoch(), job, policy=self.policy, refunded=left)

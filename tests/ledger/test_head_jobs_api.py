@@ -236,7 +236,7 @@ def test_only_the_verifier_answers_a_replay(head, tmp_path) -> None:
 
 def test_the_replay_queue_lists_what_is_unanswered_and_marks_what_a_worker_took(head, tmp_path) -> None:
     """The job's replay worker reads its work from ``GET /replays``: drawn, unanswered, not
-    cancelled, oldest first; fetching a request with ``?worker=G`` holds generation G answerable
+    cancelled, oldest first, of the verifier it names (``?verifier=A``); fetching a request with ``?worker=G`` holds generation G answerable
     for it (the first to take it); a job that is not running has an empty, closed queue."""
     from gpucoin.head.jobs import Replay
     from tests.ledger.helpers import VERIFIER
@@ -250,7 +250,12 @@ def test_the_replay_queue_lists_what_is_unanswered_and_marks_what_a_worker_took(
     for rid in ("0-1", "4-2", "8-3"):
         replays[rid] = Replay(request={"step_start": int(rid.split("-")[0])}, verifier=VERIFIER.address)
     replays["4-2"].cancelled = True
-    assert client.get("/v1/jobs/job-4/replays").json() == {"pending": ["0-1", "8-3"], "open": True}
+    replays["0-1.1"] = Replay(request={"step_start": 0}, verifier=WORKER.address)  # a second verifier's re-check
+    assert client.get("/v1/jobs/job-4/replays").json() == {"pending": ["0-1", "8-3", "0-1.1"], "open": True}
+    # each verifier's worker lists only its own replays
+    mine = client.get("/v1/jobs/job-4/replays", params={"verifier": VERIFIER.address}).json()
+    theirs = client.get("/v1/jobs/job-4/replays", params={"verifier": WORKER.address}).json()
+    assert (mine["pending"], theirs["pending"]) == (["0-1", "8-3"], ["0-1.1"])
     assert client.get("/v1/jobs/job-4/replays/0-1").json() == {"step_start": 0}
     assert replays["0-1"].started_by is None  # a plain read takes nothing
     assert client.get("/v1/jobs/job-4/replays/0-1?worker=2").json() == {"step_start": 0}

@@ -260,11 +260,12 @@ def test_a_close_written_early_with_plain_sql_is_named(market: Market) -> None:
 def test_a_slash_needs_a_failing_report_of_the_slashed_workers_receipt(market: Market) -> None:
     _, r, passing = _checked_interval(market)
     ledger = market.ledger
-    # a Settlement of the passing report is a charge (already made): it authorizes no slash
+    # a Settlement of the passing report that pays nothing would slash its verifier, were the pass
+    # shown false by another verifier's fail (verify.recheck); it never slashes the worker
     st = market.s.settlement(passing.digest, ledger.current_epoch(), burned=200 * GPC, slashed=250 * GPC)
     slash = Transfer(bonded(WORKER), BURNED, 200 * GPC, Code.SLASH, st.digest)
     whistle = Transfer(bonded(WORKER), avail(VERIFIER), 50 * GPC, Code.WHISTLEBLOWER, st.digest)
-    refused(ledger, Unauthorized, "already charged", [op("frame", slash, whistle)], st)
+    refused(ledger, Unauthorized, "slashes nobody", [op("frame", slash, whistle)], st)
     # a failing report by the attacker of another volunteer's receipt, slashed to the attacker's profit
     (fail,) = market.reports([r], "fail", verifier=ATTACKER)
     st = market.s.settlement(fail.digest, ledger.current_epoch(), burned=200 * GPC, slashed=250 * GPC)

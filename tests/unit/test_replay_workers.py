@@ -80,7 +80,7 @@ def test_one_worker_per_job_started_with_it_serves_every_replay(replays) -> None
     r.start()
     a, b = r.submit(Req(0)), r.submit(Req(4))
     assert [sid for sid, _ in jobs.submitted] == ["job-1~replays~1"]
-    assert jobs.submitted[0][1] == ["gpucoin.verify.replay_job", "http://127.0.0.1:1", "job-1", "1"]
+    assert jobs.submitted[0][1] == ["gpucoin.verify.replay_job", "http://127.0.0.1:1", "job-1", "1", VERIFIER]
     assert r.result(a, 0.0) is None  # not answered yet
     answer(board, a)
     answer(board, b)
@@ -120,6 +120,24 @@ def test_workers_that_keep_dying_are_started_a_bounded_number_of_times(replays) 
             jobs.status_of[jobs.submitted[-1][0]] = "FAILED"  # each dies before it takes the replay
             r.result(rid, 0.0)
     assert len(jobs.submitted) == 2  # one replay drawn: at most 1 + 1 generations
+
+
+def test_a_second_verifiers_worker_starts_with_its_first_recheck_and_answers_for_its_own(replays, tmp_path) -> None:
+    """The re-checking verifier (``verify.recheck``) has a worker of its own on its node, started
+    by the first re-check drawn, under ids and replay ids apart from the first verifier's."""
+    r, jobs, board = replays
+    second = "0x" + "33" * 20
+    recheck = HttpReplays(jobs, r.board, "job-1", "node-w", second, tmp_path / "pkg", "http://127.0.0.1:1", lane=1)
+    r.start()
+    first = r.submit(Req(0))
+    again = recheck.submit(Req(0))
+    assert first != again and board[first].verifier == VERIFIER and board[again].verifier == second
+    assert [sid for sid, _ in jobs.submitted] == ["job-1~replays~1", "job-1~replays~1-1"]
+    assert jobs.submitted[1][1][-1] == second
+    board[again].answer = ReplayAnswer(verifier=second, reports=["{}"], findings=[])
+    assert recheck.result(again, 0.0).verifier == second and r.result(first, 0.0) is None
+    recheck.stop()
+    assert jobs.stopped == ["job-1~replays~1-1"]
 
 
 def test_a_cancelled_replay_is_skipped_not_stopped(replays) -> None:

@@ -1,0 +1,96 @@
+"""Verifiers are checked too (issue 12): a report a second verifier's re-check shows false slashes
+its verifier, on SQLite and PostgreSQL, under the ledger's own rules (``verify.recheck``), and the
+audit replays the same rule.
+
+The attack each test stands for: a lazy verifier signs "pass" on a cheater's receipt without
+replaying; it must not be paid on that report, and a re-check that fails the receipt takes its
+bond. A verifier that frames a worker is overruled by two passes and slashed instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+from eth_account import Account
+
+from gpucoin.exceptions import Unauthorized
+from gpucoin.ledger import Ledger
+from tests.ledger.helpers import (
+    BURNED,
+    CONSUMER,
+    GPC,
+    UNVETTED,
+    VERIFIER,
+    WORKER,
+    WORKER2,
+    Market,
+    avail,
+    bonded,
+)
+
+VERIFIER2 = Account.from_key(b"\x07" * 32)
+VERIFIER3 = Account.from_key(b"\x08" * 32)
+STAKE = 500 * GPC
+
+
+def _interval(ledger: Ledger, package: str | None = None):
+    """Two ranks (WORKER, WORKER2) trained steps 0-10 of a job; three verifiers are bonded."""
+    m = Market(ledger)
+    m.fund(CONSUMER, 100 * GPC)
+    for i, who in enumerate((WORKER, WORKER2, VERIFIER, VERIFIER2, VERIFIER3)):
+        m.fund(who, STAKE)
+        m.register(who, STAKE, node=f"n{i}")
+    m.escrow(50 * GPC, workers=2, **({"package": package} if package else {}))
+    m.assign(0, WORKER, node="n0")
+    m.assign(1, WORKER2, node="n1")
+    return m, m.receipts(0, [WORKER, WORKER2])
+
+
+def test_a_lazy_pass_on_a_cheaters_receipt_is_shown_false_and_slashes_its_verifier(ledger: Ledger) -> None:
+    m, receipts = _interval(ledger)
+    lazy = m.reports(receipts, "pass", VERIFIER)  # signed without replaying
+    agrees = m.reports(receipts[1:], "pass", VERIFIER2)
+    # nothing shows the pass false yet: a Settlement of it that pays nothing slashes nobody
+    with pytest.raises(Unauthorized, match="slashes nobody"):
+        m.slash_verifier(lazy[0], agrees[0])
+    recheck = m.reports(receipts[:1], "fail", VERIFIER2) + agrees
+    before = {a.address: ledger.balance(bonded(a)) for a in (VERIFIER, VERIFIER2)}
+    avail2 = ledger.balance(avail(VERIFIER2))
+    m.slash_verifier(lazy[0], recheck[0])
+    # the local policy takes half the bond; the whistleblower share goes to the verifier that failed it
+    taken = before[VERIFIER.address] - ledger.balance(bonded(VERIFIER))
+    assert taken == STAKE // 2 and ledger.balance(bonded(VERIFIER2)) == before[VERIFIER2.address]
+    whistle = ledger.balance(avail(VERIFIER2)) - avail2
+    assert whistle == taken * m.policy.slashing.whistleblower_share_bps // 10_000 > 0
+    # once per false report; the lazy pass of the honest rank's receipt is not shown false
+    with pytest.raises(Unauthorized, match="already slashed"):
+        m.slash_verifier(lazy[0], recheck[0])
+    with pytest.raises(Unauthorized, match="slashes nobody"):
+        m.slash_verifier(lazy[1], recheck[1])
+    # the cheater is slashed on the re-check's fail, the honest rank paid on its pass
+    m.slash(recheck[0])
+    assert ledger.balance(bonded(WORKER)) == STAKE // 2
+    m.charge(receipts, 10 * GPC, reports=recheck[1:])
+    assert ledger.balance(BURNED) > 0 and ledger.audit() == []
+
+
+def test_a_fail_is_never_slashed_as_a_verifiers_and_a_pass_can_still_be_charged(ledger: Ledger) -> None:
+    """Only a pass is shown false (a third verifier's tie-break is not built); what a Settlement
+    of a pass does is told by its amounts: a charge pays, a verifier's slash pays nothing."""
+    m, receipts = _interval(ledger)
+    fail = m.reports(receipts[:1], "fail", VERIFIER)
+    passes = m.reports(receipts, "pass", VERIFIER2) + m.reports(receipts, "pass", VERIFIER3)
+    with pytest.raises(Unauthorized):  # a fail's Settlement slashes its receipt's worker, never its verifier
+        m.slash_verifier(fail[0], passes[0])
+    m.charge(receipts, 10 * GPC, reports=passes[2:])  # the coordinator decides whose reports it settles on
+    m.slash_verifier(passes[0], fail[0])  # with two verifiers a fail wins over a pass
+    assert ledger.balance(bonded(VERIFIER2)) == STAKE // 2 and ledger.balance(bonded(VERIFIER)) == STAKE
+    assert ledger.audit() == []
+
+
+def test_in_a_job_of_an_unvetted_package_no_report_is_shown_false(ledger: Ledger) -> None:
+    m, receipts = _interval(ledger, package=UNVETTED)
+    lazy = m.reports(receipts, "pass", VERIFIER)
+    fail = m.reports(receipts[:1], "fail", VERIFIER2)  # counts as void: the job's code may replay differently
+    with pytest.raises(Unauthorized, match="slashes nobody"):
+        m.slash_verifier(lazy[0], fail[0])
+    assert ledger.balance(bonded(VERIFIER)) == STAKE and ledger.audit() == []
