@@ -160,7 +160,8 @@ def withdraw(address, wallet_ref, amount, wallets_home, wallets_dir):
 def nodes(address):
     """The market's registered nodes: role, provider, ask, bond, whether Ray sees them alive, and
     their verification record (checks passed / not passed, over every job) with the probability
-    that their next interval is replayed."""
+    that their next interval is replayed. A node whose provider was slashed the policy's
+    ban_after_frauds times shows as banned: the market never places it again."""
     from gpucoin.head.client import HeadClient
 
     with _errors():
@@ -173,7 +174,7 @@ def nodes(address):
             v.role.value,
             format_gpc(v.ask_ugpc_per_worker_hour),
             format_gpc(v.bonded_ugpc),
-            v.state.value,
+            f"{v.state.value}, banned ({v.frauds} frauds)" if v.banned else v.state.value,
             f"{v.checks.passed}/{v.checks.other}",
             f"{v.checks.check_probability:.2f}",
             v.provider,

@@ -165,11 +165,13 @@ def node_role(resources: str) -> NodeRole:
 
 
 def node_views(ledger: Ledger, ray_nodes: Mapping[str, RayNode]) -> list[NodeView]:
-    """Every registered node with its provider's bond, verification record and Ray's liveness, by node id."""
+    """Every registered node with its provider's bond, verification record, proven frauds (and
+    whether they ban it) and Ray's liveness, by node id."""
     views = []
     regs = sorted(registrations(ledger).items())
     records = ledger.verification_records(r.message["provider"] for _, r in regs)
-    verification = ledger.policy.verification
+    frauds = ledger.proven_frauds(r.message["provider"] for _, r in regs)
+    verification, ban_after = ledger.policy.verification, ledger.policy.slashing.ban_after_frauds
     for node_id, reg in regs:
         m = reg.message
         node = ray_nodes.get(node_id)
@@ -184,6 +186,8 @@ def node_views(ledger: Ledger, ray_nodes: Mapping[str, RayNode]) -> list[NodeVie
                 role=node_role(m["resources"]),
                 registration=reg.digest,
                 checks=CheckRecord.of(records[m["provider"]], verification),
+                frauds=frauds[m["provider"]],
+                banned=frauds[m["provider"]] >= ban_after,
             )
         )
     return views

@@ -161,6 +161,10 @@ class NodeView(BaseModel):
     role: NodeRole = Field(description="what it offers, as its registration declares")
     registration: str = Field(description="digest of the NodeRegistration")
     checks: CheckRecord = Field(description="its provider's verification record and check probability")
+    frauds: int = Field(default=0, description="times its provider was slashed, as a worker or a verifier")
+    banned: bool = Field(
+        default=False, description="its provider reached the policy's ban_after_frauds: it is never placed again"
+    )
 
 
 class RegisterRequest(BaseModel):

@@ -327,7 +327,7 @@ class Scheduler:
         queued = self.table.all(JobState.QUEUED)
         if not queued:
             return
-        views = [v for v in self.node_views() if v.state == NodeState.ALIVE]
+        views = [v for v in self.node_views() if v.state == NodeState.ALIVE and not v.banned]
         busy = self.busy_nodes()
         offers = [
             Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc)

@@ -41,6 +41,7 @@ from gpucoin.ledger.models import (
     MessageRow,
     OperationRow,
     PolicyRow,
+    SlashRow,
     TransferRow,
     UnbondingRow,
     VerificationReportRow,
@@ -641,6 +642,28 @@ class Ledger:
             a: VerificationRecord(passed=passed.get(a, 0), other=other.get(a, 0), clean_streak=int(streaks.get(a, 0)))
             for a in wanted
         }
+
+    def proven_frauds(self, addresses: Iterable[str]) -> dict[str, int]:
+        """How many times each address was slashed, over every job (one read transaction): for a
+        WorkReceipt it signed as a worker, or for a VerificationReport it signed as a verifier
+        that a re-check showed false (``verify.recheck``); the slashed party is the signer of the
+        message each ``slash`` row names.
+
+        Args:
+            addresses: checksum addresses (each is in the answer, 0 if never slashed).
+        """
+        wanted = sorted(set(addresses))
+        with self._session(write=False) as s:
+            counts = dict(
+                s.exec(
+                    select(MessageRow.signer, func.count())
+                    .select_from(SlashRow)
+                    .join(MessageRow, MessageRow.digest == SlashRow.receipt)
+                    .where(MessageRow.signer.in_(wanted))
+                    .group_by(MessageRow.signer)
+                ).all()
+            )
+        return {a: int(counts.get(a, 0)) for a in wanted}
 
     def export(self) -> Iterator[dict[str, Any]]:
         """Every message, operation and transfer as JSON-ready records (``gpucoin.ledger.export``).

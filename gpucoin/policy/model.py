@@ -155,6 +155,11 @@ class SlashingPolicy(BaseModel):
 
     fraud_slash_fraction_bps: Bps = Field(description="bps of the cheater's bond taken by a slash.")
     whistleblower_share_bps: Bps = Field(description="bps of the slashed amount paid to the verifier; the rest burns.")
+    ban_after_frauds: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=3,
+        description="Proven frauds (slashes of a provider, as a worker or as a verifier whose report a re-check "
+        "showed false, over every job) after which the head never places that provider's nodes again.",
+    )
 
 
 class BondingPolicy(BaseModel):

@@ -127,6 +127,34 @@ def test_a_node_shows_its_record_over_every_job_and_its_check_probability(ledger
     assert view["checks"] == {"passed": 4, "other": 1, "clean_streak": 2, "check_probability": p} and p < 1.0
 
 
+def test_a_provider_slashed_the_policys_limit_of_times_is_banned(ledger_url: str, tmp_path) -> None:
+    """A node is banned after the policy's limit of proven frauds, over every job; the head's
+    market leaves a banned node out of every round (``Scheduler.round`` reads ``banned``)."""
+    from tests.ledger.helpers import POLICY
+
+    policy = POLICY.model_copy(update={"slashing": POLICY.slashing.model_copy(update={"ban_after_frauds": 2})})
+    ledger = open_market(ledger_url, policy=policy)
+    try:
+        client = _client(ledger, tmp_path)
+        _fund(client, WORKER, 600)
+        assert client.post("/v1/nodes", json={"registration": _registration(WORKER, VOL, 500 * GPC)}).status_code == 200
+        m = Market(ledger, Signer(start=1_000))
+        m.fund(CONSUMER, 100 * GPC)
+        seen = []
+        for job in ("job-a", "job-b"):
+            m.escrow(10 * GPC, job=job)
+            m.assign(0, WORKER, job, VOL)
+            (fail,) = m.reports(m.receipts(0, [WORKER], job=job), "fail")
+            m.slash(fail, job=job)
+            (view,) = client.get("/v1/nodes").json()
+            seen.append((view["frauds"], view["banned"]))
+        assert seen == [(1, False), (2, True)]
+        assert ledger.proven_frauds([WORKER.address, CONSUMER.address]) == {WORKER.address: 2, CONSUMER.address: 0}
+        assert ledger.audit() == []
+    finally:
+        ledger.close()
+
+
 @pytest.mark.parametrize(
     "node,who,stake,domain,status,detail",
     [

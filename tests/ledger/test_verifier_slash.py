@@ -71,6 +71,12 @@ def test_a_lazy_pass_on_a_cheaters_receipt_is_shown_false_and_slashes_its_verifi
     assert ledger.balance(bonded(WORKER)) == STAKE // 2
     m.charge(receipts, 10 * GPC, reports=recheck[1:])
     assert ledger.balance(BURNED) > 0 and ledger.audit() == []
+    # a verifier's proven fraud counts toward its ban as a worker's does
+    assert ledger.proven_frauds([VERIFIER.address, VERIFIER2.address, WORKER.address]) == {
+        VERIFIER.address: 1,
+        VERIFIER2.address: 0,
+        WORKER.address: 1,
+    }
 
 
 def test_a_fail_is_never_slashed_as_a_verifiers_and_a_pass_can_still_be_charged(ledger: Ledger) -> None:

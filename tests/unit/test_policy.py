@@ -78,7 +78,7 @@ def test_vetted_packages_must_be_hashes(tmp_path) -> None:
     assert "vetted_packages" in _error(path)
 
 
-def test_local_policy_differs_from_default_only_in_name_epoch_window_timeout_recheck_and_rescaled_emission() -> None:
+def test_local_policy_differs_from_default_only_in_name_epoch_window_timeout_recheck_ban_and_emission() -> None:
     d = load_policy(DEFAULT).model_dump()
     loc = load_policy(LOCAL).model_dump()
     assert loc["name"] == "local"
@@ -89,6 +89,8 @@ def test_local_policy_differs_from_default_only_in_name_epoch_window_timeout_rec
     loc["verification"]["challenge_window_s"] = d["verification"]["challenge_window_s"]
     assert loc["verification"]["recheck_share_bps"] == 0  # the embedded mode has one verifier: nobody to re-check it
     loc["verification"]["recheck_share_bps"] = d["verification"]["recheck_share_bps"]
+    assert loc["slashing"]["ban_after_frauds"] > d["slashing"]["ban_after_frauds"]  # dev volunteers cheat on request
+    loc["slashing"]["ban_after_frauds"] = d["slashing"]["ban_after_frauds"]
     assert loc["metering"]["interval_timeout_s"] < d["metering"]["interval_timeout_s"]  # a demo gives up sooner
     loc["metering"]["interval_timeout_s"] = d["metering"]["interval_timeout_s"]
     epochs_per_default_epoch = d["tokenomics"]["epoch_length_s"] // 10
