@@ -45,6 +45,9 @@ and closes ended epochs (each a few database reads or a dashboard request on the
 which the ranks share on a small host); once the last interval's receipts are in or the job is
 stopping, on every loop, so its end is seen at once. A driver that dies mid-job is also found
 by the interval timeout."""
+RECHECK_TIMEOUT_S = 1800.0
+"""Longest the coordinator waits for a second verifier's re-check; past it the first verifier's
+result stands (as when the re-check cannot run)."""
 MAX_RUN_S = 6 * 3600
 """Upper bound on one run's wall time; past it the run is stopped as failed."""
 
@@ -81,6 +84,7 @@ class Interval:
     pending: object = None  # the replay's handle (``Replays.submit``) while it runs
     pending_on: object = None  # the ``Replays`` that runs it (the verifier's, or the re-checker's)
     first: "ReplayResult | None" = None  # the verifier's result while a second verifier re-checks it
+    recheck_by: float = 0.0  # monotonic time past which the re-check is given up (``RECHECK_TIMEOUT_S``)
     settle_at: float | None = None  # monotonic time when a held interval's challenge window ends
     outcome: str = "open"
     settled: bool = False  # charged to the escrow (a later re-check may still slash its ranks)
@@ -382,7 +386,13 @@ class JobRun:
             replays = iv.pending_on or self.replays
             if iv.outcome == "void":
                 replays.cancel(iv.pending)
+                iv.pending, iv.first = None, None
+                continue
+            if iv.first is not None and time.monotonic() > iv.recheck_by:
+                replays.cancel(iv.pending)
                 iv.pending = None
+                self.ui.note(f"steps {iv.start}-{iv.end}: no re-check within {RECHECK_TIMEOUT_S:.0f} s")
+                self.recheck_failed(iv)
                 continue
             try:
                 result = replays.result(iv.pending, None if block else 0.0)
@@ -390,10 +400,9 @@ class JobRun:
                     continue
             except Exception as e:  # noqa: BLE001 - a replay that could not run is a fact to settle, not a crash
                 iv.pending = None
-                if iv.first is not None:  # the re-check could not run: the first verifier's result stands
+                if iv.first is not None:
                     self.ui.note(f"steps {iv.start}-{iv.end}: the re-check could not run ({_last_line(e)})")
-                    first, iv.first = iv.first, None
-                    self.judge(iv, first, self._reports(iv, first, self.verifier_address, record=False))
+                    self.recheck_failed(iv)
                     continue
                 iv.outcome = "unverifiable"
                 self.ui.note(f"steps {iv.start}-{iv.end}: replay could not run ({_last_line(e)}); not settled")
@@ -418,14 +427,25 @@ class JobRun:
         share = self.policy.verification.recheck_share_bps
         digests = [iv.receipts[r].digest for r in range(self.spec.workers)]
         if self.recheck is not None and share and is_rechecked(self.secret, digests, share):
-            iv.first = result
+            try:
+                self.submit_replay(iv, self.recheck)
+            except Exception as e:  # noqa: BLE001 - a re-check that cannot start leaves the first result standing
+                self.ui.note(f"steps {iv.start}-{iv.end}: the re-check could not start ({_last_line(e)})")
+                self.judge(iv, result, by_receipt)
+                return
+            iv.first, iv.recheck_by = result, time.monotonic() + RECHECK_TIMEOUT_S
             self.counts["rechecked"] += 1
-            self.submit_replay(iv, self.recheck)
             self.ui.note(
                 f"steps {iv.start}-{iv.end}: drawn for a re-check by a second verifier ({self.recheck_address})"
             )
             return
         self.judge(iv, result, by_receipt)
+
+    def recheck_failed(self, iv: Interval) -> None:
+        """The re-check of ``iv`` could not be had (it could not run, timed out, or its reports do
+        not check): the first verifier's result stands."""
+        first, iv.first = iv.first, None
+        self.judge(iv, first, self._reports(iv, first, self.verifier_address, record=False))
 
     def _reports(
         self, iv: Interval, result: ReplayResult, verifier: str | None, record: bool = True
@@ -463,45 +483,52 @@ class JobRun:
         return by_receipt
 
     def recheck_done(self, iv: Interval, first: ReplayResult, second: ReplayResult) -> None:
-        """Both verifiers' reports are in: slash the verifier of each report the other's shows false
-        (``verify.recheck``, the ledger's own rule), then judge by the result none of whose reports
-        was shown false (the first's when they agree).
-
-        Raises:
-            SignatureError: a report of the second verifier not signed by it or naming another receipt.
-        """
+        """Both verifiers' reports are in. If the re-check shows a pass of the first verifier false
+        (``verify.recheck``: the second failed what it passed), slash the first verifier once for
+        the interval and judge by the second's reports; else judge by the first's (a fail of the
+        first the second passed still stands). Reports of the second that do not check leave the
+        first's result standing (``recheck_failed``)."""
         mine = self._reports(iv, first, self.verifier_address, record=False)
-        theirs = self._reports(iv, second, self.recheck_address)
+        try:
+            theirs = self._reports(iv, second, self.recheck_address)
+        except SignatureError as e:
+            self.ui.note(f"steps {iv.start}-{iv.end}: the re-check's reports do not check ({e})")
+            self.recheck_failed(iv)
+            return
         iv.first = None
-        false: set[str] = set()  # verifiers shown false
-        for digest in sorted(set(mine) | set(theirs)):
-            reports = [r for r in (mine.get(digest), theirs.get(digest)) if r is not None]
+        shown: list[tuple[SignedMessage, SignedMessage]] = []  # (a false pass of the first, the fail showing it)
+        for digest, rep in mine.items():
+            other = theirs.get(digest)
+            if other is None:
+                continue
             worker = self.ledger.message(digest).signer
-            opinions = [
+            opinions = [  # recording order: the first's reports were recorded before the re-check
                 Opinion(r.digest, r.message["verifier"], effective_verdict(r.message["verdict"], self.vetted))
-                for r in reports
+                for r in (rep, other)
             ]
-            for rep, opinion in zip(reports, opinions, strict=True):
-                shown = shown_false_by(opinion, opinions, worker)
-                if not shown:
-                    continue
-                false.add(rep.message["verifier"])
-                by = next(r for r in reports if r.digest == shown[0].digest)
-                taken = self.coord.slash_verifier(self.job_id, rep, by)
-                self.money["slashed"] += taken
-                who = rep.message["verifier"]
-                self.verifiers_slashed[who] = self.verifiers_slashed.get(who, 0) + taken
-                self.ui.note(
-                    f"steps {iv.start}-{iv.end}: verifier {who} signed {rep.message['verdict']} on receipt "
-                    f"{digest[:10]}…, shown false by {by.message['verifier']}'s re-check; its bond was slashed "
-                    f"({format_gpc(taken)} GPC)"
-                )
-        if self.verifier_address in false:
-            self.judge(iv, second, theirs)
-        else:
-            if not false:
-                self.ui.note(f"steps {iv.start}-{iv.end}: the re-check agrees")
+            if shown_false_by(opinions[0], opinions, worker):
+                shown.append((rep, other))
+        differ = sorted(
+            d for d in set(mine) & set(theirs) if mine[d].message["verdict"] != theirs[d].message["verdict"]
+        )
+        if not shown:
+            agreed = (
+                "agrees" if not differ else f"differs on {len(differ)} receipt(s); the first verifier's fails stand"
+            )
+            self.ui.note(f"steps {iv.start}-{iv.end}: the re-check {agreed}")
             self.judge(iv, first, mine)
+            return
+        rep, by = shown[0]  # one slash per interval: each false pass is on the ledger as evidence
+        who = rep.message["verifier"]
+        taken = self.coord.slash_verifier(self.job_id, rep, by)
+        self.money["slashed"] += taken
+        self.verifiers_slashed[who] = self.verifiers_slashed.get(who, 0) + taken
+        self.ui.note(
+            f"steps {iv.start}-{iv.end}: verifier {who} passed {len(shown)} receipt(s) the re-check by "
+            f"{by.message['verifier']} failed; its bond was slashed ({format_gpc(taken)} GPC) and the interval "
+            "is judged on the re-check"
+        )
+        self.judge(iv, second, theirs)
 
     def judge(self, iv: Interval, result: ReplayResult, by_receipt: dict[str, SignedMessage]) -> None:
         """Act on the verifier's signed reports (recorded): one per receipt of ``iv``, and a failing
@@ -519,6 +546,11 @@ class JobRun:
         judged = {r.digest: (iv, rank) for rank, r in iv.receipts.items()}
         if prev is not None:
             judged.update({r.digest: (prev, rank) for rank, r in prev.receipts.items()})
+        if iv.outcome == "failed":  # already convicted by the check of the interval after it: slash, never pay
+            for digest, rep in by_receipt.items():
+                if effective_verdict(rep.message["verdict"], self.vetted) == "fail":
+                    self.slash_once(judged[digest], rep, iv, reasons={})
+            return
         reasons = {f.receipt: f.reason for f in result.findings}
         iv.reports = [by_receipt[iv.receipts[r].digest] for r in range(self.spec.workers)]
         worst = max(r.message["distanceE9"] for r in iv.reports) / 1e9
@@ -529,17 +561,8 @@ class JobRun:
         if failing:
             iv.outcome = "failed"
             self.counts["failed"] += 1
-            for (where, rank), rep in sorted(failing, key=lambda x: (x[0][0].start, x[0][1])):
-                where.outcome = "failed"  # its end checkpoint is disowned too (the job's result is an earlier one)
-                where.failed_ranks = sorted({*where.failed_ranks, rank})
-                if rep.message["receiptDigest"] in self.slashed_receipts:
-                    continue  # convicted by the check of both intervals its checkpoint bounds: slashed once
-                self.slashed_receipts.add(rep.message["receiptDigest"])
-                self.money["slashed"] += self.coord.slash(self.job_id, rep)
-                self.ui.note(
-                    f"steps {where.start}-{where.end}: rank {rank} FAILED the check of steps {iv.start}-{iv.end} "
-                    f"({reasons.get(rep.message['receiptDigest']) or 'mismatch'}); its bond was slashed"
-                )
+            for where_rank, rep in sorted(failing, key=lambda x: (x[0][0].start, x[0][1])):
+                self.slash_once(where_rank, rep, iv, reasons)
             verdicts = [verdict_of[rep.message["receiptDigest"]] for rep in iv.reports]
             honest = [r for r, v in enumerate(verdicts) if v == "pass"]
             if honest and all(v in ("pass", "fail") for v in verdicts) and not iv.settled:
@@ -563,9 +586,23 @@ class JobRun:
             return
         iv.outcome = "passed"
         self.counts["passed"] += 1
-        if not iv.settled:
-            self.settle(iv)
-        self.ui.note(f"steps {iv.start}-{iv.end}: replay passed (max relative L2 {worst:.1e}), settled")
+        self.ui.note(f"steps {iv.start}-{iv.end}: replay passed (max relative L2 {worst:.1e})")
+        self.settle_held(force=False)  # settles it, in step order, once no earlier replay runs
+
+    def slash_once(self, where_rank: tuple[Interval, int], rep: SignedMessage, iv: Interval, reasons: dict) -> None:
+        """Mark the rank of the interval ``where_rank`` names failed and slash its worker on the
+        failing report ``rep`` (from the check of ``iv``), once per receipt."""
+        where, rank = where_rank
+        where.outcome = "failed"  # its end checkpoint is disowned too (the job's result is an earlier one)
+        where.failed_ranks = sorted({*where.failed_ranks, rank})
+        if rep.message["receiptDigest"] in self.slashed_receipts:
+            return  # convicted by the check of both intervals its checkpoint bounds: slashed once
+        self.slashed_receipts.add(rep.message["receiptDigest"])
+        self.money["slashed"] += self.coord.slash(self.job_id, rep)
+        self.ui.note(
+            f"steps {where.start}-{where.end}: rank {rank} FAILED the check of steps {iv.start}-{iv.end} "
+            f"({reasons.get(rep.message['receiptDigest']) or 'mismatch'}); its bond was slashed"
+        )
 
     def recheck_start(self, iv: Interval) -> None:
         """After ``iv`` came out void: if its start checkpoint was never checked (the interval
@@ -584,20 +621,26 @@ class JobRun:
         """Intervals after ``iv`` not settled yet earn nothing: they trained on state the replay of
         ``iv`` disowned (SPEC.md, Money)."""
         for later in self.intervals.values():
-            if later.start > iv.start and later.outcome in ("open", "pending", "held"):
+            unsettled = later.outcome in ("open", "pending", "held") or (
+                later.outcome == "passed" and not later.settled
+            )
+            if later.start > iv.start and unsettled:
                 later.outcome = "void"
 
     # -- money ----------------------------------------------------------------
     def settle_held(self, force: bool) -> None:
-        """Settle held (unchecked) intervals whose challenge window is over (all of them with
-        ``force``), in step order. Without ``force``, none after an interval whose replay is still
-        running: they trained on the state it ends with, and its failure voids them
-        (``void_after``), so their window lasts until its verdict is in."""
+        """Settle, in step order, passed intervals not settled yet and held (unchecked) ones whose
+        challenge window is over (all of them with ``force``). Without ``force``, none after an
+        interval whose replay (or re-check) is still running: they trained on the state it ends
+        with, and its failure voids them (``void_after``), so they wait for its verdict."""
         now = time.monotonic()
         for iv in sorted(self.intervals.values(), key=lambda i: i.start):
             if iv.outcome == "pending" and not force:
                 break
-            if iv.outcome == "held" and (force or (iv.settle_at is not None and now >= iv.settle_at)):
+            if iv.outcome == "passed" and not iv.settled:
+                self.settle(iv)
+                self.ui.note(f"steps {iv.start}-{iv.end}: settled")
+            elif iv.outcome == "held" and (force or (iv.settle_at is not None and now >= iv.settle_at)):
                 iv.outcome = "unchecked"
                 self.settle(iv)
                 self.ui.note(f"steps {iv.start}-{iv.end}: unchallenged, settled")

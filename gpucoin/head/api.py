@@ -25,8 +25,9 @@
     POST /v1/jobs/{id}/progress   ProgressReport (display only)
     POST /v1/jobs/{id}/receipts   ReceiptSubmission -> InboxAnswer (``runtime.inbox.JobInbox``)
     PUT  /v1/jobs/{id}/objects    bytes -> ObjectAnswer; GET .../objects/{digest}; POST .../objects/has
-    GET  /v1/jobs/{id}/replays?verifier=A   ReplayQueue: the drawn replays the job's replay worker (of
-                                  verifier A; all without it) is to run
+    GET  /v1/jobs/{id}/replays?verifier=A&wait_s=W   ReplayQueue: the drawn replays the job's replay
+                                  worker (of verifier A; all without it) is to run, held up to W s
+                                  (at most REPLAY_WAIT_MAX_S) while there are none
     GET  /v1/jobs/{id}/replays/{rid}?worker=G   a drawn interval's ReplayRequest (taken by replay
                        worker generation G); POST: the verifier's ReplayAnswer
 
@@ -38,8 +39,10 @@ rank whose signed manifest names it) or 503 (Ray's state cannot be read).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -100,6 +103,12 @@ from gpucoin.wallet.messages import MessageFieldError, SignedMessage, loads_json
 
 if TYPE_CHECKING:
     from gpucoin.head.metrics import HeadMetrics
+
+REPLAY_WAIT_MAX_S = 10.0
+"""Longest a replay worker's ``GET /v1/jobs/{id}/replays?wait_s=`` is held open while it has no
+work (a long poll: an idle worker asks every few seconds, not twice a second, on the cores the
+ranks share; well under the client's ``REQUEST_TIMEOUT_S``)."""
+REPLAY_WAIT_POLL_S = 0.1
 
 FAUCET_MAX_UGPC = 10_000_000_000
 """The most one faucet request mints: 10,000 GPC (dev money, but a bound all the same)."""
@@ -510,17 +519,22 @@ def make_app(
         return HasAnswer(present=board.running(job_id).store.has(body.digests))
 
     @app.get("/v1/jobs/{job_id}/replays", response_model=ReplayQueue)
-    def get_replays(job_id: str, verifier: str | None = None) -> ReplayQueue:
-        try:
-            replays = board.running(job_id).replays
-        except UnknownJob:
-            return ReplayQueue(pending=[], open=False)
-        pending = [
-            rid
-            for rid, r in list(replays.items())
-            if r.answer is None and not r.cancelled and verifier in (None, r.verifier)
-        ]
-        return ReplayQueue(pending=pending, open=True)
+    async def get_replays(job_id: str, verifier: str | None = None, wait_s: float = 0.0) -> ReplayQueue:
+        # async: a held long poll waits on the event loop, not on one of the request threads
+        deadline = time.monotonic() + min(max(wait_s, 0.0), REPLAY_WAIT_MAX_S)
+        while True:
+            try:
+                replays = board.running(job_id).replays
+            except UnknownJob:
+                return ReplayQueue(pending=[], open=False)
+            pending = [
+                rid
+                for rid, r in list(replays.items())
+                if r.answer is None and not r.cancelled and verifier in (None, r.verifier)
+            ]
+            if pending or time.monotonic() >= deadline:
+                return ReplayQueue(pending=pending, open=True)
+            await asyncio.sleep(REPLAY_WAIT_POLL_S)
 
     @app.get("/v1/jobs/{job_id}/replays/{replay_id}")
     def get_replay(job_id: str, replay_id: str, worker: int | None = None) -> dict:

@@ -186,11 +186,12 @@ class HeadClient:
         """``POST /v1/jobs/{id}/objects/has``."""
         return self._call("POST", f"/v1/jobs/{_q(job_id)}/objects/has", HasRequest(digests=digests), HasAnswer).present
 
-    def replay_queue(self, job_id: str, verifier: str | None = None) -> ReplayQueue:
+    def replay_queue(self, job_id: str, verifier: str | None = None, wait_s: float = 0.0) -> ReplayQueue:
         """``GET /v1/jobs/{id}/replays`` (the job's replay worker): what it is to replay (of
-        ``verifier``'s replays only, when given)."""
-        query = "" if verifier is None else f"?verifier={_q(verifier)}"
-        return self._call("GET", f"/v1/jobs/{_q(job_id)}/replays{query}", None, ReplayQueue)
+        ``verifier``'s replays only, when given), the head holding the request up to ``wait_s``
+        seconds while there is nothing."""
+        query = urllib.parse.urlencode({**({"verifier": verifier} if verifier else {}), "wait_s": wait_s})
+        return self._call("GET", f"/v1/jobs/{_q(job_id)}/replays?{query}", None, ReplayQueue)
 
     def replay_request(self, job_id: str, replay_id: str, worker: int | None = None) -> dict:
         """``GET /v1/jobs/{id}/replays/{rid}`` (the job's replay worker, generation ``worker``,

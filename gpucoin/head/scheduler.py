@@ -85,14 +85,22 @@ class LockedCoordinator:
         return locked
 
 
+PROGRESS_WRITE_S = 2.0
+"""Least time between two writes of a running job's step to its row (``gpucoin jobs``): one
+database write per training step cost the head's cores, which the ranks share on a small host,
+more than the display is worth; the log and the metrics still see every step."""
+
+
 class BoardUI:
     """``coordinator.job.UI`` for a job on the head: lines go to the job's log, progress to its
-    row and to the ``gpucoin_job_samples_per_second`` gauge (``block_size``: tokens per sample)."""
+    row (at most every ``PROGRESS_WRITE_S``, and the last step) and to the
+    ``gpucoin_job_samples_per_second`` gauge (``block_size``: tokens per sample)."""
 
     def __init__(self, board: JobBoard, table: JobTable, job_id: str, metrics=None, block_size: int = 1):
         self.board, self.table, self.job_id = board, table, job_id
         self.metrics, self.block_size = metrics, block_size
         self.total_steps = 0
+        self._written_s = -PROGRESS_WRITE_S
 
     def status(self, text: str) -> None:
         self.board.log(self.job_id, text, EventKind.STATUS)
@@ -115,10 +123,13 @@ class BoardUI:
             EventKind.STEP,
             StepProgress(step=step, total_steps=self.total_steps, loss=loss, tokens_per_s=tokens_per_s),
         )
-        try:
-            self.table.update(self.job_id, step=step)
-        except SQLAlchemyError:  # display only: a busy database must not fail the job
-            log.warning("job %s: progress not recorded", self.job_id, exc_info=True)
+        now = time.monotonic()
+        if now - self._written_s >= PROGRESS_WRITE_S or step >= self.total_steps:
+            self._written_s = now
+            try:
+                self.table.update(self.job_id, step=step)
+            except SQLAlchemyError:  # display only: a busy database must not fail the job
+                log.warning("job %s: progress not recorded", self.job_id, exc_info=True)
         if self.metrics is not None:
             self.metrics.samples_per_second.labels(self.job_id).set(tokens_per_s / self.block_size)
 

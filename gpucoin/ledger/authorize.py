@@ -308,8 +308,8 @@ def _slash(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -> tupl
 
 
 def _false_by(f: Facts, report: Msg, where: str) -> tuple[Opinion, ...]:
-    """The recorded reports that show ``report`` false (``verify.recheck``), verdicts as they count
-    in its job; empty if none do."""
+    """The recorded reports that show ``report`` false (``verify.recheck``: fails of its receipt by
+    other verifiers recorded after it), verdicts as they count in its job; empty if none do."""
     receipt = _message(f, report["receiptDigest"], f"{where}: the report's receipt")
     vetted = _vetted(f, receipt["jobId"], where)
     opinions = [
@@ -317,7 +317,10 @@ def _false_by(f: Facts, report: Msg, where: str) -> tuple[Opinion, ...]:
         for d in f.reports.get(receipt.digest, [])
     ]
     mine = Opinion(report.digest, report["verifier"], effective_verdict(report["verdict"], vetted))
-    return shown_false_by(mine, opinions, receipt["worker"])
+    try:
+        return shown_false_by(mine, opinions, receipt["worker"])
+    except ValueError as e:  # the loader did not index the report itself
+        raise Unauthorized(f"{where}: {e}") from None
 
 
 def _slashes_verifier(msg: Msg, subject: Msg) -> bool:

@@ -10,23 +10,24 @@ the same rule, ``coordinator.run``).
 
 The rule, per receipt, each verdict as it counts in the job (``compare.effective_verdict``: in a
 job whose package the policy does not vet a fail is void, so nothing there is shown false): a
-**pass is shown false by another verifier's fail** of the same receipt (neither verifier being
-the receipt's worker). One bonded verifier's fail, reproduced in a fresh process, is the
-evidence that convicts a worker (docs/verification.md); the pass said those same numbers were
-right. A fail or a void is never shown false here.
+**pass is shown false by another verifier's fail of the same receipt recorded after it**
+(neither verifier being the receipt's worker). One bonded verifier's fail, reproduced in a fresh
+process, is the evidence that convicts a worker (docs/verification.md); the pass said those same
+numbers were right. A fail or a void is never shown false here.
 
-The rule is monotone: a report shown false stays shown false whatever is recorded later, so the
-ledger's audit, replaying each Settlement against what was recorded by then, reaches the
-decision the ledger reached. With two verifiers a fail therefore wins over a pass: a lazy "pass"
-on a cheater's receipt is caught by an honest second verifier, and a verifier that frames a
-worker also gets an honest re-checker slashed (as it could get the worker slashed without any
-re-check). A third verifier's tie-break, which would overrule a fail by two passes, is not built.
+"Recorded after": the re-check comes after the report it checks, so a lazy first verifier is
+caught by an honest re-checker, while an honest re-checker that passes what a framing first
+verifier failed is not slashed on the framer's word (the framer's fail still convicts the worker,
+as any fail does; a third verifier's tie-break, overruling a fail by two passes, is not built).
+The rule is monotone: recording order never changes, and a report shown false stays so whatever
+is recorded later, so the ledger's audit, replaying each Settlement against what was recorded by
+then, reaches the decision the ledger reached.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpucoin.verify.sampling import is_checked
@@ -49,21 +50,28 @@ class Opinion:
     verdict: str
 
 
-def shown_false_by(report: Opinion, opinions: Iterable[Opinion], worker: str) -> tuple[Opinion, ...]:
+def shown_false_by(report: Opinion, opinions: Sequence[Opinion], worker: str) -> tuple[Opinion, ...]:
     """The reports that show ``report`` false (module docstring): for a pass, the first fail of
-    each other verifier on the same receipt, in the order given; empty for anything else or when
-    none did. Its verifier is slashed on them; the first one's verifier is the whistleblower.
+    each other verifier on the same receipt recorded after it, in recording order; empty for
+    anything else or when none did. Its verifier is slashed on them; the first one's verifier is
+    the whistleblower.
 
     Args:
         report: one report on a receipt.
-        opinions: every report on that receipt, in recording order (``report`` among them or not).
+        opinions: every report on that receipt, in recording order, ``report`` among them.
         worker: the receipt's signer (its own reports count for nothing, nor is a report of its own
             shown false).
+
+    Raises:
+        ValueError: ``report`` is not among ``opinions``.
     """
+    at = next((i for i, o in enumerate(opinions) if o.digest == report.digest), None)
+    if at is None:
+        raise ValueError(f"report {report.digest} is not among the reports it is judged against")
     if report.verdict != "pass" or report.verifier == worker:
         return ()
     first: dict[str, Opinion] = {}
-    for o in opinions:
+    for o in opinions[at + 1 :]:
         if o.verdict == "fail" and o.verifier not in (worker, report.verifier):
             first.setdefault(o.verifier, o)
     return tuple(first.values())

@@ -21,7 +21,11 @@ import math
 import time
 
 POLL_S = 0.5
-"""How often the worker asks the head for work while it has none."""
+"""Pause between two asks for work that found none (each ask is a long poll the head holds up to
+``WAIT_S``)."""
+
+WAIT_S = 8.0
+"""How long the head holds one ask while there is no work (``GET /replays?wait_s=``)."""
 
 IDLE_EXIT_S = 600.0
 """The worker exits after this long without a replay to run (the head starts another when a
@@ -48,7 +52,7 @@ def run(api_url: str, job_id: str, generation: str, verifier: str) -> None:
     done: set[str] = set()
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < IDLE_EXIT_S:
-        queue = client.replay_queue(job_id, verifier)
+        queue = client.replay_queue(job_id, verifier, wait_s=WAIT_S)
         if not queue.open:
             return
         todo = [rid for rid in queue.pending if rid not in done]

@@ -298,9 +298,7 @@ def test_a_lazy_pass_is_caught_by_the_recheck_and_the_interval_settles_on_the_re
     # nothing is settled on the first reports while the second verifier replays the interval
     assert run.recheck.calls == [(0, 4)] and run.counts["rechecked"] == 1
     assert run.intervals[0].outcome == "pending" and not run.intervals[0].settled and run.money["paid"] == 0
-    with pytest.raises(SignatureError):  # the re-check is taken from the second verifier's key only
-        run.on_verdict(run.intervals[0], verdict(lazy, run, [(receipts[0], "fail"), (receipts[1], "pass")]))
-    assert run.intervals[0].first is lazy_result  # still waiting for the second verifier
+    assert run.intervals[0].first is lazy_result  # waiting for the second verifier
     run.on_verdict(run.intervals[0], verdict(honest, run, [(receipts[0], "fail"), (receipts[1], "pass")]))
     ledger = run.coord.ledger
     slash = STAKE * POLICY.slashing.fraud_slash_fraction_bps // 10_000
@@ -345,5 +343,66 @@ def test_no_interval_settles_past_one_whose_replay_runs_and_its_failure_voids_th
     assert run.money["paid"] == 0
     run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (first[1], "fail")]))
     assert run.intervals[4].outcome == "void" and not run.intervals[4].settled
+    assert run.money["paid"] == interval_payment_ugpc(run.price_ugpc_per_worker_hour, 1, run.intervals[0].wall_ms)
+    assert run.coord.ledger.audit() == []
+
+
+def test_a_recheck_whose_reports_do_not_check_leaves_the_first_result_standing(market, tmp_path) -> None:
+    run, vols, _ = market
+    first, _ = _rechecked(run, tmp_path)
+    receipts = deliver(run, vols, 0)
+    run.on_verdict(run.intervals[0], verdict(first, run, [(r, "pass") for r in receipts]))
+    forged = verdict(first, run, [(receipts[0], "fail"), (receipts[1], "pass")])  # not the second verifier's key
+    run.on_verdict(run.intervals[0], forged)  # no exception: the job goes on
+    assert run.intervals[0].outcome == "passed" and run.intervals[0].settled and run.intervals[0].first is None
+    assert run.verifiers_slashed == {} and run.money["slashed"] == 0
+    assert run.coord.ledger.audit() == []
+
+
+def test_a_framing_fail_the_recheck_passes_still_stands_and_the_rechecker_is_not_slashed(market, tmp_path) -> None:
+    run, vols, _ = market
+    framer, honest = _rechecked(run, tmp_path)
+    receipts = deliver(run, vols, 0)
+    run.on_verdict(run.intervals[0], verdict(framer, run, [(receipts[0], "fail"), (receipts[1], "pass")]))
+    run.on_verdict(run.intervals[0], verdict(honest, run, [(r, "pass") for r in receipts]))
+    assert run.verifiers_slashed == {}  # the pass came after the fail: the framer's word slashes no verifier
+    assert run.intervals[0].outcome == "failed" and run.intervals[0].failed_ranks == [0]
+    assert run.coord.ledger.audit() == []
+
+
+def _first_out_for_recheck(run: JobRun, vols, tmp_path) -> tuple:
+    """Both intervals' receipts in; the first verifier passed 0-4, which is out for its re-check."""
+    first, second = _rechecked(run, tmp_path)
+    a, b = deliver(run, vols, 0), deliver(run, vols, 4)
+    run.on_verdict(run.intervals[0], verdict(first, run, [(r, "pass") for r in a]))
+    assert run.intervals[0].first is not None
+    return first, second, a, b
+
+
+def test_a_late_verdict_on_an_interval_already_convicted_pays_nothing_and_slashes_once(market, tmp_path) -> None:
+    """Interval 0 is out for its re-check when the check of 4-8 convicts its rank 1 (its start
+    file): the re-check's pass must not overturn that."""
+    run, vols, _ = market
+    first, second, a, b = _first_out_for_recheck(run, vols, tmp_path)
+    run.on_verdict(run.intervals[4], verdict(first, run, [(b[0], "void"), (b[1], "void"), (a[1], "fail")]))
+    run.on_verdict(run.intervals[4], verdict(second, run, [(b[0], "void"), (b[1], "void"), (a[1], "fail")]))
+    assert run.intervals[0].outcome == "failed"
+    paid = run.money["paid"]
+    run.on_verdict(run.intervals[0], verdict(second, run, [(r, "pass") for r in a]))
+    assert run.intervals[0].outcome == "failed" and not run.intervals[0].settled and run.money["paid"] == paid
+    slash = STAKE * POLICY.slashing.fraud_slash_fraction_bps // 10_000
+    assert run.money["slashed"] == slash  # rank 1, once
+    assert run.coord.ledger.audit() == []
+
+
+def test_a_later_pass_waits_for_an_earlier_recheck_and_is_voided_when_it_fails(market, tmp_path) -> None:
+    run, vols, _ = market
+    lazy, honest, a, b = _first_out_for_recheck(run, vols, tmp_path)
+    run.on_verdict(run.intervals[4], verdict(lazy, run, [(r, "pass") for r in b]))
+    run.on_verdict(run.intervals[4], verdict(honest, run, [(r, "pass") for r in b]))  # 4-8's re-check agrees
+    assert run.intervals[4].outcome == "passed" and not run.intervals[4].settled  # 0-4 is still out
+    run.on_verdict(run.intervals[0], verdict(honest, run, [(a[0], "fail"), (a[1], "pass")]))
+    assert run.intervals[0].outcome == "failed" and run.intervals[4].outcome == "void"
+    assert not run.intervals[4].settled
     assert run.money["paid"] == interval_payment_ugpc(run.price_ugpc_per_worker_hour, 1, run.intervals[0].wall_ms)
     assert run.coord.ledger.audit() == []

@@ -6,6 +6,7 @@ against a real cluster in tests/integration/test_join.py."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -256,6 +257,11 @@ def test_the_replay_queue_lists_what_is_unanswered_and_marks_what_a_worker_took(
     mine = client.get("/v1/jobs/job-4/replays", params={"verifier": VERIFIER.address}).json()
     theirs = client.get("/v1/jobs/job-4/replays", params={"verifier": WORKER.address}).json()
     assert (mine["pending"], theirs["pending"]) == (["0-1", "8-3"], ["0-1.1"])
+    # a long poll with nothing to do is held until work is drawn for that verifier
+    nobody = "0x" + "77" * 20
+    threading.Timer(0.3, lambda: replays.__setitem__("12-4", Replay(request={}, verifier=nobody))).start()
+    held = client.get("/v1/jobs/job-4/replays", params={"verifier": nobody, "wait_s": 9}).json()
+    assert held == {"pending": ["12-4"], "open": True}
     assert client.get("/v1/jobs/job-4/replays/0-1").json() == {"step_start": 0}
     assert replays["0-1"].started_by is None  # a plain read takes nothing
     assert client.get("/v1/jobs/job-4/replays/0-1?worker=2").json() == {"step_start": 0}
