@@ -413,7 +413,7 @@ class JobRun:
     def on_verdict(self, iv: Interval, result: ReplayResult) -> None:
         """Take in a replay's signed reports (``_reports``). A first verifier's result is re-checked
         by the second verifier when the draw says so (``verify.recheck.is_rechecked``), and acted on
-        once the re-check is back (``recheck``); else it is judged now (``judge``).
+        once the re-check is back (``recheck_done``); else it is judged now (``judge``).
 
         Raises:
             SignatureError: a report not signed by the verifier that was asked, or naming another receipt.
