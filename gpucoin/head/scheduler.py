@@ -455,6 +455,13 @@ class Scheduler:
             self.rayjobs, self.board, job_id, verifier.node_id, verifier.provider, module_dir, self.api_url
         )
         rechecks = None
+        share = self.ledger.policy.verification.recheck_share_bps
+        if share and rechecker is None:
+            self.board.log(
+                job_id,
+                f"the policy re-checks {share / 100:g} % of replayed intervals on a second verifier, but no second "
+                "bonded verifier node of another provider is free: this job's replays are not re-checked",
+            )
         if rechecker is not None:
             rechecks = HttpReplays(
                 self.rayjobs, self.board, job_id, rechecker.node_id, rechecker.provider, module_dir, self.api_url, 1
