@@ -175,9 +175,11 @@ def node_role(resources: str) -> NodeRole:
 
 def node_views(ledger: Ledger, ray_nodes: Mapping[str, RayNode]) -> list[NodeView]:
     """Every registered node with its provider's bond, verification record, proven frauds (and
-    whether they ban it) and Ray's liveness, by node id."""
+    whether they ban it) and Ray's liveness, in the order the nodes first registered (the head
+    asks verifiers in that order: the first free one replays a job's intervals, the next
+    re-checks them)."""
     views = []
-    regs = sorted(registrations(ledger).items())
+    regs = list(registrations(ledger).items())
     records = ledger.verification_records(r.message["provider"] for _, r in regs)
     frauds = ledger.proven_frauds(r.message["provider"] for _, r in regs)
     verification, ban_after = ledger.policy.verification, ledger.policy.slashing.ban_after_frauds

@@ -368,7 +368,7 @@ class Scheduler:
                     "not one of its workers",
                 )
                 continue
-            verifier = free[0]
+            verifier = free[0]  # the verifier that registered first (``api.node_views``' order)
             # a second verifier, of another provider, re-checks a share of its reports (none: not re-checked)
             second = next((v for v in free if v.provider != verifier.provider), None)
             rechecker = second if policy.verification.recheck_share_bps else None

@@ -4,11 +4,11 @@ verifier's re-check and slashes the verifier, on a real local cluster.
 One local market (``LocalMarket``: a head, 2 volunteers and 2 verifiers on this host) under the
 local policy with every replayed interval re-checked (``recheck_share_bps`` = 10,000). In the
 job, rank 0 sends a zero gradient (``runtime.cheats``), and ``verifier0`` signs "pass" on every
-receipt without replaying (``runtime.faults.FAULT_LAZY_VERIFIER_ENV``). Whichever of the two
-verifiers the head asks first, the honest one fails rank 0: the lazy pass is shown false
-(``verify.recheck``), its verifier's bond is slashed with the whistleblower share to the honest
-verifier, the cheater is slashed on the honest verifier's fail and the honest rank is paid on its
-pass; the audit replays the same rules.
+receipt without replaying (``runtime.faults.FAULT_LAZY_VERIFIER_ENV``). The head asks the
+verifier that registered first (``verifier0``) first; the re-check by ``verifier1`` fails rank 0
+after it: the lazy pass is shown false (``verify.recheck``), its verifier's bond is slashed with
+the whistleblower share to the honest verifier, the cheater is slashed on the honest verifier's
+fail and the honest rank is paid on its pass; the audit replays the same rules.
 """
 
 from __future__ import annotations
