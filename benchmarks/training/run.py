@@ -219,23 +219,17 @@ def baseline(market, loaded, node_ids: list[str], data_source: str, work: Path) 
 
 def _breakdown_child(spec_json: str, package_parent: str, data_source: str, buckets: int, steps: int, queue) -> None:
     """The per-rank operations timed in one process (see the module docstring)."""
-    import importlib
-    import socket
+    from gpucoin.verify.calibrate import build_rank, free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     sys.path.insert(0, package_parent)
-    import deepspeed
     import numpy as np
     import torch
     from eth_account import Account
 
     from gpucoin.runtime.checkpoint import tag_for
-    from gpucoin.runtime.dsconfig import deepspeed_config
-    from gpucoin.runtime.sketch import CountSketch
-    from gpucoin.runtime.step import engine_step, job_parameters
+    from gpucoin.runtime.step import engine_step
     from gpucoin.spec import JobSpec
     from gpucoin.storage import ContentStore, commit_checkpoint
     from gpucoin.wallet.messages import Domain, sign
@@ -243,17 +237,8 @@ def _breakdown_child(spec_json: str, package_parent: str, data_source: str, buck
     torch.set_num_threads(1)
     spec = JobSpec.model_validate_json(spec_json)
     spec = spec.model_copy(update={"workers": 1})  # one rank's share, its config for a world of 1
-    module = importlib.import_module(spec.module)
-    corpus = module.prepare_corpus(data_source, val_fraction=spec.data.val_fraction)
-    train = corpus.train
-    torch.manual_seed(spec.seed)
-    model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
-    deepspeed.init_distributed(dist_backend="gloo")
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(spec)
-    )
-    params = job_parameters(model)
-    sketch = CountSketch(model.parameters(), buckets, spec.seed)
+    r = build_rank(spec, data_source, buckets)
+    train, engine, params, sketch = r.train, r.engine, r.params, r.sketch
     B, T = spec.deepspeed.micro_batch_size, spec.model.block_size
     gen = torch.Generator().manual_seed(0)
 

@@ -286,42 +286,42 @@ class Coordinator:
         receipt = self.ledger.message(report.message["receiptDigest"])
         assert receipt is not None, "a failing report names a recorded receipt (the ledger admitted it)"
         cheater, verifier = receipt.signer, report.message["verifier"]
-        bonded = self.ledger.balance(wallet_account(cheater, "bonded"))
-        unbonding = self.ledger.balance(wallet_account(cheater, "unbonding"))
         paid_to = verifier if verifier != cheater else None
-        burned, whistle = slash_split(bonded + unbonding, self.policy.slashing, whistleblower=paid_to is not None)
-        if burned + whistle == 0:
-            return 0
-        assert burned + whistle <= bonded + unbonding, (burned, whistle, bonded, unbonding)
-        amounts = SettlementAmounts(burned=burned, slashed=burned + whistle)
-        self._settle(
-            "slash",
-            job_id,
-            report.digest,
-            amounts,
-            lambda d: plan_slash(cheater, paid_to, bonded, unbonding, burned, whistle, d),
-            "slash",
-        )
-        return burned + whistle
+        return self._take_stake("slash", job_id, report.digest, cheater, paid_to, "slash")
 
     def slash_verifier(self, job_id: str, report: SignedMessage, shown_by: SignedMessage) -> int:
         """Slash ``fraud_slash_fraction`` of the stake of the verifier of ``report``, which the
         re-check report ``shown_by`` (both recorded) showed false (``verify.recheck``); the
         whistleblower share goes to ``shown_by``'s verifier. Returns µGPC slashed (<= the stake;
         0, and nothing written, for a verifier with no stake)."""
-        liar, whistleblower = report.message["verifier"], shown_by.message["verifier"]
-        bonded = self.ledger.balance(wallet_account(liar, "bonded"))
-        unbonding = self.ledger.balance(wallet_account(liar, "unbonding"))
-        burned, whistle = slash_split(bonded + unbonding, self.policy.slashing, whistleblower=True)
-        if burned + whistle == 0:
-            return 0
-        self._settle(
+        return self._take_stake(
             "slash-verifier",
             job_id,
             report.digest,
-            SettlementAmounts(burned=burned, slashed=burned + whistle),
-            lambda d: plan_slash(liar, whistleblower, bonded, unbonding, burned, whistle, d),
+            report.message["verifier"],
+            shown_by.message["verifier"],
             "slash a verifier whose report a re-check showed false",
+        )
+
+    def _take_stake(
+        self, kind: str, job_id: str, subject: str, cheater: str, whistleblower: str | None, memo: str
+    ) -> int:
+        """Settle ``subject`` as the slash of ``fraud_slash_fraction`` of ``cheater``'s stake
+        (bonded, then unbonding), the whistleblower share to ``whistleblower`` (burned if None).
+        Returns µGPC slashed (0, and nothing written, for no stake)."""
+        bonded = self.ledger.balance(wallet_account(cheater, "bonded"))
+        unbonding = self.ledger.balance(wallet_account(cheater, "unbonding"))
+        burned, whistle = slash_split(bonded + unbonding, self.policy.slashing, whistleblower=whistleblower is not None)
+        if burned + whistle == 0:
+            return 0
+        assert burned + whistle <= bonded + unbonding, (burned, whistle, bonded, unbonding)
+        self._settle(
+            kind,
+            job_id,
+            subject,
+            SettlementAmounts(burned=burned, slashed=burned + whistle),
+            lambda d: plan_slash(cheater, whistleblower, bonded, unbonding, burned, whistle, d),
+            memo,
         )
         return burned + whistle
 

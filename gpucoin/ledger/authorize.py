@@ -298,13 +298,19 @@ def _slash(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -> tupl
             f"Settlement {msg.digest}: the worker of receipt {receipt.digest} was already slashed for it"
         )
     cheater = receipt["worker"]
+    verifier = report["verifier"] if report["verifier"] != cheater else None
+    return _take_stake(msg, cheater, verifier, f, state), Slash(msg.digest, receipt.digest, report.digest)
+
+
+def _take_stake(msg: Msg, cheater: str, whistleblower: str | None, f: Facts, state: LedgerState) -> list[Transfer]:
+    """The slash the Settlement ``msg`` must carry: the policy's share of ``cheater``'s bonded plus
+    unbonding stake (``slash_split``), the whistleblower share to ``whistleblower`` (burned if None)."""
     bonded = state.balances.get(wallet_account(cheater, "bonded"), 0)
     unbonding = state.balances.get(wallet_account(cheater, "unbonding"), 0)
-    verifier = report["verifier"] if report["verifier"] != cheater else None
-    burned, whistle = slash_split(bonded + unbonding, _genesis(f).policy.slashing, whistleblower=verifier is not None)
+    policy = _genesis(f).policy.slashing
+    burned, whistle = slash_split(bonded + unbonding, policy, whistleblower=whistleblower is not None)
     _expect(msg, **SettlementAmounts(burned=burned, slashed=burned + whistle).fields())
-    plan = plan_slash(cheater, verifier, bonded, unbonding, burned, whistle, msg.digest)
-    return plan, Slash(msg.digest, receipt.digest, report.digest)
+    return plan_slash(cheater, whistleblower, bonded, unbonding, burned, whistle, msg.digest)
 
 
 def _false_by(f: Facts, report: Msg, where: str) -> tuple[Opinion, ...]:
@@ -353,12 +359,7 @@ def _slash_verifier(
         raise Unauthorized(
             f"Settlement {msg.digest}: the verifier of report {report.digest} was already slashed for it"
         )
-    liar, whistleblower = report["verifier"], false_by[0].verifier
-    bonded = state.balances.get(wallet_account(liar, "bonded"), 0)
-    unbonding = state.balances.get(wallet_account(liar, "unbonding"), 0)
-    burned, whistle = slash_split(bonded + unbonding, _genesis(f).policy.slashing, whistleblower=True)
-    _expect(msg, **SettlementAmounts(burned=burned, slashed=burned + whistle).fields())
-    plan = plan_slash(liar, whistleblower, bonded, unbonding, burned, whistle, msg.digest)
+    plan = _take_stake(msg, report["verifier"], false_by[0].verifier, f, state)
     return plan, Slash(msg.digest, report.digest, false_by[0].digest)
 
 

@@ -43,10 +43,49 @@ class IntervalDistances:
     replay_cpu_s: float
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (DeepSpeed's ``MASTER_PORT`` for ranks of this host)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@dataclass
+class RankSetup:
+    """One rank of ``spec`` built in this process as the workers build it: ``train`` the corpus's
+    train split (token ids), ``model`` and its DeepSpeed ``engine``, ``params`` its
+    (name, parameter) list (``runtime.step.job_parameters``), ``sketch`` its count-sketch."""
+
+    train: np.ndarray
+    model: object
+    engine: object
+    params: list
+    sketch: object
+
+
+def build_rank(spec: JobSpec, data_source: str, buckets: int) -> RankSetup:
+    """Import the job's module, load its corpus, seed and build its model, start DeepSpeed over
+    gloo (``MASTER_ADDR``/``PORT``, ``RANK``, ``WORLD_SIZE`` already set) and a sketch of
+    ``buckets`` numbers: what ``train_ranks``' ranks and ``benchmarks/training``'s one-process
+    timing both run."""
+    import deepspeed
+    import torch
+
+    from gpucoin.runtime.dsconfig import deepspeed_config
+    from gpucoin.runtime.sketch import CountSketch
+    from gpucoin.runtime.step import job_parameters
+
+    module = importlib.import_module(spec.module)
+    corpus = module.prepare_corpus(data_source, val_fraction=spec.data.val_fraction)
+    torch.manual_seed(spec.seed)  # as the workers build it
+    model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
+    deepspeed.init_distributed(dist_backend="gloo")
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(spec)
+    )
+    return RankSetup(
+        corpus.train, model, engine, job_parameters(model), CountSketch(model.parameters(), buckets, spec.seed)
+    )
 
 
 def _rank_main(
@@ -56,28 +95,16 @@ def _rank_main(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["LOCAL_RANK"] = "0"
     sys.path.insert(0, package_parent)
-    import deepspeed
     import torch
 
     from gpucoin.runtime.cheats import load_cheat
     from gpucoin.runtime.checkpoint import tag_for
-    from gpucoin.runtime.dsconfig import deepspeed_config
-    from gpucoin.runtime.sketch import CountSketch
-    from gpucoin.runtime.step import engine_step, job_parameters
+    from gpucoin.runtime.step import engine_step
 
     torch.set_num_threads(1)
     spec = JobSpec.model_validate_json(spec_json)
-    module = importlib.import_module(spec.module)
-    corpus = module.prepare_corpus(data_source, val_fraction=spec.data.val_fraction)
-    train = corpus.train
-    torch.manual_seed(spec.seed)  # as the workers build it
-    model = module.build_model(spec.model.model_dump(), corpus.vocab_size)
-    deepspeed.init_distributed(dist_backend="gloo")
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(spec)
-    )
-    params = job_parameters(model)
-    sketch = CountSketch(model.parameters(), BUCKETS, spec.seed)
+    r = build_rank(spec, data_source, BUCKETS)
+    train, engine, params, sketch = r.train, r.engine, r.params, r.sketch
     ref, cheat_rank = cheat if cheat else (None, -1)
     bound = None
     if ref is not None and rank == cheat_rank:
@@ -114,7 +141,7 @@ def train_ranks(
     """
     out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     args = (spec.workers, port, spec.model_dump_json(), str(package_parent), data_source, str(out), cheat)
     procs = [ctx.Process(target=_rank_main, args=(r, *args)) for r in range(spec.workers)]
     for p in procs:

@@ -349,25 +349,26 @@ class Market:
     def slash(self, report: SignedMessage, job: str = JOB) -> SignedMessage:
         cheater = self.ledger.message(report.message["receiptDigest"]).signer
         verifier = report.message["verifier"] if report.message["verifier"] != cheater else None
-        b = self.ledger.balance(wallet_account(cheater, "bonded"))
-        u = self.ledger.balance(wallet_account(cheater, "unbonding"))
-        burned, whistle = slash_split(b + u, self.policy.slashing, whistleblower=verifier is not None)
-        st = self.s.settlement(
-            report.digest, self.ledger.current_epoch(), job, policy=self.policy, burned=burned, slashed=burned + whistle
-        )
-        self.post(f"slash:{st.digest}", plan_slash(cheater, verifier, b, u, burned, whistle, st.digest), st)
-        return st
+        return self._take_stake(report, cheater, verifier, job)
 
     def slash_verifier(self, report: SignedMessage, shown_by: SignedMessage, job: str = JOB) -> SignedMessage:
         """Slash the verifier of ``report``, which ``shown_by`` showed false (``verify.recheck``)."""
-        liar, whistleblower = report.message["verifier"], shown_by.message["verifier"]
-        b = self.ledger.balance(wallet_account(liar, "bonded"))
-        u = self.ledger.balance(wallet_account(liar, "unbonding"))
-        burned, whistle = slash_split(b + u, self.policy.slashing, whistleblower=True)
+        return self._take_stake(report, report.message["verifier"], shown_by.message["verifier"], job)
+
+    def _take_stake(self, subject: SignedMessage, cheater: str, whistleblower: str | None, job: str) -> SignedMessage:
+        """A Settlement of ``subject`` slashing ``cheater``'s stake, the whistleblower share to ``whistleblower``."""
+        b = self.ledger.balance(wallet_account(cheater, "bonded"))
+        u = self.ledger.balance(wallet_account(cheater, "unbonding"))
+        burned, whistle = slash_split(b + u, self.policy.slashing, whistleblower=whistleblower is not None)
         st = self.s.settlement(
-            report.digest, self.ledger.current_epoch(), job, policy=self.policy, burned=burned, slashed=burned + whistle
+            subject.digest,
+            self.ledger.current_epoch(),
+            job,
+            policy=self.policy,
+            burned=burned,
+            slashed=burned + whistle,
         )
-        self.post(f"slash:{st.digest}", plan_slash(liar, whistleblower, b, u, burned, whistle, st.digest), st)
+        self.post(f"slash:{st.digest}", plan_slash(cheater, whistleblower, b, u, burned, whistle, st.digest), st)
         return st
 
     def refund(self, order: SignedMessage, job: str = JOB) -> SignedMessage:
