@@ -19,9 +19,14 @@ Acceptance rules):
   provider that registered the node it names, and as ``fromStep`` the rank's first step without
   a receipt (0 at first; a replacement or a resume takes over from there);
 - **receipts**: a WorkReceipt's worker is the provider of its rank's latest Assignment, which
-  starts no later than the receipt; per (job, rank), receipts cover the steps 0, 1, 2, ... without
-  overlap or gap, each naming the digest of the one before as ``previousReceipt`` (the first names
-  ``ZERO_BYTES32``), and ``stepEnd > stepStart``;
+  starts no later than the receipt; per (job, rank), the live receipts cover the steps 0, 1, 2, ...
+  without overlap or gap, each naming the digest of the one before as ``previousReceipt`` (the
+  first names ``ZERO_BYTES32``), and ``stepEnd > stepStart``;
+- **rewinds**: a coordinator-signed Rewind of a job with a JobOrder, to ``toStep`` = 0 or a step
+  where every rank's live receipts end, supersedes each live receipt from ``toStep`` on (at least
+  one): the ranks go on from there. A receipt's ``attempt`` is how many Rewinds of its job were
+  recorded before it; it is superseded by a later Rewind whose ``toStep`` is at most its
+  ``stepStart`` (``superseded``), and live otherwise;
 - **references**: a VerificationReport names a recorded WorkReceipt; a Settlement's ``subject`` is
   a recorded WorkReceipt, VerificationReport or JobOrder of the Settlement's job; an Unbond or
   Withdraw comes from a registered provider.
@@ -61,7 +66,9 @@ POLICY_CHANGE = "PolicyChange"
 UNBOND = "Unbond"
 WITHDRAW = "Withdraw"
 
-COORDINATOR_TYPES = frozenset({GENESIS, SETTLEMENT, FAUCET, ASSIGNMENT, EPOCH_CLOSE})
+REWIND = "Rewind"
+
+COORDINATOR_TYPES = frozenset({GENESIS, SETTLEMENT, FAUCET, ASSIGNMENT, EPOCH_CLOSE, REWIND})
 """Primary types only the market's coordinator (the domain's verifyingContract) may sign."""
 
 DEADLINE_TYPES = frozenset({JOB_ORDER, NODE_REGISTRATION})
@@ -71,9 +78,23 @@ SUBJECT_TYPES = frozenset({WORK_RECEIPT, VERIFICATION_REPORT, JOB_ORDER})
 """What a Settlement may settle (docs/protocol.md, Settlement)."""
 
 
+def superseded(attempt: int, step_start: int, rewind_steps: list[int]) -> bool:
+    """Whether a receipt is superseded by a Rewind of its job (pure; the ledger's one rule for it).
+
+    Args:
+        attempt: how many Rewinds of the job were recorded before the receipt.
+        step_start: the receipt's ``stepStart``.
+        rewind_steps: the ``toStep`` of each Rewind of the job recorded so far, in recording order.
+
+    Returns:
+        True if a Rewind recorded after the receipt goes back to its first step or earlier.
+    """
+    return any(to_step <= step_start for to_step in rewind_steps[attempt:])
+
+
 @dataclass(frozen=True)
 class ReceiptHead:
-    """The latest admitted WorkReceipt of one (job, rank).
+    """The latest live WorkReceipt of one (job, rank).
 
     Attributes:
         step_end: its ``stepEnd`` (exclusive): the next receipt of the rank starts here.
@@ -82,6 +103,17 @@ class ReceiptHead:
 
     step_end: int
     digest: str
+
+
+@dataclass(frozen=True)
+class ReceiptKey:
+    """Where one admitted WorkReceipt sits: its job, rank, first step and attempt (the number of
+    Rewinds of its job recorded before it)."""
+
+    job_id: str
+    rank: int
+    step_start: int
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -117,8 +149,14 @@ class Admission:
         assignments: (job id, rank) -> its latest Assignment (at least those the batch names).
         receipt_heads: (job id, rank) -> the rank's latest receipt (at least those the batch names).
         known: digest -> type and job of recorded messages the batch refers to.
-        receipts: (job id, rank, stepStart) -> (stepEnd, digest) of each receipt admitted by this
-            object (the audit compares them with the ``work_receipt`` rows).
+        rewind_steps: job id -> ``toStep`` of each of its Rewinds, in recording order (at least
+            for the jobs the batch's receipts, assignments and rewinds name).
+        ends: (job id, rank, stepEnd) -> (attempt, stepStart, digest) of the recorded receipts a
+            Rewind of the batch may go back to (those ending at its ``toStep``), and of each one
+            admitted by this object.
+        receipts: ``ReceiptKey`` -> (stepEnd, digest) of each receipt admitted by this object
+            (the audit compares them with the ``work_receipt`` rows).
+        rewound: digest -> (job id, attempt it starts, toStep) of each Rewind admitted.
         assigned: digest -> (job, rank, provider, node id, fromStep) of each Assignment admitted.
         registered: digest -> (provider, node id) of each NodeRegistration admitted.
         reported: digest -> (receipt digest, verifier, verdict) of each VerificationReport admitted.
@@ -134,7 +172,10 @@ class Admission:
     assignments: dict[tuple[str, int], AssignmentHead] = field(default_factory=dict)
     receipt_heads: dict[tuple[str, int], ReceiptHead] = field(default_factory=dict)
     known: dict[str, Known] = field(default_factory=dict)
-    receipts: dict[tuple[str, int, int], tuple[int, str]] = field(default_factory=dict)
+    rewind_steps: dict[str, list[int]] = field(default_factory=dict)
+    ends: dict[tuple[str, int, int], list[tuple[int, int, str]]] = field(default_factory=dict)
+    receipts: dict[ReceiptKey, tuple[int, str]] = field(default_factory=dict)
+    rewound: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     assigned: dict[str, tuple[str, int, str, str, int]] = field(default_factory=dict)
     registered: dict[str, tuple[str, str]] = field(default_factory=dict)
     reported: dict[str, tuple[str, str, str]] = field(default_factory=dict)
@@ -208,7 +249,8 @@ class Admission:
                 ledger does not know, or a receipt from another provider than its rank's.
             MessageExpired: a JobOrder or NodeRegistration past its deadline.
             ConflictError: a second JobOrder for a job; an Assignment whose ``fromStep`` is not
-                its rank's first step without a receipt.
+                its rank's first step without a receipt; a Rewind to a step where some rank's
+                live receipts do not end, or that supersedes nothing.
             ReceiptOutOfOrder: a receipt that overlaps, leaves a gap, is empty or does not chain
                 to its rank's previous receipt.
         """
@@ -244,6 +286,8 @@ class Admission:
             self._admit_assignment(message, digest, what)
         elif primary_type == WORK_RECEIPT:
             self._admit_receipt(message, digest, what)
+        elif primary_type == REWIND:
+            self._admit_rewind(message, digest, what)
         elif primary_type == VERIFICATION_REPORT:
             receipt = self.known.get(message["receiptDigest"])
             if receipt is None or receipt.type != WORK_RECEIPT:
@@ -312,9 +356,41 @@ class Admission:
             raise ReceiptOutOfOrder(
                 f"{what}: previousReceipt {m['previousReceipt']} is not {where}'s latest receipt {expected_prev}"
             )
+        attempt = len(self.rewind_steps.get(job, []))
         self.receipt_heads[(job, rank)] = ReceiptHead(end, digest)
-        self.receipts[(job, rank, start)] = (end, digest)
+        self.receipts[ReceiptKey(job, rank, start, attempt)] = (end, digest)
+        self.ends.setdefault((job, rank, end), []).append((attempt, start, digest))
         self.known[digest] = Known(WORK_RECEIPT, job)
+
+    def _admit_rewind(self, m: Mapping[str, Any], digest: str, what: str) -> None:
+        job, to_step = m["jobId"], m["toStep"]
+        if job not in self.jobs:
+            raise UnknownParty(f"{what}: no JobOrder for job {job!r} is recorded")
+        steps = self.rewind_steps.setdefault(job, [])
+        heads: dict[int, ReceiptHead | None] = {}
+        for rank in range(self.workers[job]):
+            if to_step == 0:
+                heads[rank] = None
+                continue
+            live = [(a, d) for a, st, d in self.ends.get((job, rank, to_step), []) if not superseded(a, st, steps)]
+            if not live:
+                raise ConflictError(
+                    f"{what}: job {job!r} rank {rank} has no live receipt ending at step {to_step}; "
+                    "a rewind goes back to 0 or to a step where every rank's receipts end"
+                )
+            heads[rank] = ReceiptHead(to_step, live[-1][1])
+        ahead = [r for r in heads if (h := self.receipt_heads.get((job, r))) is not None and h.step_end > to_step]
+        if not ahead:
+            raise ConflictError(
+                f"{what}: no rank of job {job!r} has a live receipt past step {to_step}; it supersedes nothing"
+            )
+        steps.append(to_step)
+        for rank, head in heads.items():
+            if head is None:
+                self.receipt_heads.pop((job, rank), None)
+            else:
+                self.receipt_heads[(job, rank)] = head
+        self.rewound[digest] = (job, len(steps), to_step)
 
     def references(self, primary_type: str, message: Mapping[str, Any]) -> list[str]:
         """Digests of recorded messages this message refers to (what a loader must put in ``known``)."""

@@ -21,7 +21,7 @@ write:
   allocations) authorized an operation;
 - balances: recomputed from the transfers they equal the stored ones, sum to zero, leave no
   account but issuance below zero, and supply = minted - burned <= the policy's hard cap;
-- derived rows: escrows, unbonding entries and every index table (job_order, work_receipt,
+- derived rows: escrows, unbonding entries and every index table (job_order, work_receipt, rewind,
   node_registration, assignment, verification_report, interval_charge, void_charge, slash, epoch_close) are
   exactly what the replays produce.
 """
@@ -37,7 +37,7 @@ from sqlmodel import Session, select
 
 from gpucoin.exceptions import GpucoinError
 from gpucoin.ledger.accounts import BURNED, ISSUANCE, is_valid_account
-from gpucoin.ledger.admission import GENESIS, Admission
+from gpucoin.ledger.admission import GENESIS, Admission, ReceiptKey
 from gpucoin.ledger.authenticity import verify_message
 from gpucoin.ledger.authorize import authorize_operation
 from gpucoin.ledger.epochs import epoch_at
@@ -54,6 +54,7 @@ from gpucoin.ledger.models import (
     MessageRow,
     NodeRegistrationRow,
     OperationRow,
+    RewindRow,
     SlashRow,
     TransferRow,
     UnbondingRow,
@@ -431,11 +432,19 @@ def _compare_admission(session: Session, a: Admission) -> list[str]:
     """The index rows the admission rules keep, against the admission replay."""
     problems = _diff("job_order", dict(session.exec(select(JobOrderRow.job_id, JobOrderRow.digest)).all()), a.jobs)
     stored_receipts = {
-        (r.job_id, int(r.rank), int(r.step_start)): (int(r.step_end), r.digest)
+        ReceiptKey(r.job_id, int(r.rank), int(r.step_start), int(r.attempt)): (int(r.step_end), r.digest)
         for r in session.exec(select(WorkReceiptRow).execution_options(yield_per=_BATCH))
     }
     problems += _diff(
-        "work_receipt", stored_receipts, a.receipts, lambda k: f"(job {k[0]!r}, rank {k[1]}, step {k[2]})"
+        "work_receipt",
+        stored_receipts,
+        a.receipts,
+        lambda k: f"(job {k.job_id!r}, rank {k.rank}, step {k.step_start}, attempt {k.attempt})",
+    )
+    problems += _diff(
+        "rewind",
+        {r.digest: (r.job_id, int(r.attempt), int(r.to_step)) for r in session.exec(select(RewindRow))},
+        a.rewound,
     )
     problems += _diff(
         "node_registration",

@@ -19,7 +19,8 @@ policy, and what the ledger holds (``Facts`` and the balances of a ``LedgerState
                       WHISTLEBLOWER of its verifier's stake; a void VerificationReport
                       of a job whose package it does not vet -> BURN of ``paid`` (the submitter
                       pays for the dispute, nobody earns from it);
-                      the JobOrder -> REFUND of what is left in the escrow
+                      the JobOrder -> REFUND of what is left in the escrow; an interval
+                      is charged once per attempt, and not once a Rewind superseded it
     EpochClose        MINT_WORKER, MINT_VERIFIER: the epoch's emission, pro rata to its charges
 
 The transfers an operation names for one message must be contiguous and equal (as a multiset)
@@ -75,7 +76,7 @@ AUTHORIZES: dict[str, frozenset[Code]] = {
     "EpochClose": frozenset({Code.MINT_WORKER, Code.MINT_VERIFIER}),
 }
 """The transfer codes each primary type may authorize; other types (WorkReceipt,
-VerificationReport, Assignment, PolicyChange) authorize no transfer."""
+VerificationReport, Assignment, Rewind, PolicyChange) authorize no transfer."""
 
 
 @dataclass
@@ -84,10 +85,8 @@ class _Op:
 
     effects: list[Effect] = field(default_factory=list)
 
-    def charged(self, key: tuple[str, int]) -> Charge | VoidCharge | None:
-        return next(
-            (e for e in self.effects if isinstance(e, (Charge, VoidCharge)) and (e.job_id, e.step_start) == key), None
-        )
+    def charged(self, key: tuple[str, int, int]) -> Charge | VoidCharge | None:
+        return next((e for e in self.effects if isinstance(e, (Charge, VoidCharge)) and e.key == key), None)
 
     def slashed(self, receipt: str) -> bool:
         return any(isinstance(e, Slash) and e.receipt == receipt for e in self.effects)
@@ -191,8 +190,9 @@ def _charge(msg: Msg, subject: Msg, f: Facts, state: LedgerState, op: _Op) -> tu
     job, start = receipt["jobId"], receipt["stepStart"]
     _same_job(msg, job)
     where = f"Settlement {msg.digest} (job {job!r} steps {start}-{receipt['stepEnd']})"
+    key = _live_interval(f, receipt, where)
     order = _message(f, f.orders.get(job, ""), f"{where}: the JobOrder of job {job!r}")
-    ranks = f.interval_receipts.get((job, start), {})
+    ranks = f.interval_receipts.get(key, {})
     if sorted(ranks) != list(range(order["workers"])):
         raise Unauthorized(
             f"{where}: the interval has receipts of ranks {sorted(ranks)}; the job has {order['workers']} ranks"
@@ -225,19 +225,33 @@ def _charge(msg: Msg, subject: Msg, f: Facts, state: LedgerState, op: _Op) -> tu
         if receipt.digest not in {r.digest for r in paid_ranks}:
             raise Unauthorized(f"{where}: its subject's rank {receipt['rank']} was convicted by {verifier}")
         receipts = paid_ranks
-    paid = _chargeable(msg, f, state, op, job, start, where)
+    paid = _chargeable(msg, f, state, op, key, where)
     tokenomics = _genesis(f).policy.tokenomics
     _expect(msg, **charge_amounts(paid, tokenomics).fields())
     workers = [r["worker"] for r in receipts]
     interval = SettledInterval(tuple(r.digest for r in receipts), tuple(workers), verifier, paid)
     plan = plan_interval(job, paid, tokenomics, msg.digest, workers)
-    return plan, Charge(msg.digest, job, start, f.now_epoch, interval)
+    return plan, Charge(msg.digest, job, start, key[2], f.now_epoch, interval)
 
 
-def _chargeable(msg: Msg, f: Facts, state: LedgerState, op: _Op, job: str, start: int, where: str) -> int:
-    """The Settlement's ``paid``, if the interval was never charged (settled or void) and the
-    escrow covers it."""
-    prior = f.charges.get((job, start)) or f.void_charges.get((job, start)) or op.charged((job, start))
+def _live_interval(f: Facts, receipt: Msg, where: str) -> tuple[str, int, int]:
+    """The (job, stepStart, attempt) of ``receipt``'s interval, unless a Rewind superseded it
+    (those steps are trained again; what was superseded is never charged)."""
+    if receipt.digest not in f.attempts:
+        raise Unauthorized(f"{where}: receipt {receipt.digest} is not indexed")
+    if f.superseded(receipt):
+        raise Unauthorized(
+            f"{where}: a Rewind of job {receipt['jobId']!r} superseded the interval (its steps are trained "
+            "again); it is charged no more"
+        )
+    return f.interval_of(receipt)
+
+
+def _chargeable(msg: Msg, f: Facts, state: LedgerState, op: _Op, key: tuple[str, int, int], where: str) -> int:
+    """The Settlement's ``paid``, if the interval ``key`` was never charged (settled or void) and
+    the escrow covers it."""
+    job = key[0]
+    prior = f.charges.get(key) or f.void_charges.get(key) or op.charged(key)
     if prior is not None:
         raise Unauthorized(f"{where}: the interval was already charged by Settlement {prior.settlement}")
     paid = msg["paid"]
@@ -266,8 +280,9 @@ def _void_charge(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -
     where = f"Settlement {msg.digest} (void steps {start}-{receipt['stepEnd']} of job {job!r})"
     if _vetted(f, job, where):
         raise Unauthorized(f"{where}: the job runs a vetted package; a void interval of it is nobody's to pay")
+    key = _live_interval(f, receipt, where)
     order = _message(f, f.orders[job], f"{where}: the JobOrder")
-    ranks = f.interval_receipts.get((job, start), {})
+    ranks = f.interval_receipts.get(key, {})
     if sorted(ranks) != list(range(order["workers"])):
         raise Unauthorized(
             f"{where}: the interval has receipts of ranks {sorted(ranks)}; the job has {order['workers']}"
@@ -277,9 +292,9 @@ def _void_charge(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -
     for r in sorted(ranks):
         if not any(f.messages[d]["verifier"] == report["verifier"] for d in f.reports.get(ranks[r], [])):
             raise Unauthorized(f"{where}: rank {r}'s receipt has no report by {report['verifier']}")
-    paid = _chargeable(msg, f, state, op, job, start, where)
+    paid = _chargeable(msg, f, state, op, key, where)
     _expect(msg, **SettlementAmounts(paid=paid, burned=paid).fields())
-    return plan_void_charge(job, paid, msg.digest), VoidCharge(msg.digest, job, start, f.now_epoch, paid)
+    return plan_void_charge(job, paid, msg.digest), VoidCharge(msg.digest, job, start, key[2], f.now_epoch, paid)
 
 
 def _slash(msg: Msg, report: Msg, f: Facts, state: LedgerState, op: _Op) -> tuple[list[Transfer], Effect | None]:

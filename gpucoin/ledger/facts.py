@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpucoin.ledger.admission import superseded
 from gpucoin.policy.model import Policy
 from gpucoin.policy.tokenomics import SettledInterval
 
@@ -71,7 +72,8 @@ class Charge:
 
     Attributes:
         settlement: the Settlement's digest.
-        job_id / step_start: the interval (its receipts' job and first step).
+        job_id / step_start / attempt: the interval (its receipts' job, first step and attempt:
+            how many Rewinds of the job were recorded before them).
         epoch: the epoch it was charged in.
         interval: its receipts, workers, verifier and payment, as the emission reads them.
     """
@@ -79,8 +81,14 @@ class Charge:
     settlement: str
     job_id: str
     step_start: int
+    attempt: int
     epoch: int
     interval: SettledInterval
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """(job id, stepStart, attempt): an interval is charged once."""
+        return (self.job_id, self.step_start, self.attempt)
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class VoidCharge:
 
     Attributes:
         settlement: the Settlement's digest.
-        job_id / step_start: the interval.
+        job_id / step_start / attempt: the interval (as ``Charge``).
         epoch: the epoch it was charged in.
         payment: µGPC charged and burned.
     """
@@ -98,8 +106,14 @@ class VoidCharge:
     settlement: str
     job_id: str
     step_start: int
+    attempt: int
     epoch: int
     payment: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """(job id, stepStart, attempt), as ``Charge.key``."""
+        return (self.job_id, self.step_start, self.attempt)
 
 
 @dataclass(frozen=True)
@@ -138,11 +152,16 @@ class Facts:
         now_epoch: the epoch the ledger's clock is in (the operation's time).
         messages: digest -> recorded message, at least every one the rules of a batch look at.
         orders: job id -> digest of its JobOrder.
-        interval_receipts: (job id, stepStart) -> {rank: receipt digest} of recorded WorkReceipts.
+        rewinds: job id -> ``toStep`` of each recorded Rewind of it, in recording order (every
+            one, for the jobs whose receipts the rules read).
+        attempts: receipt digest -> its attempt (how many Rewinds of its job came before it).
+        interval_receipts: (job id, stepStart, attempt) -> {rank: receipt digest} of recorded
+            WorkReceipts.
         reports: receipt digest -> digests of the VerificationReports naming it, in recording order.
         used: digests of messages that already authorized an operation (each authorizes one).
-        charges: (job id, stepStart) -> the Charge of that interval (an interval is charged once).
-        void_charges: (job id, stepStart) -> the VoidCharge of that interval (once, and never also a Charge).
+        charges: (job id, stepStart, attempt) -> the Charge of that interval (an interval is
+            charged once).
+        void_charges: (job id, stepStart, attempt) -> the VoidCharge of that interval (once, and never also a Charge).
         slashed: digests of receipts whose worker, and of reports whose verifier, was slashed for
             them (one slash per message).
         epoch_charges: epoch -> the Charges counted in it (at least for the epochs a batch closes).
@@ -154,11 +173,13 @@ class Facts:
     now_epoch: int
     messages: dict[str, Msg] = field(default_factory=dict)
     orders: dict[str, str] = field(default_factory=dict)
-    interval_receipts: dict[tuple[str, int], dict[int, str]] = field(default_factory=dict)
+    rewinds: dict[str, list[int]] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    interval_receipts: dict[tuple[str, int, int], dict[int, str]] = field(default_factory=dict)
     reports: dict[str, list[str]] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
-    charges: dict[tuple[str, int], Charge] = field(default_factory=dict)
-    void_charges: dict[tuple[str, int], VoidCharge] = field(default_factory=dict)
+    charges: dict[tuple[str, int, int], Charge] = field(default_factory=dict)
+    void_charges: dict[tuple[str, int, int], VoidCharge] = field(default_factory=dict)
     slashed: set[str] = field(default_factory=set)
     epoch_charges: dict[int, list[Charge]] = field(default_factory=dict)
     closed: set[int] = field(default_factory=set)
@@ -171,19 +192,32 @@ class Facts:
         if msg.type == "JobOrder":
             self.orders.setdefault(m["jobId"], msg.digest)
         elif msg.type == "WorkReceipt":
-            self.interval_receipts.setdefault((m["jobId"], m["stepStart"]), {}).setdefault(m["rank"], msg.digest)
+            attempt = self.attempts.setdefault(msg.digest, len(self.rewinds.get(m["jobId"], [])))
+            key = (m["jobId"], m["stepStart"], attempt)
+            self.interval_receipts.setdefault(key, {}).setdefault(m["rank"], msg.digest)
+        elif msg.type == "Rewind":
+            self.rewinds.setdefault(m["jobId"], []).append(m["toStep"])
         elif msg.type == "VerificationReport":
             self.reports.setdefault(m["receiptDigest"], []).append(msg.digest)
+
+    def interval_of(self, receipt: Msg) -> tuple[str, int, int]:
+        """(job id, stepStart, attempt) of an indexed WorkReceipt: the interval it belongs to."""
+        return (receipt["jobId"], receipt["stepStart"], self.attempts[receipt.digest])
+
+    def superseded(self, receipt: Msg) -> bool:
+        """Whether a Rewind indexed so far supersedes the indexed WorkReceipt ``receipt``."""
+        job, start, attempt = self.interval_of(receipt)
+        return superseded(attempt, start, self.rewinds.get(job, []))
 
     def apply(self, effects: list[Effect], digests: set[str]) -> None:
         """Count an authorized operation: the digests it used and what it settled."""
         self.used |= digests
         for e in effects:
             if isinstance(e, Charge):
-                self.charges[(e.job_id, e.step_start)] = e
+                self.charges[e.key] = e
                 self.epoch_charges.setdefault(e.epoch, []).append(e)
             elif isinstance(e, VoidCharge):
-                self.void_charges[(e.job_id, e.step_start)] = e
+                self.void_charges[e.key] = e
             elif isinstance(e, Slash):
                 self.slashed.add(e.receipt)
             else:

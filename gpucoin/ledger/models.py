@@ -272,12 +272,14 @@ class WorkReceiptRow(SQLModel, table=True):
         digest: the receipt message's digest.
         job_id / rank: whose receipt it is.
         step_start / step_end: the optimizer steps it covers, ``step_end`` exclusive; per
-            (job_id, rank) the rows tile 0, 1, 2, ... without overlap or gap.
+            (job_id, rank) the live rows tile 0, 1, 2, ... without overlap or gap.
+        attempt: how many Rewinds of its job were recorded before it (``rewind``): a Rewind
+            supersedes the rows from its ``to_step`` on, and the rank trains those steps again.
     """
 
     __tablename__ = "work_receipt"
     __table_args__ = (
-        UniqueConstraint("job_id", "rank", "step_start", name="uq_work_receipt_rank_start"),
+        UniqueConstraint("job_id", "rank", "step_start", "attempt", name="uq_work_receipt_rank_start"),
         CheckConstraint("step_end > step_start AND step_start >= 0", name="ck_work_receipt_steps"),
         _STRICT,
     )
@@ -287,6 +289,32 @@ class WorkReceiptRow(SQLModel, table=True):
     rank: int = Field(sa_column=Column(BIGINT, nullable=False))
     step_start: int = Field(sa_column=Column(BIGINT, nullable=False))
     step_end: int = Field(sa_column=Column(BIGINT, nullable=False))
+    attempt: int = Field(sa_column=Column(BIGINT, nullable=False, server_default="0"))
+
+
+class RewindRow(SQLModel, table=True):
+    """One admitted Rewind: job ``job_id`` trains again from ``to_step``; its receipts from there
+    on, recorded before it, are superseded (``gpucoin.ledger.admission.superseded``).
+
+    Attributes:
+        digest: the Rewind message's digest.
+        job_id: the job.
+        attempt: how many Rewinds of the job were recorded before it, plus one (the receipts
+            recorded after it, until the next, carry this attempt).
+        to_step: the step its ranks go on from.
+    """
+
+    __tablename__ = "rewind"
+    __table_args__ = (
+        UniqueConstraint("job_id", "attempt", name="uq_rewind_job_attempt"),
+        CheckConstraint("attempt > 0 AND to_step >= 0", name="ck_rewind_attempt"),
+        _STRICT,
+    )
+
+    digest: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), primary_key=True))
+    job_id: str = Field(sa_column=Column(Text, nullable=False))
+    attempt: int = Field(sa_column=Column(BIGINT, nullable=False))
+    to_step: int = Field(sa_column=Column(BIGINT, nullable=False))
 
 
 class NodeRegistrationRow(SQLModel, table=True):
@@ -331,7 +359,8 @@ class IntervalChargeRow(SQLModel, table=True):
 
     Attributes:
         settlement: the Settlement's digest.
-        job_id / step_start: the interval (unique: an interval is charged once).
+        job_id / step_start / attempt: the interval (unique: an interval is charged once), its
+            receipts' attempt (``WorkReceiptRow.attempt``) telling a re-run after a Rewind apart.
         epoch: the ledger's epoch when it was charged.
         payment: µGPC charged (the Settlement's ``paid``).
         verifier: the verifier whose passing reports it was checked by, None if unchecked.
@@ -341,7 +370,7 @@ class IntervalChargeRow(SQLModel, table=True):
 
     __tablename__ = "interval_charge"
     __table_args__ = (
-        UniqueConstraint("job_id", "step_start", name="uq_interval_charge_interval"),
+        UniqueConstraint("job_id", "step_start", "attempt", name="uq_interval_charge_interval"),
         CheckConstraint("payment > 0", name="ck_interval_charge_payment_positive"),
         _STRICT,
     )
@@ -349,6 +378,7 @@ class IntervalChargeRow(SQLModel, table=True):
     settlement: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), primary_key=True))
     job_id: str = Field(sa_column=Column(Text, nullable=False))
     step_start: int = Field(sa_column=Column(BIGINT, nullable=False))
+    attempt: int = Field(sa_column=Column(BIGINT, nullable=False, server_default="0"))
     epoch: int = Field(sa_column=Column(BIGINT, nullable=False, index=True))
     payment: int = Field(sa_column=Column(BIGINT, nullable=False))
     verifier: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
@@ -362,7 +392,7 @@ class VoidChargeRow(SQLModel, table=True):
 
     Attributes:
         settlement: the Settlement's digest (its subject: a void VerificationReport).
-        job_id / step_start: the interval (unique, and never also in ``interval_charge``).
+        job_id / step_start / attempt: the interval (unique, and never also in ``interval_charge``).
         epoch: the ledger's epoch when it was charged (it earns no emission).
         payment: µGPC charged and burned (the Settlement's ``paid``).
         op_id: the operation that charged it.
@@ -370,7 +400,7 @@ class VoidChargeRow(SQLModel, table=True):
 
     __tablename__ = "void_charge"
     __table_args__ = (
-        UniqueConstraint("job_id", "step_start", name="uq_void_charge_interval"),
+        UniqueConstraint("job_id", "step_start", "attempt", name="uq_void_charge_interval"),
         CheckConstraint("payment > 0", name="ck_void_charge_payment_positive"),
         _STRICT,
     )
@@ -378,6 +408,7 @@ class VoidChargeRow(SQLModel, table=True):
     settlement: str = Field(sa_column=Column(Text, ForeignKey("message.digest"), primary_key=True))
     job_id: str = Field(sa_column=Column(Text, nullable=False))
     step_start: int = Field(sa_column=Column(BIGINT, nullable=False))
+    attempt: int = Field(sa_column=Column(BIGINT, nullable=False, server_default="0"))
     epoch: int = Field(sa_column=Column(BIGINT, nullable=False))
     payment: int = Field(sa_column=Column(BIGINT, nullable=False))
     op_id: str = Field(sa_column=Column(Text, ForeignKey("operation.op_id"), nullable=False))
@@ -466,6 +497,7 @@ LEDGER_TABLES = [
         "market",
         "job_order",
         "work_receipt",
+        "rewind",
         "policy",
         "node_registration",
         "assignment",
@@ -486,6 +518,7 @@ APPEND_ONLY_TABLES = (
     "market",
     "job_order",
     "work_receipt",
+    "rewind",
     "policy",
     "node_registration",
     "assignment",

@@ -34,6 +34,7 @@ from gpucoin.ledger.models import (
     JobOrderRow,
     MessageRow,
     OperationRow,
+    RewindRow,
     SlashRow,
     TransferRow,
     UnbondingRow,
@@ -177,17 +178,19 @@ def lock_head(s: Session) -> ChainHead:
 
 
 def ledger_time_us(s: Session, now_us: int) -> int:
-    """The ledger's time for a write at clock time ``now_us`` (µs): never before the newest stored
-    transfer's ``created_at`` nor the newest message's ``recorded_at``, so times along the chain and
-    along the messages never run backwards, and a message is always recorded no later than any
-    operation posted after it (the audit checks both), whichever writer's clock was read first."""
+    """The ledger's time for a write at clock time ``now_us`` (µs): after the newest stored
+    transfer's ``created_at`` and the newest message's ``recorded_at``, so times along the chain and
+    along the messages never run backwards, a message is always recorded no later than any
+    operation posted after it (the audit checks both), whichever writer's clock was read first,
+    and what a later write recorded is never taken by the audit for something an earlier
+    operation could read (a Rewind recorded after a charge of the interval it supersedes)."""
     head = s.exec(select(ChainHead.last_transfer_id).where(ChainHead.id == 1)).first()
     last = s.exec(select(TransferRow.created_at).where(TransferRow.id == head)).first() if head else None
     last_message = s.exec(select(func.max(MessageRow.id))).one()
     recorded = (
         s.exec(select(MessageRow.recorded_at).where(MessageRow.id == last_message)).first() if last_message else None
     )
-    return max(now_us, last or 0, recorded or 0)
+    return max(now_us, -1 if last is None else last + 1, -1 if recorded is None else recorded + 1)
 
 
 def index_row(effect: Effect, op_id: str) -> tuple[type, dict[str, Any]]:
@@ -197,6 +200,7 @@ def index_row(effect: Effect, op_id: str) -> tuple[type, dict[str, Any]]:
             settlement=effect.settlement,
             job_id=effect.job_id,
             step_start=effect.step_start,
+            attempt=effect.attempt,
             epoch=effect.epoch,
             payment=effect.payment,
             op_id=op_id,
@@ -207,6 +211,7 @@ def index_row(effect: Effect, op_id: str) -> tuple[type, dict[str, Any]]:
             settlement=effect.settlement,
             job_id=effect.job_id,
             step_start=effect.step_start,
+            attempt=effect.attempt,
             epoch=effect.epoch,
             payment=iv.payment_ugpc,
             verifier=iv.verifier,
@@ -231,7 +236,7 @@ def charge_of(row: Any) -> Charge:
     interval = SettledInterval(
         tuple(loads_json(row.receipts)), tuple(loads_json(row.workers)), row.verifier, int(row.payment)
     )
-    return Charge(row.settlement, row.job_id, int(row.step_start), int(row.epoch), interval)
+    return Charge(row.settlement, row.job_id, int(row.step_start), int(row.attempt), int(row.epoch), interval)
 
 
 class _Messages:
@@ -269,7 +274,8 @@ def load_facts(
     """What the authorization rules of ``ops`` read, from the database (inside the write transaction).
 
     The cited messages; a Settlement's subject and, for a report, its receipt; every receipt of
-    the intervals those belong to and every report of them; the jobs' JobOrders; which cited
+    the intervals those belong to (in every attempt) and every report of them; the jobs'
+    JobOrders and Rewinds (which tell each receipt's attempt); which cited
     digests already authorized an operation; the charges and slashes of those intervals and
     receipts; and, for an EpochClose, every charge of its epoch and the closed epochs.
 
@@ -302,22 +308,26 @@ def load_facts(
         reports = set(
             s.execute(select(vr.c.digest).where(in_(s, vr.c.receipt_digest, sorted(receipt_digests)))).scalars()
         )
-        jo = JobOrderRow.__table__
+        jo, rw = JobOrderRow.__table__, RewindRow.__table__
         orders = set(s.execute(select(jo.c.digest).where(in_(s, jo.c.job_id, jobs))).scalars())
-        msgs.load(receipt_digests | reports | orders)
+        rewinds = set(s.execute(select(rw.c.digest).where(in_(s, rw.c.job_id, jobs))).scalars())
+        msgs.load(receipt_digests | reports | orders | rewinds)
         ic = IntervalChargeRow.__table__
         for row in s.execute(
             select(ic).where(in_(s, ic.c.job_id, jobs), in_(s, ic.c.step_start, sorted({st for _, st in wanted})))
         ).all():
             if (row.job_id, int(row.step_start)) in wanted:
-                facts.charges[(row.job_id, int(row.step_start))] = charge_of(row)
+                charge = charge_of(row)
+                facts.charges[charge.key] = charge
         vc = VoidChargeRow.__table__
         for row in s.execute(
             select(vc).where(in_(s, vc.c.job_id, jobs), in_(s, vc.c.step_start, sorted({st for _, st in wanted})))
         ).all():
             if (row.job_id, int(row.step_start)) in wanted:
-                key = (row.job_id, int(row.step_start))
-                facts.void_charges[key] = VoidCharge(row.settlement, key[0], key[1], int(row.epoch), int(row.payment))
+                void = VoidCharge(
+                    row.settlement, row.job_id, int(row.step_start), int(row.attempt), int(row.epoch), int(row.payment)
+                )
+                facts.void_charges[void.key] = void
         sl = SlashRow.__table__
         facts.slashed.update(
             s.execute(select(sl.c.receipt).where(in_(s, sl.c.receipt, sorted(receipt_digests | reports)))).scalars()

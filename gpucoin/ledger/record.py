@@ -21,6 +21,7 @@ from gpucoin.ledger.admission import (
     ASSIGNMENT,
     JOB_ORDER,
     NODE_REGISTRATION,
+    REWIND,
     UNBOND,
     VERIFICATION_REPORT,
     WITHDRAW,
@@ -29,6 +30,7 @@ from gpucoin.ledger.admission import (
     AssignmentHead,
     Known,
     ReceiptHead,
+    superseded,
 )
 from gpucoin.ledger.authenticity import verify_typed_message
 from gpucoin.ledger.db import MAX_BATCH, hex_bytes, insert_rows, nonce_text, typed_text
@@ -38,6 +40,7 @@ from gpucoin.ledger.models import (
     JobOrderRow,
     MessageRow,
     NodeRegistrationRow,
+    RewindRow,
     VerificationReportRow,
     WorkReceiptRow,
 )
@@ -152,8 +155,24 @@ def insert_index_rows(s: Session, admission: Admission, digests: set[str]) -> No
         s,
         WorkReceiptRow.__table__,
         [
-            {"digest": d, "job_id": job, "rank": rank, "step_start": start, "step_end": end}
-            for (job, rank, start), (end, d) in admission.receipts.items()
+            {
+                "digest": d,
+                "job_id": k.job_id,
+                "rank": k.rank,
+                "step_start": k.step_start,
+                "step_end": end,
+                "attempt": k.attempt,
+            }
+            for k, (end, d) in admission.receipts.items()
+            if d in digests
+        ],
+    )
+    insert_rows(
+        s,
+        RewindRow.__table__,
+        [
+            {"digest": d, "job_id": j, "attempt": a, "to_step": t}
+            for d, (j, a, t) in admission.rewound.items()
             if d in digests
         ],
     )
@@ -226,12 +245,16 @@ def load_admission(s: Session, new: list[Checked], binding: Binding | None, now_
     providers: set[str] = set()
     ranks: set[tuple[str, int]] = set()
     refs: set[str] = set()
+    rewinds: set[tuple[str, int]] = set()
     for r, typed in new:
         m, kind = typed["message"], r["primary_type"]
-        if kind in (JOB_ORDER, WORK_RECEIPT, ASSIGNMENT):
+        if kind in (JOB_ORDER, WORK_RECEIPT, ASSIGNMENT, REWIND):
             jobs.add(m["jobId"])
         if kind in (WORK_RECEIPT, ASSIGNMENT):
             ranks.add((m["jobId"], m["rank"]))
+        if kind == REWIND:
+            ranks.add((m["jobId"], 0))
+            rewinds.add((m["jobId"], m["toStep"]))
         if kind in (ASSIGNMENT, UNBOND, WITHDRAW, NODE_REGISTRATION):
             providers.add(m["provider"])
         refs.update(admission.references(kind, m))
@@ -253,13 +276,39 @@ def load_admission(s: Session, new: list[Checked], binding: Binding | None, now_
             admission.nodes.setdefault(provider, set()).add(node)
     if ranks:
         _load_rank_heads(s, admission, sorted({j for j, _ in ranks}))
+    if rewinds:
+        _load_ends(s, admission, rewinds)
     if refs:
         _load_known(s, admission, sorted(refs))
     return admission
 
 
+def _load_ends(s: Session, admission: Admission, pairs: set[tuple[str, int]]) -> None:
+    """Into ``admission.ends``: the recorded receipts of each (job, step) of ``pairs`` that end there."""
+    loaded = {(j, st) for (j, _, st) in admission.ends}
+    wanted = pairs - loaded
+    if not wanted:
+        return
+    rows = s.exec(
+        select(WorkReceiptRow).where(
+            WorkReceiptRow.job_id.in_(sorted({j for j, _ in wanted})),
+            WorkReceiptRow.step_end.in_(sorted({st for _, st in wanted})),
+        )
+    ).all()
+    for row in sorted(rows, key=lambda r: int(r.attempt)):
+        if (row.job_id, int(row.step_end)) in wanted:
+            admission.ends.setdefault((row.job_id, int(row.rank), int(row.step_end)), []).append(
+                (int(row.attempt), int(row.step_start), row.digest)
+            )
+
+
 def _load_rank_heads(s: Session, admission: Admission, jobs: list[str]) -> None:
-    """The latest Assignment and receipt of every rank of ``jobs``."""
+    """The Rewinds of ``jobs``, and the latest Assignment and live receipt of every rank of them.
+
+    A rank's latest live receipt is its newest of the job's current attempt or, if it has none
+    yet, the live one ending where the last Rewind went back to (none for step 0)."""
+    for row in s.exec(select(RewindRow).where(RewindRow.job_id.in_(jobs)).order_by(RewindRow.attempt)).all():
+        admission.rewind_steps.setdefault(row.job_id, []).append(int(row.to_step))
     for row in s.exec(
         select(AssignmentRow)
         .join(MessageRow, MessageRow.digest == AssignmentRow.digest)
@@ -270,9 +319,14 @@ def _load_rank_heads(s: Session, admission: Admission, jobs: list[str]) -> None:
             row.provider, row.node_id, int(row.from_step), row.digest
         )
     latest = (
-        select(WorkReceiptRow.job_id, WorkReceiptRow.rank, func.max(WorkReceiptRow.step_start).label("start"))
+        select(
+            WorkReceiptRow.job_id,
+            WorkReceiptRow.rank,
+            WorkReceiptRow.attempt,
+            func.max(WorkReceiptRow.step_start).label("start"),
+        )
         .where(WorkReceiptRow.job_id.in_(jobs))
-        .group_by(WorkReceiptRow.job_id, WorkReceiptRow.rank)
+        .group_by(WorkReceiptRow.job_id, WorkReceiptRow.rank, WorkReceiptRow.attempt)
         .subquery()
     )
     for row in s.exec(
@@ -281,11 +335,23 @@ def _load_rank_heads(s: Session, admission: Admission, jobs: list[str]) -> None:
             and_(
                 WorkReceiptRow.job_id == latest.c.job_id,
                 WorkReceiptRow.rank == latest.c.rank,
+                WorkReceiptRow.attempt == latest.c.attempt,
                 WorkReceiptRow.step_start == latest.c.start,
             ),
         )
     ).all():
-        admission.receipt_heads[(row.job_id, int(row.rank))] = ReceiptHead(int(row.step_end), row.digest)
+        if int(row.attempt) == len(admission.rewind_steps.get(row.job_id, [])):
+            admission.receipt_heads[(row.job_id, int(row.rank))] = ReceiptHead(int(row.step_end), row.digest)
+    back = {(j, steps[-1]) for j, steps in admission.rewind_steps.items() if steps and steps[-1] > 0}
+    if back:
+        _load_ends(s, admission, back)
+    for job, to_step in back:
+        for (j, rank, end), found in admission.ends.items():
+            if (j, end) != (job, to_step) or (job, rank) in admission.receipt_heads:
+                continue
+            live = [d for a, st, d in found if not superseded(a, st, admission.rewind_steps[job])]
+            if live:
+                admission.receipt_heads[(job, rank)] = ReceiptHead(to_step, live[-1])
 
 
 def _load_known(s: Session, admission: Admission, digests: list[str]) -> None:

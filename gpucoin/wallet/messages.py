@@ -189,6 +189,12 @@ MESSAGE_TYPES: dict[str, list[dict[str, str]]] = {
         ("uint64", "fromStep"),
         ("uint64", "nonce"),
     ),
+    "Rewind": _fields(
+        ("address", "coordinator"),
+        ("string", "jobId"),
+        ("uint64", "toStep"),
+        ("uint64", "nonce"),
+    ),
     "Unbond": _fields(("address", "provider"), ("uint64", "amount"), ("uint64", "nonce")),
     "Withdraw": _fields(("address", "provider"), ("uint64", "amount"), ("uint64", "nonce")),
     "JobCancel": _fields(("address", "consumer"), ("string", "jobId"), ("uint64", "nonce")),
@@ -205,7 +211,8 @@ MESSAGE_TYPES: dict[str, list[dict[str, str]]] = {
 """EIP-712 field lists per primary type (the ``types[primaryType]`` entry of the typed data).
 
 Amounts are µGPC, ``deadline`` and ``startTime`` unix seconds, ``computeTimeMs`` milliseconds,
-``stepEnd`` exclusive, ``distanceE9`` the relative L2 distance x 1e9 (see ``distance_e9``).
+``stepEnd`` exclusive, ``toStep`` the step a job's ranks train from again after a ``Rewind``
+(the receipts from there on are superseded), ``distanceE9`` the relative L2 distance x 1e9 (see ``distance_e9``).
 ``Faucet`` exists only in a market whose Genesis says ``dev``. docs/protocol.md says what each
 type authorizes.
 """
@@ -228,6 +235,7 @@ SIGNER_FIELD: dict[str, str | None] = {
     "Faucet": None,  # signed by the market's coordinator, for the recipient
     "Genesis": "coordinator",
     "Assignment": None,  # signed by the market's coordinator, naming the provider
+    "Rewind": "coordinator",
     "Unbond": "provider",
     "Withdraw": "provider",
     "EpochClose": "coordinator",
@@ -245,6 +253,7 @@ AMOUNT_FIELDS: dict[str, frozenset[str]] = {
     "Faucet": frozenset({"amount"}),
     "Genesis": frozenset(),
     "Assignment": frozenset(),
+    "Rewind": frozenset(),
     "Unbond": frozenset({"amount"}),
     "Withdraw": frozenset({"amount"}),
     "EpochClose": frozenset({"emission", "minted", "payments"}),

@@ -8,7 +8,9 @@ in a 0700 directory, and signs only what its scope allows (``SigningScope``):
 - ``WorkReceipt``: only for a (job, rank) the market's coordinator assigned to this provider
   (a coordinator-signed ``Assignment`` in the signer's domain, shown with each request), with
   ``worker`` = this provider, starting at the Assignment's ``fromStep`` and then exactly where the
-  previous receipt it signed for that (job, rank) ended, never the same steps twice.
+  previous receipt it signed under that Assignment ended, never the same steps twice under one
+  Assignment. (After a coordinator's Rewind the ledger admits a new Assignment of the rank from
+  the Rewind's ``toStep``, and the steps from there are signed again, under it.)
 - ``VerificationReport``: only in the verifier role, and only on verdicts the signer reaches
   itself: the replaying process (which ran the submitter's code) hands over its evidence
   (``verify.judgment.Evidence``) with the interval's signed receipts, their coordinator-signed
@@ -87,7 +89,7 @@ class SigningScope:
         coordinator: checksum address of the market coordinator whose Assignments it trusts.
         domain: the market's EIP-712 domain; everything it signs or accepts is in it.
         role: ``volunteer`` (WorkReceipts) or ``verifier`` (VerificationReports).
-        next_start: per (job id, rank), the step its next WorkReceipt must start at.
+        next_start: per Assignment digest, the step the next WorkReceipt under it must start at.
     """
 
     address: str
@@ -95,7 +97,7 @@ class SigningScope:
     domain: Domain
     role: str = "volunteer"
     tolerance: float | None = None
-    next_start: dict[tuple[str, int], int] = field(default_factory=dict)
+    next_start: dict[str, int] = field(default_factory=dict)
     judged: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -211,11 +213,14 @@ class SigningScope:
                 f"this node is assigned job {a['jobId']!r} rank {a['rank']}, not "
                 f"job {message.get('jobId')!r} rank {message.get('rank')}"
             )
-        key = (a["jobId"], a["rank"])
+        key = assignment.digest
         start, end = message.get("stepStart"), message.get("stepEnd")
         expected = self.next_start.get(key, a["fromStep"])
         if not (isinstance(start, int) and isinstance(end, int)) or start != expected or end <= start:
-            raise SigningRefused(f"steps {start}-{end}: the next receipt of {key} must start at step {expected}")
+            raise SigningRefused(
+                f"steps {start}-{end}: the next receipt of job {a['jobId']!r} rank {a['rank']} under its "
+                f"Assignment must start at step {expected}"
+            )
         self.next_start[key] = end
 
 

@@ -233,10 +233,12 @@ def test_a_cancelled_job_settles_and_a_killed_head_service_loses_no_receipt(mark
             "checkpoint_interval_steps: 50": "checkpoint_interval_steps: 20",  # few intervals, so few replays to wait for
         },
     )
+    # the job the service is killed under must outlast the cancelled one's settling on a fast machine
+    long_spec = write_spec(tmp_path / "long", {**TINY_MODEL, "workers: 2": "workers: 1", "steps: 400": "steps: 20000"})
     home = str(market.wallets.parent)
     cancelled, killed = [], []
-    for ids in (cancelled, killed):
-        r = gpucoin("train", str(spec), "--address", market.api, "--wallet", "eng", "--home", home, "--detach")
+    for ids, job_spec in ((cancelled, spec), (killed, long_spec)):
+        r = gpucoin("train", str(job_spec), "--address", market.api, "--wallet", "eng", "--home", home, "--detach")
         assert r.returncode == 0, r.stderr[-3000:]
         ids.append(r.stdout.strip())
     (cancelled,), (job_id,) = cancelled, killed
@@ -260,6 +262,7 @@ def test_a_cancelled_job_settles_and_a_killed_head_service_loses_no_receipt(mark
     while not any("receipts signed" in e.text for e in client.job_events(job_id)):
         assert time.monotonic() < deadline and not client.job(job_id).state.ended, client.job(job_id)
         time.sleep(0.5)
+    assert not client.job(job_id).state.ended  # else the kill below tests nothing
     ledger_url = f"sqlite:///{market.head_home / 'ledger.db'}"
     service = psutil.Process(market.info.service.pid)
     service.kill()

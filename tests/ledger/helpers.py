@@ -140,6 +140,10 @@ class Signer:
             previousReceipt=previous,
         )
 
+    def rewind(self, to_step: int, job: str = JOB, signer: Any = COORDINATOR) -> SignedMessage:
+        """The coordinator's Rewind of ``job`` to ``to_step``."""
+        return self(signer, "Rewind", coordinator=signer.address, jobId=job, toStep=to_step)
+
     def report(self, receipt: SignedMessage, verdict: str = "pass", verifier: Any = VERIFIER) -> SignedMessage:
         return self(
             verifier,
@@ -297,6 +301,12 @@ class Market:
         ]
         self.ledger.record_messages(rs)
         return rs
+
+    def rewind(self, to_step: int, job: str = JOB) -> SignedMessage:
+        """Record the coordinator's Rewind of ``job`` to ``to_step``."""
+        m = self.s.rewind(to_step, job)
+        self.ledger.record_message(m)
+        return m
 
     def reports(
         self, receipts: list[SignedMessage], verdict: str = "pass", verifier: Any = VERIFIER

@@ -145,7 +145,7 @@ TAMPERS = [
     (
         "receipt range",
         "UPDATE work_receipt SET step_end = 12 WHERE step_start = 0",
-        "work_receipt (job 'job-1', rank 0, step 0)",
+        "work_receipt (job 'job-1', rank 0, step 0, attempt 0)",
     ),
     ("job order row", "DELETE FROM job_order", "job_order 'job-1'"),
     ("message order", "UPDATE message SET id = 1000 WHERE primary_type = 'JobOrder'", "message #"),

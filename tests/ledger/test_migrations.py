@@ -55,3 +55,40 @@ _TABLES = {
     "sqlite": "SELECT name FROM sqlite_master WHERE type = 'table'",
     "postgresql": "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()",
 }
+
+
+def test_a_ledger_from_before_rewinds_keeps_its_rows_as_attempt_0_and_stays_append_only(ledger: Ledger) -> None:
+    """Revision 0007 rebuilds work_receipt, interval_charge and void_charge on SQLite (a UNIQUE
+    constraint cannot change in place there): the rows, their CHECKs and the append-only
+    triggers survive, and the old rows are of attempt 0."""
+    normal_history(ledger, Signer())
+    before = raw_sql(ledger, "SELECT digest, job_id, rank, step_start, step_end FROM work_receipt ORDER BY digest")
+    charges = raw_sql(ledger, "SELECT settlement, step_start FROM interval_charge ORDER BY settlement")
+    with ledger.engine.connect() as conn:
+        with conn.begin():
+            command.downgrade(migrate._config(conn), "0006")
+    assert "attempt" not in {c for (c,) in raw_sql(ledger, _COLUMNS[ledger.backend])}
+    upgraded = Ledger(ledger.url)
+    try:
+        rows = raw_sql(
+            upgraded, "SELECT digest, job_id, rank, step_start, step_end, attempt FROM work_receipt ORDER BY digest"
+        )
+        assert [tuple(r[:5]) for r in rows] == [tuple(r) for r in before] and {r[5] for r in rows} == {0}
+        assert raw_sql(upgraded, "SELECT settlement, step_start FROM interval_charge ORDER BY settlement") == charges
+        assert before and charges
+        for sql in (
+            "UPDATE work_receipt SET step_end = step_end + 1",
+            "DELETE FROM interval_charge",
+            "INSERT INTO work_receipt (digest, job_id, rank, step_start, step_end) VALUES ('x', 'j', 0, 5, 5)",
+        ):
+            with pytest.raises(Exception, match="append-only|ck_work_receipt_steps|CHECK|FOREIGN KEY|foreign key"):
+                raw_sql(upgraded, sql)
+        assert upgraded.audit() == []
+    finally:
+        upgraded.close()
+
+
+_COLUMNS = {
+    "sqlite": "SELECT name FROM pragma_table_info('work_receipt')",
+    "postgresql": "SELECT column_name FROM information_schema.columns WHERE table_name = 'work_receipt'",
+}

@@ -12,7 +12,7 @@ from gpucoin.exceptions import (
     ReceiptOutOfOrder,
     UnknownParty,
 )
-from gpucoin.ledger.admission import Admission, AssignmentHead, ReceiptHead
+from gpucoin.ledger.admission import Admission, AssignmentHead, ReceiptHead, ReceiptKey, superseded
 from gpucoin.policy.model import SHIPPED_POLICIES_DIR, load_policy
 from gpucoin.wallet.messages import ZERO_BYTES32
 
@@ -195,7 +195,11 @@ def test_receipts_tile_each_rank_from_zero_and_chain() -> None:
             a.admit("WorkReceipt", DOMAIN, bad, digest(9), WORKER)
     a.admit("WorkReceipt", DOMAIN, receipt(4, 8, digest(1)), digest(3), WORKER)
     assert a.receipt_heads[("j", 0)] == ReceiptHead(8, digest(3))
-    assert a.receipts == {("j", 0, 0): (4, digest(1)), ("j", 1, 0): (4, digest(2)), ("j", 0, 4): (8, digest(3))}
+    assert a.receipts == {
+        ReceiptKey("j", 0, 0, 0): (4, digest(1)),
+        ReceiptKey("j", 1, 0, 0): (4, digest(2)),
+        ReceiptKey("j", 0, 4, 0): (8, digest(3)),
+    }
 
 
 # -- references ------------------------------------------------------------------------------
@@ -219,3 +223,48 @@ def test_reports_settlements_unbonds_name_what_the_ledger_holds() -> None:
     a.admit("Unbond", DOMAIN, {"provider": WORKER}, digest(3), WORKER)
     with pytest.raises(UnknownParty, match="no recorded NodeRegistration"):
         a.admit("Withdraw", DOMAIN, {"provider": OTHER}, digest(4), OTHER)
+
+
+def test_superseded_is_a_later_rewind_to_the_receipts_first_step_or_earlier() -> None:
+    assert not superseded(0, 10, [])
+    assert superseded(0, 10, [10]) and superseded(0, 10, [0]) and not superseded(0, 10, [20])
+    assert not superseded(1, 10, [10])  # recorded after that rewind: the re-run itself
+    assert superseded(1, 10, [10, 5]) and not superseded(2, 10, [10, 5])
+
+
+def rewind(to_step: int) -> dict:
+    return {"coordinator": COORDINATOR, "jobId": "j", "toStep": to_step}
+
+
+def test_a_rewind_supersedes_the_ranks_receipts_from_its_step_and_they_go_on_from_there() -> None:
+    """Two ranks trained 0-4 and 4-8; a Rewind to 4 lets them receipt 4-8 again, chained to their
+    receipts ending at 4; the superseded chain cannot go on; a Rewind goes back only to where
+    every rank's live receipts end, and must supersede something."""
+    a = market()
+    a.admit("Assignment", DOMAIN, assignment(0), digest(103), COORDINATOR)
+    a.admit("Assignment", DOMAIN, assignment(1), digest(104), COORDINATOR)
+    a.admit("WorkReceipt", DOMAIN, receipt(0, 4), digest(1), WORKER)
+    a.admit("WorkReceipt", DOMAIN, receipt(0, 4, rank=1), digest(2), WORKER)
+    a.admit("WorkReceipt", DOMAIN, receipt(4, 8, digest(1)), digest(3), WORKER)
+    a.admit("WorkReceipt", DOMAIN, receipt(4, 8, digest(2), rank=1), digest(4), WORKER)
+    with pytest.raises(UnknownParty, match="not by this market's coordinator"):
+        a.admit("Rewind", DOMAIN, rewind(4), digest(10), WORKER)
+    with pytest.raises(ConflictError, match="rank 0 has no live receipt ending at step 6"):
+        a.admit("Rewind", DOMAIN, rewind(6), digest(10), COORDINATOR)
+    with pytest.raises(ConflictError, match="supersedes nothing"):
+        a.admit("Rewind", DOMAIN, rewind(8), digest(10), COORDINATOR)
+    with pytest.raises(UnknownParty, match="no JobOrder for job 'k'"):
+        a.admit("Rewind", DOMAIN, {**rewind(4), "jobId": "k"}, digest(10), COORDINATOR)
+    a.admit("Rewind", DOMAIN, rewind(4), digest(10), COORDINATOR)
+    assert a.rewound[digest(10)] == ("j", 1, 4) and a.rewind_steps["j"] == [4]
+    assert a.receipt_heads[("j", 0)] == ReceiptHead(4, digest(1))
+    with pytest.raises(ReceiptOutOfOrder, match="the next must start at step 4"):  # the superseded chain ends
+        a.admit("WorkReceipt", DOMAIN, receipt(8, 12, digest(3)), digest(11), WORKER)
+    a.admit("WorkReceipt", DOMAIN, receipt(4, 8, digest(1)), digest(11), WORKER)  # 4-8 again
+    assert a.receipts[ReceiptKey("j", 0, 4, 1)] == (8, digest(11))
+    a.admit("Rewind", DOMAIN, rewind(0), digest(12), COORDINATOR)  # back to the start: no receipt is live
+    assert ("j", 0) not in a.receipt_heads and ("j", 1) not in a.receipt_heads
+    with pytest.raises(ConflictError, match="rank 0 has no live receipt ending at step 4"):
+        a.admit("Rewind", DOMAIN, rewind(4), digest(13), COORDINATOR)  # what ends at 4 is superseded
+    a.admit("WorkReceipt", DOMAIN, receipt(0, 4), digest(13), WORKER)
+    assert a.receipts[ReceiptKey("j", 0, 0, 2)] == (4, digest(13))

@@ -86,7 +86,7 @@ def test_a_checked_charge_splits_by_the_policy_and_counts_in_its_epoch() -> None
     new, effects, used = authorize_operation(state(), f, plan)
     assert new.balances[BURNED] == 900_001 and new.balances[TREASURY] == 100_000
     (charge,) = effects
-    assert charge == Charge(st.digest, "j", 0, 5, SettledInterval((d("r0"), d("r1")), (W1, W2), V, 1_000_001))
+    assert charge == Charge(st.digest, "j", 0, 0, 5, SettledInterval((d("r0"), d("r1")), (W1, W2), V, 1_000_001))
     assert used == {st.digest}
     f.apply(effects, used)
     again = settlement(f, "again", d("r0"), **charge_amounts(5, POLICY.tokenomics).fields())
@@ -112,7 +112,7 @@ def test_a_charge_must_name_the_current_epoch_and_policy_and_fit_the_escrow() ->
 
 def test_a_charge_needs_every_rank_and_for_a_check_every_ranks_verdict() -> None:
     f = facts()
-    del f.interval_receipts[("j", 0)][1]
+    del f.interval_receipts[("j", 0, 0)][1]
     st = settlement(f, "st", d("r0"), **charge_amounts(10, POLICY.tokenomics).fields())
     with pytest.raises(Unauthorized, match=r"receipts of ranks \[0\]; the job has 2 ranks"):
         authorize_operation(state(), f, plan_interval("j", 10, POLICY.tokenomics, st.digest))
@@ -154,7 +154,7 @@ def test_a_void_report_of_a_vetted_package_settles_nothing() -> None:
 def test_epochs_close_after_they_end_in_order_once_and_only_with_work() -> None:
     f = facts(now_epoch=5)
     iv = SettledInterval((d("r0"),), (W1,), None, 100)
-    f.epoch_charges[3] = [Charge(d("x"), "j", 0, 3, iv)]
+    f.epoch_charges[3] = [Charge(d("x"), "j", 0, 0, 3, iv)]
     from gpucoin.ledger.epochs import plan_epoch
     from gpucoin.ledger.plans import plan_mint
 
@@ -248,7 +248,7 @@ def test_a_failing_report_slashes_nobody_in_a_job_of_an_unvetted_package() -> No
         authorize_operation(state(**{wallet_account(W2, "bonded"): 500}), f, plan)
     st = settlement(f, "st2", d("fail"), **SettlementAmounts(paid=7_000, burned=7_000).fields())
     _, effects, _ = authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
-    assert effects == [VoidCharge(st.digest, "j", 0, 5, 7_000)]
+    assert effects == [VoidCharge(st.digest, "j", 0, 0, 5, 7_000)]
     # a pass voids nothing
     st = settlement(f, "st3", d("pass0"), **SettlementAmounts(paid=7_000, burned=7_000).fields())
     with pytest.raises(Unauthorized):
@@ -267,7 +267,7 @@ def test_a_void_interval_of_an_unvetted_package_is_charged_and_all_of_it_burned(
     voided(f)
     st = settlement(f, "st", d("void0" + V[-2:]), **SettlementAmounts(paid=7_000, burned=7_000).fields())
     new, effects, _ = authorize_operation(state(), f, plan_void_charge("j", 7_000, st.digest))
-    assert effects == [VoidCharge(st.digest, "j", 0, 5, 7_000)]
+    assert effects == [VoidCharge(st.digest, "j", 0, 0, 5, 7_000)]
     assert new.balances[BURNED] == 7_000 and new.balances[escrow_account("j")] == 10**9 - 7_000
     assert accounts_read(st, f) == {escrow_account("j")}
     # once: neither a second void charge nor a charge of the same interval afterwards

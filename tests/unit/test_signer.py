@@ -22,8 +22,8 @@ OTHER = Account.from_key("0x" + "02" * 32)
 TOLERANCE = 1e-3
 
 
-def assignment(job="job-a", rank=0, provider=ME.address, from_step=0, signer=COORD, domain=DOMAIN) -> str:
-    msg = {"jobId": job, "rank": rank, "provider": provider, "nodeId": "n0", "fromStep": from_step, "nonce": 1}
+def assignment(job="job-a", rank=0, provider=ME.address, from_step=0, signer=COORD, domain=DOMAIN, nonce=1) -> str:
+    msg = {"jobId": job, "rank": rank, "provider": provider, "nodeId": "n0", "fromStep": from_step, "nonce": nonce}
     return sign(signer, "Assignment", domain, msg).to_json()
 
 
@@ -51,7 +51,7 @@ def test_an_assigned_rank_gets_its_receipts_in_step_order() -> None:
     s = scope()
     s.admit("WorkReceipt", receipt(start=0, end=4), assignment())
     s.admit("WorkReceipt", receipt(start=4, end=8), assignment())
-    assert s.next_start == {("job-a", 0): 8}
+    assert s.next_start == {SignedMessage.from_json(assignment()).digest: 8}
 
 
 @pytest.mark.parametrize(
@@ -86,6 +86,23 @@ def test_the_same_steps_are_never_signed_twice() -> None:
     for start, end in ((0, 4), (0, 8), (2, 6), (8, 12)):
         with pytest.raises(SigningRefused, match="start at step 4"):
             s.admit("WorkReceipt", receipt(start=start, end=end), assignment())
+
+
+def test_after_a_rewind_a_new_assignment_signs_its_steps_again_and_the_old_one_goes_on_no_differently() -> None:
+    """The ledger admits a second Assignment of a rank only from a coordinator's Rewind on: the
+    steps from its ``fromStep`` are signed again under it, once; under the first nothing changes."""
+    s = scope()
+    first = assignment()
+    for start in (0, 4, 8):
+        s.admit("WorkReceipt", receipt(start=start, end=start + 4), first)
+    again = assignment(from_step=4, nonce=2)
+    with pytest.raises(SigningRefused, match="start at step 4"):
+        s.admit("WorkReceipt", receipt(start=0, end=4), again)
+    s.admit("WorkReceipt", receipt(start=4, end=8), again)
+    with pytest.raises(SigningRefused, match="start at step 8"):
+        s.admit("WorkReceipt", receipt(start=4, end=8), again)
+    with pytest.raises(SigningRefused, match="start at step 12"):
+        s.admit("WorkReceipt", receipt(start=4, end=8), first)
 
 
 @pytest.mark.parametrize("kind", ["NodeRegistration", "Unbond", "Withdraw", "JobOrder", "Faucet", "Assignment"])
