@@ -180,8 +180,10 @@ def cli() -> None:
     help="Embedded mode, for tests and demos: rank --cheat-rank cheats as the object NAME of an importable MODULE "
     "says (its on_batch, on_grads, on_commit; gpucoin.runtime.cheats), or one of the shipped strategies by name: "
     + ", ".join(SHIPPED_CHEATS)
-    + ". Refused with --address: a submitter cannot make another's volunteer cheat (a volunteer of a test "
-    "network may, by joining with GPUCOIN_CHEAT=REF@RANK in its environment).",
+    + ". Once caught, the cheater is slashed, the job rewinds to its newest settled step and a spare volunteer "
+    "trains that rank from there (so --volunteers is at least the workers + 1 unless given). Refused with "
+    "--address: a submitter cannot make another's volunteer cheat (a volunteer of a test network may, by joining "
+    "with GPUCOIN_CHEAT=REF@RANK in its environment).",
 )
 @click.option(
     "--cheat-rank",
@@ -288,6 +290,10 @@ def train(
         ):
             _fail("--cheat-rank goes with --cheat (the strategy that rank runs)", 2)
         cheat = None if cheat_ref is None else _cheat_setting(cheat_ref, cheat_rank, loaded.spec.workers)
+        if cheat is not None and click.get_current_context().get_parameter_source("volunteers") == (
+            click.core.ParameterSource.DEFAULT
+        ):
+            volunteers = max(volunteers, loaded.spec.workers + 1)  # a spare to replace the cheater after the rewind
         opts = LocalOptions(
             policy=policy,
             home=home,

@@ -76,6 +76,24 @@ def render_summary(console: Console, s: dict) -> None:
     console.print(
         f"[bold]receipts[/] signed {r['signed']}, checked {r['checked']}, passed {r['passed']}, failed {r['failed']}, void {r.get('void', 0)}"
     )
+    for rw in s.get("rewinds", []):
+        for iv in rw["intervals"]:
+            if iv.get("ranks"):
+                a, b = iv["steps"]
+                ranks = ", ".join(str(r) for r in iv["ranks"])
+                console.print(f"[bold red]steps {a}-{b} failed[/]: the replay convicted rank {ranks}; it was slashed")
+        void = [f"{iv['steps'][0]}-{iv['steps'][1]}" for iv in rw["intervals"] if not iv.get("ranks")]
+        replaced = "; ".join(
+            f"rank {p['rank']}: {p['provider_before'][:6]}…{p['provider_before'][-4:]} -> "
+            f"{p['provider_after'][:6]}…{p['provider_after'][-4:]}"
+            for p in rw["replaced"]
+        )
+        console.print(
+            f"[bold yellow]rewound to step {rw['to_step']}[/]"
+            + (f" (steps {', '.join(void)} superseded unpaid)" if void else "")
+            + (f", replaced {replaced}" if replaced else "")
+            + "; the job trained on from there"
+        )
     for iv in s.get("intervals", []):
         if iv.get("ranks"):
             a, b = iv["steps"]

@@ -569,6 +569,22 @@ def _summary(final, loaded: LoadedSpec, opts: LocalOptions, before: dict[str, in
             }
             for k, o in s.intervals.items()
         ],
+        "rewinds": [
+            {
+                "to_step": rw.to_step,
+                "reason": rw.reason,
+                "intervals": [
+                    {
+                        "steps": [int(x) for x in k.split("-")],
+                        "outcome": o,
+                        **({"ranks": rw.failed_ranks[k]} if k in rw.failed_ranks else {}),
+                    }
+                    for k, o in rw.intervals.items()
+                ],
+                "replaced": [rp.model_dump() for rp in rw.replaced],
+            }
+            for rw in s.rewinds
+        ],
         "nodes": {a: r.model_dump() for a, r in s.nodes.items()},
         "verifiers_slashed": dict(s.verifiers_slashed),
         "unsettled_intervals": [k for k, o in s.intervals.items() if o in ("pending", "held")],

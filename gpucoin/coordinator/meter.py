@@ -84,6 +84,11 @@ class Meter:
         self.last_close_s = max(self.last_close_s, *arrivals_s.values())
         return metered
 
+    def restart(self, started_s: float) -> None:
+        """The ranks were launched again at ``started_s`` (after a Rewind): the next interval is
+        metered from there, its start-up capped by the pace measured so far."""
+        self.last_close_s = max(self.last_close_s, started_s)
+
     def overdue(self, now_s: float, waiting: set[int]) -> list[int]:
         """The ranks of ``waiting`` (those missing from the open interval) if it started more than
         ``interval_timeout_s`` before ``now_s``, else none."""

@@ -8,6 +8,11 @@ interval moves through
     and, off the main path: unverifiable (the verifier could not run the replay), void (after a
     proven fraud, or once the budget is spent)
 
+After a proven fraud the run stops its ranks; the head then rewinds the job to its newest
+settled step (``rewind_point``), replaces the convicted ranks' nodes and launches the ranks
+again, and the same run goes on from there (``restart``): the superseded intervals are kept in
+``rewinds``, at most ``MAX_REWINDS`` times.
+
 An interval is drawn for sure when it is the job's last (its end checkpoint is what the engineer
 gets) or when a rank's signed checkpoint is not all in the store. Only passed and unchecked
 intervals are charged to the escrow and earn emission.
@@ -50,6 +55,9 @@ RECHECK_TIMEOUT_S = 1800.0
 result stands (as when the re-check cannot run)."""
 MAX_RUN_S = 6 * 3600
 """Upper bound on one run's wall time; past it the run is stopped as failed."""
+MAX_REWINDS = 3
+"""Most Rewinds of one job (each after a proven fraud, with the convicted ranks' nodes replaced);
+past it a fraud stops the job, as it did before there were Rewinds."""
 
 
 class Inbox(Protocol):
@@ -89,6 +97,26 @@ class Interval:
     outcome: str = "open"
     settled: bool = False  # charged to the escrow (a later re-check may still slash its ranks)
     failed_ranks: list[int] = field(default_factory=list)  # the ranks a replay convicted of this interval
+
+
+@dataclass(frozen=True)
+class RewindRecord:
+    """One Rewind of the job: what it superseded and who it replaced.
+
+    Attributes:
+        to_step: the step the ranks trained again from (the job's newest settled step then).
+        reason: why the job was stopped (the proven fraud).
+        intervals: 'start-end' -> outcome of each interval it superseded (the failed one, and the
+            ones trained meanwhile, void).
+        failed_ranks: 'start-end' -> the ranks a replay convicted in it.
+        replaced: rank -> (provider before, provider after) of each rank placed on another node.
+    """
+
+    to_step: int
+    reason: str
+    intervals: dict[str, str]
+    failed_ranks: dict[str, list[int]]
+    replaced: dict[int, tuple[str, str]]
 
 
 @dataclass
@@ -150,6 +178,8 @@ class JobRun:
         self.distances: list[float] = []
         self.stopped: str | None = None
         self.fraud_at: int | None = None
+        self.rewinds: list[RewindRecord] = []
+        self.superseded_receipts: set[str] = set()  # receipts of intervals a Rewind superseded
         # the meter starts now, as the coordinator launches the ranks; it never takes a time from a rank
         self.meter = Meter(
             self.spec.workers, self.spec.checkpoint_interval_steps, self.policy.metering, time.monotonic()
@@ -242,7 +272,7 @@ class JobRun:
         if isinstance(ev, ProgressEvent):
             now = time.monotonic()
             if self.t_step is None:
-                self.ui.training_started(self.spec.steps, 0)
+                self.ui.training_started(self.spec.steps, self.last_progress_step)
                 self.t_step = now
             dt = now - self.t_step
             tokens = (
@@ -682,7 +712,7 @@ class JobRun:
         """Close every ended epoch of the whole ledger (``Coordinator.close_epochs``) and count what
         the closed ones minted for this job's receipts (whoever closed them)."""
         self.coord.close_epochs()
-        mine = {r.digest for iv in self.intervals.values() for r in iv.receipts.values()}
+        mine = {r.digest for iv in self.intervals.values() for r in iv.receipts.values()} | self.superseded_receipts
         for ep in sorted(self.open_epochs):
             if self.ledger.epoch_close(ep) is None:
                 continue
@@ -695,6 +725,55 @@ class JobRun:
                     f"epoch {ep} closed: minted {format_gpc(minted)} GPC to {len({r.address for r in rewards})} accounts of this job"
                 )
 
+    # -- the job goes on --------------------------------------------------------
+    def rewind_point(self) -> tuple[int, list[int]] | None:
+        """After ``run`` ended on a proven fraud: (the step the job trains again from, the
+        convicted ranks), or None (no fraud, or ``MAX_REWINDS`` reached).
+
+        First settles every interval still held or passed (their challenge window ends now):
+        what trained before the fraud is not disowned, and a superseded interval is charged no
+        more. The step is then the newest settled one (``last_settled_step``)."""
+        if self.fraud_at is None or len(self.rewinds) >= MAX_REWINDS or self.outstanding():
+            return None
+        self.settle_held(force=True)
+        to_step = self.last_settled_step()
+        ranks = sorted({r for iv in self.intervals.values() if iv.start >= to_step for r in iv.failed_ranks})
+        return to_step, ranks
+
+    def restart(
+        self, to_step: int, rank_worker: list[str], assignments: tuple[str, ...], inbox: Inbox, now_s: float
+    ) -> None:
+        """The job was rewound to ``to_step`` (its Rewind is recorded) and its ranks are launched
+        again, rank r by ``rank_worker[r]`` under ``assignments[r]``, reporting to ``inbox``:
+        the intervals from ``to_step`` on start afresh (the old ones go into ``rewinds``).
+
+        Raises:
+            ValueError: ``to_step`` is not the start of an interval, or a list is not one per rank.
+        """
+        W = self.spec.workers
+        if to_step not in self.intervals or len(rank_worker) != W or len(assignments) != W:
+            raise ValueError(
+                f"a restart at step {to_step} with {len(rank_worker)} workers and {len(assignments)} assignments "
+                f"for a job of {self.spec.workers} ranks and intervals starting at {sorted(self.intervals)}"
+            )
+        old = [iv for iv in self.intervals.values() if iv.start >= to_step]
+        self.rewinds.append(
+            RewindRecord(
+                to_step=to_step,
+                reason=self.stopped or "",
+                intervals={f"{iv.start}-{iv.end}": iv.outcome for iv in old},
+                failed_ranks={f"{iv.start}-{iv.end}": iv.failed_ranks for iv in old if iv.failed_ranks},
+                replaced={r: (self.rank_worker[r], w) for r, w in enumerate(rank_worker) if w != self.rank_worker[r]},
+            )
+        )
+        for iv in old:
+            self.superseded_receipts |= {r.digest for r in iv.receipts.values()}
+            self.intervals[iv.start] = Interval(iv.start, iv.end)
+        self.rank_worker, self.assignments, self.inbox = list(rank_worker), tuple(assignments), inbox
+        self.stopped, self.fraud_at = None, None
+        self.meter.restart(now_s)
+        self.t_step, self.last_progress_step = None, to_step
+
     def last_settled_step(self) -> int:
         """The end of the last interval, counted from step 0 without a gap, that was settled
         (passed or unchecked): the newest checkpoint the job vouches for (0 if none)."""
@@ -704,6 +783,14 @@ class JobRun:
                 break
             step = iv.end
         return step
+
+    def start_receipts(self, step: int) -> list[str]:
+        """Per rank, the digest of its receipt for the interval ending at ``step`` (empty for step
+        0): what its next receipt names as ``previousReceipt``."""
+        if step == 0:
+            return []
+        iv = next(i for i in self.intervals.values() if i.end == step)
+        return [iv.receipts[r].digest for r in range(self.spec.workers)]
 
     def end_manifests(self, step: int) -> list[str]:
         """Per rank, the ``checkpointHash`` its receipt for the interval ending at ``step`` signed

@@ -218,6 +218,24 @@ class Coordinator:
         )
         return self.record(msg)
 
+    def rewind(self, job_id: str, to_step: int) -> SignedMessage:
+        """Sign and record a Rewind of ``job_id`` to ``to_step``: the job's live receipts from there
+        on are superseded and its ranks receipt those steps again, under new Assignments from
+        ``to_step`` (docs/protocol.md, Rewind). Settle what the superseded receipts earn first:
+        a superseded interval is charged no more.
+
+        Raises:
+            ConflictError: ``to_step`` is not 0 or a step where every rank's live receipts end,
+                or nothing lies past it. UnknownParty: the job has no JobOrder.
+        """
+        msg = sign(
+            self.account,
+            "Rewind",
+            self.domain,
+            {"coordinator": self.account.address, "jobId": job_id, "toStep": to_step, "nonce": self.nonces.next()},
+        )
+        return self.record(msg)
+
     def settle_interval(
         self, job_id: str, receipts: list[SignedMessage], reports: list[SignedMessage] | None, payment_ugpc: int
     ) -> tuple[int, int, int, int]:

@@ -271,6 +271,30 @@ class JobEvaluation(BaseModel):
     sample: str = Field(description="text the model generated, or why there is none")
 
 
+class RankReplacement(BaseModel):
+    """A rank a Rewind placed on another volunteer."""
+
+    model_config = _CLOSED
+
+    rank: int
+    provider_before: str = Field(description="the provider whose node held the rank (a convicted one)")
+    provider_after: str = Field(description="the volunteer that trained the rank from the Rewind on")
+
+
+class RewindSummary(BaseModel):
+    """One Rewind of a job (docs/protocol.md, Rewind): the steps from ``to_step`` were trained again."""
+
+    model_config = _CLOSED
+
+    to_step: int = Field(description="the step the ranks trained again from (the newest settled step then)")
+    reason: str = Field(description="why the job was stopped before it (the proven fraud)")
+    intervals: dict[str, str] = Field(description="'start-end' -> outcome of each interval it superseded")
+    failed_ranks: dict[str, list[int]] = Field(
+        default_factory=dict, description="'start-end' -> the ranks a replay convicted in a superseded interval"
+    )
+    replaced: list[RankReplacement] = Field(default_factory=list)
+
+
 class JobSummary(BaseModel):
     """What a job that ended did (µGPC): ``steps`` is the end of the last interval settled
     without a gap from step 0 (the checkpoint the job vouches for)."""
@@ -310,6 +334,9 @@ class JobSummary(BaseModel):
     slashed_ugpc: int
     refunded_ugpc: int
     stopped: str | None = Field(description="why the job stopped early, if it did")
+    rewinds: list[RewindSummary] = Field(
+        default_factory=list, description="each time a proven fraud made the job train steps again, in order"
+    )
     checkpoint_receipts: list[str] = Field(
         default_factory=list,
         description="the signed WorkReceipts (JSON, rank order) of the interval that ended at ``steps``: their "
@@ -428,6 +455,14 @@ class JobLaunch(BaseModel):
     buckets: int
     data_source: str
     api_url: str = Field(description="where the ranks reach the head (``runtime.channel.HttpChannel``)")
+    attempt: int = Field(0, ge=0, description="how many Rewinds of the job came before this launch")
+    start_step: int = Field(0, ge=0, description="the step the ranks train from (a Rewind's ``toStep``)")
+    start_manifests: list[str] = Field(
+        default_factory=list, description="per rank, the checkpointHash of its receipt ending at start_step"
+    )
+    previous: list[str] = Field(
+        default_factory=list, description="per rank, the digest of its receipt ending at start_step"
+    )
 
 
 class EventKind(str, Enum):

@@ -14,6 +14,13 @@ ends, a round:
    settlement, then the refund
    of what is left in escrow.
 
+A proven fraud stops the job's ranks; its runner then rewinds it (``_rewind``): what trained
+before the fraud is settled, a coordinator-signed Rewind supersedes the receipts from the job's
+newest settled step on, the convicted ranks go to free volunteers of other providers chosen by
+the same clearing rule (waiting up to ``REPLACEMENT_WAIT_S`` for one), every rank gets a new
+Assignment from that step, and the driver is submitted again (``<job>~attempt~<n>``) to train
+the superseded steps again from the checkpoint the ranks signed there.
+
 A head that restarts finds the jobs its last run left ``running``: their Ray jobs are stopped and
 what is left of their escrow is refunded (what was settled stays paid; every receipt stays in the
 ledger); orders escrowed but never queued are refunded too.
@@ -41,7 +48,9 @@ from gpucoin.head.records import (
     JobSummary,
     NodeRole,
     NodeState,
+    RankReplacement,
     ReceiptCounts,
+    RewindSummary,
     StepProgress,
 )
 from gpucoin.runtime.inbox import InboxConfig, JobInbox
@@ -63,6 +72,19 @@ STATUS_EVERY_S = 5.0
 
 RUNNER_JOIN_S = 10.0
 """How long stopping the service waits for each job runner."""
+
+REPLACEMENT_WAIT_S = 600.0
+"""How long a rewound job waits for free volunteers to replace its convicted ranks; past it the
+job ends at its newest settled step."""
+
+ATTEMPT_SEP = "~attempt~"
+"""Between a job's id and its attempt in the Ray submission id of a driver launched after a
+Rewind (``~``: no job id holds one, see ``REPLAY_WORKER_SEP``)."""
+
+
+def driver_id(job_id: str, attempt: int) -> str:
+    """The Ray submission id of job ``job_id``'s driver in attempt ``attempt`` (0: the job id)."""
+    return job_id if attempt == 0 else f"{job_id}{ATTEMPT_SEP}{attempt}"
 
 
 class LockedCoordinator:
@@ -296,6 +318,7 @@ class Scheduler:
         self.metrics = metrics
         self.job_code_user = job_code_user
         self.runners: dict[str, tuple[threading.Thread, frozenset[str]]] = {}
+        self._placing = threading.Lock()  # a round's placements and a rewind's replacements: one at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -332,17 +355,21 @@ class Scheduler:
 
     def round(self) -> None:
         """One market round (module docstring)."""
+        self.coord.close_epochs()
+        with self._placing:
+            self._round()
+
+    def _round(self) -> None:
         from gpucoin.scheduler.market import Offer, Order, clear
 
-        self.coord.close_epochs()
         queued = self.table.all(JobState.QUEUED)
         if not queued:
             return
         views = [v for v in self.node_views() if v.state == NodeState.ALIVE and not v.banned]
         busy = self.busy_nodes()
-        offers = [
-            Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc)
-            for v in views
+        offers = [  # views come in registration order: the earlier node wins a tie
+            Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc, seniority=i)
+            for i, v in enumerate(views)
             if v.role == NodeRole.VOLUNTEER and v.node_id not in busy
         ]
         policy = self.ledger.policy
@@ -409,20 +436,24 @@ class Scheduler:
         self.runners[job_id] = (t, frozenset(node_ids))
         t.start()
 
-    def _open(self, job_id, spec, placement, rank_worker, assignments, verifier) -> None:
-        """The job's inbox, store and launch on the board; its row ``running``."""
-        node_ids = list(placement.node_ids)
-        policy = self.ledger.policy
-        inbox = JobInbox(
+    def _inbox(self, job_id: str, spec: JobSpec, rank_worker: list[str]) -> JobInbox:
+        """A fresh inbox for the job's ranks, rank r signed by ``rank_worker[r]``."""
+        return JobInbox(
             InboxConfig(
                 job_id=job_id,
                 domain=self.coord.domain.as_dict(),
                 rank_worker=tuple(rank_worker),
                 steps_per_interval=spec.checkpoint_interval_steps,
-                buckets=policy.verification.sketch_buckets,
+                buckets=self.ledger.policy.verification.sketch_buckets,
                 total_steps=spec.steps,
             )
         )
+
+    def _open(self, job_id, spec, placement, rank_worker, assignments, verifier) -> None:
+        """The job's inbox, store and launch on the board; its row ``running``."""
+        node_ids = list(placement.node_ids)
+        policy = self.ledger.policy
+        inbox = self._inbox(job_id, spec, rank_worker)
         launch = JobLaunch(
             job_id=job_id,
             spec=spec.model_dump(mode="json"),
@@ -450,6 +481,7 @@ class Scheduler:
         from gpucoin.coordinator.run import JobRun
 
         job, state, reason, evaluating = None, JobState.FAILED, None, None
+        driver = driver_id(job_id, 0)
         evaluator = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"evaluate-{job_id}")
         replays = HttpReplays(
             self.rayjobs, self.board, job_id, verifier.node_id, verifier.provider, module_dir, self.api_url
@@ -498,9 +530,17 @@ class Scheduler:
             )
             replays.start()
             training = RayJobTraining(self.rayjobs, job_id)
-            job.run(training)
-            if training.alive():  # a lost rank: the others may wait in a collective forever
-                self.rayjobs.stop(job_id)
+            while True:
+                job.run(training)
+                if training.alive():  # a lost rank: the others may wait in a collective forever
+                    self.rayjobs.stop(driver)
+                point = None if running.cancelled else job.rewind_point()
+                if point is None:
+                    break
+                relaunched = self._rewind(job, spec, running, module_dir, verifier, rechecker, *point)
+                if relaunched is None:
+                    break
+                driver, training = relaunched
             job.settle_all()
             reason = job.stopped
             if running.cancelled:
@@ -516,11 +556,11 @@ class Scheduler:
             job.close_epochs_on_clock()
         except GpucoinError as e:
             reason = " ".join(str(e).split())[:500]
-            self.rayjobs.stop(job_id)
+            self.rayjobs.stop(driver)
         except Exception as e:  # noqa: BLE001 - the escrow must be refunded whatever went wrong
             log.exception("job %s failed", job_id)
             reason = f"internal error: {type(e).__name__}: {e}"[:500]
-            self.rayjobs.stop(job_id)
+            self.rayjobs.stop(driver)
         finally:
             replays.stop()
             if rechecks is not None:
@@ -542,6 +582,95 @@ class Scheduler:
                 except KeyError:
                     pass
             self.board.wake.set()
+
+    def _rewind(
+        self, job, spec: JobSpec, running: RunningJob, module_dir: Path, verifier, rechecker, to_step, convicted
+    ):
+        """Rewind ``job`` to ``to_step`` (``JobRun.rewind_point``), put its ``convicted`` ranks on
+        free volunteers, and launch its ranks again (module docstring).
+
+        Returns:
+            (the new driver's Ray submission id, its ``RayJobTraining``), or None when no
+            volunteer was free within ``REPLACEMENT_WAIT_S`` (nothing was rewound then).
+        """
+        job_id = job.job_id
+        node_ids = list(running.launch.node_ids)
+        # neither a party of the job (a kept rank, its verifiers) nor a convicted provider
+        taken = set(job.rank_worker) | {verifier.provider} | ({rechecker.provider} if rechecker else set())
+        where = ", ".join(map(str, convicted))
+        deadline = time.monotonic() + REPLACEMENT_WAIT_S
+        waiting = False
+        while True:
+            with self._placing:
+                chosen = self._replacements(job_id, len(convicted), job.price_ugpc_per_worker_hour, taken)
+                if chosen is not None:
+                    new_nodes, new_workers = list(node_ids), list(job.rank_worker)
+                    for r, (node, provider) in zip(convicted, chosen, strict=True):
+                        new_nodes[r], new_workers[r] = node, provider
+                    self.runners[job_id] = (threading.current_thread(), frozenset(new_nodes))
+                    break
+            if time.monotonic() > deadline or self._stop.is_set() or running.cancelled:
+                job.ui.note(
+                    f"no free volunteer to replace rank(s) {where} within {REPLACEMENT_WAIT_S:.0f} s: the job ends "
+                    f"at step {to_step}"
+                )
+                return None
+            if not waiting:
+                waiting = True
+                job.ui.note(f"waiting for a free volunteer of another provider to replace rank(s) {where}")
+                self.table.update(job_id, reason=f"waiting for a free volunteer to replace rank(s) {where}")
+            time.sleep(ROUND_INTERVAL_S)
+        attempt = len(job.rewinds) + 1
+        with self.coord.lock:
+            self.coord.rewind(job_id, to_step)
+            assignments = [
+                self.coord.assign(job_id, r, new_workers[r], new_nodes[r], to_step).to_json()
+                for r in range(spec.workers)
+            ]
+        previous = job.start_receipts(to_step)
+        inbox = self._inbox(job_id, spec, new_workers)
+        running.launch = running.launch.model_copy(
+            update=dict(
+                node_ids=new_nodes,
+                assignments=assignments,
+                attempt=attempt,
+                start_step=to_step,
+                start_manifests=job.end_manifests(to_step),
+                previous=previous,
+            )
+        )
+        running.inbox = inbox
+        self.table.update(job_id, node_ids=new_nodes, reason=None)
+        job.restart(to_step, new_workers, tuple(assignments), inbox, time.monotonic())
+        placed = "; ".join(f"rank {r} now on {new_workers[r]}'s node" for r in convicted)
+        job.ui.note(
+            f"rewound to step {to_step} (attempt {attempt}): {placed}; training steps {to_step}-{spec.steps} again"
+        )
+        driver = driver_id(job_id, attempt)
+        self.rayjobs.submit(driver, ["gpucoin.runtime.driver", self.api_url, job_id], new_nodes[0], module_dir)
+        return driver, RayJobTraining(self.rayjobs, driver)
+
+    def _replacements(self, job_id: str, n: int, price: int, taken: set[str]) -> list[tuple[str, str]] | None:
+        """``n`` free volunteer nodes (node id, provider) of providers not in ``taken``, chosen by
+        the market's clearing rule at the job's ``price`` (ask <= price, bond >= the policy's
+        minimum, cheapest first), or None if there are not enough."""
+        from gpucoin.scheduler.market import Offer, Order, clear
+
+        if n == 0:
+            return []
+
+        busy = self.busy_nodes()
+        offers, seen = [], set()
+        for i, v in enumerate(self.node_views()):  # in registration order: one node per provider
+            ok = v.state == NodeState.ALIVE and not v.banned and v.role == NodeRole.VOLUNTEER
+            if ok and v.node_id not in busy and v.provider not in taken and v.provider not in seen:
+                seen.add(v.provider)
+                offers.append(Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc, seniority=i))
+        result = clear([Order(job_id, price, n, 1, 0.0)], offers, self.ledger.policy.market)
+        if not result.placements:
+            return None
+        provider_of = {o.node_id: o.provider for o in offers}
+        return [(node, provider_of[node]) for node in result.placements[0].node_ids]
 
     def evaluate(self, job, spec: JobSpec, store: ContentStore, module_dir: Path) -> JobEvaluation:
         """Validation loss and a sample of the checkpoint the job vouches for, from the job's code
@@ -590,7 +719,7 @@ class Scheduler:
         """End what the service's last run left behind (module docstring)."""
         for row in self.table.all(JobState.RUNNING):
             self.rayjobs.stop(row.job_id)
-            self.rayjobs.stop_prefixed(f"{row.job_id}{REPLAY_WORKER_SEP}")
+            self.rayjobs.stop_prefixed(f"{row.job_id}~")  # its replay workers and its drivers after a Rewind
         settle_lost_jobs(
             self.ledger, self.coord, self.table, self.board, "the head service restarted while the job ran"
         )
@@ -642,9 +771,11 @@ def _summary(job, refunded_ugpc: int, evaluation: JobEvaluation | None = None) -
         interval_wall_ms={f"{iv.start}-{iv.end}": iv.wall_ms for iv in job.intervals.values()},
         max_replay_distance=max(job.distances, default=None),
         check_probabilities=dict(job.check_probabilities),
-        nodes={
+        nodes={  # the job's workers, those a Rewind replaced included
             w: CheckRecord.of(r, job.policy.verification)
-            for w, r in job.ledger.verification_records(job.rank_worker).items()
+            for w, r in job.ledger.verification_records(
+                dict.fromkeys([*job.rank_worker, *(a for rw in job.rewinds for a, _ in rw.replaced.values())])
+            ).items()
         },
         verifiers_slashed=dict(job.verifiers_slashed),
         escrowed_ugpc=job.money["escrowed"],
@@ -656,5 +787,17 @@ def _summary(job, refunded_ugpc: int, evaluation: JobEvaluation | None = None) -
         slashed_ugpc=job.money["slashed"],
         refunded_ugpc=refunded_ugpc,
         stopped=job.stopped,
+        rewinds=[
+            RewindSummary(
+                to_step=rw.to_step,
+                reason=rw.reason,
+                intervals=rw.intervals,
+                failed_ranks=rw.failed_ranks,
+                replaced=[
+                    RankReplacement(rank=r, provider_before=a, provider_after=b) for r, (a, b) in rw.replaced.items()
+                ],
+            )
+            for rw in job.rewinds
+        ],
         checkpoint_receipts=[] if step == 0 else [iv.receipts[r].to_json() for r in sorted(iv.receipts)],
     )

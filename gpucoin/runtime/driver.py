@@ -46,6 +46,10 @@ def run(api_url: str, job_id: str) -> None:
             buckets=info.buckets,
             data_source=info.data_source,
             assignments=info.assignments,
+            start_step=info.start_step,
+            start_manifests=info.start_manifests or None,
+            previous=info.previous or None,
+            attempt=info.attempt,
         )
         training.join()
 

@@ -117,9 +117,11 @@ def cheat_setting() -> tuple[str, int] | None:
     return check_ref(ref), int(rank)
 
 
-def rank_cheat(rank: int, spec, train, sketch, names):
+def rank_cheat(rank: int, spec, train, sketch, names, attempt: int = 0):
     """This rank's cheat (``runtime.cheats``), bound to its job, or None (honest): the one
-    ``FAULT_CHEAT_ENV`` names if it names this rank, else ``FAULT_SKIP_ENV``'s.
+    ``FAULT_CHEAT_ENV`` names if it names this rank and this is the job's first attempt (after a
+    Rewind, a replacement volunteer trains the rank: the cheat stands for the node that was
+    caught), else ``FAULT_SKIP_ENV``'s (set on one node: it cheats in every attempt).
 
     Args:
         spec: the ``JobSpec``; train: the train split; sketch: the job's ``CountSketch``;
@@ -131,7 +133,7 @@ def rank_cheat(rank: int, spec, train, sketch, names):
     from gpucoin.runtime.cheats import CheatContext, load_cheat
 
     setting = cheat_setting()
-    if setting is not None and setting[1] == rank:
+    if setting is not None and setting[1] == rank and attempt == 0:
         cheat = load_cheat(setting[0])
     elif skipped_sequences():
         cheat = SkipSequences(skipped_sequences())

@@ -46,6 +46,7 @@ def launch(
     previous: list[str] | None = None,
     assignments: list[str],
     threads_per_worker: int = 1,
+    attempt: int = 0,
 ) -> TrainingRun:
     """Start the job's ``len(node_ids)`` ranks, rank r on Ray node ``node_ids[r]``.
 
@@ -64,6 +65,8 @@ def launch(
         storage_dir: Ray Train's own run directory.
         start_step / start_manifests / previous: to resume after ``start_step`` steps: per rank,
             the ``checkpointHash`` and the digest of the receipt that ended there.
+        attempt: how many Rewinds of the job came before this launch (a test cheat set with
+            ``runtime.faults.FAULT_CHEAT_ENV`` runs in attempt 0 only).
 
     Returns:
         A ``TrainingRun``; progress and receipts go through ``channel``.
@@ -93,6 +96,7 @@ def launch(
         "data_source": data_source,
         "previous": previous or [zero] * spec.workers,
         "assignments": list(assignments),
+        "attempt": attempt,
     }
     # GPUs only if every chosen node has one: then Ray Train sets up NCCL, otherwise gloo on CPU
     gpus = {n["NodeID"]: n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")}

@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     previous = config["previous"][rank]
 
     faults.scope_to_job(config["job_id"])
-    cheat = faults.rank_cheat(rank, spec, train, sketch, [n for n, _ in params])  # None: honest
+    cheat = faults.rank_cheat(rank, spec, train, sketch, [n for n, _ in params], config.get("attempt", 0))
 
     for s, e in spec.intervals():
         if s < start:

@@ -8,8 +8,9 @@ Rules of a round (``clear``):
   * a node is admissible for an order if its ask <= the bid, its bond >= the policy's
     ``min_bond_ugpc`` and its free CPUs >= the order's CPUs per worker;
   * one worker per node (each data-parallel rank on its own volunteer node), chosen cheapest
-    ask first, then higher reputation, then node id; the node ids of a placement are in rank
-    order (rank 0 is the cheapest);
+    ask first, then higher reputation, then seniority (the head passes the order the nodes
+    registered in: first come, first placed), then node id; the node ids of a placement are in
+    rank order (rank 0 is the cheapest);
   * all-or-nothing (gang): an order gets all its workers or none; nodes a placed order took are
     gone for later orders of the round;
   * the price is the policy's ``clearing``: ``"uniform"`` = the highest ask among the job's
@@ -72,6 +73,7 @@ class Offer:
         free_cpus: logical CPUs not in use on the node.
         bond_ugpc: µGPC bonded by the provider for this node.
         reputation: passed spot checks minus penalties; higher wins a tie on ask.
+        seniority: lower wins a tie on ask and reputation (the node's place in registration order).
 
     Raises:
         AmountError: for an ask or bond that is not an int64 of µGPC.
@@ -84,6 +86,7 @@ class Offer:
     free_cpus: float
     bond_ugpc: int
     reputation: int = 0
+    seniority: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id:
@@ -155,7 +158,7 @@ def clear(orders: Iterable[Order], offers: Iterable[Offer], market_policy: Marke
         MarketError: for a duplicate job id or node id.
     """
     orders = sorted(orders, key=lambda o: (-o.bid_ugpc_per_worker_hour, o.submitted_at_s, o.job_id))
-    offers = sorted(offers, key=lambda n: (n.ask_ugpc_per_worker_hour, -n.reputation, n.node_id))
+    offers = sorted(offers, key=lambda n: (n.ask_ugpc_per_worker_hour, -n.reputation, n.seniority, n.node_id))
     _unique((o.job_id for o in orders), "job id")
     _unique((n.node_id for n in offers), "node id")
     min_bond = market_policy.min_bond_ugpc

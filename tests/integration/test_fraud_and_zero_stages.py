@@ -3,15 +3,17 @@ cheat strategy (``runtime.cheats``) is caught; honest replays are exact under Ze
 well as 2 (the e2e test covers ZeRO 2); a submitter cannot frame a rank with job code that
 computes differently under replay (issue 9).
 
-One local market for the module (``LocalMarket``: a head, 2 volunteers and a verifier on this
-host); vol1 drops a sequence of every micro-batch in the jobs whose id starts with ``cheat``,
-and rank 0 runs a shipped strategy in the jobs whose id starts with its name (set on both
-volunteers: whichever node rank 0 is placed on cheats), honest in the others.
+One local market for the module (``LocalMarket``: a head, 3 volunteers and a verifier on this
+host); jobs of 2 workers are placed on vol0 (rank 0) and vol1 (rank 1), the nodes that registered
+first; vol2 is the spare a rewound job replaces a convicted rank with. vol1 drops a sequence of
+every micro-batch in the jobs whose id starts with ``cheat``, and rank 0 runs a shipped strategy
+in the first attempt of the jobs whose id starts with its name, honest in the others.
 
 A cheat its own sketch shows (``PINNED``) is attributed to the cheating rank and slashed, the
-honest rank paid; the cheat no sketch pins (an honest commitment, another gradient sent) voids
-the interval and slashes nobody. Each such job is one interval of 2 steps on the tiny model: the
-last interval is always replayed, whatever the nodes' records say.
+honest rank paid; the job is rewound to its newest settled step, the cheater's rank goes to the
+spare, and the job finishes its steps. The cheat no sketch pins (an honest commitment, another
+gradient sent) voids the interval and slashes nobody. Each strategy's job is one interval of 2
+steps on the tiny model: the last interval is always replayed, whatever the nodes' records say.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def market(tmp_path_factory):
     opts = LocalOptions(
         policy=POLICY,
         home=tmp_path_factory.mktemp("market"),
+        volunteers=3,
         stake_ugpc=STAKE,
-        node_env={"vol0": vol0, "vol1": vol1},
+        node_env={"vol0": vol0, "vol1": vol1, "vol2": vol0},
     )
     with LocalMarket(opts) as m:
         yield m
@@ -79,35 +82,43 @@ def change(s: dict, account: str) -> int:
     return s["accounts"].get(account, {}).get("change", 0)
 
 
-def test_cheating_volunteer_is_caught_slashed_and_the_job_stopped(market, tmp_path):
+def test_cheating_volunteer_is_caught_slashed_replaced_and_the_job_finished(market, tmp_path):
     s = market.run(_spec(tmp_path / "job"), job_id=new_job_id("cheat"))
-    cheater, honest, verifier = (p.address for p in (market.volunteers[1], market.volunteers[0], market.verifier))
+    honest, cheater, spare, verifier = (p.address for p in (*market.volunteers, market.verifier))
 
-    assert s["receipts"]["failed"] == 1 and s["receipts"]["passed"] == 0
-    assert s["stopped"] and "failed the replay of steps 0-4" in s["stopped"]
-    assert [iv["outcome"] for iv in s["intervals"]][0] == "failed"
-    assert all(iv["outcome"] in ("void", "open") for iv in s["intervals"][1:])
+    assert s["state"] == "succeeded" and s["steps"] == 8 and s["stopped"] is None, (s["state"], s["stopped"])
+    (rewind,) = s["rewinds"]
+    assert rewind["to_step"] == 0 and "failed the replay of steps 0-4" in rewind["reason"]
+    assert rewind["intervals"][0] == {"steps": [0, 4], "outcome": "failed", "ranks": [1]}
+    assert all(iv["outcome"] in ("void", "open") for iv in rewind["intervals"][1:])
+    assert rewind["replaced"] == [{"rank": 1, "provider_before": cheater, "provider_after": spare}]
+    assert [iv["outcome"] for iv in s["intervals"]] in (["passed", "passed"], ["unchecked", "passed"])
+    assert s["receipts"]["failed"] == 1 and s["receipts"]["passed"] >= 1
     bond = s["accounts"][wallet_account(cheater, "bonded")]["before"]
     slash = bond * POLICY.slashing.fraud_slash_fraction_bps // 10_000
     whistle = slash * POLICY.slashing.whistleblower_share_bps // 10_000
     assert s["ledger"]["slashed"] == slash > 0
-    # the consumer pays the honest rank's share of the failed interval (the evidence cleared it),
-    # nothing for the cheater's share or the void intervals after it
+    # the consumer pays the honest rank's share of the failed interval (the evidence cleared it)
+    # and the steps trained again; nothing for the cheater's share or the void intervals after it
     paid = s["ledger"]["paid"]
     assert 0 < paid and s["ledger"]["refunded"] == s["ledger"]["escrowed"] - paid
     assert s["audit"] == "ok"
     assert change(s, wallet_account(cheater, "bonded")) == -slash
-    assert change(s, wallet_account(honest, "bonded")) == 0
+    assert change(s, wallet_account(honest, "bonded")) == change(s, wallet_account(spare, "bonded")) == 0
     assert change(s, wallet_account(cheater)) == 0  # no emission for a convicted rank
-    assert change(s, wallet_account(honest)) > 0 and s["ledger"]["minted"] > 0
+    assert change(s, wallet_account(honest)) > 0 and change(s, wallet_account(spare)) > 0 and s["ledger"]["minted"] > 0
     assert change(s, wallet_account(verifier)) >= whistle
     assert change(s, BURNED) == slash - whistle + s["ledger"]["burned"]
     with Ledger(f"sqlite:///{market.opts.home / 'ledger.db'}") as lg:
-        mine = {
-            r.digest for r in lg.messages("WorkReceipt") if json.loads(r.typed_data)["message"]["jobId"] == s["job_id"]
+        theirs = {
+            r.digest
+            for r in lg.messages("WorkReceipt")
+            if json.loads(r.typed_data)["message"]["jobId"] == s["job_id"] and r.signer == cheater
         }
         verdicts = [json.loads(r.typed_data)["message"] for r in lg.messages("VerificationReport")]
-    assert sorted(v["verdict"] for v in verdicts if v["receiptDigest"] in mine) == ["fail", "pass"]
+        rewinds = [json.loads(r.typed_data)["message"] for r in lg.messages("Rewind")]
+    assert [v["verdict"] for v in verdicts if v["receiptDigest"] in theirs] == ["fail"]
+    assert {"jobId": s["job_id"], "toStep": 0} in [{k: m[k] for k in ("jobId", "toStep")} for m in rewinds]
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
@@ -166,25 +177,27 @@ def _rank_workers(market, s: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("name", PINNED)
-def test_a_cheat_its_own_sketch_shows_is_pinned_on_its_rank_and_slashed(market, tmp_path, name) -> None:
+def test_a_cheat_its_own_sketch_shows_is_pinned_on_its_rank_slashed_and_the_job_finished(
+    market, tmp_path, name
+) -> None:
     s = _run(market, tmp_path, name)
-    cheater, honest = _rank_workers(market, s)
-    assert s["intervals"] == [
-        {
-            "steps": [0, 2],
-            "outcome": "failed",
-            "ranks": [0],
-            "wall_ms": s["intervals"][0]["wall_ms"],
-            "check_probability": 1.0,
-        }
+    cheater, honest, spare = (p.address for p in market.volunteers)
+    (rewind,) = s["rewinds"]
+    assert rewind["intervals"] == [{"steps": [0, 2], "outcome": "failed", "ranks": [0]}]
+    assert rewind["to_step"] == 0 and rewind["replaced"] == [
+        {"rank": 0, "provider_before": cheater, "provider_after": spare}
     ]
-    assert s["receipts"]["failed"] == 1 and s["receipts"]["passed"] == 0
+    assert s["state"] == "succeeded" and s["steps"] == 2 and s["stopped"] is None
+    assert [(iv["steps"], iv["outcome"]) for iv in s["intervals"]] == [([0, 2], "passed")]
+    assert s["receipts"]["failed"] == 1 and s["receipts"]["passed"] == 1
     bond = s["accounts"][wallet_account(cheater, "bonded")]["before"]  # less after an earlier test's slash
     slash = bond * POLICY.slashing.fraud_slash_fraction_bps // 10_000
     assert s["ledger"]["slashed"] == slash > 0 and change(s, wallet_account(cheater, "bonded")) == -slash
     assert change(s, wallet_account(honest, "bonded")) == 0
-    # the evidence separates them: the honest rank is paid its share, the cheater nothing
+    # the evidence separates them: the honest rank is paid its share of both attempts, the cheater nothing
     assert change(s, wallet_account(honest)) > 0 and change(s, wallet_account(cheater)) == 0
+    assert change(s, wallet_account(spare)) > 0
+    assert s["nodes"][spare]["passed"] >= 1
     assert s["nodes"][cheater]["clean_streak"] == 0 and s["nodes"][cheater]["check_probability"] == 1.0
     assert s["audit"] == "ok"
 
@@ -192,6 +205,7 @@ def test_a_cheat_its_own_sketch_shows_is_pinned_on_its_rank_and_slashed(market, 
 def test_the_cheat_no_sketch_pins_voids_the_interval_and_slashes_nobody(market, tmp_path) -> None:
     s = _run(market, tmp_path, UNPINNED)
     cheater, honest = _rank_workers(market, s)
+    assert s["rewinds"] == []  # nobody is convicted: nothing to rewind for (group testing is not built)
     assert [iv["outcome"] for iv in s["intervals"]] == ["void"] and "ranks" not in s["intervals"][0]
     assert s["receipts"]["failed"] == 0 and s["ledger"]["slashed"] == 0
     assert change(s, wallet_account(cheater, "bonded")) == change(s, wallet_account(honest, "bonded")) == 0

@@ -100,13 +100,14 @@ def test_a_cheat_is_named_by_a_shipped_name_or_module_and_name() -> None:
         load_cheat("gpucoin.no_such_module:Cheat")
 
 
-def test_the_node_variable_makes_only_the_named_rank_cheat(job, monkeypatch) -> None:
+def test_the_node_variable_makes_only_the_named_rank_cheat_in_the_first_attempt(job, monkeypatch) -> None:
     spec, train, params, sketch, run = job
     names = [n for n, _ in params]
     monkeypatch.setenv(faults.FAULT_CHEAT_ENV, "copied_commitment@1")
     assert faults.rank_cheat(0, spec, train, sketch, names) is None
     cheat = faults.rank_cheat(1, spec, train, sketch, names)
     assert isinstance(cheat, CopiedCommitment) and cheat.ctx.spec is spec  # bound to its job
+    assert faults.rank_cheat(1, spec, train, sketch, names, attempt=1) is None  # its replacement, after a Rewind
     monkeypatch.setenv(faults.FAULT_CHEAT_ENV, "half_batch")
     with pytest.raises(ValueError, match="@<rank>"):
         faults.rank_cheat(0, spec, train, sketch, names)
