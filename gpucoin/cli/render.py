@@ -76,7 +76,20 @@ def render_summary(console: Console, s: dict) -> None:
     console.print(
         f"[bold]receipts[/] signed {r['signed']}, checked {r['checked']}, passed {r['passed']}, failed {r['failed']}, void {r.get('void', 0)}"
     )
+    for t in s.get("group_tests", []):
+        runs = sum(len(rnd) for rnd in t["rounds"])
+        found = (
+            f"[bold red]named {t['named'][:6]}…{t['named'][-4:]}[/] (excluded from the market, not slashed)"
+            if t["named"]
+            else "nobody named"
+        )
+        console.print(
+            f"[bold yellow]steps {t['step']}- void[/]: group test of {len(t['suspects'])} nodes, {runs} re-run(s) in "
+            f"{len(t['rounds'])} round(s): {found}"
+        )
     for rw in s.get("rewinds", []):
+        if rw.get("kind", "fraud") != "fraud":
+            continue
         for iv in rw["intervals"]:
             if iv.get("ranks"):
                 a, b = iv["steps"]

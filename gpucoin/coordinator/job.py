@@ -569,8 +569,10 @@ def _summary(final, loaded: LoadedSpec, opts: LocalOptions, before: dict[str, in
             }
             for k, o in s.intervals.items()
         ],
+        "group_tests": [t.model_dump() for t in s.group_tests],
         "rewinds": [
             {
+                "kind": rw.kind,
                 "to_step": rw.to_step,
                 "reason": rw.reason,
                 "intervals": [

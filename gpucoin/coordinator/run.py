@@ -11,7 +11,9 @@ interval moves through
 After a proven fraud the run stops its ranks; the head then rewinds the job to its newest
 settled step (``rewind_point``), replaces the convicted ranks' nodes and launches the ranks
 again, and the same run goes on from there (``restart``): the superseded intervals are kept in
-``rewinds``, at most ``MAX_REWINDS`` times.
+``rewinds``, at most ``MAX_REWINDS`` frauds. After a void interval of a vetted job of several
+ranks (the evidence names nobody) the head re-runs that interval on groups of nodes
+(``group_point``; ``verify.group_testing``), each re-run replayed whatever the draw says.
 
 An interval is drawn for sure when it is the job's last (its end checkpoint is what the engineer
 gets) or when a rank's signed checkpoint is not all in the store. Only passed and unchecked
@@ -23,6 +25,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
@@ -99,24 +102,54 @@ class Interval:
     failed_ranks: list[int] = field(default_factory=list)  # the ranks a replay convicted of this interval
 
 
+class RewindKind(str, Enum):
+    """Why the job was rewound."""
+
+    FRAUD = "fraud"  # a replay convicted a rank: it is replaced
+    GROUP_TEST = "group_test"  # a re-run of a void interval on a group of nodes (``verify.group_testing``)
+    RESUME = "resume"  # after a group test: the job goes on without the node it named
+
+
 @dataclass(frozen=True)
 class RewindRecord:
     """One Rewind of the job: what it superseded and who it replaced.
 
     Attributes:
+        kind: why (``RewindKind``).
         to_step: the step the ranks trained again from (the job's newest settled step then).
-        reason: why the job was stopped (the proven fraud).
+        reason: why the job was stopped (the proven fraud, the void interval).
         intervals: 'start-end' -> outcome of each interval it superseded (the failed one, and the
             ones trained meanwhile, void).
         failed_ranks: 'start-end' -> the ranks a replay convicted in it.
         replaced: rank -> (provider before, provider after) of each rank placed on another node.
     """
 
+    kind: RewindKind
     to_step: int
     reason: str
     intervals: dict[str, str]
     failed_ranks: dict[str, list[int]]
     replaced: dict[int, tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class GroupTestRecord:
+    """One group test of a void interval (``verify.group_testing``), as the head ran it.
+
+    Attributes:
+        step: the void interval's first step.
+        suspects: the providers of its ranks, rank order.
+        rounds: per round, each judged re-run as (suspects, fillers, ``GroupOutcome`` value),
+            providers.
+        named: the provider the rule named (excluded from the market), or None.
+        cleared: the suspects a clean re-run cleared.
+    """
+
+    step: int
+    suspects: tuple[str, ...]
+    rounds: tuple[tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...], ...]
+    named: str | None
+    cleared: tuple[str, ...]
 
 
 @dataclass
@@ -178,7 +211,10 @@ class JobRun:
         self.distances: list[float] = []
         self.stopped: str | None = None
         self.fraud_at: int | None = None
+        self.void_at: int | None = None  # the first void interval's start (the evidence named nobody)
+        self.check_all = False  # a group test's re-run: every interval is replayed
         self.rewinds: list[RewindRecord] = []
+        self.group_tests: list[GroupTestRecord] = []  # run by the head (``head.scheduler``)
         self.superseded_receipts: set[str] = set()  # receipts of intervals a Rewind superseded
         # the meter starts now, as the coordinator launches the ranks; it never takes a time from a rank
         self.meter = Meter(
@@ -359,6 +395,8 @@ class JobRun:
     def must_check(self, iv: Interval) -> str | None:
         """Why ``iv`` is replayed whatever the draw, or None: it is the job's last interval, or a
         rank's signed checkpoint is not all in the store (the replay convicts that rank)."""
+        if self.check_all:
+            return "a group test's re-run is always checked"
         if iv.end == self.spec.steps:
             return "the last interval is always checked"
         client = self.store
@@ -611,6 +649,8 @@ class JobRun:
             why = reasons.get(voids[0].message["receiptDigest"]) or "the ranks diverged together"
             if not self.vetted and not iv.settled:
                 self.charge_void(iv)
+            if self.vetted and self.spec.workers > 1:  # a group test can find who sent another gradient
+                self.void_at = iv.start if self.void_at is None else min(self.void_at, iv.start)
             self.stop(f"steps {iv.start}-{iv.end} are void, nobody is slashed: {why}")
             self.recheck_start(iv)
             return
@@ -733,19 +773,39 @@ class JobRun:
         First settles every interval still held or passed (their challenge window ends now):
         what trained before the fraud is not disowned, and a superseded interval is charged no
         more. The step is then the newest settled one (``last_settled_step``)."""
-        if self.fraud_at is None or len(self.rewinds) >= MAX_REWINDS or self.outstanding():
+        frauds = sum(rw.kind == RewindKind.FRAUD for rw in self.rewinds)
+        if self.fraud_at is None or frauds >= MAX_REWINDS or self.outstanding():
             return None
         self.settle_held(force=True)
         to_step = self.last_settled_step()
         ranks = sorted({r for iv in self.intervals.values() if iv.start >= to_step for r in iv.failed_ranks})
         return to_step, ranks
 
+    def group_point(self) -> int | None:
+        """After ``run`` ended on a void interval of a vetted job of several ranks, and no fraud:
+        the step to re-run that interval from (its start), once every interval before it is
+        settled (``settle_held(force=True)``); None otherwise, or if one before it could not be
+        settled (the job then ends there)."""
+        if self.void_at is None or self.fraud_at is not None or self.outstanding():
+            return None
+        self.settle_held(force=True)
+        step = self.last_settled_step()
+        return step if step == self.void_at else None
+
     def restart(
-        self, to_step: int, rank_worker: list[str], assignments: tuple[str, ...], inbox: Inbox, now_s: float
+        self,
+        to_step: int,
+        rank_worker: list[str],
+        assignments: tuple[str, ...],
+        inbox: Inbox,
+        now_s: float,
+        kind: RewindKind = RewindKind.FRAUD,
+        check_all: bool = False,
     ) -> None:
-        """The job was rewound to ``to_step`` (its Rewind is recorded) and its ranks are launched
-        again, rank r by ``rank_worker[r]`` under ``assignments[r]``, reporting to ``inbox``:
-        the intervals from ``to_step`` on start afresh (the old ones go into ``rewinds``).
+        """The job was rewound to ``to_step`` (its Rewind is recorded, for ``kind``) and its ranks
+        are launched again, rank r by ``rank_worker[r]`` under ``assignments[r]``, reporting to
+        ``inbox``: the intervals from ``to_step`` on start afresh (the old ones go into
+        ``rewinds``); with ``check_all`` each is replayed (a group test's re-run).
 
         Raises:
             ValueError: ``to_step`` is not the start of an interval, or a list is not one per rank.
@@ -759,6 +819,7 @@ class JobRun:
         old = [iv for iv in self.intervals.values() if iv.start >= to_step]
         self.rewinds.append(
             RewindRecord(
+                kind=kind,
                 to_step=to_step,
                 reason=self.stopped or "",
                 intervals={f"{iv.start}-{iv.end}": iv.outcome for iv in old},
@@ -770,7 +831,7 @@ class JobRun:
             self.superseded_receipts |= {r.digest for r in iv.receipts.values()}
             self.intervals[iv.start] = Interval(iv.start, iv.end)
         self.rank_worker, self.assignments, self.inbox = list(rank_worker), tuple(assignments), inbox
-        self.stopped, self.fraud_at = None, None
+        self.stopped, self.fraud_at, self.void_at, self.check_all = None, None, None, check_all
         self.meter.restart(now_s)
         self.t_step, self.last_progress_step = None, to_step
 

@@ -286,6 +286,9 @@ class RewindSummary(BaseModel):
 
     model_config = _CLOSED
 
+    kind: str = Field(
+        "fraud", description="'fraud' (a rank convicted, replaced), 'group_test' (a re-run), 'resume' (after one)"
+    )
     to_step: int = Field(description="the step the ranks trained again from (the newest settled step then)")
     reason: str = Field(description="why the job was stopped before it (the proven fraud)")
     intervals: dict[str, str] = Field(description="'start-end' -> outcome of each interval it superseded")
@@ -293,6 +296,28 @@ class RewindSummary(BaseModel):
         default_factory=dict, description="'start-end' -> the ranks a replay convicted in a superseded interval"
     )
     replaced: list[RankReplacement] = Field(default_factory=list)
+
+
+class GroupRun(BaseModel):
+    """One judged re-run of a group test: its suspects and fillers (providers) and what it showed."""
+
+    model_config = _CLOSED
+
+    suspects: list[str]
+    fillers: list[str]
+    outcome: str = Field(description="'diverged' (void again) or 'clean' (the replay passed)")
+
+
+class GroupTestSummary(BaseModel):
+    """A group test of a void interval (docs/verification.md, group testing)."""
+
+    model_config = _CLOSED
+
+    step: int = Field(description="the void interval's first step")
+    suspects: list[str] = Field(description="the providers of its ranks, rank order")
+    rounds: list[list[GroupRun]] = Field(default_factory=list)
+    named: str | None = Field(description="the provider named and excluded from the market (never slashed), or None")
+    cleared: list[str] = Field(default_factory=list, description="suspects a clean re-run cleared")
 
 
 class JobSummary(BaseModel):
@@ -335,7 +360,10 @@ class JobSummary(BaseModel):
     refunded_ugpc: int
     stopped: str | None = Field(description="why the job stopped early, if it did")
     rewinds: list[RewindSummary] = Field(
-        default_factory=list, description="each time a proven fraud made the job train steps again, in order"
+        default_factory=list, description="each time the job trained steps again, in order"
+    )
+    group_tests: list[GroupTestSummary] = Field(
+        default_factory=list, description="group tests of void intervals (who sent another gradient)"
     )
     checkpoint_receipts: list[str] = Field(
         default_factory=list,
@@ -462,6 +490,9 @@ class JobLaunch(BaseModel):
     )
     previous: list[str] = Field(
         default_factory=list, description="per rank, the digest of its receipt ending at start_step"
+    )
+    end_step: int | None = Field(
+        None, ge=1, description="the ranks stop at this step (a group test's re-run of one interval; None: the end)"
     )
 
 

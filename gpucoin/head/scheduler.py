@@ -19,7 +19,12 @@ before the fraud is settled, a coordinator-signed Rewind supersedes the receipts
 newest settled step on, the convicted ranks go to free volunteers of other providers chosen by
 the same clearing rule (waiting up to ``REPLACEMENT_WAIT_S`` for one), every rank gets a new
 Assignment from that step, and the driver is submitted again (``<job>~attempt~<n>``) to train
-the superseded steps again from the checkpoint the ranks signed there.
+the superseded steps again from the checkpoint the ranks signed there. A void interval of a
+vetted job of several ranks (the evidence names nobody) is group-tested instead
+(``_group_test``, ``verify.group_testing``): the interval is re-run on groups of its suspects
+and free fillers, each re-run replayed; the node the rule names is excluded from the market for
+good (read back from the jobs' summaries on a restart), never slashed; then the job goes on
+without it.
 
 A head that restarts finds the jobs its last run left ``running``: their Ray jobs are stopped and
 what is left of their escrow is refunded (what was settled stays paid; every receipt stays in the
@@ -35,6 +40,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from gpucoin.coordinator.run import RewindKind
 from gpucoin.exceptions import GpucoinError, VerificationError
 from gpucoin.head.jobs import JobBoard, JobTable, Replay, RunningJob, job_order
 from gpucoin.head.packages import PackageStore
@@ -42,6 +48,8 @@ from gpucoin.head.rayjobs import TERMINAL, RayJobs, RayJobTraining
 from gpucoin.head.records import (
     CheckRecord,
     EventKind,
+    GroupRun,
+    GroupTestSummary,
     JobEvaluation,
     JobLaunch,
     JobState,
@@ -319,12 +327,20 @@ class Scheduler:
         self.job_code_user = job_code_user
         self.runners: dict[str, tuple[threading.Thread, frozenset[str]]] = {}
         self._placing = threading.Lock()  # a round's placements and a rewind's replacements: one at a time
+        self.excluded: set[str] = set()  # providers a group test named (``_group_test``): never placed again
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- the loop -------------------------------------------------------------
     def start(self) -> None:
         """Recover what the last run of the service left, then run rounds in a thread."""
+        self.excluded |= {
+            t.named
+            for row in self.table.all()
+            if row.summary_json
+            for t in JobSummary.model_validate_json(row.summary_json).group_tests
+            if t.named
+        }
         self.recover()
         self._thread = threading.Thread(target=self._loop, name="market", daemon=True)
         self._thread.start()
@@ -346,12 +362,12 @@ class Scheduler:
             self.board.wake.wait(ROUND_INTERVAL_S)
             self.board.wake.clear()
 
-    def busy_nodes(self) -> set[str]:
-        """Nodes a running job holds."""
+    def busy_nodes(self, but: str | None = None) -> set[str]:
+        """Nodes a running job (other than ``but``) holds."""
         for job_id, (thread, _) in list(self.runners.items()):
             if not thread.is_alive():
                 self.runners.pop(job_id, None)
-        return {n for _, nodes in self.runners.values() for n in nodes}
+        return {n for j, (_, nodes) in self.runners.items() if j != but for n in nodes}
 
     def round(self) -> None:
         """One market round (module docstring)."""
@@ -365,7 +381,11 @@ class Scheduler:
         queued = self.table.all(JobState.QUEUED)
         if not queued:
             return
-        views = [v for v in self.node_views() if v.state == NodeState.ALIVE and not v.banned]
+        views = [
+            v
+            for v in self.node_views()
+            if v.state == NodeState.ALIVE and not v.banned and v.provider not in self.excluded
+        ]
         busy = self.busy_nodes()
         offers = [  # views come in registration order: the earlier node wins a tie
             Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc, seniority=i)
@@ -534,10 +554,14 @@ class Scheduler:
                 job.run(training)
                 if training.alive():  # a lost rank: the others may wait in a collective forever
                     self.rayjobs.stop(driver)
-                point = None if running.cancelled else job.rewind_point()
-                if point is None:
+                if running.cancelled:
                     break
-                relaunched = self._rewind(job, spec, running, module_dir, verifier, rechecker, *point)
+                if (point := job.rewind_point()) is not None:
+                    relaunched = self._rewind(job, spec, running, module_dir, verifier, rechecker, *point)
+                elif (step := job.group_point()) is not None and not job.group_tests:
+                    relaunched = self._group_test(job, spec, running, module_dir, verifier, rechecker, step)
+                else:
+                    break
                 if relaunched is None:
                     break
                 driver, training = relaunched
@@ -620,35 +644,171 @@ class Scheduler:
                 job.ui.note(f"waiting for a free volunteer of another provider to replace rank(s) {where}")
                 self.table.update(job_id, reason=f"waiting for a free volunteer to replace rank(s) {where}")
             time.sleep(ROUND_INTERVAL_S)
+        placed = "; ".join(f"rank {r} now on {new_workers[r]}'s node" for r in convicted)
+        return self._relaunch(job, spec, running, module_dir, to_step, new_nodes, new_workers, RewindKind.FRAUD, placed)
+
+    def _relaunch(
+        self,
+        job,
+        spec: JobSpec,
+        running: RunningJob,
+        module_dir: Path,
+        to_step: int,
+        nodes: list[str],
+        workers: list[str],
+        kind,
+        placed: str,
+        end_step: int | None = None,
+    ):
+        """Rewind ``job`` to ``to_step`` (if anything past it is live), assign rank r to
+        ``workers[r]``'s node ``nodes[r]`` from there, and submit its driver again (to train up
+        to ``end_step``, None: the end; every interval replayed if it is set).
+
+        Returns:
+            (the driver's Ray submission id, its ``RayJobTraining``).
+        """
+        job_id = job.job_id
         attempt = len(job.rewinds) + 1
+        self.runners[job_id] = (threading.current_thread(), frozenset(nodes))
         with self.coord.lock:
-            self.coord.rewind(job_id, to_step)
+            if any(iv.receipts for iv in job.intervals.values() if iv.start >= to_step):
+                self.coord.rewind(job_id, to_step)
             assignments = [
-                self.coord.assign(job_id, r, new_workers[r], new_nodes[r], to_step).to_json()
-                for r in range(spec.workers)
+                self.coord.assign(job_id, r, workers[r], nodes[r], to_step).to_json() for r in range(spec.workers)
             ]
-        previous = job.start_receipts(to_step)
-        inbox = self._inbox(job_id, spec, new_workers)
+        inbox = self._inbox(job_id, spec, workers)
         running.launch = running.launch.model_copy(
             update=dict(
-                node_ids=new_nodes,
+                node_ids=list(nodes),
                 assignments=assignments,
                 attempt=attempt,
                 start_step=to_step,
                 start_manifests=job.end_manifests(to_step),
-                previous=previous,
+                previous=job.start_receipts(to_step),
+                end_step=end_step,
             )
         )
         running.inbox = inbox
-        self.table.update(job_id, node_ids=new_nodes, reason=None)
-        job.restart(to_step, new_workers, tuple(assignments), inbox, time.monotonic())
-        placed = "; ".join(f"rank {r} now on {new_workers[r]}'s node" for r in convicted)
-        job.ui.note(
-            f"rewound to step {to_step} (attempt {attempt}): {placed}; training steps {to_step}-{spec.steps} again"
-        )
+        self.table.update(job_id, node_ids=list(nodes), reason=None)
+        job.restart(to_step, list(workers), tuple(assignments), inbox, time.monotonic(), kind, end_step is not None)
+        until = spec.steps if end_step is None else end_step
+        job.ui.note(f"rewound to step {to_step} (attempt {attempt}): {placed}; training steps {to_step}-{until}")
         driver = driver_id(job_id, attempt)
-        self.rayjobs.submit(driver, ["gpucoin.runtime.driver", self.api_url, job_id], new_nodes[0], module_dir)
+        self.rayjobs.submit(driver, ["gpucoin.runtime.driver", self.api_url, job_id], nodes[0], module_dir)
         return driver, RayJobTraining(self.rayjobs, driver)
+
+    def _free_volunteers(self, job_id: str, taken: set[str]) -> list[tuple[str, str]]:
+        """(node id, provider) of the live volunteer nodes no other job holds, of providers not in
+        ``taken``, not banned or excluded, one per provider, in the market's order of preference
+        (cheapest ask, then the earliest registered)."""
+        busy = self.busy_nodes(but=job_id)
+        found, seen = [], set()
+        for i, v in enumerate(self.node_views()):
+            ok = v.state == NodeState.ALIVE and not v.banned and v.role == NodeRole.VOLUNTEER
+            if ok and v.node_id not in busy and v.provider not in taken | self.excluded | seen:
+                seen.add(v.provider)
+                found.append((v.ask_ugpc_per_worker_hour, i, v.node_id, v.provider))
+        return [(node, provider) for *_, node, provider in sorted(found)]
+
+    def _group_test(self, job, spec: JobSpec, running: RunningJob, module_dir: Path, verifier, rechecker, step: int):
+        """Find who made the void interval at ``step`` diverge (``verify.group_testing``): re-run
+        it on the rule's groups of suspects (its nodes) and free fillers, one group at a time,
+        each re-run replayed (a pass clears the group's suspects, a void keeps them); exclude the
+        node the rule names from the market, then go on without it from ``step``.
+
+        Returns:
+            (driver submission id, training) of the job going on, or None (no group could be
+            formed within ``REPLACEMENT_WAIT_S``, or nobody was named or cleared: the job ends at
+            ``step``).
+        """
+        from gpucoin.coordinator.run import GroupTestRecord
+        from gpucoin.verify.group_testing import GroupOutcome, GroupTest, plan_round, record
+
+        job_id, end = job.job_id, min(step + spec.checkpoint_interval_steps, spec.steps)
+        suspects = list(running.launch.node_ids)
+        provider = dict(zip(suspects, job.rank_worker, strict=True))
+        # a filler is none of the suspects' providers, nor a verifier of the job
+        taken = set(job.rank_worker) | {verifier.provider} | ({rechecker.provider} if rechecker else set())
+        test = GroupTest(tuple(suspects))
+        job.ui.note(
+            f"steps {step}-{end} are void: group testing its {len(suspects)} nodes (each re-run of the interval is "
+            f"replayed; at most {test.max_rounds} rounds)"
+        )
+        rounds: list[tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...]] = []
+        outcome_of = {"passed": GroupOutcome.CLEAN, "void": GroupOutcome.DIVERGED}
+        while not test.done():  # record() adds a round each pass: at most test.max_rounds
+            deadline = time.monotonic() + REPLACEMENT_WAIT_S
+            while not (groups := plan_round(test, [n for n, _ in self._free_volunteers(job_id, taken)])):
+                if time.monotonic() > deadline or self._stop.is_set() or running.cancelled:
+                    break
+                time.sleep(ROUND_INTERVAL_S)
+            if not groups:
+                job.ui.note("group test: not enough free nodes to form a group; it ends unresolved")
+                break
+            provider.update(self._free_volunteers(job_id, taken))
+            results = []
+            for g in groups:
+                who = ", ".join(provider[n] for n in g.suspects)
+                driver, training = self._relaunch(
+                    job,
+                    spec,
+                    running,
+                    module_dir,
+                    step,
+                    list(g.nodes),
+                    [provider[n] for n in g.nodes],
+                    RewindKind.GROUP_TEST,
+                    f"group test round {len(rounds) + 1}, suspect(s) {who} with {len(g.fillers)} other node(s)",
+                    end_step=end,
+                )
+                job.run(training)
+                if training.alive():
+                    self.rayjobs.stop(driver)
+                iv = job.intervals[step]
+                taken |= {provider[g.nodes[r]] for r in iv.failed_ranks}  # convicted here: never a filler again
+                job.ui.note(f"group test: the re-run with suspect(s) {who}: {iv.outcome}")
+                if iv.outcome in outcome_of:
+                    results.append((g, outcome_of[iv.outcome]))
+            if not results:
+                job.ui.note("group test: no re-run of the round could be judged; it ends unresolved")
+                break
+            test = record(test, results)
+            rounds.append(
+                tuple(
+                    (tuple(provider[n] for n in g.suspects), tuple(provider[n] for n in g.fillers), o.value)
+                    for g, o in results
+                )
+            )
+        named = test.named()
+        job.group_tests.append(
+            GroupTestRecord(
+                step=step,
+                suspects=tuple(provider[n] for n in suspects),
+                rounds=tuple(rounds),
+                named=None if named is None else provider[named],
+                cleared=tuple(provider[n] for n in suspects if n in test.cleared()),
+            )
+        )
+        nodes, workers = list(suspects), [provider[n] for n in suspects]
+        if named is not None:
+            self.excluded.add(provider[named])
+            job.ui.note(
+                f"group test: {provider[named]} is named (its {test.confirmations} re-runs alone among other nodes "
+                "all diverged): excluded from the market, not slashed"
+            )
+            with self._placing:
+                chosen = self._replacements(job_id, 1, job.price_ugpc_per_worker_hour, taken | {provider[named]})
+            if chosen is None:
+                job.ui.note(f"no free volunteer to replace {provider[named]}: the job ends at step {step}")
+                return None
+            r = suspects.index(named)
+            nodes[r], workers[r] = chosen[0]
+        elif not test.cleared():
+            job.ui.note("group test: nobody is named and nobody cleared; the job ends here")
+            return None
+        return self._relaunch(
+            job, spec, running, module_dir, step, nodes, workers, RewindKind.RESUME, "the job goes on"
+        )
 
     def _replacements(self, job_id: str, n: int, price: int, taken: set[str]) -> list[tuple[str, str]] | None:
         """``n`` free volunteer nodes (node id, provider) of providers not in ``taken``, chosen by
@@ -663,7 +823,7 @@ class Scheduler:
         offers, seen = [], set()
         for i, v in enumerate(self.node_views()):  # in registration order: one node per provider
             ok = v.state == NodeState.ALIVE and not v.banned and v.role == NodeRole.VOLUNTEER
-            if ok and v.node_id not in busy and v.provider not in taken and v.provider not in seen:
+            if ok and v.node_id not in busy and v.provider not in taken | self.excluded | seen:
                 seen.add(v.provider)
                 offers.append(Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc, seniority=i))
         result = clear([Order(job_id, price, n, 1, 0.0)], offers, self.ledger.policy.market)
@@ -789,6 +949,7 @@ def _summary(job, refunded_ugpc: int, evaluation: JobEvaluation | None = None) -
         stopped=job.stopped,
         rewinds=[
             RewindSummary(
+                kind=rw.kind.value,
                 to_step=rw.to_step,
                 reason=rw.reason,
                 intervals=rw.intervals,
@@ -798,6 +959,18 @@ def _summary(job, refunded_ugpc: int, evaluation: JobEvaluation | None = None) -
                 ],
             )
             for rw in job.rewinds
+        ],
+        group_tests=[
+            GroupTestSummary(
+                step=t.step,
+                suspects=list(t.suspects),
+                rounds=[
+                    [GroupRun(suspects=list(a), fillers=list(b), outcome=o) for a, b, o in rnd] for rnd in t.rounds
+                ],
+                named=t.named,
+                cleared=list(t.cleared),
+            )
+            for t in job.group_tests
         ],
         checkpoint_receipts=[] if step == 0 else [iv.receipts[r].to_json() for r in sorted(iv.receipts)],
     )

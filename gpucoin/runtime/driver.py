@@ -50,6 +50,7 @@ def run(api_url: str, job_id: str) -> None:
             start_manifests=info.start_manifests or None,
             previous=info.previous or None,
             attempt=info.attempt,
+            end_step=info.end_step,
         )
         training.join()
 

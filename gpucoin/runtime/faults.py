@@ -35,7 +35,9 @@ floods the head to push its co-workers' receipts out)."""
 
 FAULT_CHEAT_ENV = "GPUCOIN_CHEAT"
 """``<MODULE:NAME or shipped name>@<rank>``: the rank of that number cheats as the cheat object
-says (``runtime.cheats``; ``gpucoin train --cheat`` sets it on the embedded mode's volunteers)."""
+says (``runtime.cheats``; ``gpucoin train --cheat`` sets it on the embedded mode's volunteers),
+in the job's first attempt; ``...@*``: whatever rank this node holds, in every attempt (a node
+that cheats, set on one node: what a group test must find)."""
 
 FAULT_LAZY_VERIFIER_ENV = "GPUCOIN_TEST_FAULT_LAZY_VERIFIER"
 """``1`` on a verifier node: it signs every receipt it is asked about as passing without replaying
@@ -100,8 +102,8 @@ class SkipSequences:
         return x[: -self.n], y[: -self.n]
 
 
-def cheat_setting() -> tuple[str, int] | None:
-    """``FAULT_CHEAT_ENV`` as (cheat reference, rank), or None.
+def cheat_setting() -> tuple[str, int | None] | None:
+    """``FAULT_CHEAT_ENV`` as (cheat reference, rank; None for ``*``, every rank), or None.
 
     Raises:
         ValueError: a malformed variable.
@@ -112,9 +114,9 @@ def cheat_setting() -> tuple[str, int] | None:
     if not value:
         return None
     ref, _, rank = value.rpartition("@")
-    if not rank.isdigit():
-        raise ValueError(f"{FAULT_CHEAT_ENV} must be <MODULE:NAME>@<rank>, got {value!r}")
-    return check_ref(ref), int(rank)
+    if not (rank.isdigit() or rank == "*"):
+        raise ValueError(f"{FAULT_CHEAT_ENV} must be <MODULE:NAME>@<rank> or <MODULE:NAME>@*, got {value!r}")
+    return check_ref(ref), None if rank == "*" else int(rank)
 
 
 def rank_cheat(rank: int, spec, train, sketch, names, attempt: int = 0):
@@ -133,7 +135,7 @@ def rank_cheat(rank: int, spec, train, sketch, names, attempt: int = 0):
     from gpucoin.runtime.cheats import CheatContext, load_cheat
 
     setting = cheat_setting()
-    if setting is not None and setting[1] == rank and attempt == 0:
+    if setting is not None and (setting[1] is None or (setting[1] == rank and attempt == 0)):
         cheat = load_cheat(setting[0])
     elif skipped_sequences():
         cheat = SkipSequences(skipped_sequences())

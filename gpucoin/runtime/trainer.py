@@ -47,6 +47,7 @@ def launch(
     assignments: list[str],
     threads_per_worker: int = 1,
     attempt: int = 0,
+    end_step: int | None = None,
 ) -> TrainingRun:
     """Start the job's ``len(node_ids)`` ranks, rank r on Ray node ``node_ids[r]``.
 
@@ -66,7 +67,9 @@ def launch(
         start_step / start_manifests / previous: to resume after ``start_step`` steps: per rank,
             the ``checkpointHash`` and the digest of the receipt that ended there.
         attempt: how many Rewinds of the job came before this launch (a test cheat set with
-            ``runtime.faults.FAULT_CHEAT_ENV`` runs in attempt 0 only).
+            ``runtime.faults.FAULT_CHEAT_ENV`` for a rank runs in attempt 0 only).
+        end_step: the ranks stop at this step (an interval boundary; None: the job's end), as
+            a group test's re-run of one interval does.
 
     Returns:
         A ``TrainingRun``; progress and receipts go through ``channel``.
@@ -97,6 +100,7 @@ def launch(
         "previous": previous or [zero] * spec.workers,
         "assignments": list(assignments),
         "attempt": attempt,
+        "end_step": spec.steps if end_step is None else end_step,
     }
     # GPUs only if every chosen node has one: then Ray Train sets up NCCL, otherwise gloo on CPU
     gpus = {n["NodeID"]: n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")}

@@ -3,17 +3,21 @@ cheat strategy (``runtime.cheats``) is caught; honest replays are exact under Ze
 well as 2 (the e2e test covers ZeRO 2); a submitter cannot frame a rank with job code that
 computes differently under replay (issue 9).
 
-One local market for the module (``LocalMarket``: a head, 3 volunteers and a verifier on this
+One local market for the module (``LocalMarket``: a head, 4 volunteers and a verifier on this
 host); jobs of 2 workers are placed on vol0 (rank 0) and vol1 (rank 1), the nodes that registered
-first; vol2 is the spare a rewound job replaces a convicted rank with. vol1 drops a sequence of
-every micro-batch in the jobs whose id starts with ``cheat``, and rank 0 runs a shipped strategy
-in the first attempt of the jobs whose id starts with its name, honest in the others.
+first; vol2 is the spare a rewound job replaces a convicted rank with, vol2 and vol3 the other
+nodes of a group test. vol1 drops a sequence of every micro-batch in the jobs whose id starts
+with ``cheat``; rank 0 runs a pinned shipped strategy in the first attempt of the jobs whose id
+starts with its name; vol0 sends another gradient than it commits, whatever its rank and
+attempt, in the jobs of the unpinned strategy; all are honest in the other jobs.
 
 A cheat its own sketch shows (``PINNED``) is attributed to the cheating rank and slashed, the
 honest rank paid; the job is rewound to its newest settled step, the cheater's rank goes to the
 spare, and the job finishes its steps. The cheat no sketch pins (an honest commitment, another
-gradient sent) voids the interval and slashes nobody. Each strategy's job is one interval of 2
-steps on the tiny model: the last interval is always replayed, whatever the nodes' records say.
+gradient sent) voids the interval and slashes nobody; a group test names the node that did it,
+which is excluded from the market (the module's last test: vol0 is not placed after it), and the
+job finishes without it. Each strategy's job is one interval of 2 steps on the tiny model: the
+last interval is always replayed, whatever the nodes' records say.
 """
 
 from __future__ import annotations
@@ -63,15 +67,17 @@ def _prefix(name: str) -> str:
 def market(tmp_path_factory):
     assert sorted([*PINNED, UNPINNED]) == sorted(SHIPPED)  # a test per shipped strategy
     assert STAKE >> (len(PINNED) + 1) >= POLICY.market.min_bond_ugpc
-    strategies = {_prefix(name): {FAULT_CHEAT_ENV: f"{name}@0"} for name in SHIPPED}
-    vol0 = {FAULTS_BY_JOB_ENV: json.dumps(strategies)}
+    strategies = {_prefix(name): {FAULT_CHEAT_ENV: f"{name}@0"} for name in PINNED}
+    node_cheat = {_prefix(UNPINNED): {FAULT_CHEAT_ENV: f"{UNPINNED}@*"}}  # vol0's, in every rank and attempt
+    others = {FAULTS_BY_JOB_ENV: json.dumps(strategies)}
+    vol0 = {FAULTS_BY_JOB_ENV: json.dumps({**strategies, **node_cheat})}
     vol1 = {FAULTS_BY_JOB_ENV: json.dumps({**strategies, "cheat-": {FAULT_SKIP_ENV: "1"}})}
     opts = LocalOptions(
         policy=POLICY,
         home=tmp_path_factory.mktemp("market"),
-        volunteers=3,
+        volunteers=4,
         stake_ugpc=STAKE,
-        node_env={"vol0": vol0, "vol1": vol1, "vol2": vol0},
+        node_env={"vol0": vol0, "vol1": vol1, "vol2": others, "vol3": others},
     )
     with LocalMarket(opts) as m:
         yield m
@@ -84,7 +90,7 @@ def change(s: dict, account: str) -> int:
 
 def test_cheating_volunteer_is_caught_slashed_replaced_and_the_job_finished(market, tmp_path):
     s = market.run(_spec(tmp_path / "job"), job_id=new_job_id("cheat"))
-    honest, cheater, spare, verifier = (p.address for p in (*market.volunteers, market.verifier))
+    honest, cheater, spare, verifier = (p.address for p in (*market.volunteers[:3], market.verifier))
 
     assert s["state"] == "succeeded" and s["steps"] == 8 and s["stopped"] is None, (s["state"], s["stopped"])
     (rewind,) = s["rewinds"]
@@ -181,7 +187,7 @@ def test_a_cheat_its_own_sketch_shows_is_pinned_on_its_rank_slashed_and_the_job_
     market, tmp_path, name
 ) -> None:
     s = _run(market, tmp_path, name)
-    cheater, honest, spare = (p.address for p in market.volunteers)
+    cheater, honest, spare = (p.address for p in market.volunteers[:3])
     (rewind,) = s["rewinds"]
     assert rewind["intervals"] == [{"steps": [0, 2], "outcome": "failed", "ranks": [0]}]
     assert rewind["to_step"] == 0 and rewind["replaced"] == [
@@ -202,13 +208,32 @@ def test_a_cheat_its_own_sketch_shows_is_pinned_on_its_rank_slashed_and_the_job_
     assert s["audit"] == "ok"
 
 
-def test_the_cheat_no_sketch_pins_voids_the_interval_and_slashes_nobody(market, tmp_path) -> None:
+def test_the_cheat_no_sketch_pins_is_found_by_group_testing_excluded_and_the_job_finished(market, tmp_path) -> None:
+    """vol0 (rank 0) commits its honest sketch and sends another gradient: the interval is void,
+    nobody convicted. Round 1 re-runs it as vol0 + vol2 (diverges) and vol1 + vol3 (clean: vol1
+    cleared); round 2 as vol0 + vol3 (diverges): vol0 sat alone with two other nodes and diverged
+    both times, so it is named and excluded, never slashed; the job finishes on vol2 and vol1."""
     s = _run(market, tmp_path, UNPINNED)
-    cheater, honest = _rank_workers(market, s)
-    assert s["rewinds"] == []  # nobody is convicted: nothing to rewind for (group testing is not built)
-    assert [iv["outcome"] for iv in s["intervals"]] == ["void"] and "ranks" not in s["intervals"][0]
+    cheater, honest, spare, other = (p.address for p in market.volunteers)
     assert s["receipts"]["failed"] == 0 and s["ledger"]["slashed"] == 0
-    assert change(s, wallet_account(cheater, "bonded")) == change(s, wallet_account(honest, "bonded")) == 0
-    # both are checked as new from now on: a void is not a clean record
-    assert s["nodes"][cheater]["clean_streak"] == s["nodes"][honest]["clean_streak"] == 0
+    (test,) = s["group_tests"]
+    assert test["step"] == 0 and test["suspects"] == [cheater, honest]
+    assert test["rounds"] == [
+        [
+            {"suspects": [cheater], "fillers": [spare], "outcome": "diverged"},
+            {"suspects": [honest], "fillers": [other], "outcome": "clean"},
+        ],
+        [{"suspects": [cheater], "fillers": [other], "outcome": "diverged"}],
+    ]
+    assert test["named"] == cheater and test["cleared"] == [honest]
+    assert [rw["kind"] for rw in s["rewinds"]] == ["group_test"] * 3 + ["resume"]
+    assert s["state"] == "succeeded" and s["steps"] == 2 and s["stopped"] is None
+    assert [(iv["steps"], iv["outcome"]) for iv in s["intervals"]] == [([0, 2], "passed")]
+    with Ledger(f"sqlite:///{market.opts.home / 'ledger.db'}") as lg:
+        assigned = [json.loads(r.typed_data)["message"] for r in lg.messages("Assignment")]
+    last = {a["rank"]: a["provider"] for a in assigned if a["jobId"] == s["job_id"]}
+    assert last == {0: spare, 1: honest}  # the job went on without the named node
+    for vol in market.volunteers:  # named on statistical evidence: excluded, never slashed
+        assert change(s, wallet_account(vol.address, "bonded")) == 0
+    assert change(s, wallet_account(cheater)) == 0 and change(s, wallet_account(honest)) > 0
     assert s["audit"] == "ok"

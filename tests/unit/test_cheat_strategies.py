@@ -108,6 +108,8 @@ def test_the_node_variable_makes_only_the_named_rank_cheat_in_the_first_attempt(
     cheat = faults.rank_cheat(1, spec, train, sketch, names)
     assert isinstance(cheat, CopiedCommitment) and cheat.ctx.spec is spec  # bound to its job
     assert faults.rank_cheat(1, spec, train, sketch, names, attempt=1) is None  # its replacement, after a Rewind
+    monkeypatch.setenv(faults.FAULT_CHEAT_ENV, "copied_commitment@*")  # a node that cheats: any rank, any attempt
+    assert all(faults.rank_cheat(r, spec, train, sketch, names, attempt=a) for r in (0, 1) for a in (0, 2))
     monkeypatch.setenv(faults.FAULT_CHEAT_ENV, "half_batch")
     with pytest.raises(ValueError, match="@<rank>"):
         faults.rank_cheat(0, spec, train, sketch, names)
