@@ -212,6 +212,7 @@ class JobRun:
         self.stopped: str | None = None
         self.fraud_at: int | None = None
         self.void_at: int | None = None  # the first void interval's start (the evidence named nobody)
+        self.end_step = self.spec.steps  # where this launch's ranks stop (a group test's re-run: one interval)
         self.check_all = False  # a group test's re-run: every interval is replayed
         self.rewinds: list[RewindRecord] = []
         self.group_tests: list[GroupTestRecord] = []  # run by the head (``head.scheduler``)
@@ -251,13 +252,13 @@ class JobRun:
 
     def finishing(self) -> bool:
         """True once the job is stopping or every rank's receipt of its last interval is in."""
-        last = self.intervals[max(self.intervals)]
+        last = max((iv for iv in self.intervals.values() if iv.start < self.end_step), key=lambda iv: iv.start)
         return self.stopped is not None or len(last.receipts) == self.spec.workers
 
     def lost_nodes(self) -> bool:
         """Stop the job if a rank has not delivered its next receipt within the policy's
         ``interval_timeout_s``: it counts as a lost node, and its open interval is void (unpaid)."""
-        iv = next((iv for iv in self.intervals.values() if iv.outcome == "open"), None)
+        iv = next((iv for iv in self.intervals.values() if iv.outcome == "open" and iv.start < self.end_step), None)
         if iv is None or self.stopped is not None:
             return False
         late = self.meter.overdue(time.monotonic(), set(range(self.spec.workers)) - set(iv.receipts))
@@ -327,6 +328,8 @@ class JobRun:
         arrived_s = time.monotonic() if arrived_s is None else arrived_s
         try:
             receipt = SignedMessage.from_json(receipt_json)
+            if receipt.digest in self.superseded_receipts:  # recording it again would be a silent no-op
+                raise ReceiptRejected(f"rank {rank}: receipt {receipt.digest} was superseded by a Rewind")
             iv = self.intervals.get(receipt.message["stepStart"])
             if iv is None or not 0 <= rank < self.spec.workers:
                 raise ReceiptRejected(f"rank {rank}: no interval starts at step {receipt.message['stepStart']}")
@@ -357,7 +360,7 @@ class JobRun:
         self.counts["signed"] += 1
         iv.receipts[rank], iv.sketches[rank], iv.arrivals_s[rank] = receipt, sketches, arrived_s
         # kept beside the checkpoints: the receipt commits to them, a verifier may ask for them later
-        np.save(self.sketch_dir / f"rank{rank}-step{iv.start:08d}.npy", sketches)
+        np.save(self.sketch_dir / f"rank{rank}-step{iv.start:08d}-attempt{len(self.rewinds)}.npy", sketches)
         if len(iv.receipts) == self.spec.workers:
             self.interval_complete(iv)
 
@@ -801,11 +804,13 @@ class JobRun:
         now_s: float,
         kind: RewindKind = RewindKind.FRAUD,
         check_all: bool = False,
+        end_step: int | None = None,
     ) -> None:
         """The job was rewound to ``to_step`` (its Rewind is recorded, for ``kind``) and its ranks
         are launched again, rank r by ``rank_worker[r]`` under ``assignments[r]``, reporting to
         ``inbox``: the intervals from ``to_step`` on start afresh (the old ones go into
-        ``rewinds``); with ``check_all`` each is replayed (a group test's re-run).
+        ``rewinds``); with ``check_all`` each is replayed (a group test's re-run); the ranks stop
+        at ``end_step`` (None: the job's end).
 
         Raises:
             ValueError: ``to_step`` is not the start of an interval, or a list is not one per rank.
@@ -832,6 +837,7 @@ class JobRun:
             self.intervals[iv.start] = Interval(iv.start, iv.end)
         self.rank_worker, self.assignments, self.inbox = list(rank_worker), tuple(assignments), inbox
         self.stopped, self.fraud_at, self.void_at, self.check_all = None, None, None, check_all
+        self.end_step = self.spec.steps if end_step is None else end_step
         self.meter.restart(now_s)
         self.t_step, self.last_progress_step = None, to_step
 

@@ -659,38 +659,55 @@ class Scheduler:
         kind,
         placed: str,
         end_step: int | None = None,
+        also_hold: frozenset[str] = frozenset(),
     ):
         """Rewind ``job`` to ``to_step`` (if anything past it is live), assign rank r to
         ``workers[r]``'s node ``nodes[r]`` from there, and submit its driver again (to train up
-        to ``end_step``, None: the end; every interval replayed if it is set).
+        to ``end_step``, None: the end; every interval replayed if it is set). The job holds
+        ``nodes`` and ``also_hold`` (a group test's next groups) meanwhile.
 
         Returns:
-            (the driver's Ray submission id, its ``RayJobTraining``).
+            (the driver's Ray submission id, its ``RayJobTraining``), or None if the job's
+            consumer cancelled it (nothing is rewound or launched then).
         """
         job_id = job.job_id
         attempt = len(job.rewinds) + 1
-        self.runners[job_id] = (threading.current_thread(), frozenset(nodes))
+        with self._placing:
+            self.runners[job_id] = (threading.current_thread(), frozenset(nodes) | also_hold)
+        inbox = self._inbox(job_id, spec, workers)
+        # under the lock the API's cancel takes: a cancel comes before (nothing is launched) or
+        # after (it stops the new inbox), never between
         with self.coord.lock:
+            if running.cancelled:
+                return None
             if any(iv.receipts for iv in job.intervals.values() if iv.start >= to_step):
                 self.coord.rewind(job_id, to_step)
             assignments = [
                 self.coord.assign(job_id, r, workers[r], nodes[r], to_step).to_json() for r in range(spec.workers)
             ]
-        inbox = self._inbox(job_id, spec, workers)
-        running.launch = running.launch.model_copy(
-            update=dict(
-                node_ids=list(nodes),
-                assignments=assignments,
-                attempt=attempt,
-                start_step=to_step,
-                start_manifests=job.end_manifests(to_step),
-                previous=job.start_receipts(to_step),
-                end_step=end_step,
+            running.launch = running.launch.model_copy(
+                update=dict(
+                    node_ids=list(nodes),
+                    assignments=assignments,
+                    attempt=attempt,
+                    start_step=to_step,
+                    start_manifests=job.end_manifests(to_step),
+                    previous=job.start_receipts(to_step),
+                    end_step=end_step,
+                )
             )
-        )
-        running.inbox = inbox
+            running.inbox = inbox
+            job.restart(
+                to_step,
+                list(workers),
+                tuple(assignments),
+                inbox,
+                time.monotonic(),
+                kind,
+                end_step is not None,
+                end_step,
+            )
         self.table.update(job_id, node_ids=list(nodes), reason=None)
-        job.restart(to_step, list(workers), tuple(assignments), inbox, time.monotonic(), kind, end_step is not None)
         until = spec.steps if end_step is None else end_step
         job.ui.note(f"rewound to step {to_step} (attempt {attempt}): {placed}; training steps {to_step}-{until}")
         driver = driver_id(job_id, attempt)
@@ -738,18 +755,27 @@ class Scheduler:
         outcome_of = {"passed": GroupOutcome.CLEAN, "void": GroupOutcome.DIVERGED}
         while not test.done():  # record() adds a round each pass: at most test.max_rounds
             deadline = time.monotonic() + REPLACEMENT_WAIT_S
-            while not (groups := plan_round(test, [n for n, _ in self._free_volunteers(job_id, taken)])):
+            while True:
+                with self._placing:  # the round's nodes are the job's until it ends
+                    free = self._free_volunteers(job_id, taken)
+                    groups = plan_round(test, [n for n, _ in free])
+                    if groups:
+                        held = frozenset(suspects) | {n for g in groups for n in g.nodes}
+                        self.runners[job_id] = (threading.current_thread(), held)
+                        break
                 if time.monotonic() > deadline or self._stop.is_set() or running.cancelled:
                     break
                 time.sleep(ROUND_INTERVAL_S)
+            if running.cancelled:
+                return None
             if not groups:
                 job.ui.note("group test: not enough free nodes to form a group; it ends unresolved")
                 break
-            provider.update(self._free_volunteers(job_id, taken))
+            provider.update(free)
             results = []
             for g in groups:
                 who = ", ".join(provider[n] for n in g.suspects)
-                driver, training = self._relaunch(
+                relaunched = self._relaunch(
                     job,
                     spec,
                     running,
@@ -760,7 +786,11 @@ class Scheduler:
                     RewindKind.GROUP_TEST,
                     f"group test round {len(rounds) + 1}, suspect(s) {who} with {len(g.fillers)} other node(s)",
                     end_step=end,
+                    also_hold=held,
                 )
+                if relaunched is None:
+                    return None  # cancelled
+                driver, training = relaunched
                 job.run(training)
                 if training.alive():
                     self.rayjobs.stop(driver)
@@ -796,13 +826,15 @@ class Scheduler:
                 f"group test: {provider[named]} is named (its {test.confirmations} re-runs alone among other nodes "
                 "all diverged): excluded from the market, not slashed"
             )
+            r = suspects.index(named)
             with self._placing:
                 chosen = self._replacements(job_id, 1, job.price_ugpc_per_worker_hour, taken | {provider[named]})
+                if chosen is not None:
+                    nodes[r], workers[r] = chosen[0]
+                    self.runners[job_id] = (threading.current_thread(), frozenset(nodes))
             if chosen is None:
                 job.ui.note(f"no free volunteer to replace {provider[named]}: the job ends at step {step}")
                 return None
-            r = suspects.index(named)
-            nodes[r], workers[r] = chosen[0]
         elif not test.cleared():
             job.ui.note("group test: nobody is named and nobody cleared; the job ends here")
             return None
@@ -818,8 +850,7 @@ class Scheduler:
 
         if n == 0:
             return []
-
-        busy = self.busy_nodes()
+        busy = self.busy_nodes(but=job_id)  # the job's own nodes are free to it (``taken`` names its parties)
         offers, seen = [], set()
         for i, v in enumerate(self.node_views()):  # in registration order: one node per provider
             ok = v.state == NodeState.ALIVE and not v.banned and v.role == NodeRole.VOLUNTEER

@@ -406,3 +406,33 @@ def test_a_later_pass_waits_for_an_earlier_recheck_and_is_voided_when_it_fails(m
     assert not run.intervals[4].settled
     assert run.money["paid"] == interval_payment_ugpc(run.price_ugpc_per_worker_hour, 1, run.intervals[0].wall_ms)
     assert run.coord.ledger.audit() == []
+
+
+def test_after_a_rewind_the_kept_ranks_old_receipt_is_refused_and_the_steps_settle_again(market, tmp_path) -> None:
+    """Rank 1 is convicted in steps 0-4; the head rewinds to 0 and puts a third volunteer on rank 1.
+    Rank 0 sending its superseded receipt again (a no-op on the ledger, which already holds it)
+    must not take the place of its new one: it is refused, and the re-run settles on the new
+    receipts, each attempt charged once."""
+    run, vols, verifier = market
+    first = deliver(run, vols, 0)
+    run.intervals[0].pending = None  # the replay is back (``collect_replays`` clears it before ``on_verdict``)
+    run.on_verdict(run.intervals[0], verdict(verifier, run, [(first[0], "pass"), (first[1], "fail")]))
+    assert run.rewind_point() == (0, [1])
+    spare = participant("vol2", tmp_path)
+    register_volunteer(run.coord, spare, "node2", 800_000, STAKE)
+    run.coord.rewind(JOB, 0)
+    workers = [vols[0], spare]
+    assignments = tuple(run.coord.assign(JOB, r, w.address, f"node{r * 2}").to_json() for r, w in enumerate(workers))
+    run.restart(0, [w.address for w in workers], assignments, Inbox(), time.monotonic())
+    assert run.rewinds[0].failed_ranks == {"0-4": [1]} and run.rewinds[0].replaced == {
+        1: (vols[1].address, spare.address)
+    }
+    rejected = run.counts["rejected"]
+    run.on_receipt(0, first[0].to_json(), np.zeros((4, POLICY.verification.sketch_buckets)))
+    assert run.counts["rejected"] == rejected + 1 and run.intervals[0].receipts == {}
+    again = deliver(run, workers, 0)
+    assert [run.intervals[0].receipts[r].digest for r in (0, 1)] == [r.digest for r in again]
+    run.intervals[0].pending = None
+    run.on_verdict(run.intervals[0], verdict(verifier, run, [(again[0], "pass"), (again[1], "pass")]))
+    assert run.intervals[0].outcome == "passed" and run.intervals[0].settled
+    assert run.coord.ledger.audit() == []
