@@ -34,7 +34,9 @@ ledger); orders escrowed but never queued are refunded too.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -758,7 +760,12 @@ class Scheduler:
             while True:
                 with self._placing:  # the round's nodes are the job's until it ends
                     free = self._free_volunteers(job_id, taken)
-                    groups = plan_round(test, [n for n, _ in free])
+                    # fillers in an order nobody can aim at (the job's secret draws it): a cheap
+                    # node placed first in every solo group of an honest suspect could frame it
+                    order = [n for n, _ in free]
+                    seed = hashlib.sha256(job.secret + f"group test {step} round {len(rounds)}".encode())
+                    random.Random(seed.digest()).shuffle(order)
+                    groups = plan_round(test, order)
                     if groups:
                         held = frozenset(suspects) | {n for g in groups for n in g.nodes}
                         self.runners[job_id] = (threading.current_thread(), held)
