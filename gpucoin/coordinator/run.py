@@ -360,7 +360,8 @@ class JobRun:
         self.counts["signed"] += 1
         iv.receipts[rank], iv.sketches[rank], iv.arrivals_s[rank] = receipt, sketches, arrived_s
         # kept beside the checkpoints: the receipt commits to them, a verifier may ask for them later
-        np.save(self.sketch_dir / f"rank{rank}-step{iv.start:08d}-attempt{len(self.rewinds)}.npy", sketches)
+        again = f"-attempt{len(self.rewinds)}" if self.rewinds else ""  # a re-run keeps the superseded ones
+        np.save(self.sketch_dir / f"rank{rank}-step{iv.start:08d}{again}.npy", sketches)
         if len(iv.receipts) == self.spec.workers:
             self.interval_complete(iv)
 

@@ -84,8 +84,9 @@ RUNNER_JOIN_S = 10.0
 """How long stopping the service waits for each job runner."""
 
 REPLACEMENT_WAIT_S = 600.0
-"""How long a rewound job waits for free volunteers to replace its convicted ranks; past it the
-job ends at its newest settled step."""
+"""How long a rewound job waits for free volunteers to replace its convicted ranks (or to form a
+group test's groups) while other jobs hold them; past it, or at once if no registered volunteer
+could ever do, the job ends at its newest settled step."""
 
 ATTEMPT_SEP = "~attempt~"
 """Between a job's id and its attempt in the Ray submission id of a driver launched after a
@@ -635,11 +636,15 @@ class Scheduler:
                         new_nodes[r], new_workers[r] = node, provider
                     self.runners[job_id] = (threading.current_thread(), frozenset(new_nodes))
                     break
-            if time.monotonic() > deadline or self._stop.is_set() or running.cancelled:
-                job.ui.note(
-                    f"no free volunteer to replace rank(s) {where} within {REPLACEMENT_WAIT_S:.0f} s: the job ends "
-                    f"at step {to_step}"
+            price = job.price_ugpc_per_worker_hour
+            hopeless = self._replacements(job_id, len(convicted), price, taken, busy_too=True) is None
+            if hopeless or time.monotonic() > deadline or self._stop.is_set() or running.cancelled:
+                why = (
+                    "no volunteer of another provider is registered at the job's price"
+                    if hopeless
+                    else (f"none was free within {REPLACEMENT_WAIT_S:.0f} s")
                 )
+                job.ui.note(f"no volunteer to replace rank(s) {where} ({why}): the job ends at step {to_step}")
                 return None
             if not waiting:
                 waiting = True
@@ -716,11 +721,11 @@ class Scheduler:
         self.rayjobs.submit(driver, ["gpucoin.runtime.driver", self.api_url, job_id], nodes[0], module_dir)
         return driver, RayJobTraining(self.rayjobs, driver)
 
-    def _free_volunteers(self, job_id: str, taken: set[str]) -> list[tuple[str, str]]:
-        """(node id, provider) of the live volunteer nodes no other job holds, of providers not in
-        ``taken``, not banned or excluded, one per provider, in the market's order of preference
-        (cheapest ask, then the earliest registered)."""
-        busy = self.busy_nodes(but=job_id)
+    def _free_volunteers(self, job_id: str, taken: set[str], busy_too: bool = False) -> list[tuple[str, str]]:
+        """(node id, provider) of the live volunteer nodes no other job holds (``busy_too``: held
+        or not), of providers not in ``taken``, not banned or excluded, one per provider, in the
+        market's order of preference (cheapest ask, then the earliest registered)."""
+        busy = set() if busy_too else self.busy_nodes(but=job_id)
         found, seen = [], set()
         for i, v in enumerate(self.node_views()):
             ok = v.state == NodeState.ALIVE and not v.banned and v.role == NodeRole.VOLUNTEER
@@ -770,7 +775,8 @@ class Scheduler:
                         held = frozenset(suspects) | {n for g in groups for n in g.nodes}
                         self.runners[job_id] = (threading.current_thread(), held)
                         break
-                if time.monotonic() > deadline or self._stop.is_set() or running.cancelled:
+                hopeless = not plan_round(test, [n for n, _ in self._free_volunteers(job_id, taken, busy_too=True)])
+                if hopeless or time.monotonic() > deadline or self._stop.is_set() or running.cancelled:
                     break
                 time.sleep(ROUND_INTERVAL_S)
             if running.cancelled:
@@ -849,15 +855,19 @@ class Scheduler:
             job, spec, running, module_dir, step, nodes, workers, RewindKind.RESUME, "the job goes on"
         )
 
-    def _replacements(self, job_id: str, n: int, price: int, taken: set[str]) -> list[tuple[str, str]] | None:
+    def _replacements(
+        self, job_id: str, n: int, price: int, taken: set[str], busy_too: bool = False
+    ) -> list[tuple[str, str]] | None:
         """``n`` free volunteer nodes (node id, provider) of providers not in ``taken``, chosen by
         the market's clearing rule at the job's ``price`` (ask <= price, bond >= the policy's
-        minimum, cheapest first), or None if there are not enough."""
+        minimum, cheapest first), or None if there are not enough (``busy_too``: counting the
+        nodes other jobs hold as free, whether there could be)."""
         from gpucoin.scheduler.market import Offer, Order, clear
 
         if n == 0:
             return []
-        busy = self.busy_nodes(but=job_id)  # the job's own nodes are free to it (``taken`` names its parties)
+        # the job's own nodes are free to it (``taken`` names its parties); ``busy_too``: would any do, once free
+        busy = set() if busy_too else self.busy_nodes(but=job_id)
         offers, seen = [], set()
         for i, v in enumerate(self.node_views()):  # in registration order: one node per provider
             ok = v.state == NodeState.ALIVE and not v.banned and v.role == NodeRole.VOLUNTEER
