@@ -51,11 +51,16 @@ class RichUI:
             self.progress = None
 
 
+def short_address(address: str) -> str:
+    """``0x55A7f13f…c0De`` -> ``0x55A7…c0De``."""
+    return f"{address[:6]}…{address[-4:]}"
+
+
 def short_account(account: str) -> str:
     """``wallet:0x55A7f13f…:available`` -> ``0x55A7…c0De available``; other names unchanged."""
     parts = account.split(":")
     if len(parts) == 3 and parts[0] == "wallet":
-        return f"{parts[1][:6]}…{parts[1][-4:]} {parts[2]}"
+        return f"{short_address(parts[1])} {parts[2]}"
     return account
 
 
@@ -79,7 +84,7 @@ def render_summary(console: Console, s: dict) -> None:
     for t in s.get("group_tests", []):
         runs = sum(len(rnd) for rnd in t["rounds"])
         found = (
-            f"[bold red]named {t['named'][:6]}…{t['named'][-4:]}[/] (excluded from the market, not slashed)"
+            f"[bold red]named {short_address(t['named'])}[/] (excluded from the market, not slashed)"
             if t["named"]
             else "nobody named"
         )
@@ -97,8 +102,7 @@ def render_summary(console: Console, s: dict) -> None:
                 console.print(f"[bold red]steps {a}-{b} failed[/]: the replay convicted rank {ranks}; it was slashed")
         void = [f"{iv['steps'][0]}-{iv['steps'][1]}" for iv in rw["intervals"] if not iv.get("ranks")]
         replaced = "; ".join(
-            f"rank {p['rank']}: {p['provider_before'][:6]}…{p['provider_before'][-4:]} -> "
-            f"{p['provider_after'][:6]}…{p['provider_after'][-4:]}"
+            f"rank {p['rank']}: {short_address(p['provider_before'])} -> {short_address(p['provider_after'])}"
             for p in rw["replaced"]
         )
         console.print(
@@ -116,7 +120,7 @@ def render_summary(console: Console, s: dict) -> None:
         console.print(
             "[bold]checks[/] per node over every job (passed/not; p = the chance its next interval is replayed): "
             + ", ".join(
-                f"{a[:6]}…{a[-4:]} {n['passed']}/{n['other']} p={n['check_probability']:.2f}"
+                f"{short_address(a)} {n['passed']}/{n['other']} p={n['check_probability']:.2f}"
                 for a, n in s["nodes"].items()
             )
         )

@@ -852,21 +852,22 @@ class JobRun:
             step = iv.end
         return step
 
-    def start_receipts(self, step: int) -> list[str]:
-        """Per rank, the digest of its receipt for the interval ending at ``step`` (empty for step
-        0): what its next receipt names as ``previousReceipt``."""
+    def _receipts_ending(self, step: int) -> list[SignedMessage]:
+        """Per rank, its receipt for the interval ending at ``step`` (empty for step 0)."""
         if step == 0:
             return []
         iv = next(i for i in self.intervals.values() if i.end == step)
-        return [iv.receipts[r].digest for r in range(self.spec.workers)]
+        return [iv.receipts[r] for r in range(self.spec.workers)]
+
+    def start_receipts(self, step: int) -> list[str]:
+        """Per rank, the digest of its receipt for the interval ending at ``step`` (empty for step
+        0): what its next receipt names as ``previousReceipt``."""
+        return [r.digest for r in self._receipts_ending(step)]
 
     def end_manifests(self, step: int) -> list[str]:
         """Per rank, the ``checkpointHash`` its receipt for the interval ending at ``step`` signed
         (empty for step 0, whose state follows from the seed)."""
-        if step == 0:
-            return []
-        iv = next(i for i in self.intervals.values() if i.end == step)
-        return [iv.receipts[r].message["checkpointHash"] for r in range(self.spec.workers)]
+        return [r.message["checkpointHash"] for r in self._receipts_ending(step)]
 
 
 def _last_line(e: BaseException) -> str:

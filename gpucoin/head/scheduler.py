@@ -58,6 +58,7 @@ from gpucoin.head.records import (
     JobSummary,
     NodeRole,
     NodeState,
+    NodeView,
     RankReplacement,
     ReceiptCounts,
     RewindSummary,
@@ -622,8 +623,7 @@ class Scheduler:
         """
         job_id = job.job_id
         node_ids = list(running.launch.node_ids)
-        # neither a party of the job (a kept rank, its verifiers) nor a convicted provider
-        taken = set(job.rank_worker) | {verifier.provider} | ({rechecker.provider} if rechecker else set())
+        taken = self._parties(job, verifier, rechecker)  # the convicted providers are among them
         where = ", ".join(map(str, convicted))
         deadline = time.monotonic() + REPLACEMENT_WAIT_S
         waiting = False
@@ -636,8 +636,9 @@ class Scheduler:
                         new_nodes[r], new_workers[r] = node, provider
                     self.runners[job_id] = (threading.current_thread(), frozenset(new_nodes))
                     break
-            price = job.price_ugpc_per_worker_hour
-            hopeless = self._replacements(job_id, len(convicted), price, taken, busy_too=True) is None
+            hopeless = (
+                self._replacements(job_id, len(convicted), job.price_ugpc_per_worker_hour, taken, busy_too=True) is None
+            )
             if hopeless or time.monotonic() > deadline or self._stop.is_set() or running.cancelled:
                 why = (
                     "no volunteer of another provider is registered at the job's price"
@@ -721,18 +722,30 @@ class Scheduler:
         self.rayjobs.submit(driver, ["gpucoin.runtime.driver", self.api_url, job_id], nodes[0], module_dir)
         return driver, RayJobTraining(self.rayjobs, driver)
 
-    def _free_volunteers(self, job_id: str, taken: set[str], busy_too: bool = False) -> list[tuple[str, str]]:
-        """(node id, provider) of the live volunteer nodes no other job holds (``busy_too``: held
-        or not), of providers not in ``taken``, not banned or excluded, one per provider, in the
-        market's order of preference (cheapest ask, then the earliest registered)."""
+    @staticmethod
+    def _parties(job, verifier, rechecker) -> set[str]:
+        """The providers of ``job``'s ranks and of its verifiers: none of them replaces a rank of
+        it or fills one of its group test's groups."""
+        return set(job.rank_worker) | {verifier.provider} | ({rechecker.provider} if rechecker else set())
+
+    def _candidates(self, job_id: str, taken: set[str], busy_too: bool) -> list[tuple[int, NodeView]]:
+        """(place in registration order, view) of the live volunteer nodes no other job holds
+        (``busy_too``: held or not), of providers not in ``taken``, not banned or excluded, one
+        per provider (its first registered), in registration order."""
         busy = set() if busy_too else self.busy_nodes(but=job_id)
         found, seen = [], set()
         for i, v in enumerate(self.node_views()):
             ok = v.state == NodeState.ALIVE and not v.banned and v.role == NodeRole.VOLUNTEER
             if ok and v.node_id not in busy and v.provider not in taken | self.excluded | seen:
                 seen.add(v.provider)
-                found.append((v.ask_ugpc_per_worker_hour, i, v.node_id, v.provider))
-        return [(node, provider) for *_, node, provider in sorted(found)]
+                found.append((i, v))
+        return found
+
+    def _free_volunteers(self, job_id: str, taken: set[str], busy_too: bool = False) -> list[tuple[str, str]]:
+        """(node id, provider) of the ``_candidates``, in the market's order of preference
+        (cheapest ask, then the earliest registered)."""
+        ranked = sorted(self._candidates(job_id, taken, busy_too), key=lambda c: (c[1].ask_ugpc_per_worker_hour, c[0]))
+        return [(v.node_id, v.provider) for _, v in ranked]
 
     def _group_test(self, job, spec: JobSpec, running: RunningJob, module_dir: Path, verifier, rechecker, step: int):
         """Find who made the void interval at ``step`` diverge (``verify.group_testing``): re-run
@@ -751,8 +764,7 @@ class Scheduler:
         job_id, end = job.job_id, min(step + spec.checkpoint_interval_steps, spec.steps)
         suspects = list(running.launch.node_ids)
         provider = dict(zip(suspects, job.rank_worker, strict=True))
-        # a filler is none of the suspects' providers, nor a verifier of the job
-        taken = set(job.rank_worker) | {verifier.provider} | ({rechecker.provider} if rechecker else set())
+        taken = self._parties(job, verifier, rechecker)  # a filler is no suspect's provider
         test = GroupTest(tuple(suspects))
         job.ui.note(
             f"steps {step}-{end} are void: group testing its {len(suspects)} nodes (each re-run of the interval is "
@@ -867,13 +879,10 @@ class Scheduler:
         if n == 0:
             return []
         # the job's own nodes are free to it (``taken`` names its parties); ``busy_too``: would any do, once free
-        busy = set() if busy_too else self.busy_nodes(but=job_id)
-        offers, seen = [], set()
-        for i, v in enumerate(self.node_views()):  # in registration order: one node per provider
-            ok = v.state == NodeState.ALIVE and not v.banned and v.role == NodeRole.VOLUNTEER
-            if ok and v.node_id not in busy and v.provider not in taken | self.excluded | seen:
-                seen.add(v.provider)
-                offers.append(Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc, seniority=i))
+        offers = [
+            Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc, seniority=i)
+            for i, v in self._candidates(job_id, taken, busy_too)
+        ]
         result = clear([Order(job_id, price, n, 1, 0.0)], offers, self.ledger.policy.market)
         if not result.placements:
             return None

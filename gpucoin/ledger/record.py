@@ -253,7 +253,6 @@ def load_admission(s: Session, new: list[Checked], binding: Binding | None, now_
         if kind in (WORK_RECEIPT, ASSIGNMENT):
             ranks.add((m["jobId"], m["rank"]))
         if kind == REWIND:
-            ranks.add((m["jobId"], 0))
             rewinds.add((m["jobId"], m["toStep"]))
         if kind in (ASSIGNMENT, UNBOND, WITHDRAW, NODE_REGISTRATION):
             providers.add(m["provider"])
@@ -274,8 +273,8 @@ def load_admission(s: Session, new: list[Checked], binding: Binding | None, now_
             )
         ).all():
             admission.nodes.setdefault(provider, set()).add(node)
-    if ranks:
-        _load_rank_heads(s, admission, sorted({j for j, _ in ranks}))
+    if ranks or rewinds:  # a Rewind reads every rank's head of its job
+        _load_rank_heads(s, admission, sorted({j for j, _ in ranks | rewinds}))
     if rewinds:
         _load_ends(s, admission, rewinds)
     if refs:
