@@ -193,8 +193,10 @@ class HttpReplays:
     time, by the job's replay worker (``verify.replay_job``), a Ray job on the verifier node that
     reads its requests from, and posts its reports to, the API.
 
-    The worker is started with the job (``start``: its imports overlap the job's start, so the
-    first replay waits for none of it) and lives as long as the job. One that dies (the job's code
+    The worker is started by the job's first drawn replay, not with the job: it imports torch and
+    the job's code only for its first replay anyway, and an idle worker would hold a Ray job (its
+    supervisor actor, its polls) on the cores the ranks train on until then. It lives as long as
+    the job, or until ``verify.replay_job.IDLE_EXIT_S`` without work. One that dies (the job's code
     crashed it, the node went away) is blamed for the replay it had fetched, which fails with its
     last log line (``VerificationError``: the interval is unverifiable, as a replay that could not
     run); the next generation replays the rest, at most ``len(replays) + 1`` generations in all.
@@ -552,7 +554,6 @@ class Scheduler:
             self.rayjobs.submit(
                 job_id, ["gpucoin.runtime.driver", self.api_url, job_id], placement.node_ids[0], module_dir
             )
-            replays.start()
             training = RayJobTraining(self.rayjobs, job_id)
             while True:
                 job.run(training)

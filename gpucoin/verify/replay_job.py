@@ -1,8 +1,8 @@
 """A job's replay worker on its verifier node, as the head submits it
 (``python -m gpucoin.verify.replay_job API_URL JOB_ID GENERATION VERIFIER``).
 
-When the head places a job it submits this as a Ray job pinned to the job's verifier node, with
-the job's package in the runtime env. It runs the job's drawn replays one at a time, oldest
+When the head draws a job's first replay it submits this as a Ray job pinned to the job's
+verifier node, with the job's package in the runtime env. It runs the job's drawn replays one at a time, oldest
 first, as the head lists them (``GET /v1/jobs/{id}/replays``): reads each request and the
 checkpoints from the head's API, replays (``verifier.check_interval``: the node's signing process
 judges and signs) and hands the signed reports back. One process for the job's whole life saves
