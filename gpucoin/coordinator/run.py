@@ -213,7 +213,7 @@ class JobRun:
         self.fraud_at: int | None = None
         self.void_at: int | None = None  # the first void interval's start (the evidence named nobody)
         self.end_step = self.spec.steps  # where this launch's ranks stop (a group test's re-run: one interval)
-        self.check_all = False  # a group test's re-run: every interval is replayed
+        self.check_all = False  # a launch with an end step (a group test's re-run): every interval is replayed
         self.rewinds: list[RewindRecord] = []
         self.group_tests: list[GroupTestRecord] = []  # run by the head (``head.scheduler``)
         self.superseded_receipts: set[str] = set()  # receipts of intervals a Rewind superseded
@@ -804,14 +804,13 @@ class JobRun:
         inbox: Inbox,
         now_s: float,
         kind: RewindKind = RewindKind.FRAUD,
-        check_all: bool = False,
         end_step: int | None = None,
     ) -> None:
         """The job was rewound to ``to_step`` (its Rewind is recorded, for ``kind``) and its ranks
         are launched again, rank r by ``rank_worker[r]`` under ``assignments[r]``, reporting to
         ``inbox``: the intervals from ``to_step`` on start afresh (the old ones go into
-        ``rewinds``); with ``check_all`` each is replayed (a group test's re-run); the ranks stop
-        at ``end_step`` (None: the job's end).
+        ``rewinds``); the ranks stop at ``end_step`` (None: the job's end), and a launch that
+        stops there (a group test's re-run) has every interval replayed (``check_all``).
 
         Raises:
             ValueError: ``to_step`` is not the start of an interval, or a list is not one per rank.
@@ -837,7 +836,7 @@ class JobRun:
             self.superseded_receipts |= {r.digest for r in iv.receipts.values()}
             self.intervals[iv.start] = Interval(iv.start, iv.end)
         self.rank_worker, self.assignments, self.inbox = list(rank_worker), tuple(assignments), inbox
-        self.stopped, self.fraud_at, self.void_at, self.check_all = None, None, None, check_all
+        self.stopped, self.fraud_at, self.void_at, self.check_all = None, None, None, end_step is not None
         self.end_step = self.spec.steps if end_step is None else end_step
         self.meter.restart(now_s)
         self.t_step, self.last_progress_step = None, to_step

@@ -713,7 +713,6 @@ class Scheduler:
                 inbox,
                 time.monotonic(),
                 kind,
-                end_step is not None,
                 end_step,
             )
         self.table.update(job_id, node_ids=list(nodes), reason=None)
@@ -742,11 +741,24 @@ class Scheduler:
                 found.append((i, v))
         return found
 
-    def _free_volunteers(self, job_id: str, taken: set[str], busy_too: bool = False) -> list[tuple[str, str]]:
-        """(node id, provider) of the ``_candidates``, in the market's order of preference
-        (cheapest ask, then the earliest registered)."""
-        ranked = sorted(self._candidates(job_id, taken, busy_too), key=lambda c: (c[1].ask_ugpc_per_worker_hour, c[0]))
-        return [(v.node_id, v.provider) for _, v in ranked]
+    def _free_volunteers(
+        self, job_id: str, price: int, taken: set[str], busy_too: bool = False
+    ) -> list[tuple[str, str]]:
+        """(node id, provider) of the ``_candidates`` the market's clearing rule admits for one
+        rank at the job's ``price`` (ask <= price, bond >= the policy's minimum: ``clear`` of each
+        alone, the rule ``_replacements`` applies), in registration order."""
+        from gpucoin.scheduler.market import Offer, Order, clear
+
+        order = [Order(job_id, price, 1, 1, 0.0)]
+        return [
+            (v.node_id, v.provider)
+            for i, v in self._candidates(job_id, taken, busy_too)
+            if clear(
+                order,
+                [Offer(v.node_id, v.provider, v.ask_ugpc_per_worker_hour, 1, v.bonded_ugpc, seniority=i)],
+                self.ledger.policy.market,
+            ).placements
+        ]
 
     def _group_test(self, job, spec: JobSpec, running: RunningJob, module_dir: Path, verifier, rechecker, step: int):
         """Find who made the void interval at ``step`` diverge (``verify.group_testing``): re-run
@@ -777,7 +789,7 @@ class Scheduler:
             deadline = time.monotonic() + REPLACEMENT_WAIT_S
             while True:
                 with self._placing:  # the round's nodes are the job's until it ends
-                    free = self._free_volunteers(job_id, taken)
+                    free = self._free_volunteers(job_id, job.price_ugpc_per_worker_hour, taken)
                     # fillers in an order nobody can aim at (the job's secret draws it): a cheap
                     # node placed first in every solo group of an honest suspect could frame it
                     order = [n for n, _ in free]
@@ -788,7 +800,8 @@ class Scheduler:
                         held = frozenset(suspects) | {n for g in groups for n in g.nodes}
                         self.runners[job_id] = (threading.current_thread(), held)
                         break
-                hopeless = not plan_round(test, [n for n, _ in self._free_volunteers(job_id, taken, busy_too=True)])
+                could = self._free_volunteers(job_id, job.price_ugpc_per_worker_hour, taken, busy_too=True)
+                hopeless = not plan_round(test, [n for n, _ in could])
                 if hopeless or time.monotonic() > deadline or self._stop.is_set() or running.cancelled:
                     break
                 time.sleep(ROUND_INTERVAL_S)

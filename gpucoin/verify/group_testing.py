@@ -136,8 +136,9 @@ def rounds_needed(world: int, confirmations: int) -> int:
 
 
 def plan_round(test: GroupTest, free: Sequence[str]) -> list[Group]:
-    """The next round's groups, filled from ``free`` (the market's free nodes in its order of
-    preference; suspects among them are skipped).
+    """The next round's groups, filled from ``free`` (the free nodes the market admits, in the
+    order fillers are taken: the head draws it with the job's secret; suspects among them are
+    skipped).
 
     The suspects split are ``test.focus()``. Two or more groups if the fillers allow: every one of
     them in one group, split as evenly as possible in rank order (one group per suspect when
